@@ -1,0 +1,3 @@
+//! One module per resource or concern.
+
+pub mod health;

@@ -1,0 +1,12 @@
+use api::{Application, Config};
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    platform::telemetry::init(&config.common.log_level, config.common.log_format);
+    let app = Application::build(&config).await?;
+    tracing::info!(addr = %app.local_addr()?, "api listening");
+    app.run_until_stopped().await?;
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! Builds the application: so that `main` and every integration test start the same thing,
+//! on a given (or random) port, against a given database and broker.
+
+use crate::config::Config;
+use crate::http;
+use axum::Router;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::BaseConsumer;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_swagger_ui::SwaggerUi;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: db::Pool,
+    /// A metadata-only client for readiness checks (never joins a group, never fetches).
+    pub kafka: Arc<BaseConsumer>,
+    pub ready_timeout: Duration,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "FHIR interoperability event platform", description = "FHIR R4B REST API over the composites the platform builds from the plan's systems of record."),
+    tags((name = "operations", description = "Liveness and readiness"))
+)]
+struct ApiDoc;
+
+fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(http::health::health))
+        .routes(routes!(http::health::ready))
+}
+
+/// The OpenAPI document generated from the handlers (committed at `openapi/openapi.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    router().split_for_parts().1
+}
+
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+}
+
+impl Application {
+    /// Connects to PostgreSQL (running migrations when `migrate` is set), prepares the Kafka
+    /// client and binds the listener. Fails if PostgreSQL cannot be reached at start.
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let pool = db::connect(&config.common.database_url, config.common.database_max_connections).await?;
+        db::migrate(&pool).await?;
+        Self::build_with_pool(config, pool).await
+    }
+
+    /// As `build`, with an existing pool (which may point at a database that is down).
+    pub async fn build_with_pool(config: &Config, pool: db::Pool) -> anyhow::Result<Self> {
+        let kafka: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &config.common.kafka.bootstrap_servers)
+            .set("client.id", "fhir-api-ready")
+            .set("socket.timeout.ms", "3000")
+            .set("log_level", "3")
+            .create()?;
+        let state = AppState { pool, kafka: Arc::new(kafka), ready_timeout: Duration::from_millis(config.ready_timeout_ms) };
+        let (router, api) = router().split_for_parts();
+        let router = router
+            .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
+            .with_state(state);
+        let listener = TcpListener::bind(config.http_bind).await?;
+        Ok(Self { listener, router })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until ctrl-c / SIGTERM.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown_signal()).await
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
+}

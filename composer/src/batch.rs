@@ -1,0 +1,273 @@
+//! Applying a batch of inbound messages: exactly-once in effect. Within ONE PostgreSQL
+//! transaction: claim event ids, keep only versions newer than stored, write components,
+//! rebuild the composites of the members they touch, write new versions + history + outbox,
+//! and move the consumer offsets. Dead letters are acknowledged by Kafka before it commits.
+
+use crate::composite::{Component, Composite};
+use crate::fhir::{self, MappedResource};
+use db::composer::{self as q, ComponentKey, ComponentWrite, CompositeVersion, StoredOffset};
+use platform::MemberId;
+use schemas::{Change, Event, RecordKind, Rejection};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// One consumed message, after parsing and mapping (done before the transaction).
+#[derive(Debug)]
+pub struct Consumed {
+    /// Full topic name (with the deployment's prefix).
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    /// A valid change, with its FHIR resource for upserts of FHIR kinds, or the attribution
+    /// record as JSON.
+    Change { event: Event, body: Option<String>, resource: Option<MappedResource> },
+    /// A Debezium tombstone: nothing to do.
+    Nothing,
+    /// Goes to the dead-letter topic.
+    Rejected(Rejection),
+}
+
+/// Parse → validate → map, for one message value of a contract topic.
+pub fn prepare(contracts: &schemas::Contracts, kind: RecordKind, value: Option<&[u8]>) -> Outcome {
+    let event = match contracts.parse(kind, value) {
+        Ok(Some(event)) => event,
+        Ok(None) => return Outcome::Nothing,
+        Err(rejection) => return Outcome::Rejected(rejection),
+    };
+    match &event.change {
+        Change::Delete => Outcome::Change { event, body: None, resource: None },
+        Change::Upsert(data) => match fhir::map_record(&event, data) {
+            Ok(Some(resource)) => Outcome::Change { body: Some(resource.json.clone()), resource: Some(resource), event },
+            // Attribution: stored as the record itself (access data).
+            Ok(None) => Outcome::Change { body: Some(serde_json::Value::Object(data.clone()).to_string()), resource: None, event },
+            Err(e) => Outcome::Rejected(Rejection::Unmappable(e.to_string())),
+        },
+    }
+}
+
+/// What a batch did, for metrics and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub messages: usize,
+    pub dead_letters: usize,
+    pub duplicates: usize,
+    pub stale: usize,
+    pub components_written: usize,
+    pub composite_versions: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Db(#[from] db::Error),
+    #[error("lost partition ownership while applying a batch")]
+    Fenced,
+}
+
+impl From<sqlx::Error> for BatchError {
+    fn from(e: sqlx::Error) -> Self {
+        BatchError::Db(db::Error::Sqlx(e))
+    }
+}
+
+/// The time of a change as stored and served: millisecond precision, UTC.
+pub fn change_time() -> (OffsetDateTime, String) {
+    let now = OffsetDateTime::now_utc();
+    let now = now.replace_nanosecond(now.millisecond() as u32 * 1_000_000).unwrap_or(now);
+    let text = format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        now.year(),
+        now.month() as u8,
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        now.millisecond()
+    );
+    (now, text)
+}
+
+/// Applies the changes of a batch (dead letters are already acknowledged) and moves the
+/// offsets to `offsets` from `expected`, all in one transaction.
+pub async fn apply(
+    pool: &db::Pool,
+    group: &str,
+    composites: &[Box<dyn Composite>],
+    consumed: &[Consumed],
+    offsets: &[(StoredOffset, Option<i64>)],
+) -> Result<Applied, BatchError> {
+    let mut applied = Applied { messages: consumed.len(), ..Applied::default() };
+    // Redeliveries inside the batch: keep the first occurrence of an event id.
+    let mut seen = HashSet::new();
+    let mut events: Vec<(&Event, &Option<String>, &Option<MappedResource>)> = Vec::new();
+    for c in consumed {
+        match &c.outcome {
+            Outcome::Change { event, body, resource } => {
+                if seen.insert(event.event_id) {
+                    events.push((event, body, resource));
+                } else {
+                    applied.duplicates += 1;
+                }
+            }
+            Outcome::Rejected(_) => applied.dead_letters += 1,
+            Outcome::Nothing => {}
+        }
+    }
+
+    let (now, now_text) = change_time();
+    let mut tx = pool.begin().await?;
+    let mut members: Vec<String> = events.iter().map(|(e, _, _)| e.member_id.as_str().to_owned()).collect();
+    members.sort();
+    members.dedup();
+    q::lock_members(&mut tx, &members).await?;
+
+    let ids: Vec<Uuid> = events.iter().map(|(e, _, _)| e.event_id).collect();
+    let fresh: HashSet<Uuid> = q::claim_event_ids(&mut tx, &ids).await?.into_iter().collect();
+    applied.duplicates += events.len() - fresh.len();
+    events.retain(|(e, _, _)| fresh.contains(&e.event_id));
+
+    // Per record, the newest version in the batch (ties: the first one consumed).
+    let mut newest: BTreeMap<ComponentKey, (&Event, &Option<String>)> = BTreeMap::new();
+    for (event, body, _) in &events {
+        let key = ComponentKey {
+            kind: event.kind.as_str().to_owned(),
+            source: event.source.as_str().to_owned(),
+            record_id: event.record_id.as_str().to_owned(),
+        };
+        match newest.get(&key) {
+            Some((kept, _)) if kept.version >= event.version => applied.stale += 1,
+            Some(_) => {
+                applied.stale += 1;
+                newest.insert(key, (event, body));
+            }
+            None => {
+                newest.insert(key, (event, body));
+            }
+        }
+    }
+    let keys: Vec<ComponentKey> = newest.keys().cloned().collect();
+    let stored: HashMap<ComponentKey, q::StoredVersion> =
+        q::component_versions(&mut tx, &keys).await?.into_iter().map(|s| (s.key.clone(), s)).collect();
+
+    let mut writes = Vec::new();
+    let mut dirty: BTreeSet<String> = BTreeSet::new();
+    let mut moved_from = Vec::new();
+    for (key, (event, body)) in newest {
+        let previous = stored.get(&key);
+        if previous.is_some_and(|p| p.version >= event.version.get()) {
+            applied.stale += 1;
+            continue;
+        }
+        if composites.iter().any(|c| c.inputs().contains(&event.kind)) {
+            dirty.insert(event.member_id.as_str().to_owned());
+            // A record that moved to another member changes the old member's composite too.
+            if let Some(p) = previous.filter(|p| p.member_id != event.member_id.as_str()) {
+                dirty.insert(p.member_id.clone());
+                moved_from.push(p.member_id.clone());
+            }
+        }
+        writes.push(ComponentWrite {
+            key,
+            member_id: event.member_id.as_str().to_owned(),
+            version: event.version.get(),
+            body: body.clone(),
+            event_id: event.event_id,
+        });
+    }
+    if !moved_from.is_empty() {
+        moved_from.sort();
+        q::lock_members(&mut tx, &moved_from).await?;
+    }
+    q::write_components(&mut tx, &writes, now).await?;
+    applied.components_written = writes.len();
+
+    let versions = rebuild(&mut tx, composites, &dirty.into_iter().collect::<Vec<_>>(), &now_text).await?;
+    q::write_composites(&mut tx, &versions, now).await?;
+    applied.composite_versions = versions.len();
+
+    if !offsets.is_empty() && !q::advance_offsets(&mut tx, group, offsets).await? {
+        tx.rollback().await?;
+        return Err(BatchError::Fenced);
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// New composite versions for `members` whose content changed (or that appeared or went).
+async fn rebuild(
+    tx: &mut sqlx::PgConnection,
+    composites: &[Box<dyn Composite>],
+    members: &[String],
+    now_text: &str,
+) -> Result<Vec<CompositeVersion>, BatchError> {
+    if members.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut versions = Vec::new();
+    for composite in composites {
+        let kinds: Vec<&str> = composite.inputs().iter().map(|k| k.as_str()).collect();
+        let mut by_member: HashMap<String, Vec<Component>> = HashMap::new();
+        for row in q::live_components(tx, members, &kinds).await? {
+            let Some(kind) = RecordKind::parse(&row.kind) else { continue };
+            let (resource_type, resource_id) = resource_identity(&row.body);
+            by_member.entry(row.member_id).or_default().push(Component {
+                kind,
+                source: row.source,
+                record_id: row.record_id,
+                version: row.version,
+                resource_type,
+                resource_id,
+                json: row.body,
+            });
+        }
+        let states: HashMap<String, q::CompositeState> =
+            q::composite_states(tx, members).await?.into_iter().map(|s| (s.member_id.clone(), s)).collect();
+        for member in members {
+            let Ok(member_id) = MemberId::parse(member) else { continue };
+            let content = composite.assemble(&member_id, by_member.get(member).map(Vec::as_slice).unwrap_or_default());
+            let state = states.get(member);
+            let next = state.map_or(1, |s| s.version_id + 1);
+            let event_id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{}|{member}|{next}", composite.topic()).as_bytes());
+            match (content, state) {
+                (Some(content), s) if s.is_none_or(|s| s.deleted || s.content_hash != content.hash) => {
+                    versions.push(CompositeVersion {
+                        member_id: member.clone(),
+                        version_id: next,
+                        body: Some(composite.render(&member_id, &content, next, now_text)),
+                        content_hash: content.hash,
+                        topic: composite.topic().to_owned(),
+                        event_id,
+                    });
+                }
+                (None, Some(s)) if !s.deleted => versions.push(CompositeVersion {
+                    member_id: member.clone(),
+                    version_id: next,
+                    body: None,
+                    content_hash: Vec::new(),
+                    topic: composite.topic().to_owned(),
+                    event_id,
+                }),
+                _ => {}
+            }
+        }
+    }
+    Ok(versions)
+}
+
+/// `resourceType` and `id` of a stored FHIR resource. Stored resources were written by
+/// [`fhir::map_record`], so both are present.
+fn resource_identity(json: &str) -> (String, String) {
+    #[derive(serde::Deserialize)]
+    struct Identity {
+        #[serde(rename = "resourceType")]
+        resource_type: String,
+        id: String,
+    }
+    serde_json::from_str::<Identity>(json).map(|i| (i.resource_type, i.id)).unwrap_or_default()
+}

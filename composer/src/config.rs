@@ -1,0 +1,29 @@
+use clap::Parser;
+
+/// The composer's configuration, read once from the environment (or flags).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "composer", about = "Consume the systems-of-record topics and compose FHIR composites")]
+pub struct ComposerConfig {
+    #[command(flatten)]
+    pub common: platform::CommonConfig,
+
+    /// Kafka consumer group of the composer.
+    #[arg(long, env = "COMPOSER_GROUP_ID", default_value = "fhir-composer")]
+    pub group_id: String,
+
+    /// Most messages applied in one PostgreSQL transaction.
+    #[arg(long, env = "COMPOSER_BATCH_SIZE", default_value_t = 2000)]
+    pub batch_size: usize,
+
+    /// How long a batch waits for more messages after its first one, in milliseconds.
+    #[arg(long, env = "COMPOSER_BATCH_WAIT_MS", default_value_t = 20)]
+    pub batch_wait_ms: u64,
+
+    /// Public base URL of the FHIR API: composites' `fullUrl`s point there.
+    #[arg(long, env = "FHIR_BASE_URL", default_value = "http://127.0.0.1:8080/fhir")]
+    pub fhir_base_url: String,
+
+    /// Partitions of the topics the platform creates when they do not exist.
+    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
+    pub topic_partitions: i32,
+}

@@ -1,0 +1,41 @@
+//! The composer: consume the systems-of-record topics, validate, map to FHIR, join per member
+//! into composites, store them with their history and outbox, exactly once in effect.
+//!
+//! Data flow: [`consumer`] (Kafka, positions in PostgreSQL) → [`batch::prepare`] (schemas,
+//! [`fhir`] mapping) → [`batch::apply`] (one transaction: components, [`composite`] versions,
+//! outbox, offsets).
+
+pub mod batch;
+pub mod composite;
+pub mod config;
+pub mod consumer;
+pub mod fhir;
+pub mod generator;
+pub mod topics;
+
+pub use config::ComposerConfig;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+/// The composites this deployment builds.
+pub fn composites(config: &ComposerConfig) -> Vec<Box<dyn composite::Composite>> {
+    vec![Box::new(composite::MedicationProfile { base_url: config.fhir_base_url.trim_end_matches('/').to_owned() })]
+}
+
+/// Starts a composer on its own thread (connects, migrates, creates topics first). Returns the
+/// stop flag and the thread; used by `main` and by the end-to-end tests.
+pub async fn spawn(
+    config: ComposerConfig,
+) -> anyhow::Result<(Arc<AtomicBool>, Arc<consumer::Metrics>, std::thread::JoinHandle<anyhow::Result<()>>)> {
+    let pool = db::connect(&config.common.database_url, config.common.database_max_connections).await?;
+    db::migrate(&pool).await?;
+    topics::ensure(&config.common.kafka, config.topic_partitions).await?;
+    let composer = consumer::Composer::new(config.clone(), pool, composites(&config))?;
+    let metrics = composer.metrics.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let runtime = tokio::runtime::Handle::current();
+    let flag = stop.clone();
+    let thread = std::thread::Builder::new().name("composer".into()).spawn(move || composer.run(runtime, &flag))?;
+    Ok((stop, metrics, thread))
+}

@@ -1,0 +1,34 @@
+//! Creates the platform's topics with the configuration they need, when they do not exist.
+
+use platform::{KafkaConfig, topics};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use std::time::Duration;
+
+/// `sor.*` and the DLQ keep history (delete policy); published composites are compacted.
+pub async fn ensure(kafka: &KafkaConfig, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &kafka.bootstrap_servers).set("log_level", "4").create()?;
+    let mut wanted: Vec<(String, Vec<(&str, &str)>)> =
+        topics::SOR_TOPICS.iter().map(|t| (kafka.topic(t), vec![("cleanup.policy", "delete")])).collect();
+    wanted.push((kafka.topic(topics::DLQ), vec![("cleanup.policy", "delete"), ("retention.ms", "2592000000")]));
+    wanted.push((kafka.topic(topics::MEDICATION_PROFILE), vec![("cleanup.policy", "compact"), ("min.compaction.lag.ms", "60000")]));
+    wanted.push((kafka.topic(topics::PARTNER_INBOUND), vec![("cleanup.policy", "delete")]));
+    let new_topics: Vec<NewTopic<'_>> = wanted
+        .iter()
+        .map(|(name, config)| {
+            config.iter().fold(NewTopic::new(name, partitions, TopicReplication::Fixed(1)), |t, (k, v)| t.set(k, v))
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(15)));
+    for result in admin.create_topics(new_topics.iter(), &options).await? {
+        match result {
+            Ok(name) => tracing::info!(topic = %name, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, e)) => anyhow::bail!("creating topic {name}: {e}"),
+        }
+    }
+    Ok(())
+}

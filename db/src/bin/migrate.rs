@@ -1,0 +1,21 @@
+//! Applies the platform's migrations to the database named by DATABASE_URL.
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "Apply the platform's database migrations")]
+struct Cli {
+    #[command(flatten)]
+    common: platform::CommonConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    platform::telemetry::init(&cli.common.log_level, cli.common.log_format);
+    let pool = db::connect(&cli.common.database_url, 2).await?;
+    db::migrate(&pool).await?;
+    let applied = db::MIGRATOR.iter().count();
+    tracing::info!(migrations = applied, "database migrated");
+    Ok(())
+}

@@ -1,0 +1,270 @@
+//! The composer's queries. Everything here that takes a `PgConnection` runs inside the one
+//! transaction of a batch; bulk statements use `unnest` so a batch is a handful of round trips.
+
+use sqlx::{PgConnection, PgPool, Row};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// A stored consumer position: the next offset to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredOffset {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+}
+
+pub async fn load_offsets(pool: &PgPool, group: &str, topics: &[String]) -> crate::Result<Vec<StoredOffset>> {
+    let rows = sqlx::query(
+        "SELECT topic, partition, next_offset FROM consumer_offsets WHERE consumer_group = $1 AND topic = ANY($2)",
+    )
+    .bind(group)
+    .bind(topics)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| StoredOffset { topic: r.get(0), partition: r.get(1), next_offset: r.get(2) })
+        .collect())
+}
+
+/// Moves the group's positions forward, but only from where this consumer believes they are
+/// (`expected`: `None` for a partition with no stored position). Returns false when another
+/// consumer moved one of them in the meantime (this one lost the partition): roll back.
+pub async fn advance_offsets(
+    tx: &mut PgConnection,
+    group: &str,
+    moves: &[(StoredOffset, Option<i64>)],
+) -> crate::Result<bool> {
+    let topics: Vec<&str> = moves.iter().map(|(o, _)| o.topic.as_str()).collect();
+    let partitions: Vec<i32> = moves.iter().map(|(o, _)| o.partition).collect();
+    let next: Vec<i64> = moves.iter().map(|(o, _)| o.next_offset).collect();
+    let expected: Vec<Option<i64>> = moves.iter().map(|(_, e)| *e).collect();
+    let updated = sqlx::query(
+        "WITH m AS (SELECT * FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[]) AS m(topic, partition, next_offset, expected))
+         INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset)
+         SELECT $1, topic, partition, next_offset FROM m
+         ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset
+         WHERE consumer_offsets.next_offset = (SELECT expected FROM m WHERE m.topic = EXCLUDED.topic AND m.partition = EXCLUDED.partition)",
+    )
+    .bind(group)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&next)
+    .bind(&expected)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    Ok(updated == moves.len() as u64)
+}
+
+/// Serializes batches that touch the same members (several composer instances, or topics of
+/// one member on different instances). Members are locked in sorted order.
+pub async fn lock_members(tx: &mut PgConnection, members: &[String]) -> crate::Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended(m, 7)) FROM (SELECT DISTINCT unnest($1::text[]) AS m ORDER BY 1) s")
+        .bind(members)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Records event ids as applied; returns those that were not applied before.
+pub async fn claim_event_ids(tx: &mut PgConnection, ids: &[Uuid]) -> crate::Result<Vec<Uuid>> {
+    let rows = sqlx::query("INSERT INTO applied_events (event_id) SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING RETURNING event_id")
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
+
+/// The identity of a component: (kind, source, record_id).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ComponentKey {
+    pub kind: String,
+    pub source: String,
+    pub record_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoredVersion {
+    pub key: ComponentKey,
+    pub member_id: String,
+    pub version: i64,
+}
+
+pub async fn component_versions(tx: &mut PgConnection, keys: &[ComponentKey]) -> crate::Result<Vec<StoredVersion>> {
+    let kinds: Vec<&str> = keys.iter().map(|k| k.kind.as_str()).collect();
+    let sources: Vec<&str> = keys.iter().map(|k| k.source.as_str()).collect();
+    let records: Vec<&str> = keys.iter().map(|k| k.record_id.as_str()).collect();
+    let rows = sqlx::query(
+        "SELECT c.kind, c.source, c.record_id, c.member_id, c.version
+         FROM unnest($1::text[], $2::text[], $3::text[]) AS k(kind, source, record_id)
+         JOIN components c USING (kind, source, record_id)",
+    )
+    .bind(&kinds)
+    .bind(&sources)
+    .bind(&records)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| StoredVersion {
+            key: ComponentKey { kind: r.get(0), source: r.get(1), record_id: r.get(2) },
+            member_id: r.get(3),
+            version: r.get(4),
+        })
+        .collect())
+}
+
+/// A component change that won (its version is newer than the stored one).
+#[derive(Debug, Clone)]
+pub struct ComponentWrite {
+    pub key: ComponentKey,
+    pub member_id: String,
+    pub version: i64,
+    /// JSON text; `None` for a delete.
+    pub body: Option<String>,
+    pub event_id: Uuid,
+}
+
+pub async fn write_components(tx: &mut PgConnection, writes: &[ComponentWrite], now: OffsetDateTime) -> crate::Result<()> {
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let kinds: Vec<&str> = writes.iter().map(|w| w.key.kind.as_str()).collect();
+    let sources: Vec<&str> = writes.iter().map(|w| w.key.source.as_str()).collect();
+    let records: Vec<&str> = writes.iter().map(|w| w.key.record_id.as_str()).collect();
+    let members: Vec<&str> = writes.iter().map(|w| w.member_id.as_str()).collect();
+    let versions: Vec<i64> = writes.iter().map(|w| w.version).collect();
+    let bodies: Vec<Option<&str>> = writes.iter().map(|w| w.body.as_deref()).collect();
+    let events: Vec<Uuid> = writes.iter().map(|w| w.event_id).collect();
+    sqlx::query(
+        "INSERT INTO components (kind, source, record_id, member_id, version, deleted, body, event_id, updated_at)
+         SELECT kind, source, record_id, member_id, version, body IS NULL, body::json, event_id, $8
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::uuid[])
+              AS w(kind, source, record_id, member_id, version, body, event_id)
+         ON CONFLICT (kind, source, record_id) DO UPDATE SET
+           member_id = EXCLUDED.member_id, version = EXCLUDED.version, deleted = EXCLUDED.deleted,
+           body = EXCLUDED.body, event_id = EXCLUDED.event_id, updated_at = EXCLUDED.updated_at
+         WHERE components.version < EXCLUDED.version",
+    )
+    .bind(&kinds)
+    .bind(&sources)
+    .bind(&records)
+    .bind(&members)
+    .bind(&versions)
+    .bind(&bodies)
+    .bind(&events)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// A live component row, for assembling composites.
+#[derive(Debug, Clone)]
+pub struct LiveComponent {
+    pub member_id: String,
+    pub kind: String,
+    pub source: String,
+    pub record_id: String,
+    pub version: i64,
+    pub body: String,
+}
+
+pub async fn live_components(tx: &mut PgConnection, members: &[String], kinds: &[&str]) -> crate::Result<Vec<LiveComponent>> {
+    let rows = sqlx::query(
+        "SELECT member_id, kind, source, record_id, version, body::text FROM components
+         WHERE member_id = ANY($1) AND kind = ANY($2) AND NOT deleted",
+    )
+    .bind(members)
+    .bind(kinds)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| LiveComponent {
+            member_id: r.get(0),
+            kind: r.get(1),
+            source: r.get(2),
+            record_id: r.get(3),
+            version: r.get(4),
+            body: r.get(5),
+        })
+        .collect())
+}
+
+#[derive(Debug, Clone)]
+pub struct CompositeState {
+    pub member_id: String,
+    pub version_id: i64,
+    pub deleted: bool,
+    pub content_hash: Vec<u8>,
+}
+
+pub async fn composite_states(tx: &mut PgConnection, members: &[String]) -> crate::Result<Vec<CompositeState>> {
+    let rows = sqlx::query("SELECT member_id, version_id, deleted, content_hash FROM composites WHERE member_id = ANY($1)")
+        .bind(members)
+        .fetch_all(&mut *tx)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| CompositeState { member_id: r.get(0), version_id: r.get(1), deleted: r.get(2), content_hash: r.get(3) })
+        .collect())
+}
+
+/// A new version of a member's composite: `body` `None` is a deletion (tombstone).
+#[derive(Debug, Clone)]
+pub struct CompositeVersion {
+    pub member_id: String,
+    pub version_id: i64,
+    pub content_hash: Vec<u8>,
+    pub body: Option<String>,
+    pub topic: String,
+    pub event_id: Uuid,
+}
+
+/// Stores new composite versions: current row, history row and outbox row for each.
+pub async fn write_composites(tx: &mut PgConnection, versions: &[CompositeVersion], now: OffsetDateTime) -> crate::Result<()> {
+    if versions.is_empty() {
+        return Ok(());
+    }
+    let members: Vec<&str> = versions.iter().map(|v| v.member_id.as_str()).collect();
+    let ids: Vec<i64> = versions.iter().map(|v| v.version_id).collect();
+    let hashes: Vec<&[u8]> = versions.iter().map(|v| v.content_hash.as_slice()).collect();
+    let bodies: Vec<Option<&str>> = versions.iter().map(|v| v.body.as_deref()).collect();
+    let topics: Vec<&str> = versions.iter().map(|v| v.topic.as_str()).collect();
+    let events: Vec<Uuid> = versions.iter().map(|v| v.event_id).collect();
+    sqlx::query(
+        "WITH v AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::text[], $5::text[], $6::uuid[])
+                    AS v(member_id, version_id, content_hash, body, topic, event_id)),
+         cur AS (
+           INSERT INTO composites (member_id, version_id, last_updated, deleted, content_hash, body)
+           SELECT member_id, version_id, $7, body IS NULL, content_hash, body::json FROM v
+           ON CONFLICT (member_id) DO UPDATE SET version_id = EXCLUDED.version_id, last_updated = EXCLUDED.last_updated,
+             deleted = EXCLUDED.deleted, content_hash = EXCLUDED.content_hash, body = EXCLUDED.body),
+         hist AS (
+           INSERT INTO composite_history (member_id, version_id, last_updated, deleted, body)
+           SELECT member_id, version_id, $7, body IS NULL, body::json FROM v)
+         INSERT INTO outbox (topic, message_key, event_id, member_id, version_id, payload)
+         SELECT topic, member_id, event_id, member_id, version_id, body::json FROM v ORDER BY member_id, version_id",
+    )
+    .bind(&members)
+    .bind(&ids)
+    .bind(&hashes)
+    .bind(&bodies)
+    .bind(&topics)
+    .bind(&events)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// The current composite of a member, as stored (JSON text), with its version.
+pub async fn current_composite(pool: &PgPool, member_id: &str) -> crate::Result<Option<(i64, bool, Option<String>)>> {
+    let row = sqlx::query("SELECT version_id, deleted, body::text FROM composites WHERE member_id = $1")
+        .bind(member_id)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+}

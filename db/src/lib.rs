@@ -1,0 +1,58 @@
+//! PostgreSQL: the numbered migrations in `db/migrations` and the named queries every other
+//! crate uses. No SQL lives outside this crate.
+
+pub mod composer;
+pub mod heartbeat;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+use std::str::FromStr;
+use std::time::Duration;
+
+pub use sqlx::PgPool as Pool;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A pool for `url`. Statement logging is off: bound values can carry PHI.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
+    let options = PgConnectOptions::from_str(url)?.disable_statement_logging();
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+/// Applies every migration not yet applied (idempotent).
+pub async fn migrate(pool: &PgPool) -> Result<()> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Cheap liveness query for readiness checks.
+pub async fn ping(pool: &PgPool) -> Result<()> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}
+
+/// Creates an empty database (tests make a fresh one each). The name is checked to be a plain
+/// identifier before it is put into the statement.
+pub async fn create_database(pool: &PgPool, name: &str) -> Result<()> {
+    let plain = !name.is_empty() && name.len() <= 63 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !plain {
+        return Err(Error::Sqlx(sqlx::Error::Protocol(format!("not a plain database name: {name:?}"))));
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).execute(pool).await?;
+    Ok(())
+}

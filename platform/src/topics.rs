@@ -1,0 +1,15 @@
+//! Topic names: the contract in ../shared/PLATFORM.md. Use `KafkaConfig::topic` to place one
+//! in the deployment's namespace.
+
+pub const DEMOGRAPHICS: &str = "sor.member.demographics.v1";
+pub const MEDICATIONS: &str = "sor.pharmacy.medications.v1";
+pub const ALLERGIES: &str = "sor.emr.allergies.v1";
+pub const IMMUNIZATIONS: &str = "sor.immunization.registry.v1";
+pub const CARE_TASKS: &str = "sor.care.tasks.v1";
+pub const ATTRIBUTION: &str = "sor.member.attribution.v1";
+pub const DLQ: &str = "sor.dlq.v1";
+pub const MEDICATION_PROFILE: &str = "fhir.medication-profile.v1";
+pub const PARTNER_INBOUND: &str = "partner.inbound.v1";
+
+/// Every inbound system-of-record topic.
+pub const SOR_TOPICS: [&str; 6] = [DEMOGRAPHICS, MEDICATIONS, ALLERGIES, IMMUNIZATIONS, CARE_TASKS, ATTRIBUTION];
