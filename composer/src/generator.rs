@@ -297,24 +297,46 @@ pub fn producer(kafka: &KafkaConfig) -> anyhow::Result<FutureProducer> {
 
 /// Publishes `messages` in order and waits until the broker acknowledged every one.
 pub async fn publish(producer: &FutureProducer, kafka: &KafkaConfig, messages: &[SorMessage]) -> anyhow::Result<()> {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
     let names: std::collections::HashMap<&str, String> = messages.iter().map(|m| (m.topic, kafka.topic(m.topic))).collect();
-    let mut pending = Vec::with_capacity(messages.len().min(50_000));
+    let mut pending = std::collections::VecDeque::new();
     for m in messages {
         let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&names[m.topic]).key(m.key.as_str());
         if let Some(v) = &m.value {
             record = record.payload(v.as_slice());
         }
-        pending.push(producer.send(record, Duration::from_secs(60)));
-        if pending.len() >= 50_000 {
-            for p in pending.drain(..) {
-                p.await.map_err(|(e, _)| e)?;
+        // Enqueue now (in order); when the local queue is full, wait for deliveries.
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push_back(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    match pending.pop_front() {
+                        Some(d) => acknowledged(d.await)?,
+                        None => tokio::time::sleep(Duration::from_millis(5)).await,
+                    }
+                }
+                Err((e, _)) => return Err(e.into()),
             }
         }
     }
-    for p in pending {
-        p.await.map_err(|(e, _)| e)?;
+    for d in pending {
+        acknowledged(d.await)?;
     }
     Ok(())
+}
+
+fn acknowledged(
+    delivery: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
+) -> anyhow::Result<()> {
+    match delivery {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(e.into()),
+        Err(_) => anyhow::bail!("producer dropped a delivery report"),
+    }
 }
 
 #[cfg(test)]

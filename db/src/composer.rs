@@ -268,3 +268,63 @@ pub async fn current_composite(pool: &PgPool, member_id: &str) -> crate::Result<
         .await?;
     Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
 }
+
+/// Sum of a group's stored positions (tests and progress reports).
+pub async fn total_position(pool: &PgPool, group: &str) -> crate::Result<i64> {
+    let total: Option<i64> = sqlx::query_scalar("SELECT sum(next_offset)::bigint FROM consumer_offsets WHERE consumer_group = $1")
+        .bind(group)
+        .fetch_one(pool)
+        .await?;
+    Ok(total.unwrap_or(0))
+}
+
+/// A stored composite version or history row, for comparisons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionRow {
+    pub member_id: String,
+    pub version_id: i64,
+    pub deleted: bool,
+    pub body: Option<String>,
+}
+
+fn version_rows(rows: Vec<sqlx::postgres::PgRow>) -> Vec<VersionRow> {
+    rows.into_iter().map(|r| VersionRow { member_id: r.get(0), version_id: r.get(1), deleted: r.get(2), body: r.get(3) }).collect()
+}
+
+/// Every current composite, by member.
+pub async fn all_composites(pool: &PgPool) -> crate::Result<Vec<VersionRow>> {
+    let rows = sqlx::query("SELECT member_id, version_id, deleted, body::text FROM composites ORDER BY member_id").fetch_all(pool).await?;
+    Ok(version_rows(rows))
+}
+
+/// Every history row, by member and version.
+pub async fn all_history(pool: &PgPool) -> crate::Result<Vec<VersionRow>> {
+    let rows = sqlx::query("SELECT member_id, version_id, deleted, body::text FROM composite_history ORDER BY member_id, version_id")
+        .fetch_all(pool)
+        .await?;
+    Ok(version_rows(rows))
+}
+
+/// Every outbox row in publication order: (topic, key, event id, version row).
+pub async fn all_outbox(pool: &PgPool) -> crate::Result<Vec<(String, String, Uuid, VersionRow)>> {
+    let rows = sqlx::query("SELECT topic, message_key, event_id, member_id, version_id, payload IS NULL, payload::text FROM outbox ORDER BY id")
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let v = VersionRow { member_id: r.get(3), version_id: r.get(4), deleted: r.get(5), body: r.get(6) };
+            (r.get(0), r.get(1), r.get(2), v)
+        })
+        .collect())
+}
+
+/// Every component row: (kind, source, record_id, member_id, version, deleted, body).
+pub async fn all_components(pool: &PgPool) -> crate::Result<Vec<(String, String, String, String, i64, bool, Option<String>)>> {
+    let rows = sqlx::query(
+        "SELECT kind, source, record_id, member_id, version, deleted, body::text FROM components ORDER BY kind, source, record_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6))).collect())
+}
