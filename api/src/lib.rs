@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod error;
+pub mod fhir;
 pub mod http;
 pub mod startup;
 

@@ -20,19 +20,66 @@ pub struct AppState {
     /// A metadata-only client for readiness checks (never joins a group, never fetches).
     pub kafka: Arc<BaseConsumer>,
     pub ready_timeout: Duration,
+    /// Public base of the FHIR API, for fullUrls and links (no trailing slash).
+    pub base_url: String,
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "FHIR interoperability event platform", description = "FHIR R4B REST API over the composites the platform builds from the plan's systems of record."),
-    tags((name = "operations", description = "Liveness and readiness"))
+    tags(
+        (name = "operations", description = "Liveness and readiness"),
+        (name = "conformance", description = "What this FHIR server supports"),
+        (name = "Patient", description = "Members, and their composite medication profile"),
+        (name = "MedicationStatement"), (name = "AllergyIntolerance"), (name = "Immunization"),
+        (name = "Task", description = "Care gaps and next actions")
+    )
 )]
 struct ApiDoc;
 
 fn router() -> OpenApiRouter<AppState> {
+    use http::resources::{allergy_intolerance, immunization, medication_statement, patient, task};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(http::health::health))
         .routes(routes!(http::health::ready))
+        .routes(routes!(http::metadata::metadata))
+        .routes(routes!(http::profile::medication_profile))
+        .routes(routes!(patient::read))
+        .routes(routes!(patient::vread))
+        .routes(routes!(patient::history))
+        .routes(routes!(patient::search))
+        .routes(routes!(medication_statement::read))
+        .routes(routes!(medication_statement::vread))
+        .routes(routes!(medication_statement::history))
+        .routes(routes!(medication_statement::search))
+        .routes(routes!(allergy_intolerance::read))
+        .routes(routes!(allergy_intolerance::vread))
+        .routes(routes!(allergy_intolerance::history))
+        .routes(routes!(allergy_intolerance::search))
+        .routes(routes!(immunization::read))
+        .routes(routes!(immunization::vread))
+        .routes(routes!(immunization::history))
+        .routes(routes!(immunization::search))
+        .routes(routes!(task::read))
+        .routes(routes!(task::vread))
+        .routes(routes!(task::history))
+        .routes(routes!(task::search))
+}
+
+/// Anything not routed: an unknown resource type or path.
+async fn not_found(uri: axum::http::Uri) -> crate::error::ApiError {
+    let path = uri.path();
+    let what = match path.strip_prefix("/fhir/").and_then(|p| p.split('/').next()) {
+        Some(t) if !t.is_empty() && crate::fhir::ResourceType::ALL.iter().all(|rt| rt.name() != t) && !t.starts_with('$') => {
+            format!("resource type '{t}' is not supported; see /fhir/metadata")
+        }
+        _ => "no such path; see /fhir/metadata and /openapi.json".to_owned(),
+    };
+    crate::error::ApiError::NotFound(what)
+}
+
+async fn method_not_allowed(method: axum::http::Method) -> crate::error::ApiError {
+    crate::error::ApiError::MethodNotAllowed(format!("{method} is not supported here; this API is read-only"))
 }
 
 /// The OpenAPI document generated from the handlers (committed at `openapi/openapi.json`).
@@ -62,10 +109,17 @@ impl Application {
             .set("socket.timeout.ms", "3000")
             .set("log_level", "3")
             .create()?;
-        let state = AppState { pool, kafka: Arc::new(kafka), ready_timeout: Duration::from_millis(config.ready_timeout_ms) };
+        let state = AppState {
+            pool,
+            kafka: Arc::new(kafka),
+            ready_timeout: Duration::from_millis(config.ready_timeout_ms),
+            base_url: config.common.fhir_base_url.trim_end_matches('/').to_owned(),
+        };
         let (router, api) = router().split_for_parts();
         let router = router
             .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
             .with_state(state);
         let listener = TcpListener::bind(config.http_bind).await?;
         Ok(Self { listener, router })

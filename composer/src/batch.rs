@@ -133,21 +133,21 @@ pub async fn apply(
     events.retain(|(e, _, _)| fresh.contains(&e.event_id));
 
     // Per record, the newest version in the batch (ties: the first one consumed).
-    let mut newest: BTreeMap<ComponentKey, (&Event, &Option<String>)> = BTreeMap::new();
-    for (event, body, _) in &events {
+    let mut newest: BTreeMap<ComponentKey, (&Event, &Option<String>, &Option<MappedResource>)> = BTreeMap::new();
+    for (event, body, resource) in &events {
         let key = ComponentKey {
             kind: event.kind.as_str().to_owned(),
             source: event.source.as_str().to_owned(),
             record_id: event.record_id.as_str().to_owned(),
         };
         match newest.get(&key) {
-            Some((kept, _)) if kept.version >= event.version => applied.stale += 1,
+            Some((kept, _, _)) if kept.version >= event.version => applied.stale += 1,
             Some(_) => {
                 applied.stale += 1;
-                newest.insert(key, (event, body));
+                newest.insert(key, (event, body, resource));
             }
             None => {
-                newest.insert(key, (event, body));
+                newest.insert(key, (event, body, resource));
             }
         }
     }
@@ -158,7 +158,7 @@ pub async fn apply(
     let mut writes = Vec::new();
     let mut dirty: BTreeSet<String> = BTreeSet::new();
     let mut moved_from = Vec::new();
-    for (key, (event, body)) in newest {
+    for (key, (event, body, resource)) in newest {
         let previous = stored.get(&key);
         if previous.is_some_and(|p| p.version >= event.version.get()) {
             applied.stale += 1;
@@ -172,12 +172,18 @@ pub async fn apply(
                 moved_from.push(p.member_id.clone());
             }
         }
+        let identity = fhir::identity(event.kind, event.member_id.as_str(), event.source.as_str(), event.record_id.as_str());
+        let code = resource.as_ref().and_then(|r| r.code.clone());
         writes.push(ComponentWrite {
             key,
             member_id: event.member_id.as_str().to_owned(),
             version: event.version.get(),
             body: body.clone(),
             event_id: event.event_id,
+            resource: identity.map(|(t, id)| (t.to_owned(), id)),
+            code_system: code.as_ref().map(|c| c.0.clone()),
+            code: code.map(|c| c.1),
+            status: resource.as_ref().and_then(|r| r.status.clone()),
         });
     }
     if !moved_from.is_empty() {

@@ -19,10 +19,6 @@ pub struct ComposerConfig {
     #[arg(long, env = "COMPOSER_BATCH_WAIT_MS", default_value_t = 20)]
     pub batch_wait_ms: u64,
 
-    /// Public base URL of the FHIR API: composites' `fullUrl`s point there.
-    #[arg(long, env = "FHIR_BASE_URL", default_value = "http://127.0.0.1:8080/fhir")]
-    pub fhir_base_url: String,
-
     /// Partitions of the topics the platform creates when they do not exist.
     #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,

@@ -46,6 +46,28 @@ pub struct MappedResource {
     pub resource_type: &'static str,
     pub id: String,
     pub json: String,
+    /// Search columns: the primary code (system, code) and status, where the type has them.
+    pub code: Option<(String, String)>,
+    pub status: Option<String>,
+}
+
+/// The FHIR type of a record kind (`None` for attribution, which is access data).
+pub fn resource_type(kind: RecordKind) -> Option<&'static str> {
+    Some(match kind {
+        RecordKind::Demographics => "Patient",
+        RecordKind::Medication => "MedicationStatement",
+        RecordKind::Allergy => "AllergyIntolerance",
+        RecordKind::Immunization => "Immunization",
+        RecordKind::CareTask => "Task",
+        RecordKind::Attribution => return None,
+    })
+}
+
+/// The resource a record is, whether upserted or deleted: the Patient's id is the member id,
+/// every other id is [`resource_id`].
+pub fn identity(kind: RecordKind, member: &str, source: &str, record: &str) -> Option<(&'static str, String)> {
+    let t = resource_type(kind)?;
+    Some((t, if kind == RecordKind::Demographics { member.to_owned() } else { resource_id(t, source, record) }))
 }
 
 /// `meta.source`: names the system of record.
@@ -109,7 +131,15 @@ fn extension(url: &str, value: ExtensionValue) -> Result<Extension> {
 
 fn to_json<T: serde::Serialize>(resource_type: &'static str, id: String, resource: &T) -> Result<MappedResource> {
     let json = built("serialize", serde_json::to_string(resource))?;
-    Ok(MappedResource { resource_type, id, json })
+    Ok(MappedResource { resource_type, id, json, code: None, status: None })
+}
+
+impl MappedResource {
+    fn searchable(mut self, system: &str, code: &str, status: &str) -> Self {
+        self.code = Some((system.to_owned(), code.to_owned()));
+        self.status = Some(status.to_owned());
+        self
+    }
 }
 
 /// Maps an upserted record to its FHIR resource. `None` for kinds that are not FHIR resources
@@ -226,7 +256,8 @@ fn medication_statement(member: &str, source: &str, record: &str, data: &Map<Str
     if !extensions.is_empty() {
         b = b.extension(extensions);
     }
-    to_json("MedicationStatement", id, &built("MedicationStatement", b.build())?)
+    let status = text(data, "status").unwrap_or("unknown");
+    Ok(to_json("MedicationStatement", id, &built("MedicationStatement", b.build())?)?.searchable(RXNORM, code, status))
 }
 
 fn allergy_intolerance(member: &str, source: &str, record: &str, data: &Map<String, Value>) -> Result<MappedResource> {
@@ -261,7 +292,8 @@ fn allergy_intolerance(member: &str, source: &str, record: &str, data: &Map<Stri
     if let Some(d) = date(data, "recorded_date")? {
         b = b.recorded_date(DateTime::Date(d));
     }
-    to_json("AllergyIntolerance", id, &built("AllergyIntolerance", b.build())?)
+    let status = text(data, "clinical_status").unwrap_or_default();
+    Ok(to_json("AllergyIntolerance", id, &built("AllergyIntolerance", b.build())?)?.searchable(system, code, status))
 }
 
 fn immunization(member: &str, source: &str, record: &str, data: &Map<String, Value>) -> Result<MappedResource> {
@@ -283,7 +315,8 @@ fn immunization(member: &str, source: &str, record: &str, data: &Map<String, Val
     if let Some(lot) = text(data, "lot_number") {
         b = b.lot_number(lot.to_owned());
     }
-    to_json("Immunization", id, &built("Immunization", b.build())?)
+    let status = text(data, "status").unwrap_or("completed");
+    Ok(to_json("Immunization", id, &built("Immunization", b.build())?)?.searchable(CVX, code, status))
 }
 
 fn task(member: &str, source: &str, record: &str, data: &Map<String, Value>) -> Result<MappedResource> {
@@ -291,7 +324,8 @@ fn task(member: &str, source: &str, record: &str, data: &Map<String, Value>) -> 
     let code = text(data, "task_code").ok_or_else(|| MappingError("/task_code: required".into()))?;
     let status = TaskStatus::from_str(text(data, "status").unwrap_or("requested"))
         .map_err(|_| MappingError("/status: unknown code".into()))?;
-    let mut code_concept = CodeableConcept::builder().coding(vec![Some(coding(&format!("urn:sor:{source}:task-code"), code, None)?)]);
+    let task_system = format!("urn:sor:{source}:task-code");
+    let mut code_concept = CodeableConcept::builder().coding(vec![Some(coding(&task_system, code, None)?)]);
     if let Some(d) = text(data, "description") {
         code_concept = code_concept.text(d.to_owned());
     }
@@ -313,7 +347,8 @@ fn task(member: &str, source: &str, record: &str, data: &Map<String, Value>) -> 
         let period = built("Period", Period::builder().end(DateTime::Date(due)).build())?;
         b = b.restriction(built("Task.restriction", TaskRestriction::builder().period(period).build())?);
     }
-    to_json("Task", id, &built("Task", b.build())?)
+    let status_code = text(data, "status").unwrap_or("requested").to_owned();
+    Ok(to_json("Task", id, &built("Task", b.build())?)?.searchable(&task_system, code, &status_code))
 }
 
 /// Attribution is access data, not a FHIR resource; its dates must still be real dates.

@@ -20,7 +20,7 @@ use std::sync::atomic::AtomicBool;
 
 /// The composites this deployment builds.
 pub fn composites(config: &ComposerConfig) -> Vec<Box<dyn composite::Composite>> {
-    vec![Box::new(composite::MedicationProfile { base_url: config.fhir_base_url.trim_end_matches('/').to_owned() })]
+    vec![Box::new(composite::MedicationProfile { base_url: config.common.fhir_base_url.trim_end_matches('/').to_owned() })]
 }
 
 /// Starts a composer on its own thread (connects, migrates, creates topics first). Returns the

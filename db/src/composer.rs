@@ -124,28 +124,52 @@ pub struct ComponentWrite {
     /// JSON text; `None` for a delete.
     pub body: Option<String>,
     pub event_id: Uuid,
+    /// The FHIR resource this record is, if it is one: (type, id).
+    pub resource: Option<(String, String)>,
+    pub code_system: Option<String>,
+    pub code: Option<String>,
+    pub status: Option<String>,
 }
 
+/// Writes the winning component changes; each one that is a FHIR resource gets its next
+/// resource version and a `resource_history` row, in the same statement.
 pub async fn write_components(tx: &mut PgConnection, writes: &[ComponentWrite], now: OffsetDateTime) -> crate::Result<()> {
     if writes.is_empty() {
         return Ok(());
     }
-    let kinds: Vec<&str> = writes.iter().map(|w| w.key.kind.as_str()).collect();
-    let sources: Vec<&str> = writes.iter().map(|w| w.key.source.as_str()).collect();
-    let records: Vec<&str> = writes.iter().map(|w| w.key.record_id.as_str()).collect();
-    let members: Vec<&str> = writes.iter().map(|w| w.member_id.as_str()).collect();
+    let col = |f: fn(&ComponentWrite) -> Option<&str>| writes.iter().map(f).collect::<Vec<Option<&str>>>();
+    let kinds = col(|w| Some(w.key.kind.as_str()));
+    let sources = col(|w| Some(w.key.source.as_str()));
+    let records = col(|w| Some(w.key.record_id.as_str()));
+    let members = col(|w| Some(w.member_id.as_str()));
+    let bodies = col(|w| w.body.as_deref());
+    let types = col(|w| w.resource.as_ref().map(|r| r.0.as_str()));
+    let ids = col(|w| w.resource.as_ref().map(|r| r.1.as_str()));
+    let systems = col(|w| w.code_system.as_deref());
+    let codes = col(|w| w.code.as_deref());
+    let statuses = col(|w| w.status.as_deref());
     let versions: Vec<i64> = writes.iter().map(|w| w.version).collect();
-    let bodies: Vec<Option<&str>> = writes.iter().map(|w| w.body.as_deref()).collect();
     let events: Vec<Uuid> = writes.iter().map(|w| w.event_id).collect();
     sqlx::query(
-        "INSERT INTO components (kind, source, record_id, member_id, version, deleted, body, event_id, updated_at)
-         SELECT kind, source, record_id, member_id, version, body IS NULL, body::json, event_id, $8
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::uuid[])
-              AS w(kind, source, record_id, member_id, version, body, event_id)
-         ON CONFLICT (kind, source, record_id) DO UPDATE SET
-           member_id = EXCLUDED.member_id, version = EXCLUDED.version, deleted = EXCLUDED.deleted,
-           body = EXCLUDED.body, event_id = EXCLUDED.event_id, updated_at = EXCLUDED.updated_at
-         WHERE components.version < EXCLUDED.version",
+        "WITH w AS (
+           INSERT INTO components (kind, source, record_id, member_id, version, deleted, body, event_id, updated_at,
+                                   resource_type, resource_id, resource_version, code_system, code, status)
+           SELECT kind, source, record_id, member_id, version, body IS NULL, body::json, event_id, $8,
+                  rtype, rid, 1, system, code, status
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::uuid[],
+                       $9::text[], $10::text[], $11::text[], $12::text[], $13::text[])
+                AS w(kind, source, record_id, member_id, version, body, event_id, rtype, rid, system, code, status)
+           ON CONFLICT (kind, source, record_id) DO UPDATE SET
+             member_id = EXCLUDED.member_id, version = EXCLUDED.version, deleted = EXCLUDED.deleted,
+             body = EXCLUDED.body, event_id = EXCLUDED.event_id, updated_at = EXCLUDED.updated_at,
+             resource_type = EXCLUDED.resource_type, resource_id = EXCLUDED.resource_id,
+             resource_version = components.resource_version + 1,
+             code_system = EXCLUDED.code_system, code = EXCLUDED.code, status = EXCLUDED.status
+           WHERE components.version < EXCLUDED.version
+           RETURNING resource_type, resource_id, resource_version, member_id, deleted, body)
+         INSERT INTO resource_history (resource_type, resource_id, version_id, member_id, last_updated, deleted, body)
+         SELECT resource_type, resource_id, resource_version, member_id, $8, deleted, body FROM w
+         WHERE resource_type IS NOT NULL",
     )
     .bind(&kinds)
     .bind(&sources)
@@ -155,6 +179,11 @@ pub async fn write_components(tx: &mut PgConnection, writes: &[ComponentWrite], 
     .bind(&bodies)
     .bind(&events)
     .bind(now)
+    .bind(&types)
+    .bind(&ids)
+    .bind(&systems)
+    .bind(&codes)
+    .bind(&statuses)
     .execute(&mut *tx)
     .await?;
     Ok(())

@@ -1,8 +1,10 @@
 //! PostgreSQL: the numbered migrations in `db/migrations` and the named queries every other
 //! crate uses. No SQL lives outside this crate.
 
+pub mod bench;
 pub mod composer;
 pub mod heartbeat;
+pub mod resources;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};

@@ -17,6 +17,10 @@ pub struct CommonConfig {
     #[command(flatten)]
     pub kafka: KafkaConfig,
 
+    /// Public base URL of the FHIR API (`fullUrl`s and paging links point there).
+    #[arg(long, env = "FHIR_BASE_URL", default_value = "http://127.0.0.1:8080/fhir")]
+    pub fhir_base_url: String,
+
     /// Log filter in `tracing` syntax (e.g. `info`, `composer=debug,info`).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,

@@ -208,3 +208,36 @@ pub fn init_logs() {
     let level = std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
     platform::telemetry::init(&level, platform::LogFormat::Text);
 }
+
+/// Starts the API on a random port against `database_url`; returns its base URL.
+pub async fn start_api(database_url: &str, fhir_base_url: &str) -> anyhow::Result<String> {
+    use clap::Parser;
+    init_logs();
+    let config = api::Config::try_parse_from([
+        "api",
+        "--database-url",
+        database_url,
+        "--kafka-bootstrap-servers",
+        &kafka_bootstrap(),
+        "--http-bind",
+        "127.0.0.1:0",
+        "--fhir-base-url",
+        fhir_base_url,
+        "--database-max-connections",
+        "4",
+    ])?;
+    let app = api::Application::build(&config).await?;
+    let addr = app.local_addr()?;
+    tokio::spawn(app.run_until_stopped());
+    Ok(format!("http://{addr}"))
+}
+
+/// A native envelope event, as a system of record would publish it.
+pub fn native_event(op: &str, source: &str, version: i64, member: &str, record: &str, data: Option<serde_json::Value>) -> Vec<u8> {
+    let mut v = serde_json::json!({ "event_id": Uuid::new_v4().to_string(), "op": op, "source": source,
+        "occurred_at": "2026-11-20T10:15:00Z", "version": version, "member_id": member, "record_id": record });
+    if let Some(d) = data {
+        v["data"] = d;
+    }
+    serde_json::to_vec(&v).unwrap_or_default()
+}

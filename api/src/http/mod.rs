@@ -1,3 +1,6 @@
 //! One module per resource or concern.
 
 pub mod health;
+pub mod metadata;
+pub mod profile;
+pub mod resources;

@@ -1,0 +1,465 @@
+//! FHIR REST conventions shared by the handlers: content negotiation, ids, search parameters,
+//! `meta` on served resources, ETags and Bundles.
+
+use crate::error::{ApiError, fhir_json};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use db::resources::{Criteria, ResourceVersion};
+use std::fmt::Write;
+use time::{Duration, OffsetDateTime};
+
+/// The resource types served, and what each can be searched by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceType {
+    Patient,
+    MedicationStatement,
+    AllergyIntolerance,
+    Immunization,
+    Task,
+}
+
+impl ResourceType {
+    pub const ALL: [ResourceType; 5] = [
+        ResourceType::Patient,
+        ResourceType::MedicationStatement,
+        ResourceType::AllergyIntolerance,
+        ResourceType::Immunization,
+        ResourceType::Task,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ResourceType::Patient => "Patient",
+            ResourceType::MedicationStatement => "MedicationStatement",
+            ResourceType::AllergyIntolerance => "AllergyIntolerance",
+            ResourceType::Immunization => "Immunization",
+            ResourceType::Task => "Task",
+        }
+    }
+
+    /// Search parameters beyond `_lastUpdated`, `_count`, `_cursor` and `_format`:
+    /// (name, kind) where kind is `reference`, `token` or `id`.
+    pub fn search_params(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            ResourceType::Patient => &[("_id", "token")],
+            ResourceType::MedicationStatement => &[("patient", "reference"), ("code", "token"), ("status", "token")],
+            ResourceType::AllergyIntolerance => &[("patient", "reference"), ("code", "token"), ("clinical-status", "token")],
+            ResourceType::Immunization => &[("patient", "reference"), ("vaccine-code", "token"), ("status", "token")],
+            ResourceType::Task => &[("patient", "reference"), ("code", "token"), ("status", "token")],
+        }
+    }
+}
+
+/// `Accept` and `_format`: JSON only (`application/fhir+json`, `application/json`, `json`).
+pub fn negotiate(headers: &HeaderMap, format: Option<&str>) -> Result<(), ApiError> {
+    if let Some(f) = format {
+        if !matches!(f, "json" | "application/json" | "application/fhir+json") {
+            return Err(ApiError::NotAcceptable(format!("_format={f} is not supported; this server speaks JSON (_format=json)")));
+        }
+        return Ok(());
+    }
+    let Some(accept) = headers.get(header::ACCEPT) else { return Ok(()) };
+    let accept = accept.to_str().unwrap_or_default();
+    let acceptable = accept.split(',').any(|part| {
+        let media = part.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        matches!(media.as_str(), "" | "*/*" | "application/*" | "application/json" | "application/fhir+json")
+    });
+    if acceptable {
+        Ok(())
+    } else {
+        Err(ApiError::NotAcceptable("only application/fhir+json (or application/json) can be produced".into()))
+    }
+}
+
+/// A FHIR id: `[A-Za-z0-9\-\.]{1,64}`.
+pub fn parse_id(raw: &str) -> Result<&str, ApiError> {
+    let ok = !raw.is_empty() && raw.len() <= 64 && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok { Ok(raw) } else { Err(ApiError::BadRequest("the id must be 1 to 64 characters of A-Z, a-z, 0-9, '-' or '.'".into())) }
+}
+
+pub fn parse_version(raw: &str) -> Result<i64, ApiError> {
+    raw.parse::<i64>()
+        .ok()
+        .filter(|v| *v > 0 && raw.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| ApiError::BadRequest("the version id must be a positive integer".into()))
+}
+
+/// Query parameters as pairs, with `_format` checked and removed.
+pub fn query_pairs(headers: &HeaderMap, raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+    let pairs: Vec<(String, String)> = match raw {
+        Some(q) => serde_urlencoded::from_str(q).map_err(|_| ApiError::BadRequest("the query string is not well formed".into()))?,
+        None => Vec::new(),
+    };
+    let format = pairs.iter().find(|(k, _)| k == "_format").map(|(_, v)| v.as_str());
+    negotiate(headers, format)?;
+    Ok(pairs.into_iter().filter(|(k, _)| k != "_format").collect())
+}
+
+/// Operations that take no parameters but `_format`.
+pub fn no_parameters(pairs: &[(String, String)]) -> Result<(), ApiError> {
+    match pairs.first() {
+        Some((k, _)) => Err(ApiError::BadRequest(format!("unknown parameter '{k}': this operation takes none but _format"))),
+        None => Ok(()),
+    }
+}
+
+pub const DEFAULT_COUNT: i64 = 50;
+pub const MAX_COUNT: i64 = 500;
+
+/// A parsed search request.
+#[derive(Debug, Default)]
+pub struct Search {
+    pub criteria: Criteria,
+    pub count: i64,
+    pub cursor: Option<String>,
+    /// The parameters to repeat in paging links (without `_cursor`).
+    pub link_params: Vec<(String, String)>,
+}
+
+pub fn parse_search(rt: ResourceType, pairs: Vec<(String, String)>) -> Result<Search, ApiError> {
+    let mut s = Search { count: DEFAULT_COUNT, ..Search::default() };
+    let mut from: Option<OffsetDateTime> = None;
+    let mut to: Option<OffsetDateTime> = None;
+    let mut seen = std::collections::HashSet::new();
+    for (name, value) in pairs {
+        let repeatable = name == "_lastUpdated";
+        if !repeatable && !seen.insert(name.clone()) {
+            return Err(ApiError::BadRequest(format!("parameter '{name}' given more than once")));
+        }
+        if name != "_cursor" {
+            s.link_params.push((name.clone(), value.clone()));
+        }
+        if value.is_empty() {
+            return Err(ApiError::BadRequest(format!("parameter '{name}' has no value")));
+        }
+        if value.contains(',') && name != "_cursor" {
+            return Err(ApiError::BadRequest(format!("parameter '{name}': several values (',') are not supported")));
+        }
+        let kind = rt.search_params().iter().find(|(n, _)| *n == name).map(|(_, k)| *k);
+        match (name.as_str(), kind) {
+            ("_count", _) => {
+                s.count = value
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|c| (1..=MAX_COUNT).contains(c))
+                    .ok_or_else(|| ApiError::BadRequest(format!("_count must be an integer from 1 to {MAX_COUNT}")))?;
+            }
+            ("_cursor", _) => s.cursor = Some(parse_id(&value).map_err(|_| ApiError::BadRequest("_cursor is not valid".into()))?.to_owned()),
+            ("_lastUpdated", _) => {
+                let (lo, hi) = parse_date_param(&value)?;
+                if let Some(lo) = lo {
+                    from = Some(from.map_or(lo, |f| f.max(lo)));
+                }
+                if let Some(hi) = hi {
+                    to = Some(to.map_or(hi, |t| t.min(hi)));
+                }
+            }
+            ("_id", Some(_)) => s.criteria.id = Some(parse_id(&value)?.to_owned()),
+            ("patient", Some(_)) => {
+                let id = value.strip_prefix("Patient/").unwrap_or(&value);
+                s.criteria.member_id = Some(parse_id(id).map_err(|_| ApiError::BadRequest("patient must be an id or Patient/<id>".into()))?.to_owned());
+            }
+            ("code" | "vaccine-code", Some(_)) => match value.split_once('|') {
+                Some((system, code)) => {
+                    if !system.is_empty() {
+                        s.criteria.code_system = Some(system.to_owned());
+                    }
+                    if code.is_empty() {
+                        return Err(ApiError::BadRequest(format!("{name}: a code is required (system|code or code)")));
+                    }
+                    s.criteria.code = Some(code.to_owned());
+                }
+                None => s.criteria.code = Some(value),
+            },
+            ("status" | "clinical-status", Some(_)) => s.criteria.status = Some(value),
+            _ => {
+                let known: Vec<&str> = rt.search_params().iter().map(|(n, _)| *n).collect();
+                return Err(ApiError::BadRequest(format!(
+                    "unknown search parameter '{name}' for {}; supported: {}, _lastUpdated, _count, _format",
+                    rt.name(),
+                    known.join(", ")
+                )));
+            }
+        }
+    }
+    s.criteria.updated_from = from;
+    s.criteria.updated_to = to;
+    Ok(s)
+}
+
+/// A `_lastUpdated` value with its prefix, as a half-open interval `[lo, hi)`.
+pub fn parse_date_param(raw: &str) -> Result<(Option<OffsetDateTime>, Option<OffsetDateTime>), ApiError> {
+    let (prefix, value) = match raw.get(..2) {
+        Some(p @ ("eq" | "gt" | "ge" | "lt" | "le" | "sa" | "eb")) => (p, &raw[2..]),
+        Some("ne" | "ap") => return Err(ApiError::BadRequest(format!("_lastUpdated: prefix '{}' is not supported", &raw[..2]))),
+        _ => ("eq", raw),
+    };
+    let (start, end) = date_interval(value)
+        .ok_or_else(|| ApiError::BadRequest("_lastUpdated: expected [prefix]YYYY, YYYY-MM, YYYY-MM-DD or an instant".into()))?;
+    Ok(match prefix {
+        "eq" => (Some(start), Some(end)),
+        "gt" | "sa" => (Some(end), None),
+        "ge" => (Some(start), None),
+        "lt" | "eb" => (None, Some(start)),
+        _ => (None, Some(end)), // le
+    })
+}
+
+/// The interval a FHIR date or dateTime value covers at its precision.
+fn date_interval(v: &str) -> Option<(OffsetDateTime, OffsetDateTime)> {
+    use time::format_description::well_known::Rfc3339;
+    use time::{Date, Month};
+    let bytes = v.as_bytes();
+    let num = |r: std::ops::Range<usize>| v.get(r).filter(|s| s.bytes().all(|b| b.is_ascii_digit())).and_then(|s| s.parse::<i32>().ok());
+    let day = |y, m, d| Date::from_calendar_date(y, Month::try_from(m as u8).ok()?, d as u8).ok().map(|d| d.midnight().assume_utc());
+    match bytes.len() {
+        4 => {
+            let y = num(0..4)?;
+            Some((day(y, 1, 1)?, day(y + 1, 1, 1)?))
+        }
+        7 if bytes[4] == b'-' => {
+            let (y, m) = (num(0..4)?, num(5..7)?);
+            let start = day(y, m, 1)?;
+            let end = if m == 12 { day(y + 1, 1, 1)? } else { day(y, m + 1, 1)? };
+            Some((start, end))
+        }
+        10 if bytes[4] == b'-' && bytes[7] == b'-' => {
+            let start = day(num(0..4)?, num(5..7)?, num(8..10)?)?;
+            Some((start, start + Duration::days(1)))
+        }
+        _ => {
+            let t = OffsetDateTime::parse(v, &Rfc3339).ok()?;
+            Some((t, t + Duration::milliseconds(1)))
+        }
+    }
+}
+
+/// FHIR instant with milliseconds, UTC.
+pub fn instant(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        t.month() as u8,
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+/// HTTP-date (IMF-fixdate) for `Last-Modified`.
+pub fn http_date(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    format!(
+        "{}, {:02} {} {:04} {:02}:{:02}:{:02} GMT",
+        DAYS[t.weekday().number_days_from_monday() as usize],
+        t.day(),
+        MONTHS[t.month() as usize - 1],
+        t.year(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// The stored resource with `meta.versionId` and `meta.lastUpdated` added. Stored resources
+/// are serialized by fhir-sdk with `resourceType`, `id`, then `meta` (always present, holding
+/// `meta.source`), so the first `"meta":{` is the resource's own.
+pub fn with_meta(body: &str, version_id: i64, last_updated: OffsetDateTime) -> String {
+    let meta = format!("\"meta\":{{\"versionId\":\"{version_id}\",\"lastUpdated\":\"{}\",", instant(last_updated));
+    match body.find("\"meta\":{") {
+        Some(at) => {
+            let rest = &body[at + "\"meta\":{".len()..];
+            let mut out = String::with_capacity(body.len() + meta.len());
+            out.push_str(&body[..at]);
+            out.push_str(&meta);
+            if rest.starts_with('}') {
+                out.pop(); // no trailing comma before an empty meta's brace
+            }
+            out.push_str(rest);
+            out
+        }
+        None => body.to_owned(),
+    }
+}
+
+pub fn etag(version_id: i64) -> String {
+    format!("W/\"{version_id}\"")
+}
+
+/// True when `If-None-Match` names this version.
+pub fn not_modified(headers: &HeaderMap, version_id: i64) -> bool {
+    let tag = etag(version_id);
+    headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == format!("\"{version_id}\"") || t.trim() == "*"))
+}
+
+/// A resource version as a response: the body with meta, `ETag`, `Last-Modified`; or 304.
+pub fn versioned_response(headers: &HeaderMap, version_id: i64, last_updated: OffsetDateTime, body: String) -> Response {
+    let mut response = if not_modified(headers, version_id) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        (StatusCode::OK, [(header::CONTENT_TYPE, fhir_json())], body).into_response()
+    };
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&etag(version_id)) {
+        h.insert(header::ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&http_date(last_updated)) {
+        h.insert(header::LAST_MODIFIED, v);
+    }
+    response
+}
+
+/// Serves one version of a resource, or 410 for a deletion.
+pub fn resource_response(headers: &HeaderMap, rt: ResourceType, v: ResourceVersion) -> Result<Response, ApiError> {
+    match v.body {
+        Some(body) => Ok(versioned_response(headers, v.version_id, v.last_updated, with_meta(&body, v.version_id, v.last_updated))),
+        None => Err(ApiError::Gone(format!("{}/{} was deleted (version {})", rt.name(), v.resource_id, v.version_id))),
+    }
+}
+
+/// A link URL: `base/path?params`.
+pub fn link(base: &str, path: &str, params: &[(String, String)]) -> String {
+    let mut url = format!("{base}/{path}");
+    if !params.is_empty() {
+        url.push('?');
+        url.push_str(&serde_urlencoded::to_string(params).unwrap_or_default());
+    }
+    url
+}
+
+/// A `searchset` Bundle of current resources, with `self` and (when there may be more) `next`.
+pub fn searchset(base: &str, rt: ResourceType, total: i64, page: &[ResourceVersion], self_url: &str, next_url: Option<&str>) -> String {
+    let mut out = String::with_capacity(256 + page.iter().map(|v| v.body.as_ref().map_or(0, |b| b.len() + 160)).sum::<usize>());
+    let _ = write!(out, "{{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"total\":{total},\"link\":[{{\"relation\":\"self\",\"url\":{}}}", json_string(self_url));
+    if let Some(next) = next_url {
+        let _ = write!(out, ",{{\"relation\":\"next\",\"url\":{}}}", json_string(next));
+    }
+    out.push_str("],\"entry\":[");
+    let mut first = true;
+    for v in page {
+        let Some(body) = &v.body else { continue };
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        let _ = write!(
+            out,
+            "{{\"fullUrl\":{},\"resource\":{},\"search\":{{\"mode\":\"match\"}}}}",
+            json_string(&format!("{base}/{}/{}", rt.name(), v.resource_id)),
+            with_meta(body, v.version_id, v.last_updated)
+        );
+    }
+    out.push_str("]}");
+    out
+}
+
+/// A `history` Bundle of one resource's versions, newest first.
+pub fn history_bundle(base: &str, rt: ResourceType, id: &str, total: i64, versions: &[ResourceVersion], self_url: &str) -> String {
+    let mut out = format!("{{\"resourceType\":\"Bundle\",\"type\":\"history\",\"total\":{total},\"link\":[{{\"relation\":\"self\",\"url\":{}}}],\"entry\":[", json_string(self_url));
+    for (i, v) in versions.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let url = format!("{}/{id}", rt.name());
+        let full = json_string(&format!("{base}/{url}/_history/{}", v.version_id));
+        match &v.body {
+            Some(body) => {
+                let method = if v.version_id == 1 { "POST" } else { "PUT" };
+                let status = if v.version_id == 1 { "201 Created" } else { "200 OK" };
+                let _ = write!(
+                    out,
+                    "{{\"fullUrl\":{full},\"resource\":{},\"request\":{{\"method\":\"{method}\",\"url\":{}}},\"response\":{{\"status\":\"{status}\",\"etag\":{},\"lastModified\":\"{}\"}}}}",
+                    with_meta(body, v.version_id, v.last_updated),
+                    json_string(&url),
+                    json_string(&etag(v.version_id)),
+                    instant(v.last_updated)
+                );
+            }
+            None => {
+                let _ = write!(
+                    out,
+                    "{{\"fullUrl\":{full},\"request\":{{\"method\":\"DELETE\",\"url\":{}}},\"response\":{{\"status\":\"204 No Content\",\"etag\":{},\"lastModified\":\"{}\"}}}}",
+                    json_string(&url),
+                    json_string(&etag(v.version_id)),
+                    instant(v.last_updated)
+                );
+            }
+        }
+    }
+    out.push_str("]}");
+    out
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::Value::String(s.to_owned()).to_string()
+}
+
+pub fn bundle_response(body: String) -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, fhir_json())], body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn meta_is_added_to_the_resource_meta() {
+        let t = OffsetDateTime::from_unix_timestamp(1_764_000_000).unwrap();
+        let body = r#"{"resourceType":"Patient","id":"M1","meta":{"source":"urn:sor:x"},"gender":"male"}"#;
+        let v: serde_json::Value = serde_json::from_str(&with_meta(body, 3, t)).unwrap();
+        assert_eq!(v["meta"]["versionId"], "3");
+        assert_eq!(v["meta"]["source"], "urn:sor:x");
+        assert_eq!(v["meta"]["lastUpdated"], "2025-11-24T16:00:00.000Z");
+        let empty = r#"{"resourceType":"Patient","id":"M1","meta":{}}"#;
+        let v: serde_json::Value = serde_json::from_str(&with_meta(empty, 1, t)).unwrap();
+        assert_eq!(v["meta"]["versionId"], "1");
+        assert_eq!(http_date(t), "Mon, 24 Nov 2025 16:00:00 GMT");
+    }
+
+    #[test]
+    fn last_updated_prefixes() {
+        let (lo, hi) = parse_date_param("2026-11-20").unwrap();
+        assert_eq!(instant(lo.unwrap()), "2026-11-20T00:00:00.000Z");
+        assert_eq!(instant(hi.unwrap()), "2026-11-21T00:00:00.000Z");
+        assert_eq!(parse_date_param("gt2026-11").unwrap(), (date_interval("2026-12").map(|d| d.0), None));
+        assert_eq!(parse_date_param("lt2026").unwrap().1, date_interval("2026").map(|d| d.0));
+        assert!(parse_date_param("ge2026-11-20T10:00:00Z").unwrap().0.is_some());
+        for bad in ["2026-13-01", "2026-02-30", "yesterday", "ne2026", "gt", "2026-1-1"] {
+            assert!(parse_date_param(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn search_parameters_are_checked() {
+        let p = |q: &[(&str, &str)]| q.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>();
+        let s = parse_search(ResourceType::MedicationStatement, p(&[("patient", "Patient/M1"), ("code", "http://x|123"), ("_count", "10")])).unwrap();
+        assert_eq!(s.criteria.member_id.as_deref(), Some("M1"));
+        assert_eq!(s.criteria.code_system.as_deref(), Some("http://x"));
+        assert_eq!(s.count, 10);
+        assert!(parse_search(ResourceType::Patient, p(&[("patient", "M1")])).is_err());
+        assert!(parse_search(ResourceType::Task, p(&[("_count", "0")])).is_err());
+        assert!(parse_search(ResourceType::Task, p(&[("status", "a"), ("status", "b")])).is_err());
+        assert!(parse_search(ResourceType::Task, p(&[("_sort", "x")])).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn parsing_never_panics(name in "[_a-z-]{1,12}", value in ".{0,30}") {
+            for rt in ResourceType::ALL {
+                let _ = parse_search(rt, vec![(name.clone(), value.clone())]);
+            }
+            let _ = parse_date_param(&value);
+            let _ = parse_id(&value);
+            let _ = parse_version(&value);
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! `GET /fhir/Patient/{id}/$medication-profile`: the member's composite medication profile.
+
+use crate::error::{ApiError, OperationOutcome};
+use crate::fhir;
+use crate::http::resources::{Bundle, FormatOnly};
+use crate::startup::AppState;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+
+/// The member's medication profile: a `collection` Bundle with the Patient and every current
+/// MedicationStatement, AllergyIntolerance and Immunization. `ETag: W/"<versionId>"`;
+/// `If-None-Match` with the current ETag gives 304.
+#[utoipa::path(get, path = "/fhir/Patient/{id}/$medication-profile", tag = "Patient", operation_id = "medicationProfile",
+    params(("id" = String, Path, description = "The member id (the Patient's logical id)"), FormatOnly),
+    responses(
+        (status = 200, description = "The composite, with ETag and Last-Modified", body = Bundle, content_type = "application/fhir+json"),
+        (status = 304, description = "Not modified (If-None-Match)"),
+        (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 404, description = "No such member", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 410, description = "The member was deleted", body = OperationOutcome, content_type = "application/fhir+json")))]
+pub async fn medication_profile(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    fhir::no_parameters(&fhir::query_pairs(&headers, query.as_deref())?)?;
+    let id = fhir::parse_id(&id)?;
+    let (version_id, last_updated, body) = db::resources::medication_profile(&state.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no medication profile for Patient/{id}")))?;
+    let body = body.ok_or_else(|| ApiError::Gone(format!("Patient/{id} was deleted (profile version {version_id})")))?;
+    Ok(fhir::versioned_response(&headers, version_id, last_updated, body))
+}

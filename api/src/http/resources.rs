@@ -1,0 +1,273 @@
+//! read, vread, instance history and search for each served resource type. The handlers are
+//! generated per type (so the OpenAPI document describes each path) and share the functions
+//! below.
+
+use crate::error::{ApiError, OperationOutcome};
+use crate::fhir::{self, ResourceType};
+use crate::startup::AppState;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde::Serialize;
+use utoipa::{IntoParams, ToSchema};
+
+/// Any FHIR resource (`application/fhir+json`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Resource {
+    #[schema(example = "Patient")]
+    pub resource_type: String,
+    pub id: Option<String>,
+    pub meta: Option<Meta>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta {
+    #[schema(example = "1")]
+    pub version_id: Option<String>,
+    pub last_updated: Option<String>,
+    /// The system of record, `urn:sor:<source>`.
+    pub source: Option<String>,
+}
+
+/// A FHIR `Bundle` (`searchset`, `history` or `collection`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Bundle {
+    #[schema(example = "Bundle")]
+    pub resource_type: String,
+    #[schema(example = "searchset")]
+    pub r#type: String,
+    pub total: Option<i64>,
+    pub link: Option<Vec<BundleLink>>,
+    pub entry: Option<Vec<BundleEntry>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BundleLink {
+    /// `self` or `next`.
+    pub relation: String,
+    pub url: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BundleEntry {
+    pub full_url: Option<String>,
+    pub resource: Option<Resource>,
+}
+
+/// Parameters every search accepts.
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct CommonSearch {
+    /// Last change, with an optional prefix: `eq`, `gt`, `ge`, `lt`, `le`, `sa`, `eb` and a date
+    /// (`YYYY`, `YYYY-MM`, `YYYY-MM-DD`) or an instant. May be repeated (AND).
+    #[param(rename = "_lastUpdated")]
+    pub last_updated: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    #[param(rename = "_count", minimum = 1, maximum = 500)]
+    pub count: Option<i64>,
+    /// Opaque paging position; use the `next` link.
+    #[param(rename = "_cursor")]
+    pub cursor: Option<String>,
+    /// `json` (the only format served).
+    #[param(rename = "_format")]
+    pub format: Option<String>,
+}
+
+/// `_format`, the only parameter of read, vread, history and operations.
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct FormatOnly {
+    /// `json` (the only format served).
+    #[param(rename = "_format")]
+    pub format: Option<String>,
+}
+
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct PatientSearch {
+    /// Logical id of the Patient (the member id).
+    #[param(rename = "_id")]
+    pub id: Option<String>,
+}
+
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct ClinicalSearch {
+    /// The member: `<id>` or `Patient/<id>`.
+    pub patient: Option<String>,
+    /// `system|code` or `code` (RxNorm for medications, RxNorm or SNOMED CT for allergies, the
+    /// system of record's task codes for Task).
+    pub code: Option<String>,
+    /// Status code of the resource.
+    pub status: Option<String>,
+}
+
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct AllergySearch {
+    /// The member: `<id>` or `Patient/<id>`.
+    pub patient: Option<String>,
+    /// `system|code` or `code` (RxNorm or SNOMED CT).
+    pub code: Option<String>,
+    /// `active`, `inactive` or `resolved`.
+    #[param(rename = "clinical-status")]
+    pub clinical_status: Option<String>,
+}
+
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct ImmunizationSearch {
+    /// The member: `<id>` or `Patient/<id>`.
+    pub patient: Option<String>,
+    /// `system|code` or `code` (CVX).
+    #[param(rename = "vaccine-code")]
+    pub vaccine_code: Option<String>,
+    /// `completed`, `entered-in-error` or `not-done`.
+    pub status: Option<String>,
+}
+
+pub async fn read(state: &AppState, rt: ResourceType, id: &str, headers: &HeaderMap, query: Option<&str>) -> Result<Response, ApiError> {
+    fhir::no_parameters(&fhir::query_pairs(headers, query)?)?;
+    let id = fhir::parse_id(id)?;
+    let v = db::resources::latest(&state.pool, rt.name(), id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("{}/{id} is not known", rt.name())))?;
+    fhir::resource_response(headers, rt, v)
+}
+
+pub async fn vread(state: &AppState, rt: ResourceType, id: &str, vid: &str, headers: &HeaderMap, query: Option<&str>) -> Result<Response, ApiError> {
+    fhir::no_parameters(&fhir::query_pairs(headers, query)?)?;
+    let id = fhir::parse_id(id)?;
+    let vid = fhir::parse_version(vid)?;
+    let v = db::resources::version_of(&state.pool, rt.name(), id, vid)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("{}/{id} has no version {vid}", rt.name())))?;
+    fhir::resource_response(headers, rt, v)
+}
+
+pub async fn history(state: &AppState, rt: ResourceType, id: &str, headers: &HeaderMap, query: Option<&str>) -> Result<Response, ApiError> {
+    let pairs = fhir::query_pairs(headers, query)?;
+    let mut count = fhir::MAX_COUNT;
+    for (k, v) in &pairs {
+        match k.as_str() {
+            "_count" => {
+                count = v.parse().ok().filter(|c| (1..=fhir::MAX_COUNT).contains(c)).ok_or_else(|| {
+                    ApiError::BadRequest(format!("_count must be an integer from 1 to {}", fhir::MAX_COUNT))
+                })?
+            }
+            other => return Err(ApiError::BadRequest(format!("unknown parameter '{other}' for _history; supported: _count, _format"))),
+        }
+    }
+    let id = fhir::parse_id(id)?;
+    let (total, versions) = db::resources::history(&state.pool, rt.name(), id, count).await?;
+    if total == 0 {
+        return Err(ApiError::NotFound(format!("{}/{id} is not known", rt.name())));
+    }
+    let base = &state.base_url;
+    let self_url = fhir::link(base, &format!("{}/{id}/_history", rt.name()), &pairs);
+    Ok(fhir::bundle_response(fhir::history_bundle(base, rt, id, total, &versions, &self_url)))
+}
+
+pub async fn search(state: &AppState, rt: ResourceType, headers: &HeaderMap, query: Option<&str>) -> Result<Response, ApiError> {
+    let search = fhir::parse_search(rt, fhir::query_pairs(headers, query)?)?;
+    let (total, page) = db::resources::search(&state.pool, rt.name(), &search.criteria, search.cursor.as_deref(), search.count).await?;
+    let base = &state.base_url;
+    let mut self_params = search.link_params.clone();
+    if let Some(c) = &search.cursor {
+        self_params.push(("_cursor".into(), c.clone()));
+    }
+    let self_url = fhir::link(base, rt.name(), &self_params);
+    let next = (page.len() as i64 == search.count).then(|| page.last()).flatten().map(|last| {
+        let mut params = search.link_params.clone();
+        params.push(("_cursor".into(), last.resource_id.clone()));
+        fhir::link(base, rt.name(), &params)
+    });
+    Ok(fhir::bundle_response(fhir::searchset(base, rt, total, &page, &self_url, next.as_deref())))
+}
+
+macro_rules! endpoints {
+    ($module:ident, $rt:expr, $tag:literal, $search_params:ty,
+     read = $read:literal, vread = $vread:literal, history = $history:literal, search = $search:literal) => {
+        pub mod $module {
+            use super::*;
+
+            #[doc = concat!("Read the current version of a ", $tag, ".")]
+            #[utoipa::path(get, path = $read, tag = $tag, operation_id = concat!("read", $tag),
+                params(("id" = String, Path, description = "Logical id"), FormatOnly),
+                responses(
+                    (status = 200, description = "The resource, with ETag and Last-Modified", body = Resource, content_type = "application/fhir+json"),
+                    (status = 304, description = "Not modified (If-None-Match)"),
+                    (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 404, description = "Not known", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 410, description = "Deleted", body = OperationOutcome, content_type = "application/fhir+json")))]
+            pub async fn read(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+                super::read(&s, $rt, &id, &headers, q.as_deref()).await
+            }
+
+            #[doc = concat!("Read one version of a ", $tag, ".")]
+            #[utoipa::path(get, path = $vread, tag = $tag, operation_id = concat!("vread", $tag),
+                params(("id" = String, Path, description = "Logical id"), ("vid" = String, Path, description = "Version id"), FormatOnly),
+                responses(
+                    (status = 200, description = "The version", body = Resource, content_type = "application/fhir+json"),
+                    (status = 304, description = "Not modified (If-None-Match)"),
+                    (status = 400, description = "Malformed id, version or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 404, description = "No such version", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 410, description = "This version is a deletion", body = OperationOutcome, content_type = "application/fhir+json")))]
+            pub async fn vread(State(s): State<AppState>, Path((id, vid)): Path<(String, String)>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+                super::vread(&s, $rt, &id, &vid, &headers, q.as_deref()).await
+            }
+
+            #[doc = concat!("Every version of a ", $tag, ", newest first.")]
+            #[utoipa::path(get, path = $history, tag = $tag, operation_id = concat!("history", $tag),
+                params(("id" = String, Path, description = "Logical id"),
+                       ("_count" = Option<i64>, Query, description = "Most versions returned (1 to 500)", minimum = 1, maximum = 500), FormatOnly),
+                responses(
+                    (status = 200, description = "A history Bundle", body = Bundle, content_type = "application/fhir+json"),
+                    (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 404, description = "Not known", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json")))]
+            pub async fn history(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+                super::history(&s, $rt, &id, &headers, q.as_deref()).await
+            }
+
+            #[doc = concat!("Search current ", $tag, " resources (keyset paging in id order).")]
+            #[utoipa::path(get, path = $search, tag = $tag, operation_id = concat!("search", $tag),
+                params($search_params, CommonSearch),
+                responses(
+                    (status = 200, description = "A searchset Bundle with total and self/next links", body = Bundle, content_type = "application/fhir+json"),
+                    (status = 400, description = "Unknown or malformed parameter", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json")))]
+            pub async fn search(State(s): State<AppState>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+                super::search(&s, $rt, &headers, q.as_deref()).await
+            }
+        }
+    };
+}
+
+endpoints!(patient, ResourceType::Patient, "Patient", PatientSearch,
+    read = "/fhir/Patient/{id}", vread = "/fhir/Patient/{id}/_history/{vid}",
+    history = "/fhir/Patient/{id}/_history", search = "/fhir/Patient");
+endpoints!(medication_statement, ResourceType::MedicationStatement, "MedicationStatement", ClinicalSearch,
+    read = "/fhir/MedicationStatement/{id}", vread = "/fhir/MedicationStatement/{id}/_history/{vid}",
+    history = "/fhir/MedicationStatement/{id}/_history", search = "/fhir/MedicationStatement");
+endpoints!(allergy_intolerance, ResourceType::AllergyIntolerance, "AllergyIntolerance", AllergySearch,
+    read = "/fhir/AllergyIntolerance/{id}", vread = "/fhir/AllergyIntolerance/{id}/_history/{vid}",
+    history = "/fhir/AllergyIntolerance/{id}/_history", search = "/fhir/AllergyIntolerance");
+endpoints!(immunization, ResourceType::Immunization, "Immunization", ImmunizationSearch,
+    read = "/fhir/Immunization/{id}", vread = "/fhir/Immunization/{id}/_history/{vid}",
+    history = "/fhir/Immunization/{id}/_history", search = "/fhir/Immunization");
+endpoints!(task, ResourceType::Task, "Task", ClinicalSearch,
+    read = "/fhir/Task/{id}", vread = "/fhir/Task/{id}/_history/{vid}",
+    history = "/fhir/Task/{id}/_history", search = "/fhir/Task");

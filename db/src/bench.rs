@@ -1,0 +1,60 @@
+//! The local PostgreSQL's batched-upsert ceiling: the same statement shape the composer uses
+//! for components (unnest arrays, ON CONFLICT DO UPDATE), with nothing else in the transaction.
+
+use sqlx::PgPool;
+use std::time::{Duration, Instant};
+
+/// Upserts `rows` rows (each with a JSON body of `body_bytes`) in transactions of `batch`,
+/// twice over the same keys (insert, then update), and returns the elapsed time.
+pub async fn upsert_ceiling(pool: &PgPool, rows: usize, batch: usize, body_bytes: usize) -> crate::Result<Duration> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS bench_upserts (kind text, source text, record_id text, member_id text,
+           version bigint, deleted boolean, body json, updated_at timestamptz, PRIMARY KEY (kind, source, record_id))",
+    )
+    .execute(pool)
+    .await?;
+    let body = format!("{{\"resourceType\":\"MedicationStatement\",\"text\":\"{}\"}}", "x".repeat(body_bytes.saturating_sub(50)));
+    let started = Instant::now();
+    for round in 0..2i64 {
+        for start in (0..rows / 2).step_by(batch) {
+            let end = (start + batch).min(rows / 2);
+            let ids: Vec<String> = (start..end).map(|i| format!("R{i}")).collect();
+            let members: Vec<String> = (start..end).map(|i| format!("M{:07}", i / 10)).collect();
+            let bodies: Vec<&str> = ids.iter().map(|_| body.as_str()).collect();
+            let mut tx = pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO bench_upserts (kind, source, record_id, member_id, version, deleted, body, updated_at)
+                 SELECT 'medication', 'bench', r, m, $3, false, b::json, now()
+                 FROM unnest($1::text[], $2::text[], $4::text[]) AS u(r, m, b)
+                 ON CONFLICT (kind, source, record_id) DO UPDATE SET version = EXCLUDED.version, body = EXCLUDED.body,
+                   updated_at = EXCLUDED.updated_at WHERE bench_upserts.version < EXCLUDED.version",
+            )
+            .bind(&ids)
+            .bind(&members)
+            .bind(round + 1)
+            .bind(&bodies)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        }
+    }
+    Ok(started.elapsed())
+}
+
+/// `fsync`, `synchronous_commit` and `full_page_writes` as the server runs them.
+pub async fn durability(pool: &PgPool) -> crate::Result<String> {
+    let row: (String, String, String) =
+        sqlx::query_as("SELECT current_setting('fsync'), current_setting('synchronous_commit'), current_setting('full_page_writes')")
+            .fetch_one(pool)
+            .await?;
+    Ok(format!("fsync={} synchronous_commit={} full_page_writes={}", row.0, row.1, row.2))
+}
+
+/// Drops a benchmark database (name checked as in `create_database`).
+pub async fn drop_database(pool: &PgPool, name: &str) -> crate::Result<()> {
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+        return Err(crate::Error::Sqlx(sqlx::Error::Protocol(format!("not a plain database name: {name:?}"))));
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))).execute(pool).await?;
+    Ok(())
+}
