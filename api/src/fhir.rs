@@ -90,6 +90,10 @@ pub fn query_pairs(headers: &HeaderMap, raw: Option<&str>) -> Result<Vec<(String
         Some(q) => serde_urlencoded::from_str(q).map_err(|_| ApiError::BadRequest("the query string is not well formed".into()))?,
         None => Vec::new(),
     };
+    // No FHIR search value contains control characters (and PostgreSQL text cannot hold NUL).
+    if let Some((k, _)) = pairs.iter().find(|(k, v)| k.chars().chain(v.chars()).any(char::is_control)) {
+        return Err(ApiError::BadRequest(format!("parameter '{}' contains control characters", k.escape_debug())));
+    }
     let format = pairs.iter().find(|(k, _)| k == "_format").map(|(_, v)| v.as_str());
     negotiate(headers, format)?;
     Ok(pairs.into_iter().filter(|(k, _)| k != "_format").collect())

@@ -211,6 +211,11 @@ pub fn init_logs() {
 
 /// Starts the API on a random port against `database_url`; returns its base URL.
 pub async fn start_api(database_url: &str, fhir_base_url: &str) -> anyhow::Result<String> {
+    start_api_on(database_url, "127.0.0.1:0", fhir_base_url).await
+}
+
+/// Starts the API on `bind` against `database_url`; returns its base URL.
+pub async fn start_api_on(database_url: &str, bind: &str, fhir_base_url: &str) -> anyhow::Result<String> {
     use clap::Parser;
     init_logs();
     let config = api::Config::try_parse_from([
@@ -220,7 +225,7 @@ pub async fn start_api(database_url: &str, fhir_base_url: &str) -> anyhow::Resul
         "--kafka-bootstrap-servers",
         &kafka_bootstrap(),
         "--http-bind",
-        "127.0.0.1:0",
+        bind,
         "--fhir-base-url",
         fhir_base_url,
         "--database-max-connections",

@@ -12,7 +12,7 @@ use axum::response::Response;
 /// MedicationStatement, AllergyIntolerance and Immunization. `ETag: W/"<versionId>"`;
 /// `If-None-Match` with the current ETag gives 304.
 #[utoipa::path(get, path = "/fhir/Patient/{id}/$medication-profile", tag = "Patient", operation_id = "medicationProfile",
-    params(("id" = String, Path, description = "The member id (the Patient's logical id)"), FormatOnly),
+    params(("id" = String, Path, description = "The member id (the Patient's logical id)", pattern = "^[A-Za-z0-9.-]{1,64}$"), FormatOnly),
     responses(
         (status = 200, description = "The composite, with ETag and Last-Modified", body = Bundle, content_type = "application/fhir+json"),
         (status = 304, description = "Not modified (If-None-Match)"),

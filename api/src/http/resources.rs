@@ -65,16 +65,16 @@ pub struct BundleEntry {
 pub struct CommonSearch {
     /// Last change, with an optional prefix: `eq`, `gt`, `ge`, `lt`, `le`, `sa`, `eb` and a date
     /// (`YYYY`, `YYYY-MM`, `YYYY-MM-DD`) or an instant. May be repeated (AND).
-    #[param(rename = "_lastUpdated")]
+    #[param(rename = "_lastUpdated", pattern = "^(eq|gt|ge|lt|le|sa|eb)?[0-9]{4}(-(0[1-9]|1[0-2])(-(0[1-9]|1[0-9]|2[0-8]))?)?$")]
     pub last_updated: Option<String>,
     /// Page size, 1 to 500 (default 50).
     #[param(rename = "_count", minimum = 1, maximum = 500)]
     pub count: Option<i64>,
     /// Opaque paging position; use the `next` link.
-    #[param(rename = "_cursor")]
+    #[param(rename = "_cursor", pattern = "^[A-Za-z0-9.-]{1,64}$")]
     pub cursor: Option<String>,
     /// `json` (the only format served).
-    #[param(rename = "_format")]
+    #[param(rename = "_format", pattern = "^(json|application/json|application/fhir\\+json)$")]
     pub format: Option<String>,
 }
 
@@ -84,7 +84,7 @@ pub struct CommonSearch {
 #[allow(dead_code)]
 pub struct FormatOnly {
     /// `json` (the only format served).
-    #[param(rename = "_format")]
+    #[param(rename = "_format", pattern = "^(json|application/json|application/fhir\\+json)$")]
     pub format: Option<String>,
 }
 
@@ -93,7 +93,7 @@ pub struct FormatOnly {
 #[allow(dead_code)]
 pub struct PatientSearch {
     /// Logical id of the Patient (the member id).
-    #[param(rename = "_id")]
+    #[param(rename = "_id", pattern = "^[A-Za-z0-9.-]{1,64}$")]
     pub id: Option<String>,
 }
 
@@ -102,11 +102,14 @@ pub struct PatientSearch {
 #[allow(dead_code)]
 pub struct ClinicalSearch {
     /// The member: `<id>` or `Patient/<id>`.
+    #[param(pattern = "^(Patient/)?[A-Za-z0-9.-]{1,64}$")]
     pub patient: Option<String>,
     /// `system|code` or `code` (RxNorm for medications, RxNorm or SNOMED CT for allergies, the
     /// system of record's task codes for Task).
+    #[param(pattern = "^([^|,\\u0000-\\u001f\\u007f-\\u009f]*[|])?[^|,\\u0000-\\u001f\\u007f-\\u009f]+$")]
     pub code: Option<String>,
     /// Status code of the resource.
+    #[param(pattern = "^[^,\\u0000-\\u001f\\u007f-\\u009f]+$")]
     pub status: Option<String>,
 }
 
@@ -115,11 +118,13 @@ pub struct ClinicalSearch {
 #[allow(dead_code)]
 pub struct AllergySearch {
     /// The member: `<id>` or `Patient/<id>`.
+    #[param(pattern = "^(Patient/)?[A-Za-z0-9.-]{1,64}$")]
     pub patient: Option<String>,
     /// `system|code` or `code` (RxNorm or SNOMED CT).
+    #[param(pattern = "^([^|,\\u0000-\\u001f\\u007f-\\u009f]*[|])?[^|,\\u0000-\\u001f\\u007f-\\u009f]+$")]
     pub code: Option<String>,
     /// `active`, `inactive` or `resolved`.
-    #[param(rename = "clinical-status")]
+    #[param(rename = "clinical-status", pattern = "^[^,\\u0000-\\u001f\\u007f-\\u009f]+$")]
     pub clinical_status: Option<String>,
 }
 
@@ -128,11 +133,13 @@ pub struct AllergySearch {
 #[allow(dead_code)]
 pub struct ImmunizationSearch {
     /// The member: `<id>` or `Patient/<id>`.
+    #[param(pattern = "^(Patient/)?[A-Za-z0-9.-]{1,64}$")]
     pub patient: Option<String>,
     /// `system|code` or `code` (CVX).
-    #[param(rename = "vaccine-code")]
+    #[param(rename = "vaccine-code", pattern = "^([^|,\\u0000-\\u001f\\u007f-\\u009f]*[|])?[^|,\\u0000-\\u001f\\u007f-\\u009f]+$")]
     pub vaccine_code: Option<String>,
     /// `completed`, `entered-in-error` or `not-done`.
+    #[param(pattern = "^[^,\\u0000-\\u001f\\u007f-\\u009f]+$")]
     pub status: Option<String>,
 }
 
@@ -203,7 +210,7 @@ macro_rules! endpoints {
 
             #[doc = concat!("Read the current version of a ", $tag, ".")]
             #[utoipa::path(get, path = $read, tag = $tag, operation_id = concat!("read", $tag),
-                params(("id" = String, Path, description = "Logical id"), FormatOnly),
+                params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"), FormatOnly),
                 responses(
                     (status = 200, description = "The resource, with ETag and Last-Modified", body = Resource, content_type = "application/fhir+json"),
                     (status = 304, description = "Not modified (If-None-Match)"),
@@ -217,7 +224,7 @@ macro_rules! endpoints {
 
             #[doc = concat!("Read one version of a ", $tag, ".")]
             #[utoipa::path(get, path = $vread, tag = $tag, operation_id = concat!("vread", $tag),
-                params(("id" = String, Path, description = "Logical id"), ("vid" = String, Path, description = "Version id"), FormatOnly),
+                params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"), ("vid" = String, Path, description = "Version id", pattern = "^[1-9][0-9]{0,17}$"), FormatOnly),
                 responses(
                     (status = 200, description = "The version", body = Resource, content_type = "application/fhir+json"),
                     (status = 304, description = "Not modified (If-None-Match)"),
@@ -231,7 +238,7 @@ macro_rules! endpoints {
 
             #[doc = concat!("Every version of a ", $tag, ", newest first.")]
             #[utoipa::path(get, path = $history, tag = $tag, operation_id = concat!("history", $tag),
-                params(("id" = String, Path, description = "Logical id"),
+                params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"),
                        ("_count" = Option<i64>, Query, description = "Most versions returned (1 to 500)", minimum = 1, maximum = 500), FormatOnly),
                 responses(
                     (status = 200, description = "A history Bundle", body = Bundle, content_type = "application/fhir+json"),
