@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Load benchmark of GET /fhir/Patient/{id}/$medication-profile over a populated database:
+# maximum throughput, then latency at a fixed ~2,000 req/s. Release builds; production
+# durability for the data load (fsync, synchronous_commit, acks=all).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+members=${BENCH_MEMBERS:-20000}
+port=${BENCH_PORT:-18181}
+duration=${BENCH_DURATION:-20s}
+command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+cargo build --release --locked -q -p composer -p api --bins
+bin=${CARGO_TARGET_DIR:-target}/release
+run=bench_api_$$
+export PGPASSWORD=fhir
+psql -X -q -h 127.0.0.1 -U fhir -d postgres -c "CREATE DATABASE $run"
+export DATABASE_URL=postgres://fhir:fhir@127.0.0.1:5432/$run KAFKA_TOPIC_PREFIX=$run. COMPOSER_GROUP_ID=$run \
+  HTTP_BIND=127.0.0.1:$port FHIR_BASE_URL=http://127.0.0.1:$port/fhir LOG_LEVEL=warn
+cleanup() { kill "${api:-}" "${composer:-}" 2>/dev/null || true; wait 2>/dev/null || true
+  psql -X -q -h 127.0.0.1 -U fhir -d postgres -c "DROP DATABASE IF EXISTS $run WITH (FORCE)" || true; }
+trap cleanup EXIT
+
+published=$("$bin/generate" --members "$members" --seed 5 | tee /dev/stderr | awk '/published/ { print $2 }')
+"$bin/composer" & composer=$!
+until [ "$(psql -X -h 127.0.0.1 -U fhir -d "$run" -tAc "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets" 2>/dev/null || echo 0)" -ge "$published" ]; do sleep 1; done
+kill $composer; wait $composer 2>/dev/null || true; composer=
+psql -X -q -h 127.0.0.1 -U fhir -d "$run" -c "VACUUM ANALYZE"
+list=$(mktemp)
+psql -X -h 127.0.0.1 -U fhir -d "$run" -tAc "SELECT member_id FROM composites WHERE NOT deleted" >"$list"
+echo "populated: $(wc -l <"$list") live medication profiles, average $(psql -X -h 127.0.0.1 -U fhir -d "$run" -tAc "SELECT avg(length(body::text))::int FROM composites WHERE NOT deleted") bytes"
+
+"$bin/api" & api=$!
+until curl -sf "127.0.0.1:$port/health" >/dev/null; do sleep 0.2; done
+echo "machine: $(nproc) cores; wrk, API and PostgreSQL share them"
+echo "== warm-up"
+MEMBERS_FILE=$list wrk -t2 -c32 -d5s -s scripts/bench.d/profile.lua "http://127.0.0.1:$port" >/dev/null
+echo "== maximum throughput (64 connections, $duration)"
+MEMBERS_FILE=$list wrk -t2 -c64 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
+echo "== fixed rate ~2,000 req/s (20 connections x 1 request / 10 ms, $duration)"
+MEMBERS_FILE=$list RATE_DELAY_MS=10 wrk -t2 -c20 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
+rm -f "$list"

@@ -1,0 +1,20 @@
+-- wrk: GET $medication-profile for random members from members.txt (one id per line).
+-- With RATE_DELAY_MS set, each connection waits that long between requests (an open-loop
+-- approximation of a fixed request rate: connections x 1000 / delay req/s).
+local members = {}
+for line in io.lines(os.getenv("MEMBERS_FILE")) do members[#members + 1] = line end
+local delay_ms = tonumber(os.getenv("RATE_DELAY_MS") or "0")
+math.randomseed(os.time())
+
+request = function()
+  local id = members[math.random(#members)]
+  return wrk.format("GET", "/fhir/Patient/" .. id .. "/$medication-profile", { ["Accept"] = "application/fhir+json" })
+end
+
+if delay_ms > 0 then
+  delay = function() return delay_ms end
+end
+
+response = function(status)
+  if status ~= 200 then error("status " .. status) end
+end
