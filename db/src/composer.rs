@@ -252,7 +252,8 @@ pub struct CompositeVersion {
     pub event_id: Uuid,
 }
 
-/// Stores new composite versions: current row, history row and outbox row for each.
+/// Stores new composite versions: the body once in history, the current row and an outbox
+/// row referring to it.
 pub async fn write_composites(tx: &mut PgConnection, versions: &[CompositeVersion], now: OffsetDateTime) -> crate::Result<()> {
     if versions.is_empty() {
         return Ok(());
@@ -267,15 +268,15 @@ pub async fn write_composites(tx: &mut PgConnection, versions: &[CompositeVersio
         "WITH v AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::text[], $5::text[], $6::uuid[])
                     AS v(member_id, version_id, content_hash, body, topic, event_id)),
          cur AS (
-           INSERT INTO composites (member_id, version_id, last_updated, deleted, content_hash, body)
-           SELECT member_id, version_id, $7, body IS NULL, content_hash, body::json FROM v
+           INSERT INTO composites (member_id, version_id, last_updated, deleted, content_hash)
+           SELECT member_id, version_id, $7, body IS NULL, content_hash FROM v
            ON CONFLICT (member_id) DO UPDATE SET version_id = EXCLUDED.version_id, last_updated = EXCLUDED.last_updated,
-             deleted = EXCLUDED.deleted, content_hash = EXCLUDED.content_hash, body = EXCLUDED.body),
+             deleted = EXCLUDED.deleted, content_hash = EXCLUDED.content_hash),
          hist AS (
            INSERT INTO composite_history (member_id, version_id, last_updated, deleted, body)
            SELECT member_id, version_id, $7, body IS NULL, body::json FROM v)
-         INSERT INTO outbox (topic, message_key, event_id, member_id, version_id, payload)
-         SELECT topic, member_id, event_id, member_id, version_id, body::json FROM v ORDER BY member_id, version_id",
+         INSERT INTO outbox (topic, message_key, event_id, member_id, version_id)
+         SELECT topic, member_id, event_id, member_id, version_id FROM v ORDER BY member_id, version_id",
     )
     .bind(&members)
     .bind(&ids)
@@ -291,7 +292,10 @@ pub async fn write_composites(tx: &mut PgConnection, versions: &[CompositeVersio
 
 /// The current composite of a member, as stored (JSON text), with its version.
 pub async fn current_composite(pool: &PgPool, member_id: &str) -> crate::Result<Option<(i64, bool, Option<String>)>> {
-    let row = sqlx::query("SELECT version_id, deleted, body::text FROM composites WHERE member_id = $1")
+    let row = sqlx::query(
+        "SELECT c.version_id, c.deleted, h.body::text FROM composites c
+         JOIN composite_history h USING (member_id, version_id) WHERE c.member_id = $1",
+    )
         .bind(member_id)
         .fetch_optional(pool)
         .await?;
@@ -322,7 +326,12 @@ fn version_rows(rows: Vec<sqlx::postgres::PgRow>) -> Vec<VersionRow> {
 
 /// Every current composite, by member.
 pub async fn all_composites(pool: &PgPool) -> crate::Result<Vec<VersionRow>> {
-    let rows = sqlx::query("SELECT member_id, version_id, deleted, body::text FROM composites ORDER BY member_id").fetch_all(pool).await?;
+    let rows = sqlx::query(
+        "SELECT c.member_id, c.version_id, c.deleted, h.body::text FROM composites c
+         JOIN composite_history h USING (member_id, version_id) ORDER BY c.member_id",
+    )
+    .fetch_all(pool)
+    .await?;
     Ok(version_rows(rows))
 }
 
@@ -336,7 +345,10 @@ pub async fn all_history(pool: &PgPool) -> crate::Result<Vec<VersionRow>> {
 
 /// Every outbox row in publication order: (topic, key, event id, version row).
 pub async fn all_outbox(pool: &PgPool) -> crate::Result<Vec<(String, String, Uuid, VersionRow)>> {
-    let rows = sqlx::query("SELECT topic, message_key, event_id, member_id, version_id, payload IS NULL, payload::text FROM outbox ORDER BY id")
+    let rows = sqlx::query(
+        "SELECT o.topic, o.message_key, o.event_id, o.member_id, o.version_id, h.deleted, h.body::text
+         FROM outbox o JOIN composite_history h USING (member_id, version_id) ORDER BY o.id",
+    )
         .fetch_all(pool)
         .await?;
     Ok(rows

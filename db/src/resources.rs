@@ -123,7 +123,10 @@ pub async fn search(
 
 /// A member's current medication profile: (versionId, lastUpdated, body; `None` if deleted).
 pub async fn medication_profile(pool: &PgPool, member_id: &str) -> crate::Result<Option<(i64, OffsetDateTime, Option<String>)>> {
-    let row = sqlx::query("SELECT version_id, last_updated, body::text FROM composites WHERE member_id = $1")
+    let row = sqlx::query(
+        "SELECT c.version_id, c.last_updated, h.body::text FROM composites c
+         JOIN composite_history h USING (member_id, version_id) WHERE c.member_id = $1",
+    )
         .bind(member_id)
         .fetch_optional(pool)
         .await?;

@@ -42,9 +42,12 @@ type Snapshot = (Vec<(String, String, String, String, i64, bool, Option<String>)
 async fn snapshot(pool: &db::Pool) -> anyhow::Result<Snapshot> {
     let components = db::composer::all_components(pool).await?;
     let mut composites = BTreeMap::new();
+    // A member deleted in the same batch that created it never had a composite row, while in
+    // another run it has a deleted one: both mean "no current composite", so only live ones count.
     for c in db::composer::all_composites(pool).await? {
-        let body = c.body.as_deref().map(content).transpose()?;
-        composites.insert(c.member_id, (c.deleted, body));
+        if let Some(body) = c.body.as_deref() {
+            composites.insert(c.member_id, (c.deleted, Some(content(body)?)));
+        }
     }
     Ok((components, composites))
 }
@@ -104,7 +107,7 @@ async fn sigkill_at_three_points_changes_nothing() -> anyhow::Result<()> {
         a.0.iter().filter(|c| c.0 == "demographics" && c.5).map(|c| &c.3).collect();
     assert!(!deleted_members.is_empty(), "the stream deletes some members");
     for member in deleted_members {
-        assert!(a.1.get(member).is_none_or(|(deleted, body)| *deleted && body.is_none()), "{member} still live");
+        assert!(!a.1.contains_key(member), "{member} still live");
     }
     Ok(())
 }
