@@ -55,6 +55,18 @@ pub async fn drop_database(pool: &PgPool, name: &str) -> crate::Result<()> {
     if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
         return Err(crate::Error::Sqlx(sqlx::Error::Protocol(format!("not a plain database name: {name:?}"))));
     }
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))).execute(pool).await?;
-    Ok(())
+    // Without FORCE (which needs the right to signal other backends): wait for the benchmark's
+    // own connections to close.
+    let mut attempts = 0;
+    loop {
+        match sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\""))).execute(pool).await {
+            Ok(_) => return Ok(()),
+            Err(e) if attempts < 50 => {
+                attempts += 1;
+                let _ = e;
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
