@@ -23,10 +23,10 @@ published=$("$bin/generate" --members "$members" --seed 5 | tee /dev/stderr | aw
 "$bin/composer" & composer=$!
 until [ "$(psql -X -h 127.0.0.1 -U fhir -d "$run" -tAc "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets" 2>/dev/null || echo 0)" -ge "$published" ]; do sleep 1; done
 kill $composer; wait $composer 2>/dev/null || true; composer=
-psql -X -q -h 127.0.0.1 -U fhir -d "$run" -c "VACUUM ANALYZE"
+psql -X -q -h 127.0.0.1 -U fhir -d "$run" -c "ANALYZE components, composites, composite_history"
 list=$(mktemp)
 psql -X -h 127.0.0.1 -U fhir -d "$run" -tAc "SELECT member_id FROM composites WHERE NOT deleted" >"$list"
-echo "populated: $(wc -l <"$list") live medication profiles, average $(psql -X -h 127.0.0.1 -U fhir -d "$run" -tAc "SELECT avg(length(body::text))::int FROM composites WHERE NOT deleted") bytes"
+echo "populated: $(wc -l <"$list") live medication profiles, average $(psql -X -h 127.0.0.1 -U fhir -d "$run" -tAc "SELECT avg(length(h.body::text))::int FROM composites c JOIN composite_history h USING (member_id, version_id) WHERE NOT c.deleted") bytes"
 
 "$bin/api" & api=$!
 until curl -sf "127.0.0.1:$port/health" >/dev/null; do sleep 0.2; done
@@ -35,6 +35,6 @@ echo "== warm-up"
 MEMBERS_FILE=$list wrk -t2 -c32 -d5s -s scripts/bench.d/profile.lua "http://127.0.0.1:$port" >/dev/null
 echo "== maximum throughput (64 connections, $duration)"
 MEMBERS_FILE=$list wrk -t2 -c64 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
-echo "== fixed rate ~2,000 req/s (20 connections x 1 request / 10 ms, $duration)"
-MEMBERS_FILE=$list RATE_DELAY_MS=10 wrk -t2 -c20 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
+echo "== fixed rate ~2,000 req/s (22 connections x 1 request / 10 ms + response time, $duration)"
+MEMBERS_FILE=$list RATE_DELAY_MS=10 wrk -t2 -c22 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
 rm -f "$list"
