@@ -82,6 +82,21 @@ const SEARCH_WHERE: &str = "resource_type = $1 AND NOT deleted
     AND ($6::text IS NULL OR status = $6)
     AND ($7::timestamptz IS NULL OR updated_at >= $7) AND ($8::timestamptz IS NULL OR updated_at < $8)";
 
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds $1…$8 of [`SEARCH_WHERE`].
+fn bind_criteria<'q>(query: PgQuery<'q>, resource_type: &'q str, c: &'q Criteria) -> PgQuery<'q> {
+    query
+        .bind(resource_type)
+        .bind(&c.member_id)
+        .bind(&c.id)
+        .bind(&c.code_system)
+        .bind(&c.code)
+        .bind(&c.status)
+        .bind(c.updated_from)
+        .bind(c.updated_to)
+}
+
 /// A page of matches in resource-id order after `after` (keyset paging), and the total.
 pub async fn search(
     pool: &PgPool,
@@ -94,30 +109,13 @@ pub async fn search(
         "SELECT resource_id, resource_version, updated_at, body::text FROM components WHERE {SEARCH_WHERE}
          AND ($9::text IS NULL OR resource_id > $9) ORDER BY resource_id LIMIT $10"
     );
-    let rows = sqlx::query(sqlx::AssertSqlSafe(page))
-        .bind(resource_type)
-        .bind(&c.member_id)
-        .bind(&c.id)
-        .bind(&c.code_system)
-        .bind(&c.code)
-        .bind(&c.status)
-        .bind(c.updated_from)
-        .bind(c.updated_to)
+    let rows = bind_criteria(sqlx::query(sqlx::AssertSqlSafe(page)), resource_type, c)
         .bind(after)
         .bind(count)
         .fetch_all(pool)
         .await?;
-    let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM components WHERE {SEARCH_WHERE}")))
-        .bind(resource_type)
-        .bind(&c.member_id)
-        .bind(&c.id)
-        .bind(&c.code_system)
-        .bind(&c.code)
-        .bind(&c.status)
-        .bind(c.updated_from)
-        .bind(c.updated_to)
-        .fetch_one(pool)
-        .await?;
+    let total = format!("SELECT count(*) FROM components WHERE {SEARCH_WHERE}");
+    let total: i64 = bind_criteria(sqlx::query(sqlx::AssertSqlSafe(total)), resource_type, c).fetch_one(pool).await?.get(0);
     Ok((total, rows.into_iter().map(version).collect()))
 }
 
