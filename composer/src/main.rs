@@ -9,15 +9,16 @@ async fn main() -> anyhow::Result<()> {
     let (stop, _metrics, thread) = composer::spawn(config).await?;
     let waiter = tokio::task::spawn_blocking(move || thread.join());
     tokio::pin!(waiter);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {
-            tracing::info!("stopping composer");
-            stop.store(true, Ordering::Relaxed);
-            waiter.await?.map_err(|_| anyhow::anyhow!("composer thread panicked"))??;
-        }
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
         joined = &mut waiter => {
-            joined?.map_err(|_| anyhow::anyhow!("composer thread panicked"))??;
+            return joined?.map_err(|_| anyhow::anyhow!("composer thread panicked"))?;
         }
     }
-    Ok(())
+    // Finish the batch in hand, then stop: its transaction either commits or never happened.
+    tracing::info!("stopping composer");
+    stop.store(true, Ordering::Relaxed);
+    waiter.await?.map_err(|_| anyhow::anyhow!("composer thread panicked"))?
 }

@@ -53,7 +53,8 @@ def _is_one_of(token, words):
 
 def _name(raw, given):
     tokens = _split(fold(raw.replace(",", " ")))
-    if given and tokens and _is_one_of(tokens[0], TITLES):
+    # A title leads a name: a lone "Dr" is the name (keeps normalization idempotent).
+    if given and len(tokens) > 1 and _is_one_of(tokens[0], TITLES):
         tokens.pop(0)
     if len(tokens) > 1 and _is_one_of(tokens[-1], SUFFIXES):
         tokens.pop()

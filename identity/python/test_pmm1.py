@@ -28,6 +28,8 @@ class Vectors(unittest.TestCase):
     def test_rules(self):
         self.assertEqual(pmm1.first_name("Dr. John Q."), "JOHN")
         self.assertIsNone(pmm1.first_name("Baby Girl"))
+        self.assertEqual(pmm1.first_name("Dr"), "DR")
+        self.assertEqual(pmm1.first_name("Mr Mr"), "MR")
         self.assertEqual(pmm1.last_name("Jr"), "JR")
         self.assertEqual(pmm1.house_key("PO Box 0012"), "POB12")
         self.assertIsNone(pmm1.zip5("12345"))

@@ -48,7 +48,9 @@ enum NameKind {
 fn name(raw: &str, kind: NameKind) -> Option<String> {
     let folded = fold(&raw.replace(',', " "));
     let mut tokens: Vec<&str> = folded.split(' ').filter(|t| !t.is_empty()).collect();
-    if kind == NameKind::Given && tokens.first().is_some_and(|t| is_one_of(t, &TITLES)) {
+    // A title leads a name: a lone "Dr" is the name. (Read this way, like the suffix rule's
+    // "unless nothing would remain", normalizing a normalized name changes nothing.)
+    if kind == NameKind::Given && tokens.len() > 1 && is_one_of(tokens[0], &TITLES) {
         tokens.remove(0);
     }
     if tokens.len() > 1 && tokens.last().is_some_and(|t| is_one_of(t, &SUFFIXES)) {

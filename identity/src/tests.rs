@@ -59,6 +59,9 @@ fn normalization_rules() {
     assert_eq!(first_name("Dr. John Q."), Some("JOHN".into()));
     assert_eq!(first_name("Mrs Ann-Marie"), Some("ANNMARIE".into()));
     assert_eq!(first_name("Baby Girl"), None);
+    assert_eq!(first_name("Dr"), Some("DR".into()), "a title leads a name; alone it is the name");
+    assert_eq!(first_name("Mr Mr"), Some("MR".into()));
+    assert_eq!(first_name("MRא"), Some("MR".into()));
     assert_eq!(first_name("unknown"), None);
     assert_eq!(last_name("Smith, Jr"), Some("SMITH".into()));
     assert_eq!(last_name("Jr"), Some("JR".into()), "a suffix alone stays");
