@@ -290,18 +290,6 @@ pub async fn write_composites(tx: &mut PgConnection, versions: &[CompositeVersio
     Ok(())
 }
 
-/// The current composite of a member, as stored (JSON text), with its version.
-pub async fn current_composite(pool: &PgPool, member_id: &str) -> crate::Result<Option<(i64, bool, Option<String>)>> {
-    let row = sqlx::query(
-        "SELECT c.version_id, c.deleted, h.body::text FROM composites c
-         JOIN composite_history h USING (member_id, version_id) WHERE c.member_id = $1",
-    )
-        .bind(member_id)
-        .fetch_optional(pool)
-        .await?;
-    Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
-}
-
 /// Sum of a group's stored positions (tests and progress reports).
 pub async fn total_position(pool: &PgPool, group: &str) -> crate::Result<i64> {
     let total: Option<i64> = sqlx::query_scalar("SELECT sum(next_offset)::bigint FROM consumer_offsets WHERE consumer_group = $1")
