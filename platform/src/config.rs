@@ -6,8 +6,10 @@ use clap::{Args, ValueEnum};
 /// Settings every component needs.
 #[derive(Debug, Clone, Args)]
 pub struct CommonConfig {
-    /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://fhir:fhir@127.0.0.1:5432/fhir")]
+    /// PostgreSQL connection URL. The default is the local database over loopback, where TLS
+    /// protects nothing and halved the composer's throughput; use `sslmode=require` (or
+    /// `verify-full`) for a database on another host.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://fhir:fhir@127.0.0.1:5432/fhir?sslmode=disable")]
     pub database_url: String,
 
     /// Maximum connections in the PostgreSQL pool.
@@ -75,7 +77,7 @@ mod tests {
     #[test]
     fn defaults_match_the_services_script() {
         let cli = Cli::try_parse_from(["x"]).unwrap();
-        assert_eq!(cli.common.database_url, "postgres://fhir:fhir@127.0.0.1:5432/fhir");
+        assert_eq!(cli.common.database_url, "postgres://fhir:fhir@127.0.0.1:5432/fhir?sslmode=disable");
         assert_eq!(cli.common.kafka.bootstrap_servers, "127.0.0.1:9092");
         assert_eq!(cli.common.kafka.topic("sor.dlq.v1"), "sor.dlq.v1");
     }

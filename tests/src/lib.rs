@@ -8,7 +8,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 pub fn database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://fhir:fhir@127.0.0.1:5432/fhir".to_owned())
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://fhir:fhir@127.0.0.1:5432/fhir?sslmode=disable".to_owned())
 }
 
 pub fn kafka_bootstrap() -> String {
@@ -28,8 +28,9 @@ pub async fn fresh_database(label: &str, migrate: bool) -> anyhow::Result<(Strin
     let name = unique(label);
     db::create_database(&admin, &name).await?;
     admin.close().await;
-    let (prefix, _) = base.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("DATABASE_URL has no database name"))?;
-    let url = format!("{prefix}/{name}");
+    let (without_query, query) = base.split_once('?').unwrap_or((&base, ""));
+    let (prefix, _) = without_query.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("DATABASE_URL has no database name"))?;
+    let url = if query.is_empty() { format!("{prefix}/{name}") } else { format!("{prefix}/{name}?{query}") };
     let pool = db::connect(&url, 8).await?;
     if migrate {
         db::migrate(&pool).await?;

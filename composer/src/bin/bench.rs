@@ -29,8 +29,9 @@ async fn main() -> anyhow::Result<()> {
     let settings = db::bench::durability(&admin).await?;
     println!("PostgreSQL durability: {settings}");
     db::create_database(&admin, &run).await?;
-    let (base, _) = cli.common.database_url.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("DATABASE_URL has no database"))?;
-    let url = format!("{base}/{run}");
+    let (without_query, query) = cli.common.database_url.split_once('?').unwrap_or((&cli.common.database_url, ""));
+    let (base, _) = without_query.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("DATABASE_URL has no database"))?;
+    let url = if query.is_empty() { format!("{base}/{run}") } else { format!("{base}/{run}?{query}") };
 
     composer::topics::ensure(&kafka, 3).await?;
     let started = Instant::now();
