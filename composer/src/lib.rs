@@ -39,3 +39,9 @@ pub async fn spawn(
     let thread = std::thread::Builder::new().name("composer".into()).spawn(move || composer.run(runtime, &flag))?;
     Ok((stop, metrics, thread))
 }
+
+/// Stops a composer started by [`spawn`]: it finishes the batch in hand, then its thread ends.
+pub async fn stop(flag: &AtomicBool, thread: std::thread::JoinHandle<anyhow::Result<()>>) -> anyhow::Result<()> {
+    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || thread.join()).await?.map_err(|_| anyhow::anyhow!("composer thread panicked"))?
+}

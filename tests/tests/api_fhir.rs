@@ -5,7 +5,6 @@
 use composer::generator::{self, SorMessage};
 use serde_json::{Value, json};
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tests::*;
 
@@ -62,8 +61,7 @@ async fn events_become_readable_and_searchable() -> anyhow::Result<()> {
     ];
     generator::publish(&generator::producer(&kafka)?, &kafka, &later).await?;
     wait_applied(&pool, group, stream.len() + later.len(), Duration::from_secs(60)).await?;
-    stop.store(true, Ordering::Relaxed);
-    tokio::task::spawn_blocking(move || thread.join()).await?.map_err(|_| anyhow::anyhow!("composer panicked"))??;
+    composer::stop(&stop, thread).await?;
 
     let base = start_api(&url, "http://fhir.test/fhir").await?;
     let fhir = format!("{base}/fhir");

@@ -6,7 +6,6 @@
 use composer::generator::{self, GeneratorConfig};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tests::*;
 
@@ -35,8 +34,7 @@ async fn clients_not_written_here_work_against_the_api() -> anyhow::Result<()> {
     let stream = generator::generate(&GeneratorConfig { members: 25, seed: 3, malformed: 2, ..GeneratorConfig::default() });
     generator::publish(&generator::producer(&kafka)?, &kafka, &stream).await?;
     wait_applied(&pool, group, stream.len(), Duration::from_secs(60)).await?;
-    stop.store(true, Ordering::Relaxed);
-    tokio::task::spawn_blocking(move || thread.join()).await?.map_err(|_| anyhow::anyhow!("composer panicked"))??;
+    composer::stop(&stop, thread).await?;
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let origin = format!("http://127.0.0.1:{port}");

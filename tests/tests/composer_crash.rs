@@ -12,7 +12,6 @@
 use composer::generator::{self, GeneratorConfig};
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tests::*;
 
@@ -67,8 +66,7 @@ async fn sigkill_at_three_points_changes_nothing() -> anyhow::Result<()> {
     let (url_a, pool_a) = fresh_database("crash_ref", false).await?;
     let (stop, _metrics, thread) = composer::spawn(composer_config(&url_a, &prefix, "reference")).await?;
     wait_applied(&pool_a, "reference", total, Duration::from_secs(600)).await?;
-    stop.store(true, Ordering::Relaxed);
-    tokio::task::spawn_blocking(move || thread.join()).await?.map_err(|_| anyhow::anyhow!("composer panicked"))??;
+    composer::stop(&stop, thread).await?;
 
     // The interrupted run: SIGKILL at about 20 %, 45 % and 70 % of the stream.
     let (url_b, pool_b) = fresh_database("crash_run", true).await?;

@@ -117,8 +117,7 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
     send(&producer, &demo, "M2", Some(&native("delete", "enrollment", 2, "M2", "M2", None)), None).await?;
     sent += 4;
     wait_applied(&pool, group, sent, Duration::from_secs(60)).await?;
-    stop.store(true, Ordering::Relaxed);
-    tokio::task::spawn_blocking(move || thread.join()).await?.map_err(|_| anyhow::anyhow!("composer panicked"))??;
+    composer::stop(&stop, thread).await?;
     assert_eq!(metrics.dead_letters.load(Ordering::Relaxed), 3);
 
     // M1: exactly the expected Bundle (meta and timestamp aside).

@@ -64,8 +64,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let elapsed = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    tokio::task::spawn_blocking(move || thread.join()).await?.map_err(|_| anyhow::anyhow!("composer panicked"))??;
+    composer::stop(&stop, thread).await?;
     let rate = total as f64 / elapsed.as_secs_f64();
     println!(
         "composer: {total} events in {elapsed:.1?} = {rate:.0} events/s sustained ({} batches, {} composite versions, {} stale, {} duplicates)",
