@@ -15,4 +15,33 @@ pub struct Config {
     /// How long a readiness check waits for each dependency, in milliseconds.
     #[arg(long, env = "READY_TIMEOUT_MS", default_value_t = 2000)]
     pub ready_timeout_ms: u64,
+
+    /// The token endpoint's public URL: the `aud` every client assertion must carry. Defaults
+    /// to FHIR_BASE_URL with its `/fhir` replaced by `/auth/token`.
+    #[arg(long, env = "AUTH_TOKEN_URL")]
+    pub auth_token_url: Option<String>,
+
+    /// Lifetime of issued bearer tokens, in seconds.
+    #[arg(long, env = "AUTH_TOKEN_LIFETIME_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub auth_token_lifetime_secs: u64,
+
+    /// Requests per second a partner may make, sustained (unless its registration says otherwise).
+    #[arg(long, env = "RATE_LIMIT_PER_SECOND", default_value_t = 50.0)]
+    pub rate_limit_per_second: f64,
+
+    /// Requests a partner may make at once after a quiet period (unless its registration says otherwise).
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 100)]
+    pub rate_limit_burst: u32,
+}
+
+impl Config {
+    pub fn token_url(&self) -> String {
+        match &self.auth_token_url {
+            Some(url) => url.clone(),
+            None => {
+                let base = self.common.fhir_base_url.trim_end_matches('/');
+                format!("{}{}", base.strip_suffix("/fhir").unwrap_or(base), crate::auth::token::PATH)
+            }
+        }
+    }
 }

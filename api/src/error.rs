@@ -21,8 +21,23 @@ pub enum ApiError {
     NotAcceptable(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// 401: no usable bearer token (`WWW-Authenticate` says why).
+    #[error("{diagnostics}")]
+    Unauthorized { diagnostics: String, error: Option<&'static str> },
+    /// 403: the token's scopes do not cover the request.
+    #[error("{diagnostics}")]
+    Forbidden { diagnostics: String, scope: String },
+    /// 429: the partner's rate limit; retry after this many seconds.
+    #[error("too many requests; retry after {0} s")]
+    TooManyRequests(u64),
+    /// A refusal of the token endpoint, with its OAuth 2.0 error code (RFC 6749 §5.2).
+    #[error("{description}")]
+    OAuth { status: StatusCode, error: &'static str, description: String },
     #[error("database error")]
     Database(#[from] db::Error),
+    /// The access could not be put on record, so nothing is returned.
+    #[error("the access could not be audited")]
+    AuditUnavailable,
 }
 
 impl From<sqlx::Error> for ApiError {
@@ -48,9 +63,26 @@ pub struct Issue {
     /// An IssueType code, e.g. `not-found`, `invalid`, `processing`.
     #[schema(example = "not-found")]
     pub code: &'static str,
+    /// For refusals of the token endpoint: the OAuth 2.0 error code (RFC 6749 §5.2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<CodeableConcept>,
     /// What went wrong, for a person to read.
     pub diagnostics: String,
 }
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CodeableConcept {
+    pub coding: Vec<Coding>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Coding {
+    pub system: String,
+    pub code: String,
+}
+
+/// The system of the OAuth 2.0 error codes in `OperationOutcome.issue.details`.
+pub const OAUTH_ERRORS: &str = "https://www.rfc-editor.org/rfc/rfc6749#section-5.2";
 
 pub const FHIR_JSON: &str = "application/fhir+json";
 
@@ -59,9 +91,14 @@ pub fn fhir_json() -> HeaderValue {
 }
 
 pub fn outcome_response(status: StatusCode, code: &'static str, diagnostics: String) -> Response {
-    let body = OperationOutcome { resource_type: "OperationOutcome", issue: vec![Issue { severity: "error", code, diagnostics }] };
+    let body = OperationOutcome { resource_type: "OperationOutcome", issue: vec![Issue { severity: "error", code, details: None, diagnostics }] };
     let text = serde_json::to_string(&body).unwrap_or_default();
     (status, [(header::CONTENT_TYPE, fhir_json())], text).into_response()
+}
+
+/// Header values built from our own text (never from client input).
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("Bearer"))
 }
 
 impl IntoResponse for ApiError {
@@ -76,6 +113,44 @@ impl IntoResponse for ApiError {
             ApiError::Database(e) => {
                 tracing::error!(error = %e, "database failure");
                 return outcome_response(StatusCode::SERVICE_UNAVAILABLE, "transient", "the database is not available; retry later".into());
+            }
+            ApiError::AuditUnavailable => {
+                return outcome_response(StatusCode::SERVICE_UNAVAILABLE, "transient", "the access could not be audited, so nothing is returned; retry later".into());
+            }
+            ApiError::Unauthorized { diagnostics, error } => {
+                let challenge = match error {
+                    Some(e) => format!("Bearer realm=\"fhir\", error=\"{e}\""),
+                    None => "Bearer realm=\"fhir\"".to_owned(),
+                };
+                let mut r = outcome_response(StatusCode::UNAUTHORIZED, "login", diagnostics.clone());
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, header_value(&challenge));
+                return r;
+            }
+            ApiError::Forbidden { diagnostics, scope } => {
+                let challenge = format!("Bearer realm=\"fhir\", error=\"insufficient_scope\", scope=\"{scope}\"");
+                let mut r = outcome_response(StatusCode::FORBIDDEN, "forbidden", diagnostics.clone());
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, header_value(&challenge));
+                return r;
+            }
+            ApiError::TooManyRequests(seconds) => {
+                let mut r = outcome_response(StatusCode::TOO_MANY_REQUESTS, "throttled", self.to_string());
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*seconds));
+                return r;
+            }
+            ApiError::OAuth { status, error, description } => {
+                let details = CodeableConcept { coding: vec![Coding { system: OAUTH_ERRORS.into(), code: (*error).into() }] };
+                let code = if *status == StatusCode::UNAUTHORIZED { "login" } else { "invalid" };
+                let body = OperationOutcome {
+                    resource_type: "OperationOutcome",
+                    issue: vec![Issue { severity: "error", code, details: Some(details), diagnostics: description.clone() }],
+                };
+                let text = serde_json::to_string(&body).unwrap_or_default();
+                let mut r = (*status, [(header::CONTENT_TYPE, fhir_json())], text).into_response();
+                r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                if *status == StatusCode::UNAUTHORIZED {
+                    r.headers_mut().insert(header::WWW_AUTHENTICATE, header_value(&format!("private_key_jwt error=\"{error}\"")));
+                }
+                return r;
             }
         };
         outcome_response(status, code, self.to_string())

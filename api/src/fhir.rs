@@ -150,7 +150,7 @@ pub fn parse_search(rt: ResourceType, pairs: Vec<(String, String)>) -> Result<Se
             }
             ("_cursor", _) => s.cursor = Some(parse_id(&value).map_err(|_| ApiError::BadRequest("_cursor is not valid".into()))?.to_owned()),
             ("_lastUpdated", _) => {
-                let (lo, hi) = parse_date_param(&value)?;
+                let (lo, hi) = parse_date_param("_lastUpdated", &value)?;
                 if let Some(lo) = lo {
                     from = Some(from.map_or(lo, |f| f.max(lo)));
                 }
@@ -191,15 +191,15 @@ pub fn parse_search(rt: ResourceType, pairs: Vec<(String, String)>) -> Result<Se
     Ok(s)
 }
 
-/// A `_lastUpdated` value with its prefix, as a half-open interval `[lo, hi)`.
-pub fn parse_date_param(raw: &str) -> Result<(Option<OffsetDateTime>, Option<OffsetDateTime>), ApiError> {
+/// A date parameter's value (`_lastUpdated`, `date`) with its prefix, as a half-open interval `[lo, hi)`.
+pub fn parse_date_param(name: &str, raw: &str) -> Result<(Option<OffsetDateTime>, Option<OffsetDateTime>), ApiError> {
     let (prefix, value) = match raw.get(..2) {
         Some(p @ ("eq" | "gt" | "ge" | "lt" | "le" | "sa" | "eb")) => (p, &raw[2..]),
-        Some("ne" | "ap") => return Err(ApiError::BadRequest(format!("_lastUpdated: prefix '{}' is not supported", &raw[..2]))),
+        Some("ne" | "ap") => return Err(ApiError::BadRequest(format!("{name}: prefix '{}' is not supported", &raw[..2]))),
         _ => ("eq", raw),
     };
     let (start, end) = date_interval(value)
-        .ok_or_else(|| ApiError::BadRequest("_lastUpdated: expected [prefix]YYYY, YYYY-MM, YYYY-MM-DD or an instant".into()))?;
+        .ok_or_else(|| ApiError::BadRequest(format!("{name}: expected [prefix]YYYY, YYYY-MM, YYYY-MM-DD or an instant")))?;
     Ok(match prefix {
         "eq" => (Some(start), Some(end)),
         "gt" | "sa" => (Some(end), None),
@@ -431,14 +431,14 @@ mod tests {
 
     #[test]
     fn last_updated_prefixes() {
-        let (lo, hi) = parse_date_param("2026-11-20").unwrap();
+        let (lo, hi) = parse_date_param("_lastUpdated", "2026-11-20").unwrap();
         assert_eq!(instant(lo.unwrap()), "2026-11-20T00:00:00.000Z");
         assert_eq!(instant(hi.unwrap()), "2026-11-21T00:00:00.000Z");
-        assert_eq!(parse_date_param("gt2026-11").unwrap(), (date_interval("2026-12").map(|d| d.0), None));
-        assert_eq!(parse_date_param("lt2026").unwrap().1, date_interval("2026").map(|d| d.0));
-        assert!(parse_date_param("ge2026-11-20T10:00:00Z").unwrap().0.is_some());
+        assert_eq!(parse_date_param("_lastUpdated", "gt2026-11").unwrap(), (date_interval("2026-12").map(|d| d.0), None));
+        assert_eq!(parse_date_param("_lastUpdated", "lt2026").unwrap().1, date_interval("2026").map(|d| d.0));
+        assert!(parse_date_param("_lastUpdated", "ge2026-11-20T10:00:00Z").unwrap().0.is_some());
         for bad in ["2026-13-01", "2026-02-30", "yesterday", "ne2026", "gt", "2026-1-1"] {
-            assert!(parse_date_param(bad).is_err(), "{bad}");
+            assert!(parse_date_param("_lastUpdated", bad).is_err(), "{bad}");
         }
     }
 
@@ -461,7 +461,7 @@ mod tests {
             for rt in ResourceType::ALL {
                 let _ = parse_search(rt, vec![(name.clone(), value.clone())]);
             }
-            let _ = parse_date_param(&value);
+            let _ = parse_date_param("_lastUpdated", &value);
             let _ = parse_id(&value);
             let _ = parse_version(&value);
         }

@@ -1,6 +1,8 @@
 //! The platform's HTTP API: FHIR REST under `/fhir`, liveness and readiness, and the OpenAPI
 //! document generated from these handlers (`openapi()`), served at `/openapi.json`.
 
+pub mod audit;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod fhir;

@@ -4,7 +4,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    platform::telemetry::init(&config.common.log_level, config.common.log_format);
+    config.common.init_logs();
     let app = Application::build(&config).await?;
     tracing::info!(addr = %app.local_addr()?, "api listening");
     app.run_until_stopped().await?;

@@ -1,6 +1,8 @@
 //! Builds the application: so that `main` and every integration test start the same thing,
 //! on a given (or random) port, against a given database and broker.
 
+use crate::audit::{self, Auditor};
+use crate::auth::{self, Auth, rate::Limit};
 use crate::config::Config;
 use crate::http;
 use axum::Router;
@@ -22,6 +24,8 @@ pub struct AppState {
     pub ready_timeout: Duration,
     /// Public base of the FHIR API, for fullUrls and links (no trailing slash).
     pub base_url: String,
+    pub auth: Arc<Auth>,
+    pub auditor: Auditor,
 }
 
 #[derive(OpenApi)]
@@ -32,16 +36,46 @@ pub struct AppState {
         (name = "conformance", description = "What this FHIR server supports"),
         (name = "Patient", description = "Members, and their composite medication profile"),
         (name = "MedicationStatement"), (name = "AllergyIntolerance"), (name = "Immunization"),
-        (name = "Task", description = "Care gaps and next actions")
-    )
+        (name = "Task", description = "Care gaps and next actions"),
+        (name = "AuditEvent", description = "The audit trail, for operators (system/AuditEvent.read)"),
+        (name = "authorization", description = "SMART Backend Services: discovery and the token endpoint")
+    ),
+    modifiers(&SecuritySchemes)
 )]
 struct ApiDoc;
+
+/// The bearer tokens of SMART Backend Services (client credentials with a signed assertion).
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{ClientCredentials, Flow, OAuth2, Scopes, SecurityScheme};
+        let scopes = Scopes::from_iter([
+            ("system/*.read", "Read every clinical resource type of attributed members"),
+            ("system/Patient.read", "Read Patients (and, with the other three types, $medication-profile)"),
+            ("system/MedicationStatement.read", "Read MedicationStatements"),
+            ("system/AllergyIntolerance.read", "Read AllergyIntolerances"),
+            ("system/Immunization.read", "Read Immunizations"),
+            ("system/Task.read", "Read Tasks"),
+            ("system/AuditEvent.read", "Operators: read the audit trail (never granted by a wildcard)"),
+        ]);
+        let flow = Flow::ClientCredentials(ClientCredentials::new(auth::token::PATH, scopes));
+        let mut scheme = OAuth2::with_description([flow], "SMART Backend Services: POST /auth/token with grant_type=client_credentials and a private_key_jwt client assertion (RS384 or ES384); send the token as 'Authorization: Bearer <token>'.");
+        scheme.extensions = None;
+        openapi.components.get_or_insert_with(Default::default).add_security_scheme("smart_backend", SecurityScheme::OAuth2(scheme));
+    }
+}
 
 fn router() -> OpenApiRouter<AppState> {
     use http::resources::{allergy_intolerance, immunization, medication_statement, patient, task};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(http::health::health))
         .routes(routes!(http::health::ready))
+        .routes(routes!(auth::token::smart_configuration_handler))
+        .routes(routes!(auth::token::smart_configuration_fhir))
+        .routes(routes!(auth::token::token))
+        .routes(routes!(http::audit_events::search))
+        .routes(routes!(http::audit_events::read))
         .routes(routes!(http::metadata::metadata))
         .routes(routes!(http::profile::medication_profile))
         .routes(routes!(patient::read))
@@ -109,17 +143,28 @@ impl Application {
             .set("socket.timeout.ms", "3000")
             .set("log_level", "3")
             .create()?;
+        let base_url = config.common.fhir_base_url.trim_end_matches('/').to_owned();
+        let auth = Auth {
+            token_url: config.token_url(),
+            token_lifetime: Duration::from_secs(config.auth_token_lifetime_secs),
+            default_limit: Limit { rate: config.rate_limit_per_second, burst: f64::from(config.rate_limit_burst) },
+            limiter: Default::default(),
+        };
+        audit::spawn_relay(pool.clone(), config.common.kafka.clone(), base_url.clone());
         let state = AppState {
+            auditor: Auditor::start(pool.clone()),
             pool,
             kafka: Arc::new(kafka),
             ready_timeout: Duration::from_millis(config.ready_timeout_ms),
-            base_url: config.common.fhir_base_url.trim_end_matches('/').to_owned(),
+            base_url,
+            auth: Arc::new(auth),
         };
         let (router, api) = router().split_for_parts();
         let router = router
             .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
+            .layer(axum::middleware::from_fn_with_state(state.clone(), auth::guard))
             .with_state(state);
         let listener = TcpListener::bind(config.http_bind).await?;
         Ok(Self { listener, router })

@@ -183,7 +183,7 @@ fn member_records(rng: &mut StdRng, cfg: &GeneratorConfig, member: &str) -> Vec<
     if rng.random_bool(0.8) {
         let versions = vec![Some(json!({
             "partner_id": format!("partner-{}", rng.random_range(1..=3)), "relationship": "pcp",
-            "period_start": "2026-01-01", "period_end": "2026-12-31",
+            "period_start": "2026-01-01",
         }))];
         add(rng, topics::ATTRIBUTION, "attribution", format!("AT-{member}"), versions);
     }

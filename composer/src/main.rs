@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = ComposerConfig::parse();
-    platform::telemetry::init(&config.common.log_level, config.common.log_format);
+    config.common.init_logs();
     let (stop, _metrics, thread) = composer::spawn(config).await?;
     let waiter = tokio::task::spawn_blocking(move || thread.join());
     tokio::pin!(waiter);

@@ -323,6 +323,19 @@ pub async fn all_composites(pool: &PgPool) -> crate::Result<Vec<VersionRow>> {
     Ok(version_rows(rows))
 }
 
+/// A member's current composite, whoever serves the member (the composer's own view; the API
+/// reads through `resources::medication_profile`, which is scoped to a partner).
+pub async fn current_composite(pool: &PgPool, member_id: &str) -> crate::Result<Option<VersionRow>> {
+    let row = sqlx::query(
+        "SELECT c.member_id, c.version_id, c.deleted, h.body::text FROM composites c
+         JOIN composite_history h USING (member_id, version_id) WHERE c.member_id = $1",
+    )
+    .bind(member_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| VersionRow { member_id: r.get(0), version_id: r.get(1), deleted: r.get(2), body: r.get(3) }))
+}
+
 /// Every history row, by member and version.
 pub async fn all_history(pool: &PgPool) -> crate::Result<Vec<VersionRow>> {
     let rows = sqlx::query("SELECT member_id, version_id, deleted, body::text FROM composite_history ORDER BY member_id, version_id")

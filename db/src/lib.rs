@@ -1,9 +1,11 @@
 //! PostgreSQL: the numbered migrations in `db/migrations` and the named queries every other
 //! crate uses. No SQL lives outside this crate.
 
+pub mod audit;
 pub mod bench;
 pub mod composer;
 pub mod heartbeat;
+pub mod partners;
 pub mod resources;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

@@ -2,7 +2,32 @@
 //! (`resource_history`), and composites.
 
 use sqlx::{PgPool, Row};
-use time::OffsetDateTime;
+use time::{Date, OffsetDateTime};
+
+/// Who reads: a partner sees only members attributed to it on the given day. Every query below
+/// filters by it, so a member the partner does not serve is indistinguishable from one that
+/// does not exist.
+#[derive(Debug, Clone, Copy)]
+pub struct Viewer<'a> {
+    pub partner_id: &'a str,
+    pub on: Date,
+}
+
+/// SQL: the member in `member_column` is attributed to partner `$p` on day `$d`.
+fn attributed(member_column: &str, p: u8, d: u8) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM components a WHERE a.kind = 'attribution' AND NOT a.deleted
+           AND a.body ->> 'partner_id' = ${p} AND a.member_id = {member_column}
+           AND (a.body ->> 'period_start')::date <= ${d}
+           AND coalesce((a.body ->> 'period_end')::date >= ${d}, true))"
+    )
+}
+
+/// Whether `member_id` is attributed to the viewer on its day.
+pub async fn is_attributed(pool: &PgPool, viewer: Viewer<'_>, member_id: &str) -> crate::Result<bool> {
+    let sql = format!("SELECT {}", attributed("$1", 2, 3));
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(member_id).bind(viewer.partner_id).bind(viewer.on).fetch_one(pool).await?)
+}
 
 /// One version of a resource, as stored: the JSON without `meta.versionId`/`lastUpdated`
 /// (the API adds them), or `None` when that version is a deletion.
@@ -12,52 +37,70 @@ pub struct ResourceVersion {
     pub version_id: i64,
     pub last_updated: OffsetDateTime,
     pub body: Option<String>,
+    /// The member the resource belongs to.
+    pub member_id: String,
 }
 
 fn version(r: sqlx::postgres::PgRow) -> ResourceVersion {
-    ResourceVersion { resource_id: r.get(0), version_id: r.get(1), last_updated: r.get(2), body: r.get(3) }
+    ResourceVersion { resource_id: r.get(0), version_id: r.get(1), last_updated: r.get(2), body: r.get(3), member_id: r.get(4) }
 }
 
 /// The latest version of a resource (live or deleted), if it ever existed.
-pub async fn latest(pool: &PgPool, resource_type: &str, id: &str) -> crate::Result<Option<ResourceVersion>> {
-    let row = sqlx::query(
-        "SELECT resource_id, resource_version, updated_at, body::text FROM components
-         WHERE resource_type = $1 AND resource_id = $2 ORDER BY resource_version DESC LIMIT 1",
-    )
+pub async fn latest(pool: &PgPool, viewer: Viewer<'_>, resource_type: &str, id: &str) -> crate::Result<Option<ResourceVersion>> {
+    let sql = format!(
+        "SELECT resource_id, resource_version, updated_at, body::text, member_id FROM components
+         WHERE resource_type = $1 AND resource_id = $2 AND {}
+         ORDER BY resource_version DESC LIMIT 1",
+        attributed("components.member_id", 3, 4)
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
     .bind(resource_type)
     .bind(id)
+    .bind(viewer.partner_id)
+    .bind(viewer.on)
     .fetch_optional(pool)
     .await?;
     Ok(row.map(version))
 }
 
-pub async fn version_of(pool: &PgPool, resource_type: &str, id: &str, version_id: i64) -> crate::Result<Option<ResourceVersion>> {
-    let row = sqlx::query(
-        "SELECT resource_id, version_id, last_updated, body::text FROM resource_history
-         WHERE resource_type = $1 AND resource_id = $2 AND version_id = $3",
-    )
+pub async fn version_of(pool: &PgPool, viewer: Viewer<'_>, resource_type: &str, id: &str, version_id: i64) -> crate::Result<Option<ResourceVersion>> {
+    let sql = format!(
+        "SELECT resource_id, version_id, last_updated, body::text, h.member_id FROM resource_history h
+         WHERE resource_type = $1 AND resource_id = $2 AND version_id = $3 AND {}",
+        attributed("h.member_id", 4, 5)
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
     .bind(resource_type)
     .bind(id)
     .bind(version_id)
+    .bind(viewer.partner_id)
+    .bind(viewer.on)
     .fetch_optional(pool)
     .await?;
     Ok(row.map(version))
 }
 
 /// Every version of a resource, newest first, at most `limit`, and how many there are.
-pub async fn history(pool: &PgPool, resource_type: &str, id: &str, limit: i64) -> crate::Result<(i64, Vec<ResourceVersion>)> {
-    let rows = sqlx::query(
-        "SELECT resource_id, version_id, last_updated, body::text FROM resource_history
-         WHERE resource_type = $1 AND resource_id = $2 ORDER BY version_id DESC LIMIT $3",
-    )
-    .bind(resource_type)
-    .bind(id)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM resource_history WHERE resource_type = $1 AND resource_id = $2")
+pub async fn history(pool: &PgPool, viewer: Viewer<'_>, resource_type: &str, id: &str, limit: i64) -> crate::Result<(i64, Vec<ResourceVersion>)> {
+    let visible = attributed("h.member_id", 3, 4);
+    let sql = format!(
+        "SELECT resource_id, version_id, last_updated, body::text, h.member_id FROM resource_history h
+         WHERE resource_type = $1 AND resource_id = $2 AND {visible} ORDER BY version_id DESC LIMIT $5"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(resource_type)
         .bind(id)
+        .bind(viewer.partner_id)
+        .bind(viewer.on)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    let sql = format!("SELECT count(*) FROM resource_history h WHERE resource_type = $1 AND resource_id = $2 AND {visible}");
+    let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(resource_type)
+        .bind(id)
+        .bind(viewer.partner_id)
+        .bind(viewer.on)
         .fetch_one(pool)
         .await?;
     Ok((total, rows.into_iter().map(version).collect()))
@@ -76,16 +119,23 @@ pub struct Criteria {
     pub updated_to: Option<OffsetDateTime>,
 }
 
-const SEARCH_WHERE: &str = "resource_type = $1 AND NOT deleted
-    AND ($2::text IS NULL OR member_id = $2) AND ($3::text IS NULL OR resource_id = $3)
-    AND ($4::text IS NULL OR code_system = $4) AND ($5::text IS NULL OR code = $5)
-    AND ($6::text IS NULL OR status = $6)
-    AND ($7::timestamptz IS NULL OR updated_at >= $7) AND ($8::timestamptz IS NULL OR updated_at < $8)";
+/// $1…$10: the criteria, then the viewer ($9 partner, $10 day).
+fn search_where() -> String {
+    format!(
+        "resource_type = $1 AND NOT deleted
+        AND ($2::text IS NULL OR member_id = $2) AND ($3::text IS NULL OR resource_id = $3)
+        AND ($4::text IS NULL OR code_system = $4) AND ($5::text IS NULL OR code = $5)
+        AND ($6::text IS NULL OR status = $6)
+        AND ($7::timestamptz IS NULL OR updated_at >= $7) AND ($8::timestamptz IS NULL OR updated_at < $8)
+        AND {}",
+        attributed("components.member_id", 9, 10)
+    )
+}
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
-/// Binds $1…$8 of [`SEARCH_WHERE`].
-fn bind_criteria<'q>(query: PgQuery<'q>, resource_type: &'q str, c: &'q Criteria) -> PgQuery<'q> {
+/// Binds $1…$10 of [`search_where`].
+fn bind_criteria<'q>(query: PgQuery<'q>, viewer: Viewer<'q>, resource_type: &'q str, c: &'q Criteria) -> PgQuery<'q> {
     query
         .bind(resource_type)
         .bind(&c.member_id)
@@ -95,37 +145,45 @@ fn bind_criteria<'q>(query: PgQuery<'q>, resource_type: &'q str, c: &'q Criteria
         .bind(&c.status)
         .bind(c.updated_from)
         .bind(c.updated_to)
+        .bind(viewer.partner_id)
+        .bind(viewer.on)
 }
 
 /// A page of matches in resource-id order after `after` (keyset paging), and the total.
 pub async fn search(
     pool: &PgPool,
+    viewer: Viewer<'_>,
     resource_type: &str,
     c: &Criteria,
     after: Option<&str>,
     count: i64,
 ) -> crate::Result<(i64, Vec<ResourceVersion>)> {
     let page = format!(
-        "SELECT resource_id, resource_version, updated_at, body::text FROM components WHERE {SEARCH_WHERE}
-         AND ($9::text IS NULL OR resource_id > $9) ORDER BY resource_id LIMIT $10"
+        "SELECT resource_id, resource_version, updated_at, body::text, member_id FROM components WHERE {}
+         AND ($11::text IS NULL OR resource_id > $11) ORDER BY resource_id LIMIT $12",
+        search_where()
     );
-    let rows = bind_criteria(sqlx::query(sqlx::AssertSqlSafe(page)), resource_type, c)
+    let rows = bind_criteria(sqlx::query(sqlx::AssertSqlSafe(page)), viewer, resource_type, c)
         .bind(after)
         .bind(count)
         .fetch_all(pool)
         .await?;
-    let total = format!("SELECT count(*) FROM components WHERE {SEARCH_WHERE}");
-    let total: i64 = bind_criteria(sqlx::query(sqlx::AssertSqlSafe(total)), resource_type, c).fetch_one(pool).await?.get(0);
+    let total = format!("SELECT count(*) FROM components WHERE {}", search_where());
+    let total: i64 = bind_criteria(sqlx::query(sqlx::AssertSqlSafe(total)), viewer, resource_type, c).fetch_one(pool).await?.get(0);
     Ok((total, rows.into_iter().map(version).collect()))
 }
 
 /// A member's current medication profile: (versionId, lastUpdated, body; `None` if deleted).
-pub async fn medication_profile(pool: &PgPool, member_id: &str) -> crate::Result<Option<(i64, OffsetDateTime, Option<String>)>> {
-    let row = sqlx::query(
+pub async fn medication_profile(pool: &PgPool, viewer: Viewer<'_>, member_id: &str) -> crate::Result<Option<(i64, OffsetDateTime, Option<String>)>> {
+    let sql = format!(
         "SELECT c.version_id, c.last_updated, h.body::text FROM composites c
-         JOIN composite_history h USING (member_id, version_id) WHERE c.member_id = $1",
-    )
+         JOIN composite_history h USING (member_id, version_id) WHERE c.member_id = $1 AND {}",
+        attributed("c.member_id", 2, 3)
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(member_id)
+        .bind(viewer.partner_id)
+        .bind(viewer.on)
         .fetch_optional(pool)
         .await?;
     Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))

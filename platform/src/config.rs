@@ -30,6 +30,17 @@ pub struct CommonConfig {
     /// Log line format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Also append the logs, as JSON lines, to this file.
+    #[arg(long, env = "LOG_FILE")]
+    pub log_file: Option<std::path::PathBuf>,
+}
+
+impl CommonConfig {
+    /// Sets up logging as configured (stderr, and `LOG_FILE` when given).
+    pub fn init_logs(&self) {
+        crate::telemetry::init_to(&self.log_level, self.log_format, self.log_file.as_deref().map(|p| (p, self.log_level.as_str())));
+    }
 }
 
 /// How to reach Kafka, and which topic namespace to use.

@@ -10,6 +10,8 @@ pub const ATTRIBUTION: &str = "sor.member.attribution.v1";
 pub const DLQ: &str = "sor.dlq.v1";
 pub const MEDICATION_PROFILE: &str = "fhir.medication-profile.v1";
 pub const PARTNER_INBOUND: &str = "partner.inbound.v1";
+/// Every audited access, as a FHIR AuditEvent (key: partner id).
+pub const AUDIT_EVENTS: &str = "audit.events.v1";
 
 /// Every inbound system-of-record topic.
 pub const SOR_TOPICS: [&str; 6] = [DEMOGRAPHICS, MEDICATIONS, ALLERGIES, IMMUNIZATIONS, CARE_TASKS, ATTRIBUTION];

@@ -204,10 +204,40 @@ fn check_bundle(member: &str, version: i64, body: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs of in-process components go to the test's output; `TEST_LOG` sets the filter.
+/// Where `scripts/test` collects everything the platform logs during the run (for the PHI scan).
+pub fn test_log_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("PLATFORM_TEST_LOG_DIR").map(std::path::PathBuf::from)
+}
+
+/// The filter for logs collected in [`test_log_dir`]: more than an operator's default.
+pub const COLLECTED_LOG_LEVEL: &str = "info,api=debug,composer=debug,db=debug,platform=debug";
+
+/// A log file in [`test_log_dir`] for one process.
+pub fn collected_log_file(label: &str) -> Option<std::path::PathBuf> {
+    let dir = test_log_dir()?;
+    std::fs::create_dir_all(&dir).ok()?;
+    Some(dir.join(format!("{label}-{}-{}.jsonl", std::process::id(), &Uuid::new_v4().simple().to_string()[..8])))
+}
+
+/// Logs of in-process components go to the test's output (`TEST_LOG` sets the filter) and,
+/// under `scripts/test`, to a collected log file.
 pub fn init_logs() {
     let level = std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
-    platform::telemetry::init(&level, platform::LogFormat::Text);
+    let exe = std::env::current_exe().ok().and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned())).unwrap_or_default();
+    let file = collected_log_file(&exe);
+    platform::telemetry::init_to(&level, platform::LogFormat::Text, file.as_deref().map(|f| (f, COLLECTED_LOG_LEVEL)));
+}
+
+/// Remembers a secret the suite handled (a bearer token, a client assertion), so that the log
+/// scan can prove the platform never logged it.
+pub fn remember_secret(secret: &str) {
+    if let Some(dir) = test_log_dir() {
+        use std::io::Write;
+        let _ = std::fs::create_dir_all(&dir);
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("secrets.txt")) {
+            let _ = writeln!(f, "{secret}");
+        }
+    }
 }
 
 /// Starts the API on a random port against `database_url`; returns its base URL.
@@ -217,25 +247,166 @@ pub async fn start_api(database_url: &str, fhir_base_url: &str) -> anyhow::Resul
 
 /// Starts the API on `bind` against `database_url`; returns its base URL.
 pub async fn start_api_on(database_url: &str, bind: &str, fhir_base_url: &str) -> anyhow::Result<String> {
+    start_api_with(database_url, bind, fhir_base_url, &[]).await
+}
+
+/// Starts the API with extra flags (e.g. `--rate-limit-burst 5`). Its topics (the audit topic)
+/// are in a namespace named after the database, so tests never see each other's messages.
+pub async fn start_api_with(database_url: &str, bind: &str, fhir_base_url: &str, extra: &[&str]) -> anyhow::Result<String> {
     use clap::Parser;
     init_logs();
-    let config = api::Config::try_parse_from([
+    let prefix = format!("{}.", api_topic_prefix(database_url));
+    let mut args = vec![
         "api",
         "--database-url",
         database_url,
         "--kafka-bootstrap-servers",
         &kafka_bootstrap(),
+        "--kafka-topic-prefix",
+        &prefix,
         "--http-bind",
         bind,
         "--fhir-base-url",
         fhir_base_url,
         "--database-max-connections",
         "4",
-    ])?;
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect::<Vec<_>>();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let config = api::Config::try_parse_from(args)?;
     let app = api::Application::build(&config).await?;
     let addr = app.local_addr()?;
     tokio::spawn(app.run_until_stopped());
     Ok(format!("http://{addr}"))
+}
+
+/// The topic namespace of an API started on `database_url` (without the trailing dot).
+pub fn api_topic_prefix(database_url: &str) -> String {
+    let path = database_url.split('?').next().unwrap_or_default();
+    path.rsplit('/').next().unwrap_or("api").to_owned()
+}
+
+/// How a test partner signs its client assertions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Es384,
+    Rs384,
+}
+
+/// A partner registered in a test's database, with its private key.
+pub struct TestPartner {
+    pub id: String,
+    pub key: api::auth::client::ClientKey,
+}
+
+/// A new RSA key from the `openssl` command (ring verifies RSA but does not generate keys).
+pub fn rsa_key(kid: &str) -> anyhow::Result<api::auth::client::ClientKey> {
+    let dir = std::env::temp_dir().join(unique("rsa"));
+    std::fs::create_dir_all(&dir)?;
+    let pem_path = dir.join("key.pem");
+    let status = std::process::Command::new("openssl")
+        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+        .arg(&pem_path)
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "openssl genpkey failed");
+    let out = std::process::Command::new("openssl").args(["rsa", "-noout", "-modulus", "-in"]).arg(&pem_path).output()?;
+    anyhow::ensure!(out.status.success(), "openssl rsa -modulus failed");
+    let hex = String::from_utf8(out.stdout)?.trim().trim_start_matches("Modulus=").to_owned();
+    let modulus = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()?;
+    let pem = std::fs::read(&pem_path)?;
+    std::fs::remove_dir_all(&dir)?;
+    api::auth::client::ClientKey::rs384_from_pem(kid, &pem, &modulus)
+}
+
+/// Registers a partner with a fresh key of `kind` and the given scopes and rate limit.
+pub async fn register_partner(pool: &db::Pool, id: &str, scopes: &str, kind: KeyKind, rate: Option<(f64, i32)>) -> anyhow::Result<TestPartner> {
+    let kid = format!("{id}-key");
+    let key = match kind {
+        KeyKind::Es384 => api::auth::client::ClientKey::generate_es384(&kid)?.0,
+        KeyKind::Rs384 => rsa_key(&kid)?,
+    };
+    let jwks = api::auth::client::ClientKey::jwks(&[&key]).to_string();
+    let scopes: Vec<String> = scopes.split_whitespace().map(str::to_owned).collect();
+    let registration = db::partners::Registration {
+        partner_id: id,
+        name: id,
+        jwks: &jwks,
+        scopes: &scopes,
+        rate_per_second: rate.map(|r| r.0),
+        rate_burst: rate.map(|r| r.1),
+        pmm1_key_ids: &[],
+    };
+    db::partners::register(pool, &registration).await?;
+    Ok(TestPartner { id: id.to_owned(), key })
+}
+
+impl TestPartner {
+    /// The token endpoint, as a SMART client discovers it.
+    pub async fn token_url(origin: &str) -> anyhow::Result<String> {
+        let config: serde_json::Value = reqwest::get(format!("{origin}/.well-known/smart-configuration")).await?.json().await?;
+        config["token_endpoint"].as_str().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("no token_endpoint"))
+    }
+
+    /// A client assertion for this partner, `lifetime` seconds long.
+    pub async fn assertion(&self, origin: &str, lifetime: i64) -> anyhow::Result<String> {
+        let assertion = self.key.assertion(&self.id, &Self::token_url(origin).await?, lifetime, None)?;
+        remember_secret(&assertion);
+        Ok(assertion)
+    }
+
+    /// Posts a token request; returns the status, headers and body.
+    pub async fn request_token(origin: &str, assertion: &str, scope: &str) -> anyhow::Result<(u16, reqwest::header::HeaderMap, serde_json::Value)> {
+        let r = reqwest::Client::new()
+            .post(format!("{origin}{}", api::auth::token::PATH))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(api::auth::client::token_request(assertion, scope))
+            .send()
+            .await?;
+        let (status, headers) = (r.status().as_u16(), r.headers().clone());
+        let body: serde_json::Value = r.json().await?;
+        if let Some(t) = body["access_token"].as_str() {
+            remember_secret(t);
+        }
+        Ok((status, headers, body))
+    }
+
+    /// A bearer token with `scope`, through the whole SMART Backend Services flow.
+    pub async fn token_with(&self, origin: &str, scope: &str) -> anyhow::Result<String> {
+        let (status, _, body) = Self::request_token(origin, &self.assertion(origin, 240).await?, scope).await?;
+        anyhow::ensure!(status == 200, "token refused ({status}): {body}");
+        body["access_token"].as_str().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("no access_token in {body}"))
+    }
+
+    pub async fn token(&self, origin: &str) -> anyhow::Result<String> {
+        self.token_with(origin, "system/*.read").await
+    }
+
+    /// An HTTP client that sends this partner's bearer token.
+    pub async fn client(&self, origin: &str) -> anyhow::Result<reqwest::Client> {
+        bearer_client(&self.token(origin).await?)
+    }
+}
+
+pub fn bearer_client(token: &str) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
+    Ok(reqwest::Client::builder().default_headers(headers).build()?)
+}
+
+/// An attribution event: `member` is served by `partner` from 2026-01-01, open-ended.
+pub fn attribution(member: &str, partner: &str) -> composer::generator::SorMessage {
+    composer::generator::SorMessage {
+        topic: platform::topics::ATTRIBUTION,
+        key: member.to_owned(),
+        value: Some(native_event("upsert", "attribution", 1, member, &format!("AT-{member}-{partner}"),
+            Some(serde_json::json!({ "partner_id": partner, "relationship": "pcp", "period_start": "2026-01-01" })))),
+    }
 }
 
 /// A native envelope event, as a system of record would publish it.

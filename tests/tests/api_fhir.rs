@@ -50,6 +50,8 @@ async fn events_become_readable_and_searchable() -> anyhow::Result<()> {
         key: "GONE".into(),
         value: Some(native_event("upsert", "enrollment", 1, "GONE", "GONE", Some(json!({ "given_name": "Gone" })))),
     });
+    stream.push(attribution("P1", "p-api"));
+    stream.push(attribution("GONE", "p-api"));
     generator::publish(&generator::producer(&kafka)?, &kafka, &stream).await?;
     wait_applied(&pool, group, stream.len(), Duration::from_secs(60)).await?;
     // A second version of RX-000, and the deletion of member GONE.
@@ -65,7 +67,8 @@ async fn events_become_readable_and_searchable() -> anyhow::Result<()> {
 
     let base = start_api(&url, "http://fhir.test/fhir").await?;
     let fhir = format!("{base}/fhir");
-    let client = reqwest::Client::new();
+    let partner = register_partner(&pool, "p-api", "system/*.read", KeyKind::Es384, None).await?;
+    let client = partner.client(&base).await?;
 
     // $medication-profile, with ETag / If-None-Match.
     let (status, headers, profile) = get(&client, &format!("{fhir}/Patient/P1/$medication-profile")).await?;

@@ -25,15 +25,20 @@ fn composer_binary() -> anyhow::Result<std::path::PathBuf> {
 }
 
 fn start_composer(url: &str, prefix: &str, group: &str) -> anyhow::Result<Child> {
-    Ok(Command::new(composer_binary()?)
+    let mut command = Command::new(composer_binary()?);
+    command
         .env("DATABASE_URL", url)
         .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
         .env("KAFKA_TOPIC_PREFIX", prefix)
         .env("COMPOSER_GROUP_ID", group)
         .env("FHIR_BASE_URL", "http://fhir.test/fhir")
         .env("LOG_LEVEL", "warn")
-        .stdin(Stdio::null())
-        .spawn()?)
+        .stdin(Stdio::null());
+    // Under scripts/test its logs go, in full, to the collection the PHI scan reads.
+    if let Some(file) = collected_log_file("composer-child") {
+        command.env("LOG_FILE", file).env("LOG_LEVEL", COLLECTED_LOG_LEVEL).stderr(Stdio::null());
+    }
+    Ok(command.spawn()?)
 }
 
 type Snapshot = (Vec<(String, String, String, String, i64, bool, Option<String>)>, BTreeMap<String, (bool, Option<serde_json::Value>)>);

@@ -106,8 +106,8 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
         Some(&native("upsert", "enrollment", 1, "M3", "M3", Some(json!({ "birth_date": "2023-02-30" })))), None).await?));
     sent += 12;
     wait_applied(&pool, group, sent, Duration::from_secs(60)).await?;
-    let first_m2 = db::resources::medication_profile(&pool, "M2").await?.expect("M2 composed");
-    assert!(first_m2.2.is_some(), "M2 is live after phase 1");
+    let first_m2 = db::composer::current_composite(&pool, "M2").await?.expect("M2 composed");
+    assert!(first_m2.body.is_some(), "M2 is live after phase 1");
 
     // Phase 2: the older version of RX-1 arrives late, RX-1 v2 is redelivered, RX-2 is
     // deleted through Debezium, and member M2 is deleted.
@@ -121,7 +121,7 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
     assert_eq!(metrics.dead_letters.load(Ordering::Relaxed), 3);
 
     // M1: exactly the expected Bundle (meta and timestamp aside).
-    let (_, _, body) = db::resources::medication_profile(&pool, "M1").await?.expect("M1 composed");
+    let body = db::composer::current_composite(&pool, "M1").await?.expect("M1 composed").body;
     let base = "http://fhir.test/fhir";
     let (ms1, al, im) = (id("MedicationStatement", "rx-claims", "RX-1"), id("AllergyIntolerance", "emr", "AL-1"), id("Immunization", "emr-cdc", "IM-1"));
     let expected = json!({
@@ -159,10 +159,11 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
     assert_eq!(content(&body.expect("live body"))?, expected);
 
     // M2: deleted, with a tombstone as its last version; M3 never existed (its only event was bad).
-    let (m2_version, _, m2_body) = db::resources::medication_profile(&pool, "M2").await?.expect("M2 row kept");
+    let m2 = db::composer::current_composite(&pool, "M2").await?.expect("M2 row kept");
+    let (m2_version, m2_body) = (m2.version_id, m2.body);
     assert!(m2_body.is_none(), "M2 is deleted");
-    assert_eq!(m2_version, first_m2.0 + 1, "the delete is exactly one new version");
-    assert!(db::resources::medication_profile(&pool, "M3").await?.is_none());
+    assert_eq!(m2_version, first_m2.version_id + 1, "the delete is exactly one new version");
+    assert!(db::composer::current_composite(&pool, "M3").await?.is_none());
 
     // Components: every valid event's effect, stale and redelivered ones changed nothing.
     let components: HashMap<(String, String), (i64, bool)> = db::composer::all_components(&pool)

@@ -1,5 +1,6 @@
 //! One module per resource or concern.
 
+pub mod audit_events;
 pub mod health;
 pub mod metadata;
 pub mod profile;

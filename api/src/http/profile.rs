@@ -1,12 +1,19 @@
 //! `GET /fhir/Patient/{id}/$medication-profile`: the member's composite medication profile.
 
+use crate::audit::with_members;
+use crate::auth::Caller;
+use crate::auth::scope::Interaction;
 use crate::error::{ApiError, OperationOutcome};
 use crate::fhir;
 use crate::http::resources::{Bundle, FormatOnly};
 use crate::startup::AppState;
+use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+
+/// The resource types a medication profile holds: reading it needs read access to each.
+const PROFILE_TYPES: [&str; 4] = ["Patient", "MedicationStatement", "AllergyIntolerance", "Immunization"];
 
 /// The member's medication profile: a `collection` Bundle with the Patient and every current
 /// MedicationStatement, AllergyIntolerance and Immunization. `ETag: W/"<versionId>"`;
@@ -19,18 +26,24 @@ use axum::response::Response;
         (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 404, description = "No such member", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 410, description = "The member was deleted", body = OperationOutcome, content_type = "application/fhir+json")))]
+        (status = 410, description = "The member was deleted", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 403, description = "The token's scopes do not cover Patient, MedicationStatement, AllergyIntolerance and Immunization reads", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+    security(("smart_backend" = [])))]
 pub async fn medication_profile(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    caller.require(&PROFILE_TYPES, Interaction::Read)?;
     fhir::no_parameters(&fhir::query_pairs(&headers, query.as_deref())?)?;
     let id = fhir::parse_id(&id)?;
-    let (version_id, last_updated, body) = db::resources::medication_profile(&state.pool, id)
+    let (version_id, last_updated, body) = db::resources::medication_profile(&state.pool, caller.viewer(), id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no medication profile for Patient/{id}")))?;
     let body = body.ok_or_else(|| ApiError::Gone(format!("Patient/{id} was deleted (profile version {version_id})")))?;
-    Ok(fhir::versioned_response(&headers, version_id, last_updated, body))
+    Ok(with_members(fhir::versioned_response(&headers, version_id, last_updated, body), vec![id.to_owned()]))
 }

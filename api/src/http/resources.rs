@@ -2,9 +2,13 @@
 //! generated per type (so the OpenAPI document describes each path) and share the functions
 //! below.
 
+use crate::audit::with_members;
+use crate::auth::Caller;
+use crate::auth::scope::Interaction;
 use crate::error::{ApiError, OperationOutcome};
 use crate::fhir::{self, ResourceType};
 use crate::startup::AppState;
+use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -143,26 +147,31 @@ pub struct ImmunizationSearch {
     pub status: Option<String>,
 }
 
-pub async fn read(state: &AppState, rt: ResourceType, id: &str, headers: &HeaderMap, query: Option<&str>) -> Result<Response, ApiError> {
+pub async fn read(state: &AppState, caller: &Caller, rt: ResourceType, id: &str, headers: &HeaderMap, query: Option<&str>) -> Result<Response, ApiError> {
+    caller.require(&[rt.name()], Interaction::Read)?;
     fhir::no_parameters(&fhir::query_pairs(headers, query)?)?;
     let id = fhir::parse_id(id)?;
-    let v = db::resources::latest(&state.pool, rt.name(), id)
+    let v = db::resources::latest(&state.pool, caller.viewer(), rt.name(), id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("{}/{id} is not known", rt.name())))?;
-    fhir::resource_response(headers, rt, v)
+    let member = v.member_id.clone();
+    Ok(with_members(fhir::resource_response(headers, rt, v)?, vec![member]))
 }
 
-pub async fn vread(state: &AppState, rt: ResourceType, id: &str, vid: &str, headers: &HeaderMap, query: Option<&str>) -> Result<Response, ApiError> {
+pub async fn vread(state: &AppState, caller: &Caller, rt: ResourceType, id: &str, vid: &str, headers: &HeaderMap, query: Option<&str>) -> Result<Response, ApiError> {
+    caller.require(&[rt.name()], Interaction::Read)?;
     fhir::no_parameters(&fhir::query_pairs(headers, query)?)?;
     let id = fhir::parse_id(id)?;
     let vid = fhir::parse_version(vid)?;
-    let v = db::resources::version_of(&state.pool, rt.name(), id, vid)
+    let v = db::resources::version_of(&state.pool, caller.viewer(), rt.name(), id, vid)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("{}/{id} has no version {vid}", rt.name())))?;
-    fhir::resource_response(headers, rt, v)
+    let member = v.member_id.clone();
+    Ok(with_members(fhir::resource_response(headers, rt, v)?, vec![member]))
 }
 
-pub async fn history(state: &AppState, rt: ResourceType, id: &str, headers: &HeaderMap, query: Option<&str>) -> Result<Response, ApiError> {
+pub async fn history(state: &AppState, caller: &Caller, rt: ResourceType, id: &str, headers: &HeaderMap, query: Option<&str>) -> Result<Response, ApiError> {
+    caller.require(&[rt.name()], Interaction::Read)?;
     let pairs = fhir::query_pairs(headers, query)?;
     let mut count = fhir::MAX_COUNT;
     for (k, v) in &pairs {
@@ -176,18 +185,21 @@ pub async fn history(state: &AppState, rt: ResourceType, id: &str, headers: &Hea
         }
     }
     let id = fhir::parse_id(id)?;
-    let (total, versions) = db::resources::history(&state.pool, rt.name(), id, count).await?;
+    let (total, versions) = db::resources::history(&state.pool, caller.viewer(), rt.name(), id, count).await?;
     if total == 0 {
         return Err(ApiError::NotFound(format!("{}/{id} is not known", rt.name())));
     }
+    let members = distinct_members(&versions);
     let base = &state.base_url;
     let self_url = fhir::link(base, &format!("{}/{id}/_history", rt.name()), &pairs);
-    Ok(fhir::bundle_response(fhir::history_bundle(base, rt, id, total, &versions, &self_url)))
+    Ok(with_members(fhir::bundle_response(fhir::history_bundle(base, rt, id, total, &versions, &self_url)), members))
 }
 
-pub async fn search(state: &AppState, rt: ResourceType, headers: &HeaderMap, query: Option<&str>) -> Result<Response, ApiError> {
+pub async fn search(state: &AppState, caller: &Caller, rt: ResourceType, headers: &HeaderMap, query: Option<&str>) -> Result<Response, ApiError> {
+    caller.require(&[rt.name()], Interaction::Search)?;
     let search = fhir::parse_search(rt, fhir::query_pairs(headers, query)?)?;
-    let (total, page) = db::resources::search(&state.pool, rt.name(), &search.criteria, search.cursor.as_deref(), search.count).await?;
+    let (total, page) =
+        db::resources::search(&state.pool, caller.viewer(), rt.name(), &search.criteria, search.cursor.as_deref(), search.count).await?;
     let base = &state.base_url;
     let mut self_params = search.link_params.clone();
     if let Some(c) = &search.cursor {
@@ -199,7 +211,25 @@ pub async fn search(state: &AppState, rt: ResourceType, headers: &HeaderMap, que
         params.push(("_cursor".into(), last.resource_id.clone()));
         fhir::link(base, rt.name(), &params)
     });
-    Ok(fhir::bundle_response(fhir::searchset(base, rt, total, &page, &self_url, next.as_deref())))
+    // The audit names the members in the page, and the one asked about even if none matched.
+    let mut members = distinct_members(&page);
+    let asked = if rt == ResourceType::Patient { &search.criteria.id } else { &search.criteria.member_id };
+    if let Some(asked) = asked
+        && !members.contains(asked)
+    {
+        members.push(asked.clone());
+    }
+    Ok(with_members(fhir::bundle_response(fhir::searchset(base, rt, total, &page, &self_url, next.as_deref())), members))
+}
+
+fn distinct_members(versions: &[db::resources::ResourceVersion]) -> Vec<String> {
+    let mut members: Vec<String> = Vec::new();
+    for v in versions {
+        if !members.contains(&v.member_id) {
+            members.push(v.member_id.clone());
+        }
+    }
+    members
 }
 
 macro_rules! endpoints {
@@ -217,9 +247,13 @@ macro_rules! endpoints {
                     (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 404, description = "Not known", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 410, description = "Deleted", body = OperationOutcome, content_type = "application/fhir+json")))]
-            pub async fn read(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
-                super::read(&s, $rt, &id, &headers, q.as_deref()).await
+                    (status = 410, description = "Deleted", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+                security(("smart_backend" = [])))]
+            pub async fn read(State(s): State<AppState>, Extension(caller): Extension<Caller>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+                super::read(&s, &caller, $rt, &id, &headers, q.as_deref()).await
             }
 
             #[doc = concat!("Read one version of a ", $tag, ".")]
@@ -231,9 +265,13 @@ macro_rules! endpoints {
                     (status = 400, description = "Malformed id, version or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 404, description = "No such version", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 410, description = "This version is a deletion", body = OperationOutcome, content_type = "application/fhir+json")))]
-            pub async fn vread(State(s): State<AppState>, Path((id, vid)): Path<(String, String)>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
-                super::vread(&s, $rt, &id, &vid, &headers, q.as_deref()).await
+                    (status = 410, description = "This version is a deletion", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+                security(("smart_backend" = [])))]
+            pub async fn vread(State(s): State<AppState>, Extension(caller): Extension<Caller>, Path((id, vid)): Path<(String, String)>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+                super::vread(&s, &caller, $rt, &id, &vid, &headers, q.as_deref()).await
             }
 
             #[doc = concat!("Every version of a ", $tag, ", newest first.")]
@@ -244,9 +282,13 @@ macro_rules! endpoints {
                     (status = 200, description = "A history Bundle", body = Bundle, content_type = "application/fhir+json"),
                     (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 404, description = "Not known", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json")))]
-            pub async fn history(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
-                super::history(&s, $rt, &id, &headers, q.as_deref()).await
+                    (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+                security(("smart_backend" = [])))]
+            pub async fn history(State(s): State<AppState>, Extension(caller): Extension<Caller>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+                super::history(&s, &caller, $rt, &id, &headers, q.as_deref()).await
             }
 
             #[doc = concat!("Search current ", $tag, " resources (keyset paging in id order).")]
@@ -255,9 +297,13 @@ macro_rules! endpoints {
                 responses(
                     (status = 200, description = "A searchset Bundle with total and self/next links", body = Bundle, content_type = "application/fhir+json"),
                     (status = 400, description = "Unknown or malformed parameter", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json")))]
-            pub async fn search(State(s): State<AppState>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
-                super::search(&s, $rt, &headers, q.as_deref()).await
+                    (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+                security(("smart_backend" = [])))]
+            pub async fn search(State(s): State<AppState>, Extension(caller): Extension<Caller>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+                super::search(&s, &caller, $rt, &headers, q.as_deref()).await
             }
         }
     };

@@ -12,7 +12,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    platform::telemetry::init(&cli.common.log_level, cli.common.log_format);
+    cli.common.init_logs();
     let pool = db::connect(&cli.common.database_url, 2).await?;
     db::migrate(&pool).await?;
     let applied = db::MIGRATOR.iter().count();

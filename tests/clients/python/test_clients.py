@@ -1,7 +1,8 @@
 """Clients not written here, against the running API (started by tests/tests/clients.rs).
 
-FHIR_ORIGIN (http://host:port), FHIR_MEMBER (a member with a medication profile) and
-GENERATED_PYTHON_CLIENT (where openapi-python-client wrote the client) come from the harness.
+FHIR_ORIGIN (http://host:port), FHIR_MEMBER (a member with a medication profile, attributed
+to the partner), FHIR_TOKEN (that partner's bearer token, from the SMART Backend Services flow)
+and GENERATED_PYTHON_CLIENT (where openapi-python-client wrote the client) come from the harness.
 """
 
 import os
@@ -9,15 +10,20 @@ import sys
 
 ORIGIN = os.environ["FHIR_ORIGIN"]
 MEMBER = os.environ["FHIR_MEMBER"]
+TOKEN = os.environ["FHIR_TOKEN"]
 
 
 def test_generated_python_client_reads_a_medication_profile():
     sys.path.insert(0, os.environ["GENERATED_PYTHON_CLIENT"])
-    from fhir_platform_client import Client
+    from fhir_platform_client import AuthenticatedClient, Client
     from fhir_platform_client.api.patient import medication_profile
     from fhir_platform_client.models import Bundle, OperationOutcome
 
-    client = Client(base_url=ORIGIN)
+    anonymous = medication_profile.sync_detailed(client=Client(base_url=ORIGIN), id=MEMBER)
+    assert anonymous.status_code == 401
+    assert isinstance(anonymous.parsed, OperationOutcome)
+
+    client = AuthenticatedClient(base_url=ORIGIN, token=TOKEN)
     response = medication_profile.sync_detailed(client=client, id=MEMBER)
     assert response.status_code == 200
     bundle = response.parsed
@@ -39,6 +45,7 @@ def test_fhirclient_reads_a_patient_and_searches_medication_statements():
     from fhirclient.models.patient import Patient
 
     smart = client.FHIRClient(settings={"app_id": "platform-tests", "api_base": f"{ORIGIN}/fhir/"})
+    smart.server.session.headers["Authorization"] = f"Bearer {TOKEN}"
     patient = Patient.read(MEMBER, smart.server)
     assert patient.id == MEMBER
 

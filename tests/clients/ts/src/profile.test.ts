@@ -1,5 +1,6 @@
 // Reads a medication profile from the running API through the client generated from
-// openapi/openapi.json. FHIR_ORIGIN (http://host:port) and FHIR_MEMBER come from the harness.
+// openapi/openapi.json. FHIR_ORIGIN (http://host:port), FHIR_MEMBER and FHIR_TOKEN (a partner's
+// bearer token; the member is attributed to that partner) come from the harness.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import createClient from "openapi-fetch";
@@ -7,10 +8,16 @@ import type { paths } from "../generated/schema.js";
 
 const origin = process.env.FHIR_ORIGIN ?? "";
 const member = process.env.FHIR_MEMBER ?? "";
+const token = process.env.FHIR_TOKEN ?? "";
 
 test("reads a medication profile with the generated TypeScript client", async () => {
-  assert.ok(origin && member, "FHIR_ORIGIN and FHIR_MEMBER must be set");
-  const client = createClient<paths>({ baseUrl: origin });
+  assert.ok(origin && member && token, "FHIR_ORIGIN, FHIR_MEMBER and FHIR_TOKEN must be set");
+  const anonymous = await createClient<paths>({ baseUrl: origin }).GET("/fhir/Patient/{id}/$medication-profile", {
+    params: { path: { id: member } },
+  });
+  assert.equal(anonymous.response.status, 401);
+  assert.equal(anonymous.error?.resourceType, "OperationOutcome");
+  const client = createClient<paths>({ baseUrl: origin, headers: { Authorization: `Bearer ${token}` } });
   const { data, error, response } = await client.GET("/fhir/Patient/{id}/$medication-profile", {
     params: { path: { id: member } },
   });

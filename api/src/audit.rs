@@ -1,0 +1,299 @@
+//! The audit trail: every access to a protected route and every token request is recorded
+//! (who, what, when, outcome) before its response leaves, in the append-only `audit_events`
+//! table; a relay then publishes each event, as a FHIR `AuditEvent`, on `audit.events.v1`.
+//!
+//! Records are written in groups (one statement and one commit for all the requests that
+//! arrived meanwhile), so auditing costs one durable commit per group, not per request.
+
+use crate::fhir;
+use axum::http::{Method, StatusCode};
+use db::audit::{AuditRecord, AuditRow};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// What a handler tells the guard about the access it served (as a response extension).
+#[derive(Debug, Clone, Default)]
+pub struct Audited {
+    pub operation: Option<&'static str>,
+    /// For the token endpoint: the registered client that asked.
+    pub partner_id: Option<String>,
+    /// The members whose data the response holds (or was asked for).
+    pub member_ids: Vec<String>,
+}
+
+impl Audited {
+    pub fn operation(operation: &'static str) -> Self {
+        Audited { operation: Some(operation), ..Audited::default() }
+    }
+
+    pub fn members(member_ids: Vec<String>) -> Self {
+        Audited { member_ids, ..Audited::default() }
+    }
+}
+
+/// Marks a response with the members it concerns.
+pub fn with_members(mut response: axum::response::Response, member_ids: Vec<String>) -> axum::response::Response {
+    response.extensions_mut().insert(Audited::members(member_ids));
+    response
+}
+
+/// The operation, resource type and requested member of a request, from its method and path.
+fn classify(method: &Method, path: &str) -> (&'static str, Option<String>, Option<String>) {
+    if path == crate::auth::token::PATH {
+        return ("token", None, None);
+    }
+    let segments: Vec<&str> = path.trim_start_matches("/fhir").split('/').filter(|s| !s.is_empty()).collect();
+    let resource_type = segments
+        .first()
+        .filter(|t| t.len() <= 64 && t.bytes().all(|b| b.is_ascii_alphabetic()))
+        .map(|t| (*t).to_owned());
+    let write = matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
+    let operation = match (segments.as_slice(), write) {
+        ([_, op], true) if op.starts_with('$') => if *op == "$hashed-match" { "match" } else { "operation" },
+        (_, true) => "write",
+        ([_], false) => "search",
+        ([_, _], false) => "read",
+        ([_, _, "_history"], false) => "history",
+        ([_, _, "_history", _], false) => "vread",
+        ([_, _, op], false) if op.starts_with('$') => "operation",
+        _ => "other",
+    };
+    let member = match segments.as_slice() {
+        ["Patient", id, ..] if !id.starts_with('$') && fhir::parse_id(id).is_ok() => Some((*id).to_owned()),
+        _ => None,
+    };
+    (operation, resource_type, member)
+}
+
+fn outcome(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200..=399 => "success",
+        401 | 403 | 429 => "refused",
+        404 | 410 => "not-found",
+        400..=499 => "invalid",
+        _ => "error",
+    }
+}
+
+/// The audit record of one request.
+pub fn record_for(method: &Method, path: &str, partner_id: Option<String>, audited: Option<Audited>, status: StatusCode) -> AuditRecord {
+    let (operation, resource_type, requested) = classify(method, path);
+    let audited = audited.unwrap_or_default();
+    let mut member_ids = audited.member_ids;
+    if let Some(m) = requested
+        && !member_ids.contains(&m)
+    {
+        member_ids.insert(0, m);
+    }
+    let path: String = path.chars().take(512).collect();
+    AuditRecord {
+        partner_id,
+        operation: audited.operation.unwrap_or(operation).to_owned(),
+        resource_type,
+        member_ids,
+        method: method.as_str().to_owned(),
+        path,
+        status: status.as_u16() as i16,
+        outcome: outcome(status).to_owned(),
+    }
+}
+
+type Pending = (AuditRecord, oneshot::Sender<bool>);
+
+/// Writes audit records in groups; `record` returns once its record is committed.
+#[derive(Debug, Clone)]
+pub struct Auditor {
+    queue: mpsc::Sender<Pending>,
+}
+
+/// Most records written by one statement.
+const GROUP: usize = 512;
+
+impl Auditor {
+    pub fn start(pool: db::Pool) -> Self {
+        let (queue, mut pending) = mpsc::channel::<Pending>(4 * GROUP);
+        tokio::spawn(async move {
+            let mut group: Vec<Pending> = Vec::with_capacity(GROUP);
+            while pending.recv_many(&mut group, GROUP).await > 0 {
+                let records: Vec<AuditRecord> = group.iter().map(|(r, _)| r.clone()).collect();
+                let written = match db::audit::append(&pool, &records).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::error!(error = %e, records = records.len(), "audit records could not be written; the requests get 503");
+                        false
+                    }
+                };
+                for (_, done) in group.drain(..) {
+                    let _ = done.send(written);
+                }
+            }
+        });
+        Auditor { queue }
+    }
+
+    /// Records one access durably; `Err` when it could not be written.
+    pub async fn record(&self, record: AuditRecord) -> Result<(), ()> {
+        let (done, written) = oneshot::channel();
+        self.queue.send((record, done)).await.map_err(|_| ())?;
+        match written.await {
+            Ok(true) => Ok(()),
+            _ => Err(()),
+        }
+    }
+}
+
+pub const PARTNER_SYSTEM: &str = "urn:fhir-event-platform:partner";
+pub const OPERATION_SYSTEM: &str = "urn:fhir-event-platform:audit-operation";
+
+/// An audit event as a FHIR R4B `AuditEvent`.
+pub fn audit_event(row: &AuditRow, base_url: &str) -> Value {
+    let r = &row.record;
+    let recorded = fhir::instant(row.recorded_at);
+    let rest = match r.operation.as_str() {
+        "read" => Some("read"),
+        "vread" => Some("vread"),
+        "history" => Some("history-instance"),
+        "search" => Some("search-type"),
+        "operation" => Some("operation"),
+        _ => None,
+    };
+    let subtype = match rest {
+        Some(code) => json!({ "system": "http://hl7.org/fhir/restful-interaction", "code": code }),
+        None => json!({ "system": OPERATION_SYSTEM, "code": r.operation }),
+    };
+    let action = match (r.operation.as_str(), r.method.as_str()) {
+        ("read" | "vread" | "history" | "operation", _) => "R",
+        ("write", "PUT") => "U",
+        ("write", _) => "C",
+        _ => "E",
+    };
+    let outcome = match r.status {
+        200..=399 => "0",
+        400..=499 => "4",
+        _ => "8",
+    };
+    let who = match &r.partner_id {
+        Some(p) => json!({ "identifier": { "system": PARTNER_SYSTEM, "value": p } }),
+        None => json!({ "display": "unauthenticated caller" }),
+    };
+    let mut entity: Vec<Value> = r
+        .member_ids
+        .iter()
+        .map(|m| {
+            json!({
+                "what": { "reference": format!("Patient/{m}") },
+                "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person" },
+                "role": { "system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1", "display": "Patient" },
+            })
+        })
+        .collect();
+    entity.push(json!({
+        "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object" },
+        "name": r.resource_type,
+        "description": format!("{} {}", r.method, r.path),
+    }));
+    json!({
+        "resourceType": "AuditEvent",
+        "id": row.id.to_string(),
+        "meta": { "versionId": "1", "lastUpdated": recorded },
+        "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation" },
+        "subtype": [subtype],
+        "action": action,
+        "recorded": recorded,
+        "outcome": outcome,
+        "outcomeDesc": format!("HTTP {} ({})", r.status, r.outcome),
+        "agent": [{ "who": who, "requestor": true }],
+        "source": { "site": base_url, "observer": { "display": "fhir-event-platform api" },
+            "type": [{ "system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "3", "display": "Web Server" }] },
+        "entity": entity,
+    })
+}
+
+/// Publishes audit events to `audit.events.v1` (key: the partner id, `-` when unauthenticated;
+/// value: the AuditEvent; header `event_id`: the audit id), removing each from the audit
+/// outbox only after the broker acknowledged it. Runs until the process ends.
+pub fn spawn_relay(pool: db::Pool, kafka: platform::KafkaConfig, base_url: String) {
+    tokio::spawn(async move {
+        let topic = kafka.topic(platform::topics::AUDIT_EVENTS);
+        let producer: FutureProducer = match ClientConfig::new()
+            .set("bootstrap.servers", &kafka.bootstrap_servers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("log_level", "3")
+            .create()
+        {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "audit relay: cannot create a Kafka producer; audit events stay in the outbox");
+                return;
+            }
+        };
+        let mut topic_ready = false;
+        loop {
+            if !topic_ready {
+                topic_ready = ensure_topic(&kafka.bootstrap_servers, &topic).await;
+            }
+            let pause = match relay_once(&pool, &producer, &topic, &base_url).await {
+                Ok(0) => Duration::from_millis(250),
+                Ok(_) => Duration::ZERO,
+                Err(e) => {
+                    tracing::warn!(error = %e, "audit relay: publishing failed; will retry");
+                    Duration::from_secs(2)
+                }
+            };
+            tokio::time::sleep(pause).await;
+        }
+    });
+}
+
+async fn ensure_topic(bootstrap: &str, topic: &str) -> bool {
+    let Ok(admin) = ClientConfig::new().set("bootstrap.servers", bootstrap).create::<AdminClient<_>>() else { return false };
+    let new = NewTopic::new(topic, 3, TopicReplication::Fixed(1));
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    match admin.create_topics([&new], &options).await {
+        Ok(results) => results.into_iter().all(|r| match r {
+            Ok(_) => true,
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => true,
+            Err((t, e)) => {
+                tracing::warn!(topic = %t, error = %e, "audit relay: cannot create the audit topic");
+                false
+            }
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "audit relay: cannot reach Kafka to create the audit topic");
+            false
+        }
+    }
+}
+
+async fn relay_once(pool: &db::Pool, producer: &FutureProducer, topic: &str, base_url: &str) -> anyhow::Result<usize> {
+    let mut tx = pool.begin().await?;
+    let rows = db::audit::claim_unpublished(&mut tx, 500).await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let messages: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|row| {
+            let key = row.record.partner_id.clone().unwrap_or_else(|| "-".to_owned());
+            (key, audit_event(row, base_url).to_string(), row.id.to_string())
+        })
+        .collect();
+    let deliveries = messages.iter().map(|(key, value, id)| {
+        let headers = OwnedHeaders::new().insert(Header { key: "event_id", value: Some(id.as_str()) });
+        producer.send(FutureRecord::to(topic).key(key).payload(value).headers(headers), Duration::from_secs(30))
+    });
+    for result in futures::future::join_all(deliveries).await {
+        result.map_err(|(e, _)| anyhow::anyhow!("audit event not acknowledged: {e}"))?;
+    }
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    db::audit::mark_published(&mut tx, &ids).await?;
+    tx.commit().await?;
+    Ok(rows.len())
+}

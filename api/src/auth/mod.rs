@@ -1,0 +1,139 @@
+//! Who is calling: SMART Backend Services bearer tokens, the scopes they carry, per-partner
+//! rate limits, and the guard in front of every protected route, which also puts every access
+//! on record (see `crate::audit`) before the response leaves.
+
+pub mod client;
+pub mod rate;
+pub mod scope;
+pub mod token;
+
+use crate::audit::{self, Audited};
+use crate::error::ApiError;
+use crate::startup::AppState;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use db::resources::Viewer;
+use rate::{Limit, RateLimiter};
+use scope::{Interaction, Scopes};
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+use time::OffsetDateTime;
+
+/// The API's authorization settings.
+#[derive(Debug)]
+pub struct Auth {
+    /// The token endpoint's URL: the only `aud` a client assertion may carry.
+    pub token_url: String,
+    pub token_lifetime: Duration,
+    pub default_limit: Limit,
+    pub limiter: RateLimiter,
+}
+
+/// An authenticated partner, as the guard hands it to the handlers.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub partner_id: String,
+    pub scopes: Scopes,
+    pub pmm1_key_ids: Vec<String>,
+    pub limit: Limit,
+}
+
+impl Caller {
+    /// Refuses (403) unless a granted scope allows `interaction` on each of `types`.
+    pub fn require(&self, types: &[&str], interaction: Interaction) -> Result<(), ApiError> {
+        for t in types {
+            if !self.scopes.allows(t, interaction) {
+                let needed = match interaction {
+                    Interaction::Read => format!("system/{t}.read"),
+                    Interaction::Search => format!("system/{t}.read"),
+                    Interaction::Create | Interaction::Update => format!("system/{t}.write"),
+                };
+                return Err(ApiError::Forbidden { diagnostics: format!("the token's scopes do not cover this request; it needs {needed}"), scope: needed });
+            }
+        }
+        Ok(())
+    }
+
+    /// What this partner may see today (attribution is by calendar day, UTC).
+    pub fn viewer(&self) -> Viewer<'_> {
+        Viewer { partner_id: &self.partner_id, on: OffsetDateTime::now_utc().date() }
+    }
+}
+
+pub fn token_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// Paths anyone may call: liveness, readiness, discovery, the docs and the token endpoint itself.
+fn is_protected(path: &str) -> bool {
+    (path == "/fhir" || path.starts_with("/fhir/")) && path != "/fhir/metadata" && path != "/fhir/.well-known/smart-configuration"
+}
+
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let value = headers.get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or_default());
+    let Some(value) = value else {
+        return Err(ApiError::Unauthorized {
+            diagnostics: "this request needs a bearer token: get one from the token endpoint (see /.well-known/smart-configuration)".into(),
+            error: None,
+        });
+    };
+    let token = match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => token.trim(),
+        _ => {
+            return Err(ApiError::Unauthorized { diagnostics: "the Authorization header must be 'Bearer <token>'".into(), error: Some("invalid_request") });
+        }
+    };
+    let invalid = |why: &str| ApiError::Unauthorized { diagnostics: why.to_owned(), error: Some("invalid_token") };
+    let grant = db::partners::grant(&state.pool, &token_hash(token)).await?.ok_or_else(|| invalid("the bearer token is not valid"))?;
+    if grant.expires_at <= OffsetDateTime::now_utc() {
+        return Err(invalid("the bearer token has expired; get a new one from the token endpoint"));
+    }
+    let limit = Limit {
+        rate: grant.rate_per_second.unwrap_or(state.auth.default_limit.rate),
+        burst: grant.rate_burst.map(f64::from).unwrap_or(state.auth.default_limit.burst),
+    };
+    Ok(Caller { partner_id: grant.partner_id, scopes: Scopes::from_strings(&grant.scopes), pmm1_key_ids: grant.pmm1_key_ids, limit })
+}
+
+/// In front of every route: protected routes need a valid token within the partner's rate;
+/// every access to a protected route or the token endpoint is audited before its response is
+/// returned (if the audit cannot be written, the caller gets 503 and no data).
+pub async fn guard(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_owned();
+    let method = request.method().clone();
+    let is_token_endpoint = path == token::PATH;
+    if !is_protected(&path) && !is_token_endpoint {
+        return next.run(request).await;
+    }
+    let mut partner_id = None;
+    let response = if is_token_endpoint {
+        next.run(request).await
+    } else {
+        match authenticate(&state, request.headers()).await {
+            Ok(caller) => {
+                partner_id = Some(caller.partner_id.clone());
+                match state.auth.limiter.take(&caller.partner_id, caller.limit) {
+                    Ok(()) => {
+                        request.extensions_mut().insert(caller);
+                        next.run(request).await
+                    }
+                    Err(retry_after) => ApiError::TooManyRequests(retry_after).into_response(),
+                }
+            }
+            Err(refused) => refused.into_response(),
+        }
+    };
+    let audited = response.extensions().get::<Audited>().cloned();
+    if is_token_endpoint {
+        partner_id = audited.as_ref().and_then(|a| a.partner_id.clone());
+    }
+    tracing::debug!(partner = partner_id.as_deref().unwrap_or("-"), %method, %path, status = response.status().as_u16(), "request");
+    let record = audit::record_for(&method, &path, partner_id, audited, response.status());
+    match state.auditor.record(record).await {
+        Ok(()) => response,
+        Err(()) => ApiError::AuditUnavailable.into_response(),
+    }
+}
+

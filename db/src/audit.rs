@@ -1,0 +1,119 @@
+//! The append-only audit trail and its outbox towards `audit.events.v1`.
+
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool, Row};
+use time::OffsetDateTime;
+
+/// One access, as the API records it. Never holds names, tokens or keys: member ids at most.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub partner_id: Option<String>,
+    pub operation: String,
+    pub resource_type: Option<String>,
+    pub member_ids: Vec<String>,
+    pub method: String,
+    pub path: String,
+    pub status: i16,
+    pub outcome: String,
+}
+
+/// A stored audit event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    pub id: i64,
+    pub recorded_at: OffsetDateTime,
+    pub record: AuditRecord,
+}
+
+const COLUMNS: &str = "id, recorded_at, partner_id, operation, resource_type, member_ids, method, path, status, outcome";
+
+fn audit_row(r: sqlx::postgres::PgRow) -> AuditRow {
+    AuditRow {
+        id: r.get(0),
+        recorded_at: r.get(1),
+        record: AuditRecord {
+            partner_id: r.get(2),
+            operation: r.get(3),
+            resource_type: r.get(4),
+            member_ids: r.get(5),
+            method: r.get(6),
+            path: r.get(7),
+            status: r.get(8),
+            outcome: r.get(9),
+        },
+    }
+}
+
+/// Appends records (and their outbox rows) in one statement, so one commit covers a group.
+pub async fn append(pool: &PgPool, records: &[AuditRecord]) -> crate::Result<()> {
+    let json = serde_json::to_string(records).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    sqlx::query(
+        "WITH added AS (
+           INSERT INTO audit_events (partner_id, operation, resource_type, member_ids, method, path, status, outcome)
+           SELECT partner_id, operation, resource_type, coalesce(member_ids, '{}'), method, path, status, outcome
+           FROM jsonb_to_recordset($1::jsonb) AS r(partner_id text, operation text, resource_type text,
+                member_ids text[], method text, path text, status smallint, outcome text)
+           RETURNING id)
+         INSERT INTO audit_outbox (audit_id) SELECT id FROM added",
+    )
+    .bind(json)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Search criteria (all optional, AND-ed); results in id order after `after_id`.
+#[derive(Debug, Clone, Default)]
+pub struct Criteria {
+    pub partner_id: Option<String>,
+    pub member_id: Option<String>,
+    pub operation: Option<String>,
+    pub from: Option<OffsetDateTime>,
+    pub to: Option<OffsetDateTime>,
+}
+
+const WHERE: &str = "($1::text IS NULL OR partner_id = $1)
+    AND ($2::text IS NULL OR member_ids @> ARRAY[$2::text])
+    AND ($3::text IS NULL OR operation = $3)
+    AND ($4::timestamptz IS NULL OR recorded_at >= $4) AND ($5::timestamptz IS NULL OR recorded_at < $5)";
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+fn bind<'q>(q: PgQuery<'q>, c: &'q Criteria) -> PgQuery<'q> {
+    q.bind(&c.partner_id).bind(&c.member_id).bind(&c.operation).bind(c.from).bind(c.to)
+}
+
+/// A page of matching events and the total.
+pub async fn search(pool: &PgPool, c: &Criteria, after_id: Option<i64>, count: i64) -> crate::Result<(i64, Vec<AuditRow>)> {
+    let page = format!("SELECT {COLUMNS} FROM audit_events WHERE {WHERE} AND ($6::bigint IS NULL OR id > $6) ORDER BY id LIMIT $7");
+    let rows = bind(sqlx::query(sqlx::AssertSqlSafe(page)), c).bind(after_id).bind(count).fetch_all(pool).await?;
+    let total = format!("SELECT count(*) FROM audit_events WHERE {WHERE}");
+    let total: i64 = bind(sqlx::query(sqlx::AssertSqlSafe(total)), c).fetch_one(pool).await?.get(0);
+    Ok((total, rows.into_iter().map(audit_row).collect()))
+}
+
+pub async fn get(pool: &PgPool, id: i64) -> crate::Result<Option<AuditRow>> {
+    let sql = format!("SELECT {COLUMNS} FROM audit_events WHERE id = $1");
+    Ok(sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(pool).await?.map(audit_row))
+}
+
+/// Locks up to `limit` unpublished events (skipping those another relay holds), in id order.
+pub async fn claim_unpublished(tx: &mut PgConnection, limit: i64) -> crate::Result<Vec<AuditRow>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM audit_events WHERE id IN (
+           SELECT audit_id FROM audit_outbox ORDER BY audit_id LIMIT $1 FOR UPDATE SKIP LOCKED)
+         ORDER BY id"
+    );
+    Ok(sqlx::query(sqlx::AssertSqlSafe(sql)).bind(limit).fetch_all(&mut *tx).await?.into_iter().map(audit_row).collect())
+}
+
+/// Forgets outbox rows once the broker acknowledged their events.
+pub async fn mark_published(tx: &mut PgConnection, ids: &[i64]) -> crate::Result<()> {
+    sqlx::query("DELETE FROM audit_outbox WHERE audit_id = ANY($1)").bind(ids).execute(&mut *tx).await?;
+    Ok(())
+}
+
+/// How many events still wait for the topic (tests, metrics).
+pub async fn unpublished(pool: &PgPool) -> crate::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM audit_outbox").fetch_one(pool).await?)
+}

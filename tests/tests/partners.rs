@@ -1,0 +1,354 @@
+//! Issue 5: partners authenticate with SMART Backend Services (RS384 and ES384 client
+//! assertions), read only the members attributed to them, are rate limited one by one, and
+//! every access is audited (table, AuditEvent resources, `audit.events.v1`).
+
+use composer::generator::{self, SorMessage};
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use reqwest::header::HeaderMap;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tests::*;
+
+type Reply = (u16, HeaderMap, Value);
+
+async fn get(client: &reqwest::Client, url: &str) -> anyhow::Result<Reply> {
+    let r = client.get(url).send().await?;
+    let (status, headers) = (r.status().as_u16(), r.headers().clone());
+    let text = r.text().await?;
+    Ok((status, headers, if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? }))
+}
+
+/// A refusal: the status, an OperationOutcome, and (for 401/403) a `WWW-Authenticate` challenge.
+fn refused(reply: &Reply, status: u16, what: &str) {
+    let (s, headers, body) = reply;
+    assert_eq!(*s, status, "{what}: {body}");
+    assert_eq!(body["resourceType"], "OperationOutcome", "{what}: {body}");
+    assert!(!body["issue"][0]["diagnostics"].as_str().unwrap_or_default().is_empty(), "{what}: {body}");
+    if matches!(status, 401 | 403) {
+        assert!(headers.contains_key("www-authenticate"), "{what}: no WWW-Authenticate");
+    }
+}
+
+/// A token endpoint refusal: 401 `invalid_client` (or the given code) as an OperationOutcome.
+fn token_refused(reply: &Reply, status: u16, code: &str, what: &str) {
+    refused(reply, status, what);
+    assert_eq!(reply.2["issue"][0]["details"]["coding"][0]["code"], code, "{what}: {}", reply.2);
+}
+
+fn demographics(member: &str) -> SorMessage {
+    SorMessage {
+        topic: platform::topics::DEMOGRAPHICS,
+        key: member.to_owned(),
+        value: Some(native_event("upsert", "enrollment", 1, member, member,
+            Some(json!({ "given_name": "Quinn", "family_name": "Harlow", "birth_date": "1961-04-09", "sex": "female" })))),
+    }
+}
+
+fn medication(member: &str, record: &str) -> SorMessage {
+    SorMessage {
+        topic: platform::topics::MEDICATIONS,
+        key: member.to_owned(),
+        value: Some(native_event("upsert", "rx-claims", 1, member, record, Some(json!({ "rxnorm_code": "860975", "status": "active" })))),
+    }
+}
+
+/// Members A1 (served by partner pa), B1 (pb), and C1 (pa, but that attribution ended).
+async fn compose(url: &str, pool: &db::Pool, label: &str) -> anyhow::Result<()> {
+    let prefix = format!("{}.", unique(label));
+    let kafka = kafka_config(&prefix);
+    let (stop, _metrics, thread) = composer::spawn(composer_config(url, &prefix, label)).await?;
+    let mut stream = Vec::new();
+    for m in ["A1", "B1", "C1"] {
+        stream.push(demographics(m));
+        stream.push(medication(m, &format!("RX-{m}")));
+    }
+    stream.push(attribution("A1", "pa"));
+    stream.push(attribution("B1", "pb"));
+    stream.push(attribution("A1", "rs"));
+    stream.push(attribution("A1", "es"));
+    stream.push(SorMessage {
+        topic: platform::topics::ATTRIBUTION,
+        key: "C1".into(),
+        value: Some(native_event("upsert", "attribution", 1, "C1", "AT-C1", Some(json!({ "partner_id": "pa", "period_start": "2025-01-01", "period_end": "2025-12-31" })))),
+    });
+    generator::publish(&generator::producer(&kafka)?, &kafka, &stream).await?;
+    wait_applied(pool, label, stream.len(), Duration::from_secs(60)).await?;
+    composer::stop(&stop, thread).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smart_backend_services_refuses_what_it_must_and_accepts_rs384_and_es384() -> anyhow::Result<()> {
+    let (url, pool) = fresh_database("auth", true).await?;
+    compose(&url, &pool, "auth").await?;
+    let origin = start_api(&url, "http://fhir.test/fhir").await?;
+    let fhir = format!("{origin}/fhir");
+    let anonymous = reqwest::Client::new();
+
+    // Discovery.
+    let (s, _, config) = get(&anonymous, &format!("{origin}/.well-known/smart-configuration")).await?;
+    assert_eq!(s, 200);
+    assert_eq!(config["token_endpoint"], "http://fhir.test/auth/token");
+    assert_eq!(config["token_endpoint_auth_signing_alg_values_supported"], json!(["RS384", "ES384"]));
+    let (s, _, same) = get(&anonymous, &format!("{fhir}/.well-known/smart-configuration")).await?;
+    assert_eq!((s, &same), (200, &config));
+
+    // A valid assertion works end to end with both algorithms.
+    let rs = register_partner(&pool, "rs", "system/*.read", KeyKind::Rs384, None).await?;
+    let es = register_partner(&pool, "es", "system/*.read", KeyKind::Es384, None).await?;
+    for partner in [&rs, &es] {
+        let (s, headers, body) = TestPartner::request_token(&origin, &partner.assertion(&origin, 120).await?, "system/*.read").await?;
+        assert_eq!(s, 200, "{}: {body}", partner.id);
+        assert_eq!(headers["cache-control"], "no-store");
+        assert_eq!(body["token_type"], "bearer");
+        assert_eq!(body["scope"], "system/*.read");
+        assert_eq!(body["expires_in"], 300);
+        let client = bearer_client(body["access_token"].as_str().unwrap_or_default())?;
+        let (s, _, profile) = get(&client, &format!("{fhir}/Patient/A1/$medication-profile")).await?;
+        assert_eq!(s, 200, "{}: {profile}", partner.id);
+        assert_eq!(profile["entry"][0]["resource"]["id"], "A1");
+    }
+
+    // No token, a malformed header, a token never issued.
+    refused(&get(&anonymous, &format!("{fhir}/Patient/A1")).await?, 401, "no token");
+    let r = anonymous.get(format!("{fhir}/Patient/A1")).header("Authorization", "Basic abc").send().await?;
+    let reply = (r.status().as_u16(), r.headers().clone(), r.json().await?);
+    refused(&reply, 401, "not a bearer token");
+    let reply = get(&bearer_client("not-a-token-we-issued")?, &format!("{fhir}/Patient/A1")).await?;
+    refused(&reply, 401, "unknown token");
+    assert!(reply.1["www-authenticate"].to_str()?.contains("invalid_token"));
+    // metadata stays open.
+    assert_eq!(get(&anonymous, &format!("{fhir}/metadata")).await?.0, 200);
+
+    // An expired token: from an API instance that issues 1-second tokens.
+    let short = start_api_with(&url, "127.0.0.1:0", "http://fhir.test/fhir", &["--auth-token-lifetime-secs", "1"]).await?;
+    let token = es.token(&short).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reply = get(&bearer_client(&token)?, &format!("{fhir}/Patient/A1")).await?;
+    refused(&reply, 401, "expired token");
+    assert!(reply.2["issue"][0]["diagnostics"].as_str().unwrap_or_default().contains("expired"));
+
+    // Wrong audience.
+    let assertion = es.key.assertion("es", "http://elsewhere.test/auth/token", 120, None)?;
+    token_refused(&TestPartner::request_token(&origin, &assertion, "system/*.read").await?, 401, "invalid_client", "wrong audience");
+
+    // A replayed jti: the first use works, the second is refused.
+    let token_url = TestPartner::token_url(&origin).await?;
+    let assertion = es.key.assertion("es", &token_url, 120, Some("jti-used-once"))?;
+    assert_eq!(TestPartner::request_token(&origin, &assertion, "system/*.read").await?.0, 200);
+    let again = es.key.assertion("es", &token_url, 100, Some("jti-used-once"))?;
+    token_refused(&TestPartner::request_token(&origin, &again, "system/*.read").await?, 401, "invalid_client", "replayed jti");
+
+    // A bad signature: signed by another key that claims the registered key's id.
+    let impostor = api::auth::client::ClientKey::generate_es384("es-key")?.0;
+    let forged = impostor.assertion("es", &token_url, 120, None)?;
+    token_refused(&TestPartner::request_token(&origin, &forged, "system/*.read").await?, 401, "invalid_client", "bad signature");
+    // An RSA assertion whose signature was tampered with.
+    let good = rs.key.assertion("rs", &token_url, 120, None)?;
+    let tampered = format!("{}{}", &good[..good.len() - 4], if good.ends_with("AAAA") { "BBBB" } else { "AAAA" });
+    token_refused(&TestPartner::request_token(&origin, &tampered, "system/*.read").await?, 401, "invalid_client", "tampered signature");
+
+    // An expired assertion, and one that lives longer than 5 minutes.
+    let old = es.key.assertion("es", &token_url, -120, None)?;
+    token_refused(&TestPartner::request_token(&origin, &old, "system/*.read").await?, 401, "invalid_client", "expired assertion");
+    let long = es.key.assertion("es", &token_url, 3600, None)?;
+    token_refused(&TestPartner::request_token(&origin, &long, "system/*.read").await?, 401, "invalid_client", "exp beyond 5 minutes");
+
+    // Unknown client.
+    let stranger = api::auth::client::ClientKey::generate_es384("x")?.0;
+    let assertion = stranger.assertion("nobody-registered", &token_url, 120, None)?;
+    token_refused(&TestPartner::request_token(&origin, &assertion, "system/*.read").await?, 401, "invalid_client", "unknown client");
+
+    // Disabled partner: no new token, and the token it holds stops working at once.
+    let off = register_partner(&pool, "off", "system/*.read", KeyKind::Es384, None).await?;
+    let held = bearer_client(&off.token(&origin).await?)?;
+    assert_eq!(get(&held, &format!("{fhir}/Patient/A1")).await?.0, 404, "not attributed, but authenticated");
+    assert!(db::partners::set_disabled(&pool, "off", true).await?);
+    let assertion = off.assertion(&origin, 120).await?;
+    token_refused(&TestPartner::request_token(&origin, &assertion, "system/*.read").await?, 401, "invalid_client", "disabled partner");
+    refused(&get(&held, &format!("{fhir}/Patient/A1")).await?, 401, "token of a disabled partner");
+
+    // Insufficient scope: a scope the partner may not have, and a request its token does not cover.
+    let assertion = es.assertion(&origin, 120).await?;
+    token_refused(&TestPartner::request_token(&origin, &assertion, "system/AuditEvent.read").await?, 400, "invalid_scope", "scope not allowed");
+    let tasks_only = bearer_client(&es.token_with(&origin, "system/Task.read").await?)?;
+    assert_eq!(get(&tasks_only, &format!("{fhir}/Task?patient=A1")).await?.0, 200);
+    for path in ["Patient/A1", "MedicationStatement?patient=A1", "Patient/A1/$medication-profile", "AuditEvent"] {
+        let reply = get(&tasks_only, &format!("{fhir}/{path}")).await?;
+        refused(&reply, 403, path);
+        assert!(reply.1["www-authenticate"].to_str()?.contains("insufficient_scope"), "{path}");
+    }
+
+    // Malformed token requests.
+    let form = |body: &str| anonymous.post(format!("{origin}/auth/token")).header("content-type", "application/x-www-form-urlencoded").body(body.to_owned()).send();
+    let r = form("grant_type=password&scope=system/*.read").await?;
+    let reply = (r.status().as_u16(), r.headers().clone(), r.json().await?);
+    token_refused(&reply, 400, "unsupported_grant_type", "grant type");
+    let r = form("grant_type=client_credentials&scope=system/*.read&client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer&client_assertion=abc").await?;
+    let reply = (r.status().as_u16(), r.headers().clone(), r.json().await?);
+    token_refused(&reply, 401, "invalid_client", "not a JWT");
+    let r = anonymous.post(format!("{origin}/auth/token")).json(&json!({ "grant_type": "client_credentials" })).send().await?;
+    let reply = (r.status().as_u16(), r.headers().clone(), r.json().await?);
+    refused(&reply, 415, "JSON body");
+    Ok(())
+}
+
+/// The same request for two members, with the ids swapped back: equal when the API does not
+/// tell them apart.
+async fn same_answer(client: &reqwest::Client, fhir: &str, path: &str, id: &str, absent: &str) -> anyhow::Result<()> {
+    let (s1, h1, b1) = get(client, &format!("{fhir}/{}", path.replace("{}", id))).await?;
+    let (s2, h2, b2) = get(client, &format!("{fhir}/{}", path.replace("{}", absent))).await?;
+    let b2 = serde_json::from_str::<Value>(&b2.to_string().replace(absent, id))?;
+    assert_eq!((s1, &b1), (s2, &b2), "{path}: another partner's member vs no member");
+    for h in ["content-type", "etag", "last-modified", "www-authenticate"] {
+        assert_eq!(h1.get(h), h2.get(h), "{path}: header {h}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partners_read_only_their_members_within_their_rate_and_everything_is_audited() -> anyhow::Result<()> {
+    let (url, pool) = fresh_database("partners", true).await?;
+    compose(&url, &pool, "partners").await?;
+    let origin = start_api(&url, "http://fhir.test/fhir").await?;
+    let fhir = format!("{origin}/fhir");
+    let pa = register_partner(&pool, "pa", "system/*.read", KeyKind::Es384, None).await?;
+    let pb = register_partner(&pool, "pb", "system/*.read", KeyKind::Rs384, None).await?;
+    let (a, b) = (pa.client(&origin).await?, pb.client(&origin).await?);
+    let mut requests_by = std::collections::HashMap::<&str, usize>::from([("pa", 1), ("pb", 1)]); // the token requests
+
+    let ms_of = |member: &str| {
+        let record = format!("urn:sor:rx-claims/MedicationStatement/RX-{member}");
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, record.as_bytes()).to_string()
+    };
+    let (ms_a, ms_b) = (ms_of("A1"), ms_of("B1"));
+    let absent_ms = uuid::Uuid::new_v4().to_string();
+
+    // Each reads its own members.
+    for (client, partner, member, ms) in [(&a, "pa", "A1", &ms_a), (&b, "pb", "B1", &ms_b)] {
+        for path in [
+            format!("Patient/{member}"),
+            format!("Patient/{member}/_history/1"),
+            format!("Patient/{member}/_history"),
+            format!("Patient/{member}/$medication-profile"),
+            format!("MedicationStatement/{ms}"),
+            format!("MedicationStatement/{ms}/_history/1"),
+            format!("MedicationStatement/{ms}/_history"),
+        ] {
+            let (s, _, body) = get(client, &format!("{fhir}/{path}")).await?;
+            assert_eq!(s, 200, "{partner} {path}: {body}");
+        }
+        let (_, _, page) = get(client, &format!("{fhir}/MedicationStatement")).await?;
+        assert_eq!(page["total"], 1, "{partner} searches only its members: {page}");
+        assert_eq!(page["entry"][0]["resource"]["subject"]["reference"], format!("Patient/{member}"));
+        let (_, _, page) = get(client, &format!("{fhir}/Patient")).await?;
+        assert_eq!(page["total"], 1, "{partner}: {page}");
+        *requests_by.get_mut(partner).expect("known") += 9;
+    }
+
+    // Every attempt on the other's member (or on one whose attribution ended) answers exactly
+    // as for a member that does not exist.
+    for (client, partner, theirs, theirs_ms) in [(&a, "pa", "B1", &ms_b), (&b, "pb", "A1", &ms_a), (&a, "pa", "C1", &ms_of("C1"))] {
+        for path in [
+            "Patient/{}",
+            "Patient/{}/_history/1",
+            "Patient/{}/_history",
+            "Patient/{}/$medication-profile",
+            "Patient?_id={}",
+            "MedicationStatement?patient={}",
+            "MedicationStatement?patient=Patient/{}&status=active",
+        ] {
+            same_answer(client, &fhir, path, theirs, "NOBODY").await?;
+        }
+        for path in ["MedicationStatement/{}", "MedicationStatement/{}/_history/1", "MedicationStatement/{}/_history"] {
+            same_answer(client, &fhir, path, theirs_ms, &absent_ms).await?;
+        }
+        *requests_by.get_mut(partner).expect("known") += 20;
+    }
+
+    // A burst over the limit gets 429 with Retry-After; the other partners are unaffected.
+    let hasty = register_partner(&pool, "hasty", "system/*.read", KeyKind::Es384, Some((0.5, 5))).await?;
+    let h = hasty.client(&origin).await?;
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        let reply = get(&h, &format!("{fhir}/Patient/NOBODY")).await?;
+        if reply.0 == 429 {
+            refused(&reply, 429, "burst");
+            let retry: u64 = reply.1["retry-after"].to_str()?.parse()?;
+            assert!((1..=2).contains(&retry), "Retry-After {retry}");
+        }
+        statuses.push(reply.0);
+    }
+    assert_eq!(statuses, [404, 404, 404, 404, 404, 429, 429, 429]);
+    for (client, member) in [(&a, "A1"), (&b, "B1")] {
+        assert_eq!(get(client, &format!("{fhir}/Patient/{member}")).await?.0, 200, "other partners are not throttled");
+    }
+    *requests_by.get_mut("pa").expect("known") += 1;
+    *requests_by.get_mut("pb").expect("known") += 1;
+
+    // The audit trail: exactly one record per request, searchable by partner and by member.
+    let ops = register_partner(&pool, "ops", "system/AuditEvent.read", KeyKind::Es384, None).await?;
+    let o = bearer_client(&ops.token_with(&origin, "system/AuditEvent.read").await?)?;
+    for (partner, count) in &requests_by {
+        let (s, _, page) = get(&o, &format!("{fhir}/AuditEvent?agent={partner}&_count=1")).await?;
+        assert_eq!(s, 200, "{page}");
+        assert_eq!(page["total"], *count as i64, "audit records of {partner}");
+    }
+    let (_, _, page) = get(&o, &format!("{fhir}/AuditEvent?agent=hasty&_count=100")).await?;
+    let outcomes: Vec<&str> = page["entry"].as_array().into_iter().flatten().map(|e| e["resource"]["outcomeDesc"].as_str().unwrap_or_default()).collect();
+    assert_eq!(outcomes.iter().filter(|o| o.starts_with("HTTP 429")).count(), 3, "{outcomes:?}");
+    // Searching by member finds pa's attempts on B1, which pa never saw.
+    let (_, _, page) = get(&o, &format!("{fhir}/AuditEvent?patient=B1&agent=pa&_count=100")).await?;
+    let entries = page["entry"].as_array().cloned().unwrap_or_default();
+    assert!(entries.len() >= 5, "{page}");
+    for e in &entries {
+        let event = &e["resource"];
+        assert_eq!(event["resourceType"], "AuditEvent");
+        assert_eq!(event["agent"][0]["who"]["identifier"]["value"], "pa");
+        assert!(event["entity"].as_array().into_iter().flatten().any(|x| x["what"]["reference"] == "Patient/B1"), "{event}");
+        if event["subtype"][0]["code"] != "search-type" {
+            assert_eq!(event["outcome"], "4", "a refused read is a minor failure: {event}");
+        }
+    }
+    // Reading B1's data as pb is a success on B1's record.
+    let (_, _, page) = get(&o, &format!("{fhir}/AuditEvent?patient=Patient/B1&agent=pb&subtype=operation")).await?;
+    assert_eq!(page["total"], 1, "{page}");
+    assert_eq!(page["entry"][0]["resource"]["outcome"], "0");
+    let id = page["entry"][0]["resource"]["id"].as_str().unwrap_or_default().to_owned();
+    let (s, _, event) = get(&o, &format!("{fhir}/AuditEvent/{id}")).await?;
+    assert_eq!((s, &event["id"]), (200, &json!(id)));
+    // Partners cannot read the audit trail, even with a wildcard scope.
+    refused(&get(&a, &format!("{fhir}/AuditEvent")).await?, 403, "partner reading audit");
+    *requests_by.get_mut("pa").expect("known") += 1;
+
+    // Append-only.
+    assert!(sqlx::query("UPDATE audit_events SET status = 200").execute(&pool).await.is_err());
+    assert!(sqlx::query("DELETE FROM audit_events").execute(&pool).await.is_err());
+
+    // Every audit record reaches audit.events.v1, as an AuditEvent keyed by its partner.
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&pool).await?;
+    eventually(Duration::from_secs(30), "the audit outbox to drain", || async { Ok((db::audit::unpublished(&pool).await? == 0).then_some(())) }).await?;
+    let topic = format!("{}.{}", api_topic_prefix(&url), platform::topics::AUDIT_EVENTS);
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .set("group.id", unique("audit-reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[&topic])?;
+    let mut ids = std::collections::BTreeSet::new();
+    let mut pa_on_topic = 0;
+    while (ids.len() as i64) < total {
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await??;
+        let event: Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
+        assert_eq!(event["resourceType"], "AuditEvent");
+        let key = std::str::from_utf8(m.key().unwrap_or_default())?.to_owned();
+        assert_eq!(event["agent"][0]["who"]["identifier"]["value"].as_str().unwrap_or("-"), key);
+        if key == "pa" {
+            pa_on_topic += 1;
+        }
+        ids.insert(event["id"].as_str().unwrap_or_default().parse::<i64>()?);
+    }
+    assert_eq!(ids.len() as i64, total);
+    assert_eq!(pa_on_topic, requests_by["pa"]);
+    Ok(())
+}
