@@ -1,14 +1,16 @@
--- wrk: GET $medication-profile for random members from members.txt (one id per line).
+-- wrk: GET $medication-profile for random members from members.txt (one id per line), as the
+-- partner whose bearer token is in TOKEN (every member in the file is attributed to it).
 -- With RATE_DELAY_MS set, each connection waits that long between requests (an open-loop
 -- approximation of a fixed request rate: connections x 1000 / delay req/s).
 local members = {}
 for line in io.lines(os.getenv("MEMBERS_FILE")) do members[#members + 1] = line end
 local delay_ms = tonumber(os.getenv("RATE_DELAY_MS") or "0")
+local authorization = "Bearer " .. os.getenv("TOKEN")
 math.randomseed(os.time())
 
 request = function()
   local id = members[math.random(#members)]
-  return wrk.format("GET", "/fhir/Patient/" .. id .. "/$medication-profile", { ["Accept"] = "application/fhir+json" })
+  return wrk.format("GET", "/fhir/Patient/" .. id .. "/$medication-profile", { ["Accept"] = "application/fhir+json", ["Authorization"] = authorization })
 end
 
 if delay_ms > 0 then

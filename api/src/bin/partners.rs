@@ -60,6 +60,12 @@ enum Command {
         id: String,
         #[arg(long, default_value = "system/*.read")]
         scopes: String,
+        /// Sustained requests per second (default: the API's RATE_LIMIT_PER_SECOND).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Burst size (default: the API's RATE_LIMIT_BURST).
+        #[arg(long)]
+        burst: Option<i32>,
         /// The token endpoint (default: derived from FHIR_BASE_URL).
         #[arg(long, env = "AUTH_TOKEN_URL")]
         token_url: Option<String>,
@@ -91,14 +97,14 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Disable { id } => toggle(&pool, &id, true).await?,
         Command::Enable { id } => toggle(&pool, &id, false).await?,
-        Command::DemoToken { id, scopes, token_url } => {
+        Command::DemoToken { id, scopes, rate, burst, token_url } => {
             let token_url = token_url.unwrap_or_else(|| {
                 let base = cli.common.fhir_base_url.trim_end_matches('/');
                 format!("{}{}", base.strip_suffix("/fhir").unwrap_or(base), api::auth::token::PATH)
             });
             let key = demo_key(&id)?;
             let jwks = ClientKey::jwks(&[&key]).to_string();
-            register(&pool, &id, &format!("Demo partner {id}"), &jwks, &parse_scopes(&scopes)?, None, None, &[]).await?;
+            register(&pool, &id, &format!("Demo partner {id}"), &jwks, &parse_scopes(&scopes)?, rate, burst, &[]).await?;
             let assertion = key.assertion(&id, &token_url, 240, None)?;
             let response = reqwest::Client::new()
                 .post(&token_url)

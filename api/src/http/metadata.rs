@@ -8,8 +8,8 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{Value, json};
 
-pub fn capability_statement(base_url: &str) -> Value {
-    let resources: Vec<Value> = ResourceType::ALL
+pub fn capability_statement(base_url: &str, token_url: &str) -> Value {
+    let mut resources: Vec<Value> = ResourceType::ALL
         .iter()
         .map(|rt| {
             let mut params: Vec<Value> = rt
@@ -36,6 +36,18 @@ pub fn capability_statement(base_url: &str) -> Value {
             resource
         })
         .collect();
+    resources.push(json!({
+        "type": "AuditEvent",
+        "documentation": "The audit trail of every access (operators only: needs the system/AuditEvent.read scope, which no wildcard grants). Also published on the audit.events.v1 topic.",
+        "interaction": [{ "code": "read" }, { "code": "search-type" }],
+        "versioning": "no-version",
+        "searchParam": [
+            { "name": "agent", "type": "reference", "documentation": "The partner id" },
+            { "name": "patient", "type": "reference", "documentation": "A member whose data was accessed or asked for" },
+            { "name": "subtype", "type": "token" },
+            { "name": "date", "type": "date" },
+        ],
+    }));
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -48,6 +60,13 @@ pub fn capability_statement(base_url: &str) -> Value {
         "rest": [{
             "mode": "server",
             "documentation": "Read-only FHIR R4B over composites built from the plan's systems of record. Search results are paged by keyset (_count, then the next link); total is exact.",
+            "security": {
+                "cors": false,
+                "service": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR" }] }],
+                "description": "SMART Backend Services: POST the token endpoint with grant_type=client_credentials and a private_key_jwt client assertion (RS384 or ES384); send 'Authorization: Bearer <token>'. Scopes system/<Type|*>.read (or SMART v2 .rs). A partner sees only members attributed to it on the day of the request; any other member answers exactly as one that does not exist. Requests are rate limited per partner (429 with Retry-After) and audited.",
+                "extension": [{ "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [{ "url": "token", "valueUri": token_url }] }],
+            },
             "resource": resources,
         }]
     })
@@ -66,5 +85,5 @@ pub async fn metadata(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     fhir::no_parameters(&fhir::query_pairs(&headers, query.as_deref())?)?;
-    Ok(fhir::bundle_response(capability_statement(&state.base_url).to_string()))
+    Ok(fhir::bundle_response(capability_statement(&state.base_url, &state.auth.token_url).to_string()))
 }
