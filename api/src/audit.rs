@@ -24,6 +24,9 @@ pub struct Audited {
     pub partner_id: Option<String>,
     /// The members whose data the response holds (or was asked for).
     pub member_ids: Vec<String>,
+    /// For $hashed-match: the key id named and the decision (never the tokens).
+    pub key_id: Option<String>,
+    pub decision: Option<&'static str>,
 }
 
 impl Audited {
@@ -84,7 +87,7 @@ fn outcome(status: StatusCode) -> &'static str {
 pub fn record_for(method: &Method, path: &str, partner_id: Option<String>, audited: Option<Audited>, status: StatusCode) -> AuditRecord {
     let (operation, resource_type, requested) = classify(method, path);
     let audited = audited.unwrap_or_default();
-    let mut member_ids = audited.member_ids;
+    let mut member_ids = audited.member_ids.clone();
     if let Some(m) = requested
         && !member_ids.contains(&m)
     {
@@ -100,6 +103,8 @@ pub fn record_for(method: &Method, path: &str, partner_id: Option<String>, audit
         path,
         status: status.as_u16() as i16,
         outcome: outcome(status).to_owned(),
+        key_id: audited.key_id,
+        decision: audited.decision.map(str::to_owned),
     }
 }
 
@@ -192,11 +197,19 @@ pub fn audit_event(row: &AuditRow, base_url: &str) -> Value {
             })
         })
         .collect();
-    entity.push(json!({
+    let mut request = json!({
         "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object" },
         "name": r.resource_type,
         "description": format!("{} {}", r.method, r.path),
-    }));
+    });
+    let details: Vec<Value> = [("keyId", &r.key_id), ("decision", &r.decision)]
+        .into_iter()
+        .filter_map(|(name, v)| v.as_ref().map(|v| json!({ "type": name, "valueString": v })))
+        .collect();
+    if !details.is_empty() {
+        request["detail"] = Value::Array(details);
+    }
+    entity.push(request);
     json!({
         "resourceType": "AuditEvent",
         "id": row.id.to_string(),

@@ -32,6 +32,23 @@ pub struct Config {
     /// Requests a partner may make at once after a quiet period (unless its registration says otherwise).
     #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 100)]
     pub rate_limit_burst: u32,
+
+    /// $hashed-match answers no sooner than this after it arrives, whatever the outcome, so
+    /// that a non-match cannot be told from a match by its timing.
+    #[arg(long, env = "MATCH_LATENCY_FLOOR_MS", default_value_t = 40)]
+    pub match_latency_floor_ms: u64,
+
+    /// $hashed-match requests per second a partner may make, sustained (much lower than reads).
+    #[arg(long, env = "MATCH_RATE_LIMIT_PER_SECOND", default_value_t = 1.0)]
+    pub match_rate_limit_per_second: f64,
+
+    /// $hashed-match requests a partner may make at once.
+    #[arg(long, env = "MATCH_RATE_LIMIT_BURST", default_value_t = 10)]
+    pub match_rate_limit_burst: u32,
+
+    /// The API needs only the pepper (partners send tokens, not identities).
+    #[command(flatten)]
+    pub pmm1: platform::Pmm1Config,
 }
 
 impl Config {

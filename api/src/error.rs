@@ -33,6 +33,9 @@ pub enum ApiError {
     /// A refusal of the token endpoint, with its OAuth 2.0 error code (RFC 6749 §5.2).
     #[error("{description}")]
     OAuth { status: StatusCode, error: &'static str, description: String },
+    /// 503: a dependency or a capability is not available.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("database error")]
     Database(#[from] db::Error),
     /// The access could not be put on record, so nothing is returned.
@@ -110,6 +113,7 @@ impl IntoResponse for ApiError {
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "not-supported"),
             ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "not-supported"),
             ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not-supported"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "transient"),
             ApiError::Database(e) => {
                 tracing::error!(error = %e, "database failure");
                 return outcome_response(StatusCode::SERVICE_UNAVAILABLE, "transient", "the database is not available; retry later".into());

@@ -26,6 +26,8 @@ pub struct AppState {
     pub base_url: String,
     pub auth: Arc<Auth>,
     pub auditor: Auditor,
+    /// PMM1 matching, when a pepper is configured.
+    pub matcher: Option<Arc<http::matching::Matcher>>,
 }
 
 #[derive(OpenApi)]
@@ -78,6 +80,7 @@ fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(http::audit_events::read))
         .routes(routes!(http::metadata::metadata))
         .routes(routes!(http::profile::medication_profile))
+        .routes(routes!(http::matching::hashed_match))
         .routes(routes!(patient::read))
         .routes(routes!(patient::vread))
         .routes(routes!(patient::history))
@@ -113,7 +116,7 @@ async fn not_found(uri: axum::http::Uri) -> crate::error::ApiError {
 }
 
 async fn method_not_allowed(method: axum::http::Method) -> crate::error::ApiError {
-    crate::error::ApiError::MethodNotAllowed(format!("{method} is not supported here; this API is read-only"))
+    crate::error::ApiError::MethodNotAllowed(format!("{method} is not supported here; see /fhir/metadata"))
 }
 
 /// The OpenAPI document generated from the handlers (committed at `openapi/openapi.json`).
@@ -150,6 +153,10 @@ impl Application {
             default_limit: Limit { rate: config.rate_limit_per_second, burst: f64::from(config.rate_limit_burst) },
             limiter: Default::default(),
         };
+        let matcher = config.pmm1.pepper().map_err(anyhow::Error::msg)?.map(|pepper| {
+            let limit = Limit { rate: config.match_rate_limit_per_second, burst: f64::from(config.match_rate_limit_burst) };
+            Arc::new(http::matching::Matcher::new(pepper.bytes(), Duration::from_millis(config.match_latency_floor_ms), limit))
+        });
         audit::spawn_relay(pool.clone(), config.common.kafka.clone(), base_url.clone());
         let state = AppState {
             auditor: Auditor::start(pool.clone()),
@@ -158,6 +165,7 @@ impl Application {
             ready_timeout: Duration::from_millis(config.ready_timeout_ms),
             base_url,
             auth: Arc::new(auth),
+            matcher,
         };
         let (router, api) = router().split_for_parts();
         let router = router

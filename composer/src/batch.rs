@@ -99,6 +99,7 @@ pub async fn apply(
     pool: &db::Pool,
     group: &str,
     composites: &[Box<dyn Composite>],
+    indexer: Option<&crate::matching::MatchIndexer>,
     consumed: &[Consumed],
     offsets: &[(StoredOffset, Option<i64>)],
 ) -> Result<Applied, BatchError> {
@@ -192,6 +193,26 @@ pub async fn apply(
     }
     q::write_components(&mut tx, &writes, now).await?;
     applied.components_written = writes.len();
+
+    if let Some(indexer) = indexer {
+        // Demographics changed (or moved away from a member): re-index those members from
+        // their live demographics, in this same transaction.
+        let mut touched: BTreeSet<String> = BTreeSet::new();
+        for w in writes.iter().filter(|w| w.key.kind == RecordKind::Demographics.as_str()) {
+            touched.insert(w.member_id.clone());
+            if let Some(p) = stored.get(&w.key) {
+                touched.insert(p.member_id.clone());
+            }
+        }
+        if !touched.is_empty() {
+            let members: Vec<String> = touched.into_iter().collect();
+            let mut rows = Vec::new();
+            for c in q::live_components(&mut tx, &members, &[RecordKind::Demographics.as_str()]).await? {
+                rows.extend(indexer.rows(&c.member_id, &c.body));
+            }
+            db::matching::replace_members(&mut tx, &indexer.key_ids(), &members, &rows).await?;
+        }
+    }
 
     let versions = rebuild(&mut tx, composites, &dirty.into_iter().collect::<Vec<_>>(), &now_text).await?;
     q::write_composites(&mut tx, &versions, now).await?;

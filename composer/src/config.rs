@@ -22,4 +22,7 @@ pub struct ComposerConfig {
     /// Partitions of the topics the platform creates when they do not exist.
     #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
+
+    #[command(flatten)]
+    pub pmm1: platform::Pmm1Config,
 }

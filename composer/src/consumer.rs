@@ -108,12 +108,15 @@ pub struct Composer {
     pool: db::Pool,
     contracts: Contracts,
     composites: Vec<Box<dyn Composite>>,
+    /// Keeps the PMM1 match index, when PMM1 is configured.
+    indexer: Option<crate::matching::MatchIndexer>,
     pub metrics: Arc<Metrics>,
 }
 
 impl Composer {
     pub fn new(config: ComposerConfig, pool: db::Pool, composites: Vec<Box<dyn Composite>>) -> anyhow::Result<Self> {
-        Ok(Self { config, pool, contracts: Contracts::load()?, composites, metrics: Arc::default() })
+        let indexer = crate::matching::MatchIndexer::from_config(&config.pmm1)?;
+        Ok(Self { config, pool, contracts: Contracts::load()?, composites, indexer, metrics: Arc::default() })
     }
 
     /// Consumes until `stop` is set. Runs on the calling (non-async) thread; database work
@@ -186,7 +189,7 @@ impl Composer {
                         self.dead_letter(&dlq, &dlq_topic, &messages, &consumed).await?;
                         dead_lettered = true;
                     }
-                    batch::apply(&self.pool, &self.config.group_id, &self.composites, &consumed, &offsets)
+                    batch::apply(&self.pool, &self.config.group_id, &self.composites, self.indexer.as_ref(), &consumed, &offsets)
                         .await
                         .map_err(anyhow::Error::from)
                 });

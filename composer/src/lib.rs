@@ -11,6 +11,7 @@ pub mod config;
 pub mod consumer;
 pub mod fhir;
 pub mod generator;
+pub mod matching;
 pub mod topics;
 
 pub use config::ComposerConfig;

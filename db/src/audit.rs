@@ -15,6 +15,9 @@ pub struct AuditRecord {
     pub path: String,
     pub status: i16,
     pub outcome: String,
+    /// For $hashed-match: the PMM1 key id the partner named, and the decision.
+    pub key_id: Option<String>,
+    pub decision: Option<String>,
 }
 
 /// A stored audit event.
@@ -25,7 +28,7 @@ pub struct AuditRow {
     pub record: AuditRecord,
 }
 
-const COLUMNS: &str = "id, recorded_at, partner_id, operation, resource_type, member_ids, method, path, status, outcome";
+const COLUMNS: &str = "id, recorded_at, partner_id, operation, resource_type, member_ids, method, path, status, outcome, key_id, decision";
 
 fn audit_row(r: sqlx::postgres::PgRow) -> AuditRow {
     AuditRow {
@@ -40,6 +43,8 @@ fn audit_row(r: sqlx::postgres::PgRow) -> AuditRow {
             path: r.get(7),
             status: r.get(8),
             outcome: r.get(9),
+            key_id: r.get(10),
+            decision: r.get(11),
         },
     }
 }
@@ -49,10 +54,10 @@ pub async fn append(pool: &PgPool, records: &[AuditRecord]) -> crate::Result<()>
     let json = serde_json::to_string(records).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     sqlx::query(
         "WITH added AS (
-           INSERT INTO audit_events (partner_id, operation, resource_type, member_ids, method, path, status, outcome)
-           SELECT partner_id, operation, resource_type, coalesce(member_ids, '{}'), method, path, status, outcome
+           INSERT INTO audit_events (partner_id, operation, resource_type, member_ids, method, path, status, outcome, key_id, decision)
+           SELECT partner_id, operation, resource_type, coalesce(member_ids, '{}'), method, path, status, outcome, key_id, decision
            FROM jsonb_to_recordset($1::jsonb) AS r(partner_id text, operation text, resource_type text,
-                member_ids text[], method text, path text, status smallint, outcome text)
+                member_ids text[], method text, path text, status smallint, outcome text, key_id text, decision text)
            RETURNING id)
          INSERT INTO audit_outbox (audit_id) SELECT id FROM added",
     )

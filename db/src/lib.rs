@@ -5,6 +5,7 @@ pub mod audit;
 pub mod bench;
 pub mod composer;
 pub mod heartbeat;
+pub mod matching;
 pub mod partners;
 pub mod resources;
 

@@ -114,6 +114,7 @@ fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
 }
 
 /// A partner's key for a key id: HKDF-SHA256(master, salt "PMM1", info "partner:<key id>").
+#[derive(Clone)]
 pub struct PartnerKey([u8; 32]);
 
 impl PartnerKey {
@@ -146,6 +147,7 @@ impl fmt::Debug for PartnerKey {
 }
 
 /// The platform's pepper: what it stores is HMAC-SHA256(pepper, token bytes).
+#[derive(Clone)]
 pub struct Pepper(Vec<u8>);
 
 impl Pepper {

@@ -68,6 +68,85 @@ impl KafkaConfig {
     }
 }
 
+/// PMM1 secrets (../shared/identity/PMM1.md): the master secret partner keys derive from and
+/// the pepper of stored values. Each comes from a file (preferred: not in the environment of
+/// every process) or from hex in the environment. Never printed, logged or stored.
+#[derive(Debug, Clone, Args)]
+pub struct Pmm1Config {
+    /// File holding the PMM1 master secret as hex (at least 32 bytes).
+    #[arg(long, env = "PMM1_MASTER_SECRET_FILE")]
+    pub pmm1_master_secret_file: Option<std::path::PathBuf>,
+
+    /// The PMM1 master secret as hex (prefer the file).
+    #[arg(long, env = "PMM1_MASTER_SECRET", hide_env_values = true)]
+    pub pmm1_master_secret: Option<Secret>,
+
+    /// File holding the PMM1 pepper as hex (at least 32 bytes).
+    #[arg(long, env = "PMM1_PEPPER_FILE")]
+    pub pmm1_pepper_file: Option<std::path::PathBuf>,
+
+    /// The PMM1 pepper as hex (prefer the file).
+    #[arg(long, env = "PMM1_PEPPER", hide_env_values = true)]
+    pub pmm1_pepper: Option<Secret>,
+
+    /// Key ids the match index is kept for (comma-separated).
+    #[arg(long, env = "PMM1_KEY_IDS", value_delimiter = ',')]
+    pub pmm1_key_ids: Vec<String>,
+}
+
+/// Secret bytes, given as hex; `Debug` never shows them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = String;
+    fn from_str(hex: &str) -> Result<Self, String> {
+        let hex = hex.trim();
+        if hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("a secret is given as hex digits".into());
+        }
+        let bytes: Vec<u8> = (0..hex.len()).step_by(2).filter_map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok()).collect();
+        if bytes.len() < 32 {
+            return Err("a secret must be at least 32 bytes (64 hex digits)".into());
+        }
+        Ok(Secret(bytes))
+    }
+}
+
+impl Pmm1Config {
+    fn one(file: &Option<std::path::PathBuf>, value: &Option<Secret>, what: &str) -> Result<Option<Secret>, String> {
+        match (file, value) {
+            (Some(path), _) => {
+                let text = std::fs::read_to_string(path).map_err(|e| format!("{what} file {}: {e}", path.display()))?;
+                text.parse().map(Some).map_err(|e| format!("{what} file {}: {e}", path.display()))
+            }
+            (None, v) => Ok(v.clone()),
+        }
+    }
+
+    /// The master secret, if configured.
+    pub fn master(&self) -> Result<Option<Secret>, String> {
+        Self::one(&self.pmm1_master_secret_file, &self.pmm1_master_secret, "PMM1 master secret")
+    }
+
+    /// The pepper, if configured.
+    pub fn pepper(&self) -> Result<Option<Secret>, String> {
+        Self::one(&self.pmm1_pepper_file, &self.pmm1_pepper, "PMM1 pepper")
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,

@@ -7,5 +7,5 @@ pub mod domain;
 pub mod telemetry;
 pub mod topics;
 
-pub use config::{CommonConfig, KafkaConfig, LogFormat};
+pub use config::{CommonConfig, KafkaConfig, LogFormat, Pmm1Config, Secret};
 pub use domain::{MemberId, PartnerId, RecordId, RecordVersion, SourceName};

@@ -77,14 +77,20 @@ where
 
 /// A composer configuration for a test: its database, topic namespace and consumer group.
 pub fn composer_config(database_url: &str, prefix: &str, group: &str) -> composer::ComposerConfig {
+    composer_config_with(database_url, prefix, group, &[])
+}
+
+/// As [`composer_config`], with extra flags (e.g. PMM1 secrets and key ids).
+pub fn composer_config_with(database_url: &str, prefix: &str, group: &str, extra: &[&str]) -> composer::ComposerConfig {
     use clap::Parser;
     init_logs();
-    composer::ComposerConfig::parse_from([
+    let kafka = kafka_bootstrap();
+    let base = [
         "composer",
         "--database-url",
         database_url,
         "--kafka-bootstrap-servers",
-        &kafka_bootstrap(),
+        &kafka,
         "--kafka-topic-prefix",
         prefix,
         "--group-id",
@@ -93,7 +99,17 @@ pub fn composer_config(database_url: &str, prefix: &str, group: &str) -> compose
         "http://fhir.test/fhir",
         "--database-max-connections",
         "4",
-    ])
+    ];
+    composer::ComposerConfig::parse_from(base.iter().copied().chain(extra.iter().copied()))
+}
+
+/// A binary of this workspace, built next to the test executables (`cargo build --workspace`).
+pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(|d| d.parent()).ok_or_else(|| anyhow::anyhow!("unexpected test path"))?;
+    let bin = dir.join(name);
+    anyhow::ensure!(bin.exists(), "{} not built: run `cargo build --workspace` first (scripts/test does)", bin.display());
+    Ok(bin)
 }
 
 /// Messages a consumer group has applied, from the offsets stored in PostgreSQL (topics of a

@@ -15,17 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tests::*;
 
-fn composer_binary() -> anyhow::Result<std::path::PathBuf> {
-    // target/<profile>/deps/composer_crash-… → target/<profile>/composer
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(|d| d.parent()).ok_or_else(|| anyhow::anyhow!("unexpected test path"))?;
-    let bin = dir.join("composer");
-    anyhow::ensure!(bin.exists(), "{} not built: run `cargo build --workspace` first (scripts/test does)", bin.display());
-    Ok(bin)
-}
-
 fn start_composer(url: &str, prefix: &str, group: &str) -> anyhow::Result<Child> {
-    let mut command = Command::new(composer_binary()?);
+    let mut command = Command::new(workspace_binary("composer")?);
     command
         .env("DATABASE_URL", url)
         .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())

@@ -11,6 +11,8 @@ use std::path::PathBuf;
 struct Cli {
     #[command(flatten)]
     common: platform::CommonConfig,
+    #[command(flatten)]
+    pmm1: platform::Pmm1Config,
     #[command(subcommand)]
     command: Command,
 }
@@ -52,6 +54,12 @@ enum Command {
         #[arg(long)]
         id: String,
     },
+    /// Print the PMM1 partner key of a key id (hex), for the operator to hand over out of band.
+    /// Needs the master secret (PMM1_MASTER_SECRET_FILE).
+    Pmm1Key {
+        #[arg(long)]
+        key_id: String,
+    },
     /// For local use: register a demo partner with a P-384 key kept under the state directory,
     /// get a token from the running API through the SMART flow, and print it.
     DemoToken {
@@ -76,9 +84,16 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     cli.common.init_logs();
+    if let Command::Pmm1Key { key_id } = &cli.command {
+        anyhow::ensure!(api::fhir::parse_id(key_id).is_ok(), "a key id is 1 to 64 characters of A-Z, a-z, 0-9, '-' or '.'");
+        let master = cli.pmm1.master().map_err(anyhow::Error::msg)?.ok_or_else(|| anyhow::anyhow!("set PMM1_MASTER_SECRET_FILE"))?;
+        println!("{}", identity::PartnerKey::derive(master.bytes(), key_id).to_hex());
+        return Ok(());
+    }
     let pool = db::connect(&cli.common.database_url, 2).await?;
     db::migrate(&pool).await?;
     match cli.command {
+        Command::Pmm1Key { .. } => {}
         Command::Register { id, name, jwks, scopes, rate, burst, pmm1_key_ids } => {
             let jwks = if jwks.as_os_str() == "-" { std::io::read_to_string(std::io::stdin())? } else { std::fs::read_to_string(&jwks)? };
             check_jwks(&jwks).map_err(anyhow::Error::msg)?;

@@ -31,7 +31,10 @@ pub fn capability_statement(base_url: &str, token_url: &str) -> Value {
             if *rt == ResourceType::Patient {
                 resource["operation"] = json!([{ "name": "medication-profile",
                     "definition": "urn:fhir-event-platform:OperationDefinition/Patient-medication-profile",
-                    "documentation": "GET /Patient/{id}/$medication-profile: the member's composite (collection Bundle of Patient, MedicationStatement, AllergyIntolerance, Immunization). ETag W/\"versionId\"; If-None-Match gives 304." }]);
+                    "documentation": "GET /Patient/{id}/$medication-profile: the member's composite (collection Bundle of Patient, MedicationStatement, AllergyIntolerance, Immunization). ETag W/\"versionId\"; If-None-Match gives 304." },
+                    { "name": "hashed-match",
+                    "definition": "urn:fhir-event-platform:OperationDefinition/Patient-hashed-match",
+                    "documentation": "POST /Patient/$hashed-match with a Parameters resource (keyId, one to five PMM1 token values): on a match (exactly one member; T1 or two token types) a searchset Bundle of the member's open Tasks, whose 'for' is an opaque per-partner handle; every other outcome is the same 422. Needs Patient search and Task read scopes; rate limited separately; answers no sooner than a fixed floor." }]);
             }
             resource
         })

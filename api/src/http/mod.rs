@@ -2,6 +2,7 @@
 
 pub mod audit_events;
 pub mod health;
+pub mod matching;
 pub mod metadata;
 pub mod profile;
 pub mod resources;
