@@ -97,6 +97,20 @@ fn date(rng: &mut StdRng, from_year: i32, to_year: i32) -> String {
     format!("{:04}-{:02}-{:02}", rng.random_range(from_year..=to_year), rng.random_range(1..=12), rng.random_range(1..=28))
 }
 
+/// The demographics record of a synthetic person (names from `data/codes.json`, with their
+/// accents, hyphens and apostrophes).
+pub fn person(rng: &mut StdRng) -> Value {
+    let c = codes();
+    let (city, state, zip3) = pick(rng, &c.cities).clone();
+    json!({
+        "given_name": pick(rng, &c.given), "family_name": pick(rng, &c.family),
+        "birth_date": date(rng, 1935, 2015), "sex": pick(rng, &["male", "female", "female", "male", "other", "unknown"]),
+        "address_line": format!("{} {}", rng.random_range(1..9999), pick(rng, &c.streets)),
+        "city": city, "state": state, "postal_code": format!("{zip3}{:02}", rng.random_range(1..99)),
+        "phone": format!("{}-555-{:04}", rng.random_range(201..989), rng.random_range(0..9999)),
+    })
+}
+
 fn member_records(rng: &mut StdRng, cfg: &GeneratorConfig, member: &str) -> Vec<Record> {
     let c = codes();
     let mut records = Vec::new();
@@ -105,17 +119,7 @@ fn member_records(rng: &mut StdRng, cfg: &GeneratorConfig, member: &str) -> Vec<
         records.push(Record { topic, source, record_id, debezium, versions });
     };
 
-    let (city, state, zip3) = pick(rng, &c.cities).clone();
-    let demographics = |rng: &mut StdRng| {
-        json!({
-            "given_name": pick(rng, &c.given), "family_name": pick(rng, &c.family),
-            "birth_date": date(rng, 1935, 2015), "sex": pick(rng, &["male", "female", "female", "male", "other", "unknown"]),
-            "address_line": format!("{} {}", rng.random_range(1..9999), pick(rng, &c.streets)),
-            "city": city, "state": state, "postal_code": format!("{zip3}{:02}", rng.random_range(1..99)),
-            "phone": format!("{}-555-{:04}", rng.random_range(201..989), rng.random_range(0..9999)),
-        })
-    };
-    let mut versions: Vec<Option<Value>> = (0..rng.random_range(1..=2)).map(|_| Some(demographics(rng))).collect();
+    let mut versions: Vec<Option<Value>> = (0..rng.random_range(1..=2)).map(|_| Some(person(rng))).collect();
     if rng.random_bool(cfg.member_deletes) {
         versions.push(None);
     }

@@ -45,7 +45,12 @@ impl MatchIndexer {
     /// The index rows of one member's Patient (as stored) for every key id.
     pub fn rows(&self, member_id: &str, patient_json: &str) -> Vec<IndexRow> {
         let Ok(patient) = serde_json::from_str::<Value>(patient_json) else { return Vec::new() };
-        let normalized = Normalized::of(&identity_of(&patient));
+        self.rows_of(member_id, &identity_of(&patient))
+    }
+
+    /// The index rows of one member's identity for every key id.
+    pub fn rows_of(&self, member_id: &str, identity: &Identity) -> Vec<IndexRow> {
+        let normalized = Normalized::of(identity);
         let mut rows = Vec::new();
         for (key_id, key) in &self.keys {
             for (token_type, token) in identity::tokens(key, &normalized) {

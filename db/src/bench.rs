@@ -70,3 +70,13 @@ pub async fn drop_database(pool: &PgPool, name: &str) -> crate::Result<()> {
         }
     }
 }
+
+/// Refreshes the planner's statistics of a table after a bulk load.
+pub async fn analyze(pool: &PgPool, table: &str) -> crate::Result<()> {
+    let plain = !table.is_empty() && table.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+    if !plain {
+        return Err(crate::Error::Sqlx(sqlx::Error::Protocol(format!("not a plain table name: {table:?}"))));
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {table}"))).execute(pool).await?;
+    Ok(())
+}

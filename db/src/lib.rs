@@ -39,6 +39,15 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
     Ok(pool)
 }
 
+/// `url` with its database name replaced by `name` (query parameters kept).
+pub fn url_with_database(url: &str, name: &str) -> Result<String> {
+    let (without_query, query) = url.split_once('?').unwrap_or((url, ""));
+    let (prefix, _) = without_query
+        .rsplit_once('/')
+        .ok_or_else(|| Error::Sqlx(sqlx::Error::Configuration("the database URL has no database name".into())))?;
+    Ok(if query.is_empty() { format!("{prefix}/{name}") } else { format!("{prefix}/{name}?{query}") })
+}
+
 /// Applies every migration not yet applied (idempotent).
 pub async fn migrate(pool: &PgPool) -> Result<()> {
     MIGRATOR.run(pool).await?;

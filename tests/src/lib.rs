@@ -28,9 +28,7 @@ pub async fn fresh_database(label: &str, migrate: bool) -> anyhow::Result<(Strin
     let name = unique(label);
     db::create_database(&admin, &name).await?;
     admin.close().await;
-    let (without_query, query) = base.split_once('?').unwrap_or((&base, ""));
-    let (prefix, _) = without_query.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("DATABASE_URL has no database name"))?;
-    let url = if query.is_empty() { format!("{prefix}/{name}") } else { format!("{prefix}/{name}?{query}") };
+    let url = db::url_with_database(&base, &name)?;
     let pool = db::connect(&url, 8).await?;
     if migrate {
         db::migrate(&pool).await?;
@@ -242,6 +240,14 @@ pub fn init_logs() {
     let exe = std::env::current_exe().ok().and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned())).unwrap_or_default();
     let file = collected_log_file(&exe);
     platform::telemetry::init_to(&level, platform::LogFormat::Text, file.as_deref().map(|f| (f, COLLECTED_LOG_LEVEL)));
+}
+
+/// Sends a child process's logs, in full, to the collection the PHI scan reads (under
+/// `scripts/test`; otherwise the command is left as it is).
+pub fn collect_logs(command: &mut std::process::Command, label: &str) {
+    if let Some(file) = collected_log_file(label) {
+        command.env("LOG_FILE", file).env("LOG_LEVEL", COLLECTED_LOG_LEVEL).stderr(std::process::Stdio::null());
+    }
 }
 
 /// Remembers a secret the suite handled (a bearer token, a client assertion), so that the log

@@ -25,10 +25,7 @@ fn start_composer(url: &str, prefix: &str, group: &str) -> anyhow::Result<Child>
         .env("FHIR_BASE_URL", "http://fhir.test/fhir")
         .env("LOG_LEVEL", "warn")
         .stdin(Stdio::null());
-    // Under scripts/test its logs go, in full, to the collection the PHI scan reads.
-    if let Some(file) = collected_log_file("composer-child") {
-        command.env("LOG_FILE", file).env("LOG_LEVEL", COLLECTED_LOG_LEVEL).stderr(Stdio::null());
-    }
+    collect_logs(&mut command, "composer-child");
     Ok(command.spawn()?)
 }
 

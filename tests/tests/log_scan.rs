@@ -65,10 +65,7 @@ async fn nothing_the_platform_logged_holds_phi_or_secrets() -> anyhow::Result<()
     let names: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 't\\_%'").fetch_all(&admin).await?;
     let mut phi = BTreeSet::new();
     for name in &names {
-        let base = database_url();
-        let (without_query, query) = base.split_once('?').unwrap_or((&base, ""));
-        let (prefix, _) = without_query.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("DATABASE_URL has no database name"))?;
-        let url = if query.is_empty() { format!("{prefix}/{name}") } else { format!("{prefix}/{name}?{query}") };
+        let url = db::url_with_database(&database_url(), name)?;
         let Ok(pool) = db::connect(&url, 1).await else { continue };
         let bodies: Vec<String> = sqlx::query_scalar(
             "SELECT body::text FROM resource_history WHERE resource_type = 'Patient' AND body IS NOT NULL",

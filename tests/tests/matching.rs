@@ -30,11 +30,10 @@ fn tokenizer_input(p: &Value) -> Value {
 
 /// The partner key the operator hands over: printed by `partners pmm1-key`.
 fn partner_key(key_id: &str) -> anyhow::Result<String> {
-    let out = Command::new(workspace_binary("partners")?)
-        .args(["pmm1-key", "--key-id", key_id])
-        .env("PMM1_MASTER_SECRET", MASTER)
-        .env("LOG_LEVEL", "warn")
-        .output()?;
+    let mut command = Command::new(workspace_binary("partners")?);
+    command.args(["pmm1-key", "--key-id", key_id]).env("PMM1_MASTER_SECRET", MASTER).env("LOG_LEVEL", "warn");
+    collect_logs(&mut command, "partners");
+    let out = command.output()?;
     anyhow::ensure!(out.status.success(), "partners pmm1-key failed: {}", String::from_utf8_lossy(&out.stderr));
     Ok(String::from_utf8(out.stdout)?.trim().to_owned())
 }
@@ -227,15 +226,17 @@ async fn a_partner_matches_a_member_by_tokens_and_learns_nothing_else() -> anyho
     // The index follows demographics: rebuilt by the command, and emptied by a delete.
     sqlx::query("DELETE FROM match_index WHERE key_id = 'k1'").execute(&pool).await?;
     assert_eq!(hashed_match(&client, &origin, "k1", &all(exact)).await?.status, 422);
-    let out = Command::new(workspace_binary("match-index")?)
+    let mut command = Command::new(workspace_binary("match-index")?);
+    command
         .args(["--key-id", "k1"])
         .env("DATABASE_URL", &url)
         .env("PMM1_MASTER_SECRET", MASTER)
         .env("PMM1_PEPPER", PEPPER)
         .env("PMM1_KEY_IDS", "k1,k2")
-        .env("LOG_LEVEL", "warn")
-        .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        .env("LOG_LEVEL", "warn");
+    collect_logs(&mut command, "match-index");
+    let out = command.output()?;
+    assert!(out.status.success(), "match-index failed");
     assert!(String::from_utf8_lossy(&out.stdout).contains("3 members"), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(hashed_match(&client, &origin, "k1", &all(exact)).await?.status, 200);
     let kafka = kafka_config(&prefix);

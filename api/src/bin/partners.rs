@@ -17,6 +17,20 @@ struct Cli {
     command: Command,
 }
 
+/// A partner's rate limit and PMM1 key ids.
+#[derive(clap::Args)]
+struct Limits {
+    /// Sustained requests per second (default: the API's RATE_LIMIT_PER_SECOND).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Burst size (default: the API's RATE_LIMIT_BURST).
+    #[arg(long)]
+    burst: Option<i32>,
+    /// PMM1 key ids it may use for $hashed-match, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pmm1_key_ids: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Register a partner, or replace the registration of an existing one.
@@ -32,15 +46,8 @@ enum Command {
         /// Scopes it may be granted, space-separated (e.g. "system/*.read").
         #[arg(long, default_value = "system/*.read")]
         scopes: String,
-        /// Sustained requests per second (default: the API's RATE_LIMIT_PER_SECOND).
-        #[arg(long)]
-        rate: Option<f64>,
-        /// Burst size (default: the API's RATE_LIMIT_BURST).
-        #[arg(long)]
-        burst: Option<i32>,
-        /// PMM1 key ids it may use for $hashed-match, comma-separated.
-        #[arg(long, value_delimiter = ',')]
-        pmm1_key_ids: Vec<String>,
+        #[command(flatten)]
+        limits: Limits,
     },
     /// List partners (without their keys).
     List,
@@ -68,12 +75,8 @@ enum Command {
         id: String,
         #[arg(long, default_value = "system/*.read")]
         scopes: String,
-        /// Sustained requests per second (default: the API's RATE_LIMIT_PER_SECOND).
-        #[arg(long)]
-        rate: Option<f64>,
-        /// Burst size (default: the API's RATE_LIMIT_BURST).
-        #[arg(long)]
-        burst: Option<i32>,
+        #[command(flatten)]
+        limits: Limits,
         /// The token endpoint (default: derived from FHIR_BASE_URL).
         #[arg(long, env = "AUTH_TOKEN_URL")]
         token_url: Option<String>,
@@ -94,11 +97,11 @@ async fn main() -> anyhow::Result<()> {
     db::migrate(&pool).await?;
     match cli.command {
         Command::Pmm1Key { .. } => {}
-        Command::Register { id, name, jwks, scopes, rate, burst, pmm1_key_ids } => {
+        Command::Register { id, name, jwks, scopes, limits } => {
             let jwks = if jwks.as_os_str() == "-" { std::io::read_to_string(std::io::stdin())? } else { std::fs::read_to_string(&jwks)? };
             check_jwks(&jwks).map_err(anyhow::Error::msg)?;
             let scopes = parse_scopes(&scopes)?;
-            register(&pool, &id, &name, &jwks, &scopes, rate, burst, &pmm1_key_ids).await?;
+            register(&pool, &id, &name, &jwks, &scopes, &limits).await?;
             println!("registered {id}");
         }
         Command::List => {
@@ -112,14 +115,14 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Disable { id } => toggle(&pool, &id, true).await?,
         Command::Enable { id } => toggle(&pool, &id, false).await?,
-        Command::DemoToken { id, scopes, rate, burst, token_url } => {
+        Command::DemoToken { id, scopes, limits, token_url } => {
             let token_url = token_url.unwrap_or_else(|| {
                 let base = cli.common.fhir_base_url.trim_end_matches('/');
                 format!("{}{}", base.strip_suffix("/fhir").unwrap_or(base), api::auth::token::PATH)
             });
             let key = demo_key(&id)?;
             let jwks = ClientKey::jwks(&[&key]).to_string();
-            register(&pool, &id, &format!("Demo partner {id}"), &jwks, &parse_scopes(&scopes)?, rate, burst, &[]).await?;
+            register(&pool, &id, &format!("Demo partner {id}"), &jwks, &parse_scopes(&scopes)?, &limits).await?;
             let assertion = key.assertion(&id, &token_url, 240, None)?;
             let response = reqwest::Client::new()
                 .post(&token_url)
@@ -142,20 +145,17 @@ fn parse_scopes(raw: &str) -> anyhow::Result<Vec<String>> {
         .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn register(
-    pool: &db::Pool,
-    id: &str,
-    name: &str,
-    jwks: &str,
-    scopes: &[String],
-    rate: Option<f64>,
-    burst: Option<i32>,
-    pmm1_key_ids: &[String],
-) -> anyhow::Result<()> {
+async fn register(pool: &db::Pool, id: &str, name: &str, jwks: &str, scopes: &[String], limits: &Limits) -> anyhow::Result<()> {
     anyhow::ensure!(api::fhir::parse_id(id).is_ok(), "the partner id must be 1 to 64 characters of A-Z, a-z, 0-9, '-' or '.'");
-    let registration =
-        db::partners::Registration { partner_id: id, name, jwks, scopes, rate_per_second: rate, rate_burst: burst, pmm1_key_ids };
+    let registration = db::partners::Registration {
+        partner_id: id,
+        name,
+        jwks,
+        scopes,
+        rate_per_second: limits.rate,
+        rate_burst: limits.burst,
+        pmm1_key_ids: &limits.pmm1_key_ids,
+    };
     db::partners::register(pool, &registration).await?;
     tracing::info!(partner = %id, "partner registered");
     Ok(())

@@ -29,9 +29,7 @@ async fn main() -> anyhow::Result<()> {
     let settings = db::bench::durability(&admin).await?;
     println!("PostgreSQL durability: {settings}");
     db::create_database(&admin, &run).await?;
-    let (without_query, query) = cli.common.database_url.split_once('?').unwrap_or((&cli.common.database_url, ""));
-    let (base, _) = without_query.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("DATABASE_URL has no database"))?;
-    let url = if query.is_empty() { format!("{base}/{run}") } else { format!("{base}/{run}?{query}") };
+    let url = db::url_with_database(&cli.common.database_url, &run)?;
 
     composer::topics::ensure(&kafka, 3).await?;
     let started = Instant::now();
