@@ -59,8 +59,10 @@ impl Matcher {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MatchParameters {
-    #[schema(example = "Parameters")]
+    #[schema(example = "Parameters", pattern = "^Parameters$")]
     resource_type: String,
+    /// `keyId` once and `token` one to five times.
+    #[schema(min_items = 2, max_items = 6)]
     parameter: Vec<Parameter>,
 }
 
@@ -68,9 +70,11 @@ pub struct MatchParameters {
 #[serde(rename_all = "camelCase")]
 pub struct Parameter {
     /// `keyId` or `token`
-    #[schema(example = "token")]
+    #[schema(example = "token", pattern = "^(keyId|token)$")]
     name: String,
-    value_string: Option<String>,
+    /// The key id, or a token (64 hexadecimal digits).
+    #[schema(pattern = "^[A-Za-z0-9.-]{1,64}$")]
+    value_string: String,
 }
 
 /// The one answer for every outcome but a match.
@@ -178,7 +182,7 @@ fn parse(body: &[u8]) -> Result<(String, Vec<[u8; 32]>), ApiError> {
     let mut key_id = None;
     let mut tokens = Vec::new();
     for p in &params.parameter {
-        let value = p.value_string.as_deref().ok_or_else(|| bad("every parameter needs a valueString"))?;
+        let value = p.value_string.as_str();
         match p.name.as_str() {
             "keyId" if key_id.is_none() => {
                 key_id = Some(crate::fhir::parse_id(value).map_err(|_| bad("keyId must be 1 to 64 characters of A-Z, a-z, 0-9, '-' or '.'"))?.to_owned())
