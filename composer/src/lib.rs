@@ -12,6 +12,7 @@ pub mod consumer;
 pub mod fhir;
 pub mod generator;
 pub mod matching;
+pub mod relay;
 pub mod topics;
 
 pub use config::ComposerConfig;

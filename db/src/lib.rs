@@ -7,6 +7,7 @@ pub mod composer;
 pub mod heartbeat;
 pub mod matching;
 pub mod partners;
+pub mod relay;
 pub mod resources;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

@@ -1,0 +1,134 @@
+//! The relay's queries: unpublished outbox rows with their composite bodies, who is attributed
+//! to their members, and which members each partner topic carries.
+
+use sqlx::{PgConnection, Row};
+use time::Date;
+use uuid::Uuid;
+
+/// One composite version to publish.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub id: i64,
+    /// Contract topic name (without the deployment's prefix).
+    pub topic: String,
+    pub key: String,
+    pub event_id: Uuid,
+    pub member_id: String,
+    pub version_id: i64,
+    /// `None`: a tombstone (the member was deleted).
+    pub body: Option<String>,
+}
+
+/// Serializes relays: one publishes at a time, so per-member order holds across instances.
+pub async fn lock(tx: &mut PgConnection) -> crate::Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('fhir-event-platform relay'))").execute(&mut *tx).await?;
+    Ok(())
+}
+
+/// The oldest unpublished rows, in id order (version order per member).
+pub async fn unpublished(tx: &mut PgConnection, limit: i64) -> crate::Result<Vec<OutboxRow>> {
+    let rows = sqlx::query(
+        "SELECT o.id, o.topic, o.message_key, o.event_id, o.member_id, o.version_id, h.body::text
+         FROM outbox o JOIN composite_history h USING (member_id, version_id)
+         WHERE o.published_at IS NULL ORDER BY o.id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| OutboxRow {
+            id: r.get(0),
+            topic: r.get(1),
+            key: r.get(2),
+            event_id: r.get(3),
+            member_id: r.get(4),
+            version_id: r.get(5),
+            body: r.get(6),
+        })
+        .collect())
+}
+
+pub async fn mark_published(tx: &mut PgConnection, ids: &[i64]) -> crate::Result<()> {
+    sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)").bind(ids).execute(&mut *tx).await?;
+    Ok(())
+}
+
+/// (member, partner) for every partner `members` are attributed to on `day`.
+pub async fn partners_of(tx: &mut PgConnection, members: &[String], day: Date) -> crate::Result<Vec<(String, String)>> {
+    let rows = sqlx::query(
+        "SELECT DISTINCT member_id, body ->> 'partner_id' FROM components
+         WHERE kind = 'attribution' AND NOT deleted AND member_id = ANY($1)
+           AND (body ->> 'period_start')::date <= $2 AND coalesce((body ->> 'period_end')::date >= $2, true)",
+    )
+    .bind(members)
+    .bind(day)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Records which (partner, member) pairs the partner topics now carry, and which they no longer do.
+pub async fn carried(tx: &mut PgConnection, added: &[(String, String)], removed: &[(String, String)]) -> crate::Result<()> {
+    let (p, m): (Vec<&str>, Vec<&str>) = added.iter().map(|(p, m)| (p.as_str(), m.as_str())).unzip();
+    sqlx::query("INSERT INTO partner_topic_members SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING")
+        .bind(&p)
+        .bind(&m)
+        .execute(&mut *tx)
+        .await?;
+    let (p, m): (Vec<&str>, Vec<&str>) = removed.iter().map(|(p, m)| (p.as_str(), m.as_str())).unzip();
+    sqlx::query("DELETE FROM partner_topic_members t USING unnest($1::text[], $2::text[]) AS r(p, m) WHERE t.partner_id = r.p AND t.member_id = r.m")
+        .bind(&p)
+        .bind(&m)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Attributed on `day` with a live composite, but not yet on the partner's topic:
+/// (partner, member, versionId, body), at most `limit`.
+pub async fn newly_attributed(tx: &mut PgConnection, day: Date, limit: i64) -> crate::Result<Vec<(String, String, i64, String)>> {
+    let rows = sqlx::query(
+        "SELECT DISTINCT a.body ->> 'partner_id', a.member_id, c.version_id, h.body::text
+         FROM components a
+         JOIN composites c ON c.member_id = a.member_id AND NOT c.deleted
+         JOIN composite_history h ON h.member_id = c.member_id AND h.version_id = c.version_id
+         WHERE a.kind = 'attribution' AND NOT a.deleted
+           AND (a.body ->> 'period_start')::date <= $1 AND coalesce((a.body ->> 'period_end')::date >= $1, true)
+           AND NOT EXISTS (SELECT 1 FROM partner_topic_members t WHERE t.partner_id = a.body ->> 'partner_id' AND t.member_id = a.member_id)
+         LIMIT $2",
+    )
+    .bind(day)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
+}
+
+/// On a partner's topic, but no longer attributed to it on `day`: (partner, member, current versionId).
+pub async fn no_longer_attributed(tx: &mut PgConnection, day: Date, limit: i64) -> crate::Result<Vec<(String, String, i64)>> {
+    let rows = sqlx::query(
+        "SELECT t.partner_id, t.member_id, coalesce(c.version_id, 0) FROM partner_topic_members t
+         LEFT JOIN composites c ON c.member_id = t.member_id
+         WHERE NOT EXISTS (SELECT 1 FROM components a WHERE a.kind = 'attribution' AND NOT a.deleted
+           AND a.member_id = t.member_id AND a.body ->> 'partner_id' = t.partner_id
+           AND (a.body ->> 'period_start')::date <= $1 AND coalesce((a.body ->> 'period_end')::date >= $1, true))
+         LIMIT $2",
+    )
+    .bind(day)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+}
+
+/// What the relay still has to do: unpublished outbox rows, members to add to partner topics,
+/// members to remove from them (tests and metrics).
+pub async fn backlog(pool: &sqlx::PgPool, day: Date) -> crate::Result<(i64, usize, usize)> {
+    let mut tx = pool.begin().await?;
+    let unpublished: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetch_one(&mut *tx).await?;
+    let added = newly_attributed(&mut tx, day, 1_000_000).await?.len();
+    let removed = no_longer_attributed(&mut tx, day, 1_000_000).await?.len();
+    tx.rollback().await?;
+    Ok((unpublished, added, removed))
+}

@@ -1,0 +1,182 @@
+//! Issue 6 (relay part): events → composite → `fhir.medication-profile.v1` with the right key,
+//! headers and body; a member delete gives a tombstone; a compacted read of the topic from the
+//! beginning reproduces exactly the current composites; partner topics carry only that
+//! partner's attributed members, and a tombstone when an attribution ends.
+
+use composer::generator::{self, GeneratorConfig, SorMessage};
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+use tests::*;
+
+/// A record as read back: key, value (None for a tombstone), versionId and event_id headers.
+struct Record {
+    key: String,
+    value: Option<String>,
+    version_id: i64,
+    event_id: String,
+}
+
+/// Every record of `topic` from the beginning, in order per key (per partition).
+async fn read_all(topic: &str, expected_at_least: usize) -> anyhow::Result<Vec<Record>> {
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .set("group.id", unique("relay-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut records = Vec::new();
+    loop {
+        let wait = if records.len() >= expected_at_least { Duration::from_secs(2) } else { Duration::from_secs(30) };
+        let Ok(m) = tokio::time::timeout(wait, consumer.recv()).await else { break };
+        let m = m?;
+        let header = |name: &str| {
+            m.headers()
+                .and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).into_owned()))
+                .unwrap_or_default()
+        };
+        records.push(Record {
+            key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+            value: m.payload().map(|p| String::from_utf8_lossy(p).into_owned()),
+            version_id: header("versionId").parse().unwrap_or(-1),
+            event_id: header("event_id"),
+        });
+    }
+    Ok(records)
+}
+
+/// The topic as a compacted read sees it: the last value per key, tombstones removing keys.
+fn compacted(records: &[Record]) -> BTreeMap<String, String> {
+    let mut state = BTreeMap::new();
+    for r in records {
+        match &r.value {
+            Some(v) => state.insert(r.key.clone(), v.clone()),
+            None => state.remove(&r.key),
+        };
+    }
+    state
+}
+
+/// Versions per key only grow. The same version again is either a duplicate (same event id)
+/// or, on a partner topic, the member leaving or joining it (a tombstone, or the composite
+/// again, at the current version).
+fn in_order(records: &[Record]) -> anyhow::Result<usize> {
+    let mut last: HashMap<&str, (i64, &str, bool)> = HashMap::new();
+    let mut duplicates = 0;
+    for r in records {
+        if let Some((v, e, live)) = last.get(r.key.as_str()) {
+            if r.version_id == *v && r.event_id == *e {
+                duplicates += 1;
+                continue;
+            }
+            let membership_change = r.version_id == *v && r.value.is_some() != *live;
+            anyhow::ensure!(r.version_id > *v || membership_change, "{}: version {} after {v}", r.key, r.version_id);
+        }
+        last.insert(&r.key, (r.version_id, &r.event_id, r.value.is_some()));
+    }
+    Ok(duplicates)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn composites_reach_the_topics_and_partner_topics_follow_attribution() -> anyhow::Result<()> {
+    let (url, pool) = fresh_database("relay", true).await?;
+    let prefix = format!("{}.", unique("relay"));
+    let kafka = kafka_config(&prefix);
+    let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "relay")).await?;
+    use clap::Parser;
+    let relay_config = composer::relay::RelayConfig::parse_from([
+        "relay", "--database-url", &url, "--kafka-bootstrap-servers", &kafka_bootstrap(), "--kafka-topic-prefix", &prefix,
+    ]);
+    let (relay_stop, relay) = composer::relay::spawn(relay_config).await?;
+
+    // Generated members (attributed to partner-1..3, some deleted), and R1 served by pa, then not.
+    let mut stream = generator::generate(&GeneratorConfig { members: 150, seed: 21, malformed: 0, ..GeneratorConfig::default() });
+    let demographics = |member: &str| SorMessage {
+        topic: platform::topics::DEMOGRAPHICS,
+        key: member.to_owned(),
+        value: Some(native_event("upsert", "enrollment", 1, member, member, Some(json!({ "given_name": "Robin", "family_name": "Vale", "sex": "other" })))),
+    };
+    stream.extend([demographics("R1"), demographics("R2"), demographics("R3"), attribution("R1", "pa"), attribution("R2", "pb"), attribution("R3", "pb")]);
+    generator::publish(&generator::producer(&kafka)?, &kafka, &stream).await?;
+    let mut sent = stream.len();
+    wait_applied(&pool, "relay", sent, Duration::from_secs(60)).await?;
+    let today = time::OffsetDateTime::now_utc().date();
+    eventually(Duration::from_secs(60), "the relay to publish everything", || async {
+        Ok((db::relay::backlog(&pool, today).await? == (0, 0, 0)).then_some(()))
+    })
+    .await?;
+    // pa stops serving R1, and member R3 (served by pb) is deleted.
+    let later = [
+        SorMessage { topic: platform::topics::ATTRIBUTION, key: "R1".into(), value: Some(native_event("delete", "attribution", 2, "R1", "AT-R1-pa", None)) },
+        SorMessage { topic: platform::topics::DEMOGRAPHICS, key: "R3".into(), value: Some(native_event("delete", "enrollment", 2, "R3", "R3", None)) },
+    ];
+    generator::publish(&generator::producer(&kafka)?, &kafka, &later).await?;
+    sent += later.len();
+    wait_applied(&pool, "relay", sent, Duration::from_secs(60)).await?;
+    eventually(Duration::from_secs(60), "the relay to follow the attribution change", || async {
+        Ok((db::relay::backlog(&pool, today).await? == (0, 0, 0)).then_some(()))
+    })
+    .await?;
+    composer::stop(&stop, thread).await?;
+
+    // The main topic: every version, in order, and a compacted read is exactly the composites.
+    let history = db::composer::all_history(&pool).await?;
+    let records = read_all(&format!("{prefix}{}", platform::topics::MEDICATION_PROFILE), history.len()).await?;
+    let duplicates = in_order(&records)?;
+    assert_eq!(records.len() - duplicates, history.len(), "one record per composite version");
+    for r in &records {
+        if let Some(v) = &r.value {
+            let body: Value = serde_json::from_str(v)?;
+            assert_eq!(body["id"], r.key.as_str());
+            assert_eq!(body["meta"]["versionId"], r.version_id.to_string(), "versionId header");
+        }
+        assert!(uuid::Uuid::parse_str(&r.event_id).is_ok(), "event_id header");
+    }
+    let current: BTreeMap<String, String> = db::composer::all_composites(&pool)
+        .await?
+        .into_iter()
+        .filter_map(|c| c.body.map(|b| (c.member_id, b)))
+        .collect();
+    let deleted = history.iter().filter(|h| h.deleted).count();
+    assert!(deleted > 0, "R3 was deleted");
+    assert_eq!(records.iter().rev().find(|r| r.key == "R3").map(|r| r.value.is_none()), Some(true), "a tombstone for R3");
+    assert_eq!(compacted(&records), current, "a compacted read reproduces the current composites");
+
+    // Partner topics: only that partner's attributed members, with their current composite.
+    let mut seen_members = BTreeSet::new();
+    for partner in ["partner-1", "partner-2", "partner-3", "pa", "pb"] {
+        let topic = format!("{prefix}{}", composer::relay::partner_topic(partner));
+        let records = read_all(&topic, 1).await?;
+        in_order(&records)?;
+        let state = compacted(&records);
+        let viewer = db::resources::Viewer { partner_id: partner, on: today };
+        let mut expected = BTreeMap::new();
+        for (member, body) in &current {
+            if db::resources::is_attributed(&pool, viewer, member).await? {
+                expected.insert(member.clone(), body.clone());
+            }
+        }
+        for r in &records {
+            seen_members.insert(r.key.clone());
+        }
+        assert_eq!(state, expected, "{partner}'s topic carries exactly its attributed members");
+        if partner == "pa" {
+            let last = records.iter().rev().find(|r| r.key == "R1").map(|r| r.value.is_none());
+            assert_eq!(last, Some(true), "pa got a tombstone for R1 when the attribution ended");
+        }
+        if partner == "pb" {
+            assert!(state.contains_key("R2"));
+            let last = records.iter().rev().find(|r| r.key == "R3").map(|r| r.value.is_none());
+            assert_eq!(last, Some(true), "pb got R3's tombstone");
+        }
+    }
+    assert!(seen_members.len() > 50, "partner topics carry the generated members");
+    relay_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    relay.await??;
+    println!("{} records for {} versions ({duplicates} duplicates), {deleted} deletions", records.len(), history.len());
+    Ok(())
+}
