@@ -1,0 +1,119 @@
+//! Issue 6 (relay part): the relay process is killed (SIGKILL) again and again and the Kafka
+//! broker is restarted while 50,000 composite changes flow; afterwards every version reached
+//! `fhir.medication-profile.v1`, in order per member, and duplicates (if any) carry the same
+//! event id and versionId. Ignored by default because it restarts the shared broker;
+//! `scripts/test` runs it alone.
+
+use composer::generator::{self, SorMessage};
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use serde_json::json;
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tests::*;
+
+const MEMBERS: usize = 1_000;
+const WAVES: i64 = 50;
+
+fn start_relay(url: &str, prefix: &str) -> anyhow::Result<Child> {
+    let mut command = Command::new(workspace_binary("relay")?);
+    command
+        .env("DATABASE_URL", url)
+        .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
+        .env("KAFKA_TOPIC_PREFIX", prefix)
+        .env("LOG_LEVEL", "warn")
+        .stdin(Stdio::null());
+    collect_logs(&mut command, "relay-child");
+    Ok(command.spawn()?)
+}
+
+fn restart_kafka() -> anyhow::Result<()> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services");
+    let out = Command::new("bash").arg(script).arg("restart-kafka").output()?;
+    anyhow::ensure!(out.status.success(), "restart-kafka failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "restarts the shared Kafka broker; run alone by scripts/test"]
+async fn every_version_survives_relay_kills_and_a_broker_restart() -> anyhow::Result<()> {
+    let (url, pool) = fresh_database("relaycrash", true).await?;
+    let prefix = format!("{}.", unique("relaycrash"));
+    let kafka = kafka_config(&prefix);
+    let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "relaycrash")).await?;
+    let producer = generator::producer(&kafka)?;
+    let mut relay = start_relay(&url, &prefix)?;
+    let started = Instant::now();
+    let (mut kills, mut sent) = (0, 0);
+
+    // 50 waves of a new demographics version for each of 1,000 members: 50,000 composite changes.
+    for wave in 1..=WAVES {
+        let stream: Vec<SorMessage> = (0..MEMBERS)
+            .map(|i| {
+                let member = format!("RC{i:05}");
+                let data = json!({ "given_name": format!("Wave{wave}"), "sex": "other" });
+                SorMessage { topic: platform::topics::DEMOGRAPHICS, key: member.clone(), value: Some(native_event("upsert", "enrollment", wave, &member, &member, Some(data))) }
+            })
+            .collect();
+        generator::publish(&producer, &kafka, &stream).await?;
+        sent += stream.len();
+        wait_applied(&pool, "relaycrash", sent, Duration::from_secs(120)).await?;
+        if wave % 7 == 0 {
+            relay.kill()?; // SIGKILL
+            relay.wait()?;
+            kills += 1;
+            relay = start_relay(&url, &prefix)?;
+        }
+        if wave == WAVES / 2 {
+            restart_kafka()?;
+        }
+    }
+    composer::stop(&stop, thread).await?;
+    let today = time::OffsetDateTime::now_utc().date();
+    eventually(Duration::from_secs(180), "the relay to publish every version", || async {
+        Ok((db::relay::backlog(&pool, today).await?.0 == 0).then_some(()))
+    })
+    .await?;
+    relay.kill()?;
+    relay.wait()?;
+    let elapsed = started.elapsed();
+
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .set("group.id", unique("relaycrash-reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[&format!("{prefix}{}", platform::topics::MEDICATION_PROFILE)])?;
+    let expected = MEMBERS * WAVES as usize;
+    let mut last: HashMap<String, (i64, String)> = HashMap::new();
+    let (mut records, mut duplicates, mut versions) = (0usize, 0usize, 0usize);
+    while versions < expected {
+        let m = tokio::time::timeout(Duration::from_secs(60), consumer.recv()).await??;
+        records += 1;
+        let header = |name: &str| {
+            m.headers().and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).into_owned())).unwrap_or_default()
+        };
+        let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+        let (version, event_id): (i64, String) = (header("versionId").parse()?, header("event_id"));
+        match last.get(&key) {
+            Some((v, e)) if *v == version => {
+                assert_eq!(*e, event_id, "{key} v{version}: a duplicate with another event id");
+                duplicates += 1;
+                continue;
+            }
+            Some((v, _)) => assert_eq!(version, v + 1, "{key}: version {version} after {v}"),
+            None => assert_eq!(version, 1, "{key}: first version {version}"),
+        }
+        last.insert(key, (version, event_id));
+        versions += 1;
+    }
+    assert_eq!(last.len(), MEMBERS);
+    assert!(last.values().all(|(v, _)| *v == WAVES), "every member reached version {WAVES}");
+    println!(
+        "{versions} versions on the topic in {records} records ({duplicates} duplicates) after {kills} relay kills and a broker restart, in {:.0} s",
+        elapsed.as_secs_f64()
+    );
+    Ok(())
+}
