@@ -120,24 +120,34 @@ pub struct Auditor {
 const GROUP: usize = 512;
 
 impl Auditor {
-    pub fn start(pool: db::Pool) -> Self {
-        let (queue, mut pending) = mpsc::channel::<Pending>(4 * GROUP);
-        tokio::spawn(async move {
-            let mut group: Vec<Pending> = Vec::with_capacity(GROUP);
-            while pending.recv_many(&mut group, GROUP).await > 0 {
-                let records: Vec<AuditRecord> = group.iter().map(|(r, _)| r.clone()).collect();
-                let written = match db::audit::append(&pool, &records).await {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::error!(error = %e, records = records.len(), "audit records could not be written; the requests get 503");
-                        false
+    /// Starts `writers` writer tasks. Each takes the records waiting at that moment and writes
+    /// them with one statement; while one commits, the next gathers, so commits overlap (and
+    /// PostgreSQL flushes their WAL together).
+    pub fn start(pool: db::Pool, writers: usize) -> Self {
+        let (queue, pending) = mpsc::channel::<Pending>(4 * GROUP);
+        let pending = std::sync::Arc::new(tokio::sync::Mutex::new(pending));
+        for _ in 0..writers.max(1) {
+            let (pool, pending) = (pool.clone(), pending.clone());
+            tokio::spawn(async move {
+                let mut group: Vec<Pending> = Vec::with_capacity(GROUP);
+                loop {
+                    if pending.lock().await.recv_many(&mut group, GROUP).await == 0 {
+                        break;
                     }
-                };
-                for (_, done) in group.drain(..) {
-                    let _ = done.send(written);
+                    let records: Vec<AuditRecord> = group.iter().map(|(r, _)| r.clone()).collect();
+                    let written = match db::audit::append(&pool, &records).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::error!(error = %e, records = records.len(), "audit records could not be written; the requests get 503");
+                            false
+                        }
+                    };
+                    for (_, done) in group.drain(..) {
+                        let _ = done.send(written);
+                    }
                 }
-            }
-        });
+            });
+        }
         Auditor { queue }
     }
 

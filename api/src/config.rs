@@ -46,6 +46,10 @@ pub struct Config {
     #[arg(long, env = "MATCH_RATE_LIMIT_BURST", default_value_t = 10)]
     pub match_rate_limit_burst: u32,
 
+    /// Audit writer tasks: each writes a group of records per commit; several overlap commits.
+    #[arg(long, env = "AUDIT_WRITERS", default_value_t = 2)]
+    pub audit_writers: usize,
+
     /// The API needs only the pepper (partners send tokens, not identities).
     #[command(flatten)]
     pub pmm1: platform::Pmm1Config,

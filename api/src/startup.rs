@@ -152,14 +152,16 @@ impl Application {
             token_lifetime: Duration::from_secs(config.auth_token_lifetime_secs),
             default_limit: Limit { rate: config.rate_limit_per_second, burst: f64::from(config.rate_limit_burst) },
             limiter: Default::default(),
+            grants: Default::default(),
         };
+        auth.grants.follow(pool.clone());
         let matcher = config.pmm1.pepper().map_err(anyhow::Error::msg)?.map(|pepper| {
             let limit = Limit { rate: config.match_rate_limit_per_second, burst: f64::from(config.match_rate_limit_burst) };
             Arc::new(http::matching::Matcher::new(pepper.bytes(), Duration::from_millis(config.match_latency_floor_ms), limit))
         });
         audit::spawn_relay(pool.clone(), config.common.kafka.clone(), base_url.clone());
         let state = AppState {
-            auditor: Auditor::start(pool.clone()),
+            auditor: Auditor::start(pool.clone(), config.audit_writers),
             pool,
             kafka: Arc::new(kafka),
             ready_timeout: Duration::from_millis(config.ready_timeout_ms),

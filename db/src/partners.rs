@@ -46,7 +46,24 @@ fn partner(r: sqlx::postgres::PgRow) -> Partner {
     }
 }
 
+/// Every change to a partner is notified on this channel (payload: the partner id), so that
+/// API instances drop what they cached about its tokens at once.
+pub const CHANGES: &str = "fhir_partner_changes";
+
+async fn notify(tx: &mut sqlx::PgConnection, partner_id: &str) -> crate::Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)").bind(CHANGES).bind(partner_id).execute(&mut *tx).await?;
+    Ok(())
+}
+
+/// A listener on [`CHANGES`].
+pub async fn listen_changes(pool: &PgPool) -> crate::Result<sqlx::postgres::PgListener> {
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+    listener.listen(CHANGES).await?;
+    Ok(listener)
+}
+
 pub async fn register(pool: &PgPool, p: &Registration<'_>) -> crate::Result<()> {
+    let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO partners (partner_id, name, jwks, scopes, rate_per_second, rate_burst, pmm1_key_ids)
          VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7)
@@ -61,8 +78,10 @@ pub async fn register(pool: &PgPool, p: &Registration<'_>) -> crate::Result<()> 
     .bind(p.rate_per_second)
     .bind(p.rate_burst)
     .bind(p.pmm1_key_ids)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    notify(&mut tx, p.partner_id).await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -79,13 +98,16 @@ pub async fn get(pool: &PgPool, partner_id: &str) -> crate::Result<Option<Partne
 /// Disables (or enables again) a partner; a disabled partner's tokens stop working at once.
 /// Returns whether the partner exists.
 pub async fn set_disabled(pool: &PgPool, partner_id: &str, disabled: bool) -> crate::Result<bool> {
+    let mut tx = pool.begin().await?;
     let done = sqlx::query(
         "UPDATE partners SET disabled_at = CASE WHEN $2 THEN coalesce(disabled_at, now()) END WHERE partner_id = $1",
     )
     .bind(partner_id)
     .bind(disabled)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    notify(&mut tx, partner_id).await?;
+    tx.commit().await?;
     Ok(done.rows_affected() == 1)
 }
 

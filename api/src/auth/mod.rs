@@ -2,6 +2,7 @@
 //! rate limits, and the guard in front of every protected route, which also puts every access
 //! on record (see `crate::audit`) before the response leaves.
 
+pub mod cache;
 pub mod client;
 pub mod rate;
 pub mod scope;
@@ -29,6 +30,7 @@ pub struct Auth {
     pub token_lifetime: Duration,
     pub default_limit: Limit,
     pub limiter: RateLimiter,
+    pub grants: std::sync::Arc<cache::GrantCache>,
 }
 
 /// An authenticated partner, as the guard hands it to the handlers.
@@ -86,7 +88,16 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, A
         }
     };
     let invalid = |why: &str| ApiError::Unauthorized { diagnostics: why.to_owned(), error: Some("invalid_token") };
-    let grant = db::partners::grant(&state.pool, &token_hash(token)).await?.ok_or_else(|| invalid("the bearer token is not valid"))?;
+    let hash = token_hash(token);
+    let grant = match state.auth.grants.get(&hash) {
+        Some(grant) => grant,
+        None => {
+            let generation = state.auth.grants.generation();
+            let grant = db::partners::grant(&state.pool, &hash).await?.ok_or_else(|| invalid("the bearer token is not valid"))?;
+            state.auth.grants.put(hash, grant.clone(), generation);
+            grant
+        }
+    };
     if grant.expires_at <= OffsetDateTime::now_utc() {
         return Err(invalid("the bearer token has expired; get a new one from the token endpoint"));
     }
