@@ -151,19 +151,31 @@ pub async fn write_components(tx: &mut PgConnection, writes: &[ComponentWrite], 
     let versions: Vec<i64> = writes.iter().map(|w| w.version).collect();
     let events: Vec<Uuid> = writes.iter().map(|w| w.event_id).collect();
     sqlx::query(
-        "WITH w AS (
+        // Resource versions count per resource, not per component: two systems of record can
+        // describe one resource (a member's Patient from two demographics sources). The next
+        // version is the resource's newest in history plus its rank among this batch's writes.
+        "WITH input AS (
+           SELECT w.*, row_number() OVER (PARTITION BY w.rtype, w.rid ORDER BY w.ord) AS n
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::uuid[],
+                       $9::text[], $10::text[], $11::text[], $12::text[], $13::text[])
+                WITH ORDINALITY AS w(kind, source, record_id, member_id, version, body, event_id, rtype, rid, system, code, status, ord)
+         ),
+         numbered AS (
+           SELECT i.*, CASE WHEN i.rtype IS NULL THEN 0 ELSE coalesce((SELECT max(h.version_id) FROM resource_history h
+                         WHERE h.resource_type = i.rtype AND h.resource_id = i.rid), 0) + i.n END AS rversion
+           FROM input i
+         ),
+         w AS (
            INSERT INTO components (kind, source, record_id, member_id, version, deleted, body, event_id, updated_at,
                                    resource_type, resource_id, resource_version, code_system, code, status)
            SELECT kind, source, record_id, member_id, version, body IS NULL, body::json, event_id, $8,
-                  rtype, rid, 1, system, code, status
-           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::uuid[],
-                       $9::text[], $10::text[], $11::text[], $12::text[], $13::text[])
-                AS w(kind, source, record_id, member_id, version, body, event_id, rtype, rid, system, code, status)
+                  rtype, rid, rversion, system, code, status
+           FROM numbered
            ON CONFLICT (kind, source, record_id) DO UPDATE SET
              member_id = EXCLUDED.member_id, version = EXCLUDED.version, deleted = EXCLUDED.deleted,
              body = EXCLUDED.body, event_id = EXCLUDED.event_id, updated_at = EXCLUDED.updated_at,
              resource_type = EXCLUDED.resource_type, resource_id = EXCLUDED.resource_id,
-             resource_version = components.resource_version + 1,
+             resource_version = EXCLUDED.resource_version,
              code_system = EXCLUDED.code_system, code = EXCLUDED.code, status = EXCLUDED.status
            WHERE components.version < EXCLUDED.version
            RETURNING resource_type, resource_id, resource_version, member_id, deleted, body)

@@ -222,3 +222,35 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
     }
     Ok(())
 }
+
+/// Two systems of record describe the same member: one Patient resource (id = member id) with
+/// one version sequence. Before resource versions were counted per resource, the second
+/// source's first version collided with the first source's in `resource_history`, and the
+/// composer retried that batch forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_demographics_sources_share_one_patient_history() -> anyhow::Result<()> {
+    use composer::generator::{self, SorMessage};
+    let (url, pool) = fresh_database("twosources", true).await?;
+    let prefix = format!("{}.", unique("twosources"));
+    let kafka = kafka_config(&prefix);
+    let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "twosources")).await?;
+    let demo = |source: &str, version: i64, name: &str| SorMessage {
+        topic: platform::topics::DEMOGRAPHICS,
+        key: "M9".into(),
+        value: Some(native("upsert", source, version, "M9", "M9", Some(json!({ "given_name": name, "sex": "other" })))),
+    };
+    let producer = generator::producer(&kafka)?;
+    let mut sent = 0;
+    for (i, message) in [demo("enrollment", 1, "Ann"), demo("crm", 1, "Anne"), demo("enrollment", 2, "Annie")].into_iter().enumerate() {
+        generator::publish(&producer, &kafka, &[message]).await?;
+        sent += 1;
+        wait_applied(&pool, "twosources", sent, Duration::from_secs(30)).await.map_err(|e| anyhow::anyhow!("message {i}: {e}"))?;
+    }
+    composer::stop(&stop, thread).await?;
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version_id FROM resource_history WHERE resource_type = 'Patient' AND resource_id = 'M9' ORDER BY version_id")
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(versions, [1, 2, 3]);
+    Ok(())
+}
