@@ -114,7 +114,7 @@ impl std::str::FromStr for Secret {
     type Err = String;
     fn from_str(hex: &str) -> Result<Self, String> {
         let hex = hex.trim();
-        if hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err("a secret is given as hex digits".into());
         }
         let bytes: Vec<u8> = (0..hex.len()).step_by(2).filter_map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok()).collect();

@@ -63,12 +63,9 @@ impl GrantCache {
                     Ok(mut listener) => {
                         cache.clear();
                         cache.listening.store(true, Ordering::Release);
-                        loop {
-                            match listener.try_recv().await {
-                                Ok(Some(_)) => cache.clear(),
-                                // The connection was lost: notifications may have been missed.
-                                Ok(None) | Err(_) => break,
-                            }
+                        // Until the connection is lost (then notifications may have been missed).
+                        while let Ok(Some(_)) = listener.try_recv().await {
+                            cache.clear();
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot listen for partner changes; token grants are not cached"),
