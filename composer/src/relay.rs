@@ -63,7 +63,13 @@ pub struct Relay {
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
     known_topics: HashSet<String>,
+    /// When partner topics were last reconciled with attribution: at most once a second, not
+    /// at every poll of an empty outbox (the queries read every attribution).
+    reconciled_at: Option<std::time::Instant>,
 }
+
+/// How often an idle relay reconciles partner topics with attribution.
+const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 
 impl Relay {
     pub fn new(config: RelayConfig, pool: db::Pool) -> anyhow::Result<Self> {
@@ -79,7 +85,7 @@ impl Relay {
             .set("log_level", "4")
             .create()?;
         let admin = ClientConfig::new().set("bootstrap.servers", &kafka.bootstrap_servers).set("log_level", "4").create()?;
-        Ok(Relay { config, pool, producer, admin, known_topics: HashSet::new() })
+        Ok(Relay { config, pool, producer, admin, known_topics: HashSet::new(), reconciled_at: None })
     }
 
     fn kafka(&self) -> &KafkaConfig {
@@ -112,8 +118,12 @@ impl Relay {
         let today = OffsetDateTime::now_utc().date();
         let rows = q::unpublished(&mut tx, self.config.batch_size).await?;
         if rows.is_empty() {
+            if self.reconciled_at.is_some_and(|at| at.elapsed() < RECONCILE_EVERY) {
+                return Ok(0);
+            }
             let n = self.reconcile(&mut tx, today).await?;
             tx.commit().await?;
+            self.reconciled_at = Some(std::time::Instant::now());
             return Ok(n);
         }
         let mut members: Vec<String> = rows.iter().map(|r| r.member_id.clone()).collect();
