@@ -51,13 +51,16 @@ fn classify(method: &Method, path: &str) -> (&'static str, Option<String>, Optio
         return ("token", None, None);
     }
     let segments: Vec<&str> = path.trim_start_matches("/fhir").split('/').filter(|s| !s.is_empty()).collect();
-    let resource_type = segments
-        .first()
-        .filter(|t| t.len() <= 64 && t.bytes().all(|b| b.is_ascii_alphabetic()))
-        .map(|t| (*t).to_owned());
+    let resource_type = segments.first().filter(|t| t.len() <= 64 && t.bytes().all(|b| b.is_ascii_alphabetic())).map(|t| (*t).to_owned());
     let write = matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
     let operation = match (segments.as_slice(), write) {
-        ([_, op], true) if op.starts_with('$') => if *op == "$hashed-match" { "match" } else { "operation" },
+        ([_, op], true) if op.starts_with('$') => {
+            if *op == "$hashed-match" {
+                "match"
+            } else {
+                "operation"
+            }
+        }
         (_, true) => "write",
         ([_], false) => "search",
         ([_, _], false) => "read",

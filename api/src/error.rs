@@ -119,7 +119,11 @@ impl IntoResponse for ApiError {
                 return outcome_response(StatusCode::SERVICE_UNAVAILABLE, "transient", "the database is not available; retry later".into());
             }
             ApiError::AuditUnavailable => {
-                return outcome_response(StatusCode::SERVICE_UNAVAILABLE, "transient", "the access could not be audited, so nothing is returned; retry later".into());
+                return outcome_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "transient",
+                    "the access could not be audited, so nothing is returned; retry later".into(),
+                );
             }
             ApiError::Unauthorized { diagnostics, error } => {
                 let challenge = match error {

@@ -19,13 +19,8 @@ pub enum ResourceType {
 }
 
 impl ResourceType {
-    pub const ALL: [ResourceType; 5] = [
-        ResourceType::Patient,
-        ResourceType::MedicationStatement,
-        ResourceType::AllergyIntolerance,
-        ResourceType::Immunization,
-        ResourceType::Task,
-    ];
+    pub const ALL: [ResourceType; 5] =
+        [ResourceType::Patient, ResourceType::MedicationStatement, ResourceType::AllergyIntolerance, ResourceType::Immunization, ResourceType::Task];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -64,11 +59,7 @@ pub fn negotiate(headers: &HeaderMap, format: Option<&str>) -> Result<(), ApiErr
         let media = part.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
         matches!(media.as_str(), "" | "*/*" | "application/*" | "application/json" | "application/fhir+json")
     });
-    if acceptable {
-        Ok(())
-    } else {
-        Err(ApiError::NotAcceptable("only application/fhir+json (or application/json) can be produced".into()))
-    }
+    if acceptable { Ok(()) } else { Err(ApiError::NotAcceptable("only application/fhir+json (or application/json) can be produced".into())) }
 }
 
 /// A FHIR id: `[A-Za-z0-9\-\.]{1,64}`.
@@ -161,7 +152,8 @@ pub fn parse_search(rt: ResourceType, pairs: Vec<(String, String)>) -> Result<Se
             ("_id", Some(_)) => s.criteria.id = Some(parse_id(&value)?.to_owned()),
             ("patient", Some(_)) => {
                 let id = value.strip_prefix("Patient/").unwrap_or(&value);
-                s.criteria.member_id = Some(parse_id(id).map_err(|_| ApiError::BadRequest("patient must be an id or Patient/<id>".into()))?.to_owned());
+                s.criteria.member_id =
+                    Some(parse_id(id).map_err(|_| ApiError::BadRequest("patient must be an id or Patient/<id>".into()))?.to_owned());
             }
             ("code" | "vaccine-code", Some(_)) => match value.split_once('|') {
                 Some((system, code)) => {
@@ -198,8 +190,8 @@ pub fn parse_date_param(name: &str, raw: &str) -> Result<(Option<OffsetDateTime>
         Some("ne" | "ap") => return Err(ApiError::BadRequest(format!("{name}: prefix '{}' is not supported", &raw[..2]))),
         _ => ("eq", raw),
     };
-    let (start, end) = date_interval(value)
-        .ok_or_else(|| ApiError::BadRequest(format!("{name}: expected [prefix]YYYY, YYYY-MM, YYYY-MM-DD or an instant")))?;
+    let (start, end) =
+        date_interval(value).ok_or_else(|| ApiError::BadRequest(format!("{name}: expected [prefix]YYYY, YYYY-MM, YYYY-MM-DD or an instant")))?;
     Ok(match prefix {
         "eq" => (Some(start), Some(end)),
         "gt" | "sa" => (Some(end), None),
@@ -241,16 +233,7 @@ fn date_interval(v: &str) -> Option<(OffsetDateTime, OffsetDateTime)> {
 /// FHIR instant with milliseconds, UTC.
 pub fn instant(t: OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        t.month() as u8,
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
+    format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z", t.year(), t.month() as u8, t.day(), t.hour(), t.minute(), t.second(), t.millisecond())
 }
 
 /// HTTP-date (IMF-fixdate) for `Last-Modified`.
@@ -342,7 +325,11 @@ pub fn link(base: &str, path: &str, params: &[(String, String)]) -> String {
 /// A `searchset` Bundle of current resources, with `self` and (when there may be more) `next`.
 pub fn searchset(base: &str, rt: ResourceType, total: i64, page: &[ResourceVersion], self_url: &str, next_url: Option<&str>) -> String {
     let mut out = String::with_capacity(256 + page.iter().map(|v| v.body.as_ref().map_or(0, |b| b.len() + 160)).sum::<usize>());
-    let _ = write!(out, "{{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"total\":{total},\"link\":[{{\"relation\":\"self\",\"url\":{}}}", json_string(self_url));
+    let _ = write!(
+        out,
+        "{{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"total\":{total},\"link\":[{{\"relation\":\"self\",\"url\":{}}}",
+        json_string(self_url)
+    );
     if let Some(next) = next_url {
         let _ = write!(out, ",{{\"relation\":\"next\",\"url\":{}}}", json_string(next));
     }
@@ -367,7 +354,10 @@ pub fn searchset(base: &str, rt: ResourceType, total: i64, page: &[ResourceVersi
 
 /// A `history` Bundle of one resource's versions, newest first.
 pub fn history_bundle(base: &str, rt: ResourceType, id: &str, total: i64, versions: &[ResourceVersion], self_url: &str) -> String {
-    let mut out = format!("{{\"resourceType\":\"Bundle\",\"type\":\"history\",\"total\":{total},\"link\":[{{\"relation\":\"self\",\"url\":{}}}],\"entry\":[", json_string(self_url));
+    let mut out = format!(
+        "{{\"resourceType\":\"Bundle\",\"type\":\"history\",\"total\":{total},\"link\":[{{\"relation\":\"self\",\"url\":{}}}],\"entry\":[",
+        json_string(self_url)
+    );
     for (i, v) in versions.iter().enumerate() {
         if i > 0 {
             out.push(',');

@@ -62,7 +62,10 @@ impl utoipa::Modify for SecuritySchemes {
             ("system/AuditEvent.read", "Operators: read the audit trail (never granted by a wildcard)"),
         ]);
         let flow = Flow::ClientCredentials(ClientCredentials::new(auth::token::PATH, scopes));
-        let mut scheme = OAuth2::with_description([flow], "SMART Backend Services: POST /auth/token with grant_type=client_credentials and a private_key_jwt client assertion (RS384 or ES384); send the token as 'Authorization: Bearer <token>'.");
+        let mut scheme = OAuth2::with_description(
+            [flow],
+            "SMART Backend Services: POST /auth/token with grant_type=client_credentials and a private_key_jwt client assertion (RS384 or ES384); send the token as 'Authorization: Bearer <token>'.",
+        );
         scheme.extensions = None;
         openapi.components.get_or_insert_with(Default::default).add_security_scheme("smart_backend", SecurityScheme::OAuth2(scheme));
     }

@@ -260,12 +260,7 @@ impl Composer {
         }
         // Messages below the stored position were applied before (a redelivery after restart).
         let state = consumer.context().assignment.lock().unwrap_or_else(|p| p.into_inner());
-        messages.retain(|m| {
-            state
-                .stored
-                .get(&(m.topic().to_owned(), m.partition()))
-                .is_some_and(|stored| stored.is_none_or(|s| m.offset() >= s))
-        });
+        messages.retain(|m| state.stored.get(&(m.topic().to_owned(), m.partition())).is_some_and(|stored| stored.is_none_or(|s| m.offset() >= s)));
         Ok((generation, messages))
     }
 

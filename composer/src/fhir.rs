@@ -3,16 +3,14 @@
 //! that fhir-model's serde code is compiled once (see ../shared/STACK.md).
 
 use fhir_sdk::r4b::codes::{
-    AdministrativeGender, AllergyIntoleranceCategory, AllergyIntoleranceCriticality, ContactPointSystem, RequestPriority,
-    TaskIntent, TaskStatus,
+    AdministrativeGender, AllergyIntoleranceCategory, AllergyIntoleranceCriticality, ContactPointSystem, RequestPriority, TaskIntent, TaskStatus,
 };
 use fhir_sdk::r4b::resources::{
-    AllergyIntolerance, AllergyIntoleranceReaction, Bundle, Immunization, ImmunizationOccurrence, MedicationStatement,
-    MedicationStatementEffective, MedicationStatementMedication, Patient, Task, TaskRestriction,
+    AllergyIntolerance, AllergyIntoleranceReaction, Bundle, Immunization, ImmunizationOccurrence, MedicationStatement, MedicationStatementEffective,
+    MedicationStatementMedication, Patient, Task, TaskRestriction,
 };
 use fhir_sdk::r4b::types::{
-    Address, CodeableConcept, Coding, ContactPoint, Dosage, Extension, ExtensionValue, HumanName, Identifier, Meta, Period,
-    Reference,
+    Address, CodeableConcept, Coding, ContactPoint, Dosage, Extension, ExtensionValue, HumanName, Identifier, Meta, Period, Reference,
 };
 use fhir_sdk::{Date, DateTime};
 use schemas::{Event, RecordKind};
@@ -165,10 +163,7 @@ fn patient(member: &str, source: &str, _record: &str, data: &Map<String, Value>)
     let mut b = Patient::builder()
         .id(member.to_owned())
         .meta(meta(source)?)
-        .identifier(vec![Some(built(
-            "Identifier",
-            Identifier::builder().system(MEMBER_ID_SYSTEM.to_owned()).value(member.to_owned()).build(),
-        )?)]);
+        .identifier(vec![Some(built("Identifier", Identifier::builder().system(MEMBER_ID_SYSTEM.to_owned()).value(member.to_owned()).build())?)]);
     let given = text(data, "given_name");
     let family = text(data, "family_name");
     if given.is_some() || family.is_some() {
@@ -187,8 +182,7 @@ fn patient(member: &str, source: &str, _record: &str, data: &Map<String, Value>)
     if let Some(d) = date(data, "birth_date")? {
         b = b.birth_date(d);
     }
-    let (line, city, state, postal) =
-        (text(data, "address_line"), text(data, "city"), text(data, "state"), text(data, "postal_code"));
+    let (line, city, state, postal) = (text(data, "address_line"), text(data, "city"), text(data, "state"), text(data, "postal_code"));
     if line.is_some() || city.is_some() || state.is_some() || postal.is_some() {
         let mut a = Address::builder();
         if let Some(l) = line {
@@ -322,8 +316,7 @@ fn immunization(member: &str, source: &str, record: &str, data: &Map<String, Val
 fn task(member: &str, source: &str, record: &str, data: &Map<String, Value>) -> Result<MappedResource> {
     let id = resource_id("Task", source, record);
     let code = text(data, "task_code").ok_or_else(|| MappingError("/task_code: required".into()))?;
-    let status = TaskStatus::from_str(text(data, "status").unwrap_or("requested"))
-        .map_err(|_| MappingError("/status: unknown code".into()))?;
+    let status = TaskStatus::from_str(text(data, "status").unwrap_or("requested")).map_err(|_| MappingError("/status: unknown code".into()))?;
     let task_system = format!("urn:sor:{source}:task-code");
     let mut code_concept = CodeableConcept::builder().coding(vec![Some(coding(&task_system, code, None)?)]);
     if let Some(d) = text(data, "description") {
@@ -385,15 +378,9 @@ pub fn bundle_patient_links(bundle: &Bundle) -> (Vec<String>, Vec<(String, Strin
         let reference = |r: &Reference| r.reference.clone().unwrap_or_default();
         match resource {
             Resource::Patient(p) => patients.push(p.id.clone().unwrap_or_default()),
-            Resource::MedicationStatement(m) => {
-                links.push(("MedicationStatement".into(), m.id.clone().unwrap_or_default(), reference(&m.subject)))
-            }
-            Resource::AllergyIntolerance(a) => {
-                links.push(("AllergyIntolerance".into(), a.id.clone().unwrap_or_default(), reference(&a.patient)))
-            }
-            Resource::Immunization(i) => {
-                links.push(("Immunization".into(), i.id.clone().unwrap_or_default(), reference(&i.patient)))
-            }
+            Resource::MedicationStatement(m) => links.push(("MedicationStatement".into(), m.id.clone().unwrap_or_default(), reference(&m.subject))),
+            Resource::AllergyIntolerance(a) => links.push(("AllergyIntolerance".into(), a.id.clone().unwrap_or_default(), reference(&a.patient))),
+            Resource::Immunization(i) => links.push(("Immunization".into(), i.id.clone().unwrap_or_default(), reference(&i.patient))),
             _ => links.push(("other".into(), String::new(), String::new())),
         }
     }

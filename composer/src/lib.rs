@@ -27,9 +27,7 @@ pub fn composites(config: &ComposerConfig) -> Vec<Box<dyn composite::Composite>>
 
 /// Starts a composer on its own thread (connects, migrates, creates topics first). Returns the
 /// stop flag and the thread; used by `main` and by the end-to-end tests.
-pub async fn spawn(
-    config: ComposerConfig,
-) -> anyhow::Result<(Arc<AtomicBool>, Arc<consumer::Metrics>, std::thread::JoinHandle<anyhow::Result<()>>)> {
+pub async fn spawn(config: ComposerConfig) -> anyhow::Result<(Arc<AtomicBool>, Arc<consumer::Metrics>, std::thread::JoinHandle<anyhow::Result<()>>)> {
     let pool = db::connect(&config.common.database_url, config.common.database_max_connections).await?;
     db::migrate(&pool).await?;
     topics::ensure(&config.common.kafka, config.topic_partitions).await?;

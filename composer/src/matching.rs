@@ -32,10 +32,7 @@ impl MatchIndexer {
     }
 
     pub fn new(master: &[u8], pepper: &[u8], key_ids: &[String]) -> Self {
-        MatchIndexer {
-            keys: key_ids.iter().map(|k| (k.clone(), PartnerKey::derive(master, k))).collect(),
-            pepper: Pepper::new(pepper.to_vec()),
-        }
+        MatchIndexer { keys: key_ids.iter().map(|k| (k.clone(), PartnerKey::derive(master, k))).collect(), pepper: Pepper::new(pepper.to_vec()) }
     }
 
     pub fn key_ids(&self) -> Vec<String> {
@@ -97,7 +94,10 @@ pub fn identity_of(patient: &Value) -> Identity {
 /// Rebuilds the index of `key_id` from the live demographics in PostgreSQL (which hold the
 /// current state of `sor.member.demographics.v1`). Returns the members and rows indexed.
 pub async fn rebuild(pool: &db::Pool, indexer: &MatchIndexer, key_id: &str) -> anyhow::Result<(usize, usize)> {
-    let only = MatchIndexer { keys: indexer.keys.iter().filter(|(k, _)| k == key_id).map(|(k, key)| (k.clone(), key.clone())).collect(), pepper: indexer.pepper.clone() };
+    let only = MatchIndexer {
+        keys: indexer.keys.iter().filter(|(k, _)| k == key_id).map(|(k, key)| (k.clone(), key.clone())).collect(),
+        pepper: indexer.pepper.clone(),
+    };
     anyhow::ensure!(!only.keys.is_empty(), "key id {key_id} is not in PMM1_KEY_IDS: add it there (and to the composer's) first");
     let mut rows = Vec::new();
     let mut members = 0;

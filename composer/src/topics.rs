@@ -18,9 +18,7 @@ pub async fn ensure(kafka: &KafkaConfig, partitions: i32) -> anyhow::Result<()> 
     wanted.push((kafka.topic(topics::PARTNER_INBOUND), vec![("cleanup.policy", "delete")]));
     let new_topics: Vec<NewTopic<'_>> = wanted
         .iter()
-        .map(|(name, config)| {
-            config.iter().fold(NewTopic::new(name, partitions, TopicReplication::Fixed(1)), |t, (k, v)| t.set(k, v))
-        })
+        .map(|(name, config)| config.iter().fold(NewTopic::new(name, partitions, TopicReplication::Fixed(1)), |t, (k, v)| t.set(k, v)))
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(15)));
     for result in admin.create_topics(new_topics.iter(), &options).await? {

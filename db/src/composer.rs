@@ -14,27 +14,18 @@ pub struct StoredOffset {
 }
 
 pub async fn load_offsets(pool: &PgPool, group: &str, topics: &[String]) -> crate::Result<Vec<StoredOffset>> {
-    let rows = sqlx::query(
-        "SELECT topic, partition, next_offset FROM consumer_offsets WHERE consumer_group = $1 AND topic = ANY($2)",
-    )
-    .bind(group)
-    .bind(topics)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| StoredOffset { topic: r.get(0), partition: r.get(1), next_offset: r.get(2) })
-        .collect())
+    let rows = sqlx::query("SELECT topic, partition, next_offset FROM consumer_offsets WHERE consumer_group = $1 AND topic = ANY($2)")
+        .bind(group)
+        .bind(topics)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().map(|r| StoredOffset { topic: r.get(0), partition: r.get(1), next_offset: r.get(2) }).collect())
 }
 
 /// Moves the group's positions forward, but only from where this consumer believes they are
 /// (`expected`: `None` for a partition with no stored position). Returns false when another
 /// consumer moved one of them in the meantime (this one lost the partition): roll back.
-pub async fn advance_offsets(
-    tx: &mut PgConnection,
-    group: &str,
-    moves: &[(StoredOffset, Option<i64>)],
-) -> crate::Result<bool> {
+pub async fn advance_offsets(tx: &mut PgConnection, group: &str, moves: &[(StoredOffset, Option<i64>)]) -> crate::Result<bool> {
     let topics: Vec<&str> = moves.iter().map(|(o, _)| o.topic.as_str()).collect();
     let partitions: Vec<i32> = moves.iter().map(|(o, _)| o.partition).collect();
     let next: Vec<i64> = moves.iter().map(|(o, _)| o.next_offset).collect();
@@ -223,14 +214,7 @@ pub async fn live_components(tx: &mut PgConnection, members: &[String], kinds: &
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| LiveComponent {
-            member_id: r.get(0),
-            kind: r.get(1),
-            source: r.get(2),
-            record_id: r.get(3),
-            version: r.get(4),
-            body: r.get(5),
-        })
+        .map(|r| LiveComponent { member_id: r.get(0), kind: r.get(1), source: r.get(2), record_id: r.get(3), version: r.get(4), body: r.get(5) })
         .collect())
 }
 
@@ -247,10 +231,7 @@ pub async fn composite_states(tx: &mut PgConnection, members: &[String]) -> crat
         .bind(members)
         .fetch_all(&mut *tx)
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| CompositeState { member_id: r.get(0), version_id: r.get(1), deleted: r.get(2), content_hash: r.get(3) })
-        .collect())
+    Ok(rows.into_iter().map(|r| CompositeState { member_id: r.get(0), version_id: r.get(1), deleted: r.get(2), content_hash: r.get(3) }).collect())
 }
 
 /// A new version of a member's composite: `body` `None` is a deletion (tombstone).
@@ -304,10 +285,8 @@ pub async fn write_composites(tx: &mut PgConnection, versions: &[CompositeVersio
 
 /// Sum of a group's stored positions (tests and progress reports).
 pub async fn total_position(pool: &PgPool, group: &str) -> crate::Result<i64> {
-    let total: Option<i64> = sqlx::query_scalar("SELECT sum(next_offset)::bigint FROM consumer_offsets WHERE consumer_group = $1")
-        .bind(group)
-        .fetch_one(pool)
-        .await?;
+    let total: Option<i64> =
+        sqlx::query_scalar("SELECT sum(next_offset)::bigint FROM consumer_offsets WHERE consumer_group = $1").bind(group).fetch_one(pool).await?;
     Ok(total.unwrap_or(0))
 }
 
@@ -362,8 +341,8 @@ pub async fn all_outbox(pool: &PgPool) -> crate::Result<Vec<(String, String, Uui
         "SELECT o.topic, o.message_key, o.event_id, o.member_id, o.version_id, h.deleted, h.body::text
          FROM outbox o JOIN composite_history h USING (member_id, version_id) ORDER BY o.id",
     )
-        .fetch_all(pool)
-        .await?;
+    .fetch_all(pool)
+    .await?;
     Ok(rows
         .into_iter()
         .map(|r| {
@@ -375,10 +354,9 @@ pub async fn all_outbox(pool: &PgPool) -> crate::Result<Vec<(String, String, Uui
 
 /// Every component row: (kind, source, record_id, member_id, version, deleted, body).
 pub async fn all_components(pool: &PgPool) -> crate::Result<Vec<(String, String, String, String, i64, bool, Option<String>)>> {
-    let rows = sqlx::query(
-        "SELECT kind, source, record_id, member_id, version, deleted, body::text FROM components ORDER BY kind, source, record_id",
-    )
-    .fetch_all(pool)
-    .await?;
+    let rows =
+        sqlx::query("SELECT kind, source, record_id, member_id, version, deleted, body::text FROM components ORDER BY kind, source, record_id")
+            .fetch_all(pool)
+            .await?;
     Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6))).collect())
 }

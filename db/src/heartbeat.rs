@@ -31,11 +31,10 @@ pub async fn beat(pool: &PgPool, component: &str, instance: Uuid) -> crate::Resu
 }
 
 pub async fn get(pool: &PgPool, component: &str) -> crate::Result<Option<Heartbeat>> {
-    let row: Option<(String, Uuid, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(
-        "SELECT component, instance, started_at, seen_at FROM service_heartbeats WHERE component = $1",
-    )
-    .bind(component)
-    .fetch_optional(pool)
-    .await?;
+    let row: Option<(String, Uuid, OffsetDateTime, OffsetDateTime)> =
+        sqlx::query_as("SELECT component, instance, started_at, seen_at FROM service_heartbeats WHERE component = $1")
+            .bind(component)
+            .fetch_optional(pool)
+            .await?;
     Ok(row.map(|(component, instance, started_at, seen_at)| Heartbeat { component, instance, started_at, seen_at }))
 }

@@ -32,20 +32,15 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// A pool for `url`. Statement logging is off: bound values can carry PHI.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
     let options = PgConnectOptions::from_str(url)?.disable_statement_logging();
-    let pool = PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options)
-        .await?;
+    let pool = PgPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(5)).connect_with(options).await?;
     Ok(pool)
 }
 
 /// `url` with its database name replaced by `name` (query parameters kept).
 pub fn url_with_database(url: &str, name: &str) -> Result<String> {
     let (without_query, query) = url.split_once('?').unwrap_or((url, ""));
-    let (prefix, _) = without_query
-        .rsplit_once('/')
-        .ok_or_else(|| Error::Sqlx(sqlx::Error::Configuration("the database URL has no database name".into())))?;
+    let (prefix, _) =
+        without_query.rsplit_once('/').ok_or_else(|| Error::Sqlx(sqlx::Error::Configuration("the database URL has no database name".into())))?;
     Ok(if query.is_empty() { format!("{prefix}/{name}") } else { format!("{prefix}/{name}?{query}") })
 }
 

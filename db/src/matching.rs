@@ -34,11 +34,7 @@ async fn insert(tx: &mut PgConnection, rows: &[IndexRow]) -> crate::Result<()> {
 
 /// Replaces the index rows of `members` for `key_ids` with `rows` (inside the composer's batch).
 pub async fn replace_members(tx: &mut PgConnection, key_ids: &[String], members: &[String], rows: &[IndexRow]) -> crate::Result<()> {
-    sqlx::query("DELETE FROM match_index WHERE member_id = ANY($1) AND key_id = ANY($2)")
-        .bind(members)
-        .bind(key_ids)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query("DELETE FROM match_index WHERE member_id = ANY($1) AND key_id = ANY($2)").bind(members).bind(key_ids).execute(&mut *tx).await?;
     insert(tx, rows).await
 }
 

@@ -29,8 +29,7 @@ pub struct Registration<'a> {
     pub pmm1_key_ids: &'a [String],
 }
 
-const PARTNER_COLUMNS: &str =
-    "partner_id, name, jwks::text, scopes, rate_per_second, rate_burst, pmm1_key_ids, created_at, disabled_at";
+const PARTNER_COLUMNS: &str = "partner_id, name, jwks::text, scopes, rate_per_second, rate_burst, pmm1_key_ids, created_at, disabled_at";
 
 fn partner(r: sqlx::postgres::PgRow) -> Partner {
     Partner {
@@ -99,13 +98,11 @@ pub async fn get(pool: &PgPool, partner_id: &str) -> crate::Result<Option<Partne
 /// Returns whether the partner exists.
 pub async fn set_disabled(pool: &PgPool, partner_id: &str, disabled: bool) -> crate::Result<bool> {
     let mut tx = pool.begin().await?;
-    let done = sqlx::query(
-        "UPDATE partners SET disabled_at = CASE WHEN $2 THEN coalesce(disabled_at, now()) END WHERE partner_id = $1",
-    )
-    .bind(partner_id)
-    .bind(disabled)
-    .execute(&mut *tx)
-    .await?;
+    let done = sqlx::query("UPDATE partners SET disabled_at = CASE WHEN $2 THEN coalesce(disabled_at, now()) END WHERE partner_id = $1")
+        .bind(partner_id)
+        .bind(disabled)
+        .execute(&mut *tx)
+        .await?;
     notify(&mut tx, partner_id).await?;
     tx.commit().await?;
     Ok(done.rows_affected() == 1)

@@ -53,13 +53,7 @@ pub async fn latest(pool: &PgPool, viewer: Viewer<'_>, resource_type: &str, id: 
          ORDER BY resource_version DESC LIMIT 1",
         attributed("components.member_id", 3, 4)
     );
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-    .bind(resource_type)
-    .bind(id)
-    .bind(viewer.partner_id)
-    .bind(viewer.on)
-    .fetch_optional(pool)
-    .await?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(resource_type).bind(id).bind(viewer.partner_id).bind(viewer.on).fetch_optional(pool).await?;
     Ok(row.map(version))
 }
 
@@ -70,13 +64,13 @@ pub async fn version_of(pool: &PgPool, viewer: Viewer<'_>, resource_type: &str, 
         attributed("h.member_id", 4, 5)
     );
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-    .bind(resource_type)
-    .bind(id)
-    .bind(version_id)
-    .bind(viewer.partner_id)
-    .bind(viewer.on)
-    .fetch_optional(pool)
-    .await?;
+        .bind(resource_type)
+        .bind(id)
+        .bind(version_id)
+        .bind(viewer.partner_id)
+        .bind(viewer.on)
+        .fetch_optional(pool)
+        .await?;
     Ok(row.map(version))
 }
 
@@ -96,13 +90,8 @@ pub async fn history(pool: &PgPool, viewer: Viewer<'_>, resource_type: &str, id:
         .fetch_all(pool)
         .await?;
     let sql = format!("SELECT count(*) FROM resource_history h WHERE resource_type = $1 AND resource_id = $2 AND {visible}");
-    let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .bind(resource_type)
-        .bind(id)
-        .bind(viewer.partner_id)
-        .bind(viewer.on)
-        .fetch_one(pool)
-        .await?;
+    let total: i64 =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(resource_type).bind(id).bind(viewer.partner_id).bind(viewer.on).fetch_one(pool).await?;
     Ok((total, rows.into_iter().map(version).collect()))
 }
 
@@ -163,11 +152,7 @@ pub async fn search(
          AND ($11::text IS NULL OR resource_id > $11) ORDER BY resource_id LIMIT $12",
         search_where()
     );
-    let rows = bind_criteria(sqlx::query(sqlx::AssertSqlSafe(page)), viewer, resource_type, c)
-        .bind(after)
-        .bind(count)
-        .fetch_all(pool)
-        .await?;
+    let rows = bind_criteria(sqlx::query(sqlx::AssertSqlSafe(page)), viewer, resource_type, c).bind(after).bind(count).fetch_all(pool).await?;
     let total = format!("SELECT count(*) FROM components WHERE {}", search_where());
     let total: i64 = bind_criteria(sqlx::query(sqlx::AssertSqlSafe(total)), viewer, resource_type, c).fetch_one(pool).await?.get(0);
     Ok((total, rows.into_iter().map(version).collect()))
@@ -180,11 +165,6 @@ pub async fn medication_profile(pool: &PgPool, viewer: Viewer<'_>, member_id: &s
          JOIN composite_history h USING (member_id, version_id) WHERE c.member_id = $1 AND {}",
         attributed("c.member_id", 2, 3)
     );
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(member_id)
-        .bind(viewer.partner_id)
-        .bind(viewer.on)
-        .fetch_optional(pool)
-        .await?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(member_id).bind(viewer.partner_id).bind(viewer.on).fetch_optional(pool).await?;
     Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
 }

@@ -27,12 +27,9 @@ pub fn fold(text: &str) -> String {
 }
 
 const TITLES: [&str; 12] = ["MR", "MRS", "MS", "MISS", "MX", "DR", "DOCTOR", "PROF", "REV", "FR", "SIR", "HON"];
-const SUFFIXES: [&str; 17] =
-    ["JR", "JNR", "JUNIOR", "SR", "SNR", "SENIOR", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "2ND", "3RD", "4TH"];
-const PLACEHOLDERS: [&str; 14] = [
-    "UNKNOWN", "UNK", "NONE", "NA", "NULL", "TEST", "PATIENT", "ANONYMOUS", "BABY", "BABYBOY", "BABYGIRL", "INFANT", "NEWBORN",
-    "MISSING",
-];
+const SUFFIXES: [&str; 17] = ["JR", "JNR", "JUNIOR", "SR", "SNR", "SENIOR", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "2ND", "3RD", "4TH"];
+const PLACEHOLDERS: [&str; 14] =
+    ["UNKNOWN", "UNK", "NONE", "NA", "NULL", "TEST", "PATIENT", "ANONYMOUS", "BABY", "BABYBOY", "BABYGIRL", "INFANT", "NEWBORN", "MISSING"];
 
 fn is_one_of(token: &str, words: &[&str]) -> bool {
     let bare = token.strip_suffix('.').unwrap_or(token);

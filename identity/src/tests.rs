@@ -5,8 +5,7 @@ use serde_json::Value;
 fn vectors() -> Value {
     // The pinned vectors of ../shared/identity, read from the file (not copied).
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/identity/vectors.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("shared/identity/vectors.json beside the repository"))
-        .expect("vectors.json is JSON")
+    serde_json::from_str(&std::fs::read_to_string(path).expect("shared/identity/vectors.json beside the repository")).expect("vectors.json is JSON")
 }
 
 fn identity_of(input: &Value) -> Identity {

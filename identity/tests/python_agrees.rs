@@ -25,9 +25,8 @@ impl Gen {
 }
 
 const NAME_BITS: [&str; 40] = [
-    "a", "B", "c", "É", "ñ", "ø", "Æ", "ß", "Ł", "đ", "Þ", "œ", "ı", "ǅ", "ﬁ", "Ａ", "e\u{301}", " ", "  ", "\u{a0}", "\u{2003}",
-    "-", "'", ",", ".", "Dr. ", "Mrs ", " Jr.", " III", " Q.", " x", "Baby ", "Boy", "unknown", "José", "O'Neil", "Nguyễn",
-    "\t", "\u{3000}", "9",
+    "a", "B", "c", "É", "ñ", "ø", "Æ", "ß", "Ł", "đ", "Þ", "œ", "ı", "ǅ", "ﬁ", "Ａ", "e\u{301}", " ", "  ", "\u{a0}", "\u{2003}", "-", "'", ",", ".",
+    "Dr. ", "Mrs ", " Jr.", " III", " Q.", " x", "Baby ", "Boy", "unknown", "José", "O'Neil", "Nguyễn", "\t", "\u{3000}", "9",
 ];
 const LINE_BITS: [&str; 16] =
     ["P.O. Box ", "PO BOX ", "Post Office Box ", "Box ", "00", "12", "7", "A", " Main St", ", Apt 4", "．", " ", "١٢", "St.", "#", "0"];
@@ -83,7 +82,12 @@ fn python_and_rust_agree_on_generated_identities() {
         let f = |v: &Option<String>| v.clone().map(Value::String).unwrap_or(Value::Null);
         let rust = json!({ "FN": f(&n.first), "LN": f(&n.last), "DOB": f(&n.dob), "SEX": f(&n.sex),
             "ZIP5": f(&n.zip5), "HOUSE": f(&n.house), "PHONE": f(&n.phone) });
-        assert_eq!(rust, py["normalized"], "identity #{i}: {:?}", (&identity.given, &identity.family, &identity.line1, &identity.postal_code, &identity.phone, &identity.birth_date));
+        assert_eq!(
+            rust,
+            py["normalized"],
+            "identity #{i}: {:?}",
+            (&identity.given, &identity.family, &identity.line1, &identity.postal_code, &identity.phone, &identity.birth_date)
+        );
         for t in TokenType::ALL {
             let m = message(t, &n);
             assert_eq!(m.as_deref(), py["messages"][t.name()].as_str(), "identity #{i} {}", t.name());

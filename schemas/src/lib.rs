@@ -179,8 +179,7 @@ impl Contracts {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(Rejection::Empty);
         }
-        let value: Value = serde_json::from_slice(bytes)
-            .map_err(|e| Rejection::InvalidJson { line: e.line(), column: e.column() })?;
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| Rejection::InvalidJson { line: e.line(), column: e.column() })?;
         let Value::Object(object) = value else {
             return Err(Rejection::Schema { schema: "envelope", path: "".into(), rule: "the message must be a JSON object".into() });
         };
@@ -225,22 +224,15 @@ impl Contracts {
             .and_then(Value::as_i64)
             .or_else(|| source.get("ts_ms").and_then(Value::as_i64))
             .ok_or_else(|| Rejection::Unmappable("source.lsn / source.ts_ms out of range".into()))?;
-        let source_name = source
-            .get("name")
-            .or_else(|| source.get("connector"))
-            .and_then(Value::as_str)
-            .unwrap_or("debezium")
-            .to_owned();
+        let source_name = source.get("name").or_else(|| source.get("connector")).and_then(Value::as_str).unwrap_or("debezium").to_owned();
         let (row_key, deleted) = if op == "d" { ("before", true) } else { ("after", false) };
         let Some(Value::Object(mut row)) = object.remove(row_key) else { unreachable!("checked above") };
         let text = |v: Option<Value>| v.and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         let member_id = identifier(MemberId::parse(&text(row.remove("member_id"))), "member_id")?;
         let record_id = identifier(RecordId::parse(&text(row.remove("record_id"))), "record_id")?;
         let source_name = identifier(SourceName::parse(&source_name), "source.name")?;
-        let event_id = Uuid::new_v5(
-            &Uuid::NAMESPACE_OID,
-            format!("debezium|{}|{}|{}|{}|{}", kind.as_str(), source_name, record_id, position, op).as_bytes(),
-        );
+        let event_id =
+            Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("debezium|{}|{}|{}|{}|{}", kind.as_str(), source_name, record_id, position, op).as_bytes());
         let change = if deleted { Change::Delete } else { Change::Upsert(self.record(kind, row, &format!("/{row_key}"))?) };
         Ok(Event {
             kind,

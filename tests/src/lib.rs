@@ -46,9 +46,7 @@ pub async fn create_topic(name: &str, partitions: i32, config: &[(&str, &str)]) 
     for (k, v) in config {
         topic = topic.set(k, v);
     }
-    let results = admin
-        .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
-        .await?;
+    let results = admin.create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await?;
     for r in results {
         r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
     }
@@ -118,10 +116,8 @@ pub async fn applied_messages(pool: &db::Pool, group: &str) -> anyhow::Result<i6
 
 /// Waits until `group` applied `total` messages.
 pub async fn wait_applied(pool: &db::Pool, group: &str, total: usize, timeout: Duration) -> anyhow::Result<()> {
-    eventually(timeout, "the composer to apply every message", || async {
-        Ok((applied_messages(pool, group).await? >= total as i64).then_some(()))
-    })
-    .await
+    eventually(timeout, "the composer to apply every message", || async { Ok((applied_messages(pool, group).await? >= total as i64).then_some(())) })
+        .await
 }
 
 /// The contract topic names in a test namespace, as a composer with that prefix sees them.
@@ -154,8 +150,7 @@ pub async fn check_composite_invariants(pool: &db::Pool) -> anyhow::Result<usize
     use std::collections::{BTreeMap, HashSet};
 
     let history = all_history(pool).await?;
-    let current: BTreeMap<String, db::composer::VersionRow> =
-        all_composites(pool).await?.into_iter().map(|c| (c.member_id.clone(), c)).collect();
+    let current: BTreeMap<String, db::composer::VersionRow> = all_composites(pool).await?.into_iter().map(|c| (c.member_id.clone(), c)).collect();
     let mut by_member: BTreeMap<&str, Vec<&db::composer::VersionRow>> = BTreeMap::new();
     for h in &history {
         by_member.entry(&h.member_id).or_default().push(h);
@@ -187,8 +182,7 @@ pub async fn check_composite_invariants(pool: &db::Pool) -> anyhow::Result<usize
     ensure!(outbox.len() == history.len(), "{} outbox rows for {} versions", outbox.len(), history.len());
     let mut ids = HashSet::new();
     let mut next_version: BTreeMap<&str, i64> = BTreeMap::new();
-    let by_key: BTreeMap<(&str, i64), &db::composer::VersionRow> =
-        history.iter().map(|h| ((h.member_id.as_str(), h.version_id), h)).collect();
+    let by_key: BTreeMap<(&str, i64), &db::composer::VersionRow> = history.iter().map(|h| ((h.member_id.as_str(), h.version_id), h)).collect();
     for (topic, key, event_id, row) in &outbox {
         ensure!(topic == platform::topics::MEDICATION_PROFILE, "outbox topic {topic}");
         ensure!(key == &row.member_id, "outbox key {key} for member {}", row.member_id);
@@ -337,10 +331,7 @@ pub fn rsa_key(kid: &str) -> anyhow::Result<api::auth::client::ClientKey> {
     let out = std::process::Command::new("openssl").args(["rsa", "-noout", "-modulus", "-in"]).arg(&pem_path).output()?;
     anyhow::ensure!(out.status.success(), "openssl rsa -modulus failed");
     let hex = String::from_utf8(out.stdout)?.trim().trim_start_matches("Modulus=").to_owned();
-    let modulus = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
-        .collect::<Result<Vec<u8>, _>>()?;
+    let modulus = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16)).collect::<Result<Vec<u8>, _>>()?;
     let pem = std::fs::read(&pem_path)?;
     std::fs::remove_dir_all(&dir)?;
     api::auth::client::ClientKey::rs384_from_pem(kid, &pem, &modulus)
@@ -426,8 +417,14 @@ pub fn attribution(member: &str, partner: &str) -> composer::generator::SorMessa
     composer::generator::SorMessage {
         topic: platform::topics::ATTRIBUTION,
         key: member.to_owned(),
-        value: Some(native_event("upsert", "attribution", 1, member, &format!("AT-{member}-{partner}"),
-            Some(serde_json::json!({ "partner_id": partner, "relationship": "pcp", "period_start": "2026-01-01" })))),
+        value: Some(native_event(
+            "upsert",
+            "attribution",
+            1,
+            member,
+            &format!("AT-{member}-{partner}"),
+            Some(serde_json::json!({ "partner_id": partner, "relationship": "pcp", "period_start": "2026-01-01" })),
+        )),
     }
 }
 

@@ -56,10 +56,16 @@ async fn events_become_readable_and_searchable() -> anyhow::Result<()> {
     wait_applied(&pool, group, stream.len(), Duration::from_secs(60)).await?;
     // A second version of RX-000, and the deletion of member GONE.
     let later = vec![
-        SorMessage { topic: "sor.pharmacy.medications.v1", key: "P1".into(),
-            value: Some(native_event("upsert", "rx-claims", 2, "P1", "RX-000", Some(json!({ "rxnorm_code": "860975", "status": "completed" })))) },
-        SorMessage { topic: "sor.member.demographics.v1", key: "GONE".into(),
-            value: Some(native_event("delete", "enrollment", 2, "GONE", "GONE", None)) },
+        SorMessage {
+            topic: "sor.pharmacy.medications.v1",
+            key: "P1".into(),
+            value: Some(native_event("upsert", "rx-claims", 2, "P1", "RX-000", Some(json!({ "rxnorm_code": "860975", "status": "completed" })))),
+        },
+        SorMessage {
+            topic: "sor.member.demographics.v1",
+            key: "GONE".into(),
+            value: Some(native_event("delete", "enrollment", 2, "GONE", "GONE", None)),
+        },
     ];
     generator::publish(&generator::producer(&kafka)?, &kafka, &later).await?;
     wait_applied(&pool, group, stream.len() + later.len(), Duration::from_secs(60)).await?;

@@ -94,8 +94,7 @@ async fn sigkill_at_three_points_changes_nothing() -> anyhow::Result<()> {
         assert_eq!(Some(composite), b.1.get(member), "composite of {member}");
     }
     // Members whose demographics were deleted have no live composite.
-    let deleted_members: Vec<&String> =
-        a.0.iter().filter(|c| c.0 == "demographics" && c.5).map(|c| &c.3).collect();
+    let deleted_members: Vec<&String> = a.0.iter().filter(|c| c.0 == "demographics" && c.5).map(|c| &c.3).collect();
     assert!(!deleted_members.is_empty(), "the stream deletes some members");
     for member in deleted_members {
         assert!(!a.1.contains_key(member), "{member} still live");

@@ -63,47 +63,74 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
     let kafka = kafka_config(&prefix);
     let group = "composer-scenario";
     let (stop, metrics, thread) = composer::spawn(composer_config(&url, &prefix, group)).await?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_bootstrap())
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .create()?;
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", kafka_bootstrap()).set("enable.idempotence", "true").set("acks", "all").create()?;
     let t = |name: &str| kafka.topic(name);
-    let (demo, meds, allergies, imms) = (
-        t("sor.member.demographics.v1"),
-        t("sor.pharmacy.medications.v1"),
-        t("sor.emr.allergies.v1"),
-        t("sor.immunization.registry.v1"),
-    );
+    let (demo, meds, allergies, imms) =
+        (t("sor.member.demographics.v1"), t("sor.pharmacy.medications.v1"), t("sor.emr.allergies.v1"), t("sor.immunization.registry.v1"));
 
     // Phase 1.
     let mut sent = 0usize;
     let ann = json!({ "given_name": "Ann", "family_name": "Lee", "birth_date": "1980-02-29", "sex": "female",
         "address_line": "12 Elm Street", "city": "Boston", "state": "MA", "postal_code": "02139", "phone": "617-555-0100" });
     send(&producer, &demo, "M1", Some(&native("upsert", "enrollment", 1, "M1", "M1", Some(ann.clone()))), None).await?;
-    let rx1_v2 = native("upsert", "rx-claims", 2, "M1", "RX-1",
-        Some(json!({ "rxnorm_code": "860975", "display": "metformin 500 MG Oral Tablet", "status": "active", "days_supply": 90 })));
+    let rx1_v2 = native(
+        "upsert",
+        "rx-claims",
+        2,
+        "M1",
+        "RX-1",
+        Some(json!({ "rxnorm_code": "860975", "display": "metformin 500 MG Oral Tablet", "status": "active", "days_supply": 90 })),
+    );
     let rx1_v1 = native("upsert", "rx-claims", 1, "M1", "RX-1", Some(json!({ "rxnorm_code": "860975", "status": "stopped" })));
     send(&producer, &meds, "M1", Some(&rx1_v2), None).await?;
-    let rx2 = json!({ "member_id": "M1", "record_id": "RX-2", "rxnorm_code": "314076", "display": "lisinopril 10 MG Oral Tablet", "status": "active" });
+    let rx2 =
+        json!({ "member_id": "M1", "record_id": "RX-2", "rxnorm_code": "314076", "display": "lisinopril 10 MG Oral Tablet", "status": "active" });
     send(&producer, &meds, "M1", Some(&debezium("c", 500, rx2.clone(), true)), None).await?;
-    let al1 = native("upsert", "emr", 3, "M1", "AL-1",
-        Some(json!({ "code_system": "snomed", "code": "91936005", "display": "Allergy to penicillin", "clinical_status": "active", "criticality": "high" })));
+    let al1 = native(
+        "upsert",
+        "emr",
+        3,
+        "M1",
+        "AL-1",
+        Some(
+            json!({ "code_system": "snomed", "code": "91936005", "display": "Allergy to penicillin", "clinical_status": "active", "criticality": "high" }),
+        ),
+    );
     send(&producer, &allergies, "M1", Some(&al1), None).await?;
     send(&producer, &allergies, "M1", Some(&al1), None).await?; // redelivered
     let im1 = json!({ "member_id": "M1", "record_id": "IM-1", "cvx_code": "208", "occurrence_date": "2021-04-01", "lot_number": null });
     send(&producer, &imms, "M1", Some(&debezium("r", 700, im1, false)), None).await?;
     send(&producer, &imms, "M1", None, None).await?; // a Debezium tombstone: no change
-    send(&producer, &demo, "M2", Some(&native("upsert", "enrollment", 1, "M2", "M2", Some(json!({ "given_name": "Bo", "sex": "male" })))), None).await?;
-    send(&producer, &meds, "M2", Some(&native("upsert", "rx-claims", 1, "M2", "RX-9", Some(json!({ "rxnorm_code": "197361", "status": "active" })))), None).await?;
+    send(&producer, &demo, "M2", Some(&native("upsert", "enrollment", 1, "M2", "M2", Some(json!({ "given_name": "Bo", "sex": "male" })))), None)
+        .await?;
+    send(
+        &producer,
+        &meds,
+        "M2",
+        Some(&native("upsert", "rx-claims", 1, "M2", "RX-9", Some(json!({ "rxnorm_code": "197361", "status": "active" })))),
+        None,
+    )
+    .await?;
     // Malformed: invalid JSON (with a header that must be kept), a schema violation, an impossible date.
     let mut malformed = Vec::new();
     let headers = OwnedHeaders::new().insert(Header { key: "trace", value: Some("abc") });
     malformed.push(("invalid-json", send(&producer, &meds, "M1", Some(b"{\"event_id\": nope"), Some(headers)).await?));
-    malformed.push(("schema", send(&producer, &allergies, "M1",
-        Some(&native("upsert", "emr", 1, "M1", "AL-9", Some(json!({ "code_system": "loinc", "code": "1" })))), None).await?));
-    malformed.push(("mapping", send(&producer, &demo, "M3",
-        Some(&native("upsert", "enrollment", 1, "M3", "M3", Some(json!({ "birth_date": "2023-02-30" })))), None).await?));
+    malformed.push((
+        "schema",
+        send(
+            &producer,
+            &allergies,
+            "M1",
+            Some(&native("upsert", "emr", 1, "M1", "AL-9", Some(json!({ "code_system": "loinc", "code": "1" })))),
+            None,
+        )
+        .await?,
+    ));
+    malformed.push((
+        "mapping",
+        send(&producer, &demo, "M3", Some(&native("upsert", "enrollment", 1, "M3", "M3", Some(json!({ "birth_date": "2023-02-30" })))), None).await?,
+    ));
     sent += 12;
     wait_applied(&pool, group, sent, Duration::from_secs(60)).await?;
     let first_m2 = db::composer::current_composite(&pool, "M2").await?.expect("M2 composed");
@@ -123,7 +150,8 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
     // M1: exactly the expected Bundle (meta and timestamp aside).
     let body = db::composer::current_composite(&pool, "M1").await?.expect("M1 composed").body;
     let base = "http://fhir.test/fhir";
-    let (ms1, al, im) = (id("MedicationStatement", "rx-claims", "RX-1"), id("AllergyIntolerance", "emr", "AL-1"), id("Immunization", "emr-cdc", "IM-1"));
+    let (ms1, al, im) =
+        (id("MedicationStatement", "rx-claims", "RX-1"), id("AllergyIntolerance", "emr", "AL-1"), id("Immunization", "emr-cdc", "IM-1"));
     let expected = json!({
         "resourceType": "Bundle", "id": "M1", "type": "collection",
         "entry": [
@@ -206,7 +234,8 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
     assert!(tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await.is_err(), "only the malformed messages");
     for (reason, original) in &malformed {
         let found = dead.iter().find(|(value, h)| {
-            value == &original.value && h.get("dlq.source.offset") == Some(&original.offset.to_string())
+            value == &original.value
+                && h.get("dlq.source.offset") == Some(&original.offset.to_string())
                 && h.get("dlq.source.partition") == Some(&original.partition.to_string())
         });
         let (_, headers) = found.unwrap_or_else(|| panic!("{reason} message not in the DLQ"));

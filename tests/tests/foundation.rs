@@ -29,10 +29,7 @@ async fn idempotent_producer_and_consumer_group_keep_every_message_once_in_order
         let producer = producer.clone();
         let topic = topic.clone();
         deliveries.push(tokio::spawn(async move {
-            producer
-                .send(FutureRecord::to(&topic).key(&key).payload(&payload), Duration::from_secs(10))
-                .await
-                .map_err(|(e, _)| e)
+            producer.send(FutureRecord::to(&topic).key(&key).payload(&payload), Duration::from_secs(10)).await.map_err(|(e, _)| e)
         }));
     }
     // Spawned sends are enqueued in spawn order on one runtime thread at a time, but to make the

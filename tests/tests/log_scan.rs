@@ -67,24 +67,18 @@ async fn nothing_the_platform_logged_holds_phi_or_secrets() -> anyhow::Result<()
     for name in &names {
         let url = db::url_with_database(&database_url(), name)?;
         let Ok(pool) = db::connect(&url, 1).await else { continue };
-        let bodies: Vec<String> = sqlx::query_scalar(
-            "SELECT body::text FROM resource_history WHERE resource_type = 'Patient' AND body IS NOT NULL",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap_or_default();
+        let bodies: Vec<String> = sqlx::query_scalar("SELECT body::text FROM resource_history WHERE resource_type = 'Patient' AND body IS NOT NULL")
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_default();
         for body in bodies {
             identifiers(&serde_json::from_str(&body)?, &mut phi);
         }
         pool.close().await;
     }
     anyhow::ensure!(phi.len() > 100, "only {} identifying values found in {} test databases", phi.len(), names.len());
-    let secrets: Vec<String> = std::fs::read_to_string(dir.join("secrets.txt"))
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .filter(|s| !s.is_empty())
-        .collect();
+    let secrets: Vec<String> =
+        std::fs::read_to_string(dir.join("secrets.txt")).unwrap_or_default().lines().map(str::to_owned).filter(|s| !s.is_empty()).collect();
     anyhow::ensure!(!secrets.is_empty(), "the suite recorded no tokens or assertions");
 
     let mut leaks: Vec<String> = Vec::new();

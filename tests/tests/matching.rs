@@ -91,9 +91,18 @@ async fn matching_partner(pool: &db::Pool, id: &str, key_ids: &[&str]) -> anyhow
     let key_ids: Vec<String> = key_ids.iter().map(|k| (*k).to_owned()).collect();
     let jwks = api::auth::client::ClientKey::jwks(&[&partner.key]).to_string();
     let scopes = vec!["system/*.read".to_owned()];
-    db::partners::register(pool, &db::partners::Registration {
-        partner_id: id, name: id, jwks: &jwks, scopes: &scopes, rate_per_second: Some(100_000.0), rate_burst: Some(100_000), pmm1_key_ids: &key_ids,
-    })
+    db::partners::register(
+        pool,
+        &db::partners::Registration {
+            partner_id: id,
+            name: id,
+            jwks: &jwks,
+            scopes: &scopes,
+            rate_per_second: Some(100_000.0),
+            rate_burst: Some(100_000),
+            pmm1_key_ids: &key_ids,
+        },
+    )
     .await?;
     Ok(partner)
 }
@@ -104,7 +113,11 @@ fn william() -> Value {
 
 /// Members MBR-0001 (William Smith, with two open tasks and a completed one) and the twins
 /// MBR-0002 / MBR-0003, who share a T2 value (same last name, initial, birth date and sex).
-async fn compose(url: &str, pool: &db::Pool, label: &str) -> anyhow::Result<(String, std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<anyhow::Result<()>>, usize)> {
+async fn compose(
+    url: &str,
+    pool: &db::Pool,
+    label: &str,
+) -> anyhow::Result<(String, std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<anyhow::Result<()>>, usize)> {
     let prefix = format!("{}.", unique(label));
     let mut flags = pmm1_flags();
     flags.extend(["--pmm1-key-ids", "k1,k2"]);
@@ -117,8 +130,16 @@ async fn compose(url: &str, pool: &db::Pool, label: &str) -> anyhow::Result<(Str
     let task = |record: &str, status: &str| SorMessage {
         topic: platform::topics::CARE_TASKS,
         key: "MBR-0001".into(),
-        value: Some(native_event("upsert", "care-mgmt", 1, "MBR-0001", record,
-            Some(json!({ "task_code": "AWV", "description": "Annual wellness visit", "status": status, "priority": "routine", "due_date": "2027-01-15" })))),
+        value: Some(native_event(
+            "upsert",
+            "care-mgmt",
+            1,
+            "MBR-0001",
+            record,
+            Some(
+                json!({ "task_code": "AWV", "description": "Annual wellness visit", "status": status, "priority": "routine", "due_date": "2027-01-15" }),
+            ),
+        )),
     };
     let stream = vec![
         demo("MBR-0001", william()),
@@ -218,7 +239,12 @@ async fn a_partner_matches_a_member_by_tokens_and_learns_nothing_else() -> anyho
     assert_eq!(outcome["resourceType"], "OperationOutcome");
 
     // Malformed requests are 400s (they reveal nothing about anyone).
-    let r = client.post(format!("{origin}/fhir/Patient/$hashed-match")).header("content-type", "application/fhir+json").body("{\"resourceType\":\"Parameters\"}").send().await?;
+    let r = client
+        .post(format!("{origin}/fhir/Patient/$hashed-match"))
+        .header("content-type", "application/fhir+json")
+        .body("{\"resourceType\":\"Parameters\"}")
+        .send()
+        .await?;
     assert_eq!(r.status().as_u16(), 400);
     let r = client.post(format!("{origin}/fhir/Patient/$hashed-match")).header("content-type", "text/plain").body("x").send().await?;
     assert_eq!(r.status().as_u16(), 415);
@@ -263,7 +289,16 @@ async fn a_partner_matches_a_member_by_tokens_and_learns_nothing_else() -> anyho
         .flatten()
         .filter_map(|e| e["resource"]["entity"].as_array().and_then(|es| es.last()).cloned())
         .map(|request| {
-            let detail = |name: &str| request["detail"].as_array().into_iter().flatten().find(|d| d["type"] == name).and_then(|d| d["valueString"].as_str()).unwrap_or("").to_owned();
+            let detail = |name: &str| {
+                request["detail"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|d| d["type"] == name)
+                    .and_then(|d| d["valueString"].as_str())
+                    .unwrap_or("")
+                    .to_owned()
+            };
             format!("{}:{}", detail("keyId"), detail("decision"))
         })
         .collect();
@@ -309,7 +344,8 @@ async fn match_and_no_match_take_the_same_time_and_matching_is_rate_limited() ->
     let origin = start_api_with(&url, "127.0.0.1:0", "http://fhir.test/fhir", &flags).await?;
     let partner = matching_partner(&pool, "timer", &["k1"]).await?;
     let client = partner.client(&origin).await?;
-    let tokens = tokenize(&partner_key("k1")?, &[william(), person("Grace", "Hopper", "1906-12-09", "female", "1 Navy Way", "20001", "202-555-0199")])?;
+    let tokens =
+        tokenize(&partner_key("k1")?, &[william(), person("Grace", "Hopper", "1906-12-09", "female", "1 Navy Way", "20001", "202-555-0199")])?;
     let (hit, miss) = (all(&tokens[0]).into_iter().cloned().collect::<Vec<_>>(), all(&tokens[1]).into_iter().cloned().collect::<Vec<_>>());
 
     // 1,000 requests, matches and non-matches interleaved, four at a time.

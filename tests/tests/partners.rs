@@ -40,8 +40,14 @@ fn demographics(member: &str) -> SorMessage {
     SorMessage {
         topic: platform::topics::DEMOGRAPHICS,
         key: member.to_owned(),
-        value: Some(native_event("upsert", "enrollment", 1, member, member,
-            Some(json!({ "given_name": "Quinn", "family_name": "Harlow", "birth_date": "1961-04-09", "sex": "female" })))),
+        value: Some(native_event(
+            "upsert",
+            "enrollment",
+            1,
+            member,
+            member,
+            Some(json!({ "given_name": "Quinn", "family_name": "Harlow", "birth_date": "1961-04-09", "sex": "female" })),
+        )),
     }
 }
 
@@ -70,7 +76,14 @@ async fn compose(url: &str, pool: &db::Pool, label: &str) -> anyhow::Result<()> 
     stream.push(SorMessage {
         topic: platform::topics::ATTRIBUTION,
         key: "C1".into(),
-        value: Some(native_event("upsert", "attribution", 1, "C1", "AT-C1", Some(json!({ "partner_id": "pa", "period_start": "2025-01-01", "period_end": "2025-12-31" })))),
+        value: Some(native_event(
+            "upsert",
+            "attribution",
+            1,
+            "C1",
+            "AT-C1",
+            Some(json!({ "partner_id": "pa", "period_start": "2025-01-01", "period_end": "2025-12-31" })),
+        )),
     });
     generator::publish(&generator::producer(&kafka)?, &kafka, &stream).await?;
     wait_applied(pool, label, stream.len(), Duration::from_secs(60)).await?;
@@ -180,7 +193,9 @@ async fn smart_backend_services_refuses_what_it_must_and_accepts_rs384_and_es384
     }
 
     // Malformed token requests.
-    let form = |body: &str| anonymous.post(format!("{origin}/auth/token")).header("content-type", "application/x-www-form-urlencoded").body(body.to_owned()).send();
+    let form = |body: &str| {
+        anonymous.post(format!("{origin}/auth/token")).header("content-type", "application/x-www-form-urlencoded").body(body.to_owned()).send()
+    };
     let r = form("grant_type=password&scope=system/*.read").await?;
     let reply = (r.status().as_u16(), r.headers().clone(), r.json().await?);
     token_refused(&reply, 400, "unsupported_grant_type", "grant type");
@@ -295,7 +310,8 @@ async fn partners_read_only_their_members_within_their_rate_and_everything_is_au
         assert_eq!(page["total"], *count as i64, "audit records of {partner}");
     }
     let (_, _, page) = get(&o, &format!("{fhir}/AuditEvent?agent=hasty&_count=100")).await?;
-    let outcomes: Vec<&str> = page["entry"].as_array().into_iter().flatten().map(|e| e["resource"]["outcomeDesc"].as_str().unwrap_or_default()).collect();
+    let outcomes: Vec<&str> =
+        page["entry"].as_array().into_iter().flatten().map(|e| e["resource"]["outcomeDesc"].as_str().unwrap_or_default()).collect();
     assert_eq!(outcomes.iter().filter(|o| o.starts_with("HTTP 429")).count(), 3, "{outcomes:?}");
     // Searching by member finds pa's attempts on B1, which pa never saw.
     let (_, _, page) = get(&o, &format!("{fhir}/AuditEvent?patient=B1&agent=pa&_count=100")).await?;
@@ -327,7 +343,8 @@ async fn partners_read_only_their_members_within_their_rate_and_everything_is_au
 
     // Every audit record reaches audit.events.v1, as an AuditEvent keyed by its partner.
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&pool).await?;
-    eventually(Duration::from_secs(30), "the audit outbox to drain", || async { Ok((db::audit::unpublished(&pool).await? == 0).then_some(())) }).await?;
+    eventually(Duration::from_secs(30), "the audit outbox to drain", || async { Ok((db::audit::unpublished(&pool).await? == 0).then_some(())) })
+        .await?;
     let topic = format!("{}.{}", api_topic_prefix(&url), platform::topics::AUDIT_EVENTS);
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", kafka_bootstrap())

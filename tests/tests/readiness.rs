@@ -20,9 +20,7 @@ async fn start(database_url: &str, kafka: &str, lazy_pool: bool) -> anyhow::Resu
         "1500",
     ])?;
     let app = if lazy_pool {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .acquire_timeout(std::time::Duration::from_secs(1))
-            .connect_lazy(database_url)?;
+        let pool = sqlx::postgres::PgPoolOptions::new().acquire_timeout(std::time::Duration::from_secs(1)).connect_lazy(database_url)?;
         Application::build_with_pool(&config, pool).await?
     } else {
         Application::build(&config).await?

@@ -89,7 +89,13 @@ async fn composites_reach_the_topics_and_partner_topics_follow_attribution() -> 
     let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "relay")).await?;
     use clap::Parser;
     let relay_config = composer::relay::RelayConfig::parse_from([
-        "relay", "--database-url", &url, "--kafka-bootstrap-servers", &kafka_bootstrap(), "--kafka-topic-prefix", &prefix,
+        "relay",
+        "--database-url",
+        &url,
+        "--kafka-bootstrap-servers",
+        &kafka_bootstrap(),
+        "--kafka-topic-prefix",
+        &prefix,
     ]);
     let (relay_stop, relay) = composer::relay::spawn(relay_config).await?;
 
@@ -98,9 +104,23 @@ async fn composites_reach_the_topics_and_partner_topics_follow_attribution() -> 
     let demographics = |member: &str| SorMessage {
         topic: platform::topics::DEMOGRAPHICS,
         key: member.to_owned(),
-        value: Some(native_event("upsert", "enrollment", 1, member, member, Some(json!({ "given_name": "Robin", "family_name": "Vale", "sex": "other" })))),
+        value: Some(native_event(
+            "upsert",
+            "enrollment",
+            1,
+            member,
+            member,
+            Some(json!({ "given_name": "Robin", "family_name": "Vale", "sex": "other" })),
+        )),
     };
-    stream.extend([demographics("R1"), demographics("R2"), demographics("R3"), attribution("R1", "pa"), attribution("R2", "pb"), attribution("R3", "pb")]);
+    stream.extend([
+        demographics("R1"),
+        demographics("R2"),
+        demographics("R3"),
+        attribution("R1", "pa"),
+        attribution("R2", "pb"),
+        attribution("R3", "pb"),
+    ]);
     generator::publish(&generator::producer(&kafka)?, &kafka, &stream).await?;
     let mut sent = stream.len();
     wait_applied(&pool, "relay", sent, Duration::from_secs(60)).await?;
@@ -111,8 +131,16 @@ async fn composites_reach_the_topics_and_partner_topics_follow_attribution() -> 
     .await?;
     // pa stops serving R1, and member R3 (served by pb) is deleted.
     let later = [
-        SorMessage { topic: platform::topics::ATTRIBUTION, key: "R1".into(), value: Some(native_event("delete", "attribution", 2, "R1", "AT-R1-pa", None)) },
-        SorMessage { topic: platform::topics::DEMOGRAPHICS, key: "R3".into(), value: Some(native_event("delete", "enrollment", 2, "R3", "R3", None)) },
+        SorMessage {
+            topic: platform::topics::ATTRIBUTION,
+            key: "R1".into(),
+            value: Some(native_event("delete", "attribution", 2, "R1", "AT-R1-pa", None)),
+        },
+        SorMessage {
+            topic: platform::topics::DEMOGRAPHICS,
+            key: "R3".into(),
+            value: Some(native_event("delete", "enrollment", 2, "R3", "R3", None)),
+        },
     ];
     generator::publish(&generator::producer(&kafka)?, &kafka, &later).await?;
     sent += later.len();
@@ -136,11 +164,8 @@ async fn composites_reach_the_topics_and_partner_topics_follow_attribution() -> 
         }
         assert!(uuid::Uuid::parse_str(&r.event_id).is_ok(), "event_id header");
     }
-    let current: BTreeMap<String, String> = db::composer::all_composites(&pool)
-        .await?
-        .into_iter()
-        .filter_map(|c| c.body.map(|b| (c.member_id, b)))
-        .collect();
+    let current: BTreeMap<String, String> =
+        db::composer::all_composites(&pool).await?.into_iter().filter_map(|c| c.body.map(|b| (c.member_id, b))).collect();
     let deleted = history.iter().filter(|h| h.deleted).count();
     assert!(deleted > 0, "R3 was deleted");
     assert_eq!(records.iter().rev().find(|r| r.key == "R3").map(|r| r.value.is_none()), Some(true), "a tombstone for R3");

@@ -54,7 +54,11 @@ async fn every_version_survives_relay_kills_and_a_broker_restart() -> anyhow::Re
             .map(|i| {
                 let member = format!("RC{i:05}");
                 let data = json!({ "given_name": format!("Wave{wave}"), "sex": "other" });
-                SorMessage { topic: platform::topics::DEMOGRAPHICS, key: member.clone(), value: Some(native_event("upsert", "enrollment", wave, &member, &member, Some(data))) }
+                SorMessage {
+                    topic: platform::topics::DEMOGRAPHICS,
+                    key: member.clone(),
+                    value: Some(native_event("upsert", "enrollment", wave, &member, &member, Some(data))),
+                }
             })
             .collect();
         generator::publish(&producer, &kafka, &stream).await?;
@@ -93,7 +97,9 @@ async fn every_version_survives_relay_kills_and_a_broker_restart() -> anyhow::Re
         let m = tokio::time::timeout(Duration::from_secs(60), consumer.recv()).await??;
         records += 1;
         let header = |name: &str| {
-            m.headers().and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).into_owned())).unwrap_or_default()
+            m.headers()
+                .and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).into_owned()))
+                .unwrap_or_default()
         };
         let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
         let (version, event_id): (i64, String) = (header("versionId").parse()?, header("event_id"));

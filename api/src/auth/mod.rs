@@ -52,7 +52,10 @@ impl Caller {
                     Interaction::Search => format!("system/{t}.read"),
                     Interaction::Create | Interaction::Update => format!("system/{t}.write"),
                 };
-                return Err(ApiError::Forbidden { diagnostics: format!("the token's scopes do not cover this request; it needs {needed}"), scope: needed });
+                return Err(ApiError::Forbidden {
+                    diagnostics: format!("the token's scopes do not cover this request; it needs {needed}"),
+                    scope: needed,
+                });
             }
         }
         Ok(())
@@ -84,7 +87,10 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, A
     let token = match value.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => token.trim(),
         _ => {
-            return Err(ApiError::Unauthorized { diagnostics: "the Authorization header must be 'Bearer <token>'".into(), error: Some("invalid_request") });
+            return Err(ApiError::Unauthorized {
+                diagnostics: "the Authorization header must be 'Bearer <token>'".into(),
+                error: Some("invalid_request"),
+            });
         }
     };
     let invalid = |why: &str| ApiError::Unauthorized { diagnostics: why.to_owned(), error: Some("invalid_token") };
@@ -147,4 +153,3 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
         Err(()) => ApiError::AuditUnavailable.into_response(),
     }
 }
-

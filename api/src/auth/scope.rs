@@ -142,7 +142,15 @@ mod tests {
         assert!(!s("system/Patient.r").allows("Patient", Interaction::Search));
         assert!(s("system/MedicationStatement.write").allows("MedicationStatement", Interaction::Update));
         assert!(s("system/MedicationStatement.cu").allows("MedicationStatement", Interaction::Create));
-        for bad in ["patient/Patient.read", "system/Patient", "system/patient.read", "system/Patient.rr", "system/Patient.sr", "system/.read", "system/Patient.x"] {
+        for bad in [
+            "patient/Patient.read",
+            "system/Patient",
+            "system/patient.read",
+            "system/Patient.rr",
+            "system/Patient.sr",
+            "system/.read",
+            "system/Patient.x",
+        ] {
             assert!(Scope::parse(bad).is_none(), "{bad}");
         }
     }

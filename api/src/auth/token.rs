@@ -150,7 +150,10 @@ async fn issue(state: &AppState, headers: &HeaderMap, body: &[u8], audited: &mut
     let requested: Vec<Scope> = requested
         .split(' ')
         .filter(|s| !s.is_empty())
-        .map(|s| Scope::parse(s).ok_or_else(|| refuse(StatusCode::BAD_REQUEST, "invalid_scope", "scopes are system/<Type or *>.<read, write, * or cruds letters>")))
+        .map(|s| {
+            Scope::parse(s)
+                .ok_or_else(|| refuse(StatusCode::BAD_REQUEST, "invalid_scope", "scopes are system/<Type or *>.<read, write, * or cruds letters>"))
+        })
         .collect::<Result<_, _>>()?;
 
     let header = jsonwebtoken::decode_header(assertion).map_err(|_| invalid_client("client_assertion is not a JWT"))?;

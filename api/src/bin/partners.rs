@@ -110,7 +110,16 @@ async fn main() -> anyhow::Result<()> {
                 let status = if p.disabled_at.is_some() { "disabled" } else { "active" };
                 let rate = p.rate_per_second.map_or("default".to_owned(), |r| r.to_string());
                 let burst = p.rate_burst.map_or("default".to_owned(), |b| b.to_string());
-                println!("{:<20} {:<24} {:<9} {:<10} {:<8} {:<30} {}", p.partner_id, p.name, status, rate, burst, p.scopes.join(" "), p.pmm1_key_ids.join(","));
+                println!(
+                    "{:<20} {:<24} {:<9} {:<10} {:<8} {:<30} {}",
+                    p.partner_id,
+                    p.name,
+                    status,
+                    rate,
+                    burst,
+                    p.scopes.join(" "),
+                    p.pmm1_key_ids.join(",")
+                );
             }
         }
         Command::Disable { id } => toggle(&pool, &id, true).await?,
@@ -140,9 +149,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn parse_scopes(raw: &str) -> anyhow::Result<Vec<String>> {
-    raw.split_whitespace()
-        .map(|s| Scope::parse(s).map(|s| s.to_string()).ok_or_else(|| anyhow::anyhow!("not a SMART system scope: {s}")))
-        .collect()
+    raw.split_whitespace().map(|s| Scope::parse(s).map(|s| s.to_string()).ok_or_else(|| anyhow::anyhow!("not a SMART system scope: {s}"))).collect()
 }
 
 async fn register(pool: &db::Pool, id: &str, name: &str, jwks: &str, scopes: &[String], limits: &Limits) -> anyhow::Result<()> {

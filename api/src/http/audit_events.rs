@@ -66,7 +66,12 @@ fn operation_code(subtype: &str) -> Result<&'static str, ApiError> {
         (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
     security(("smart_backend" = ["system/AuditEvent.read"])))]
-pub async fn search(State(state): State<AppState>, Extension(caller): Extension<Caller>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+pub async fn search(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
     caller.require(&[ADMIN_TYPE], Interaction::Search)?;
     let pairs = fhir::query_pairs(&headers, q.as_deref())?;
     let mut criteria = db::audit::Criteria::default();
@@ -86,7 +91,8 @@ pub async fn search(State(state): State<AppState>, Extension(caller): Extension<
             }
             "patient" => {
                 let id = value.strip_prefix("Patient/").unwrap_or(&value);
-                criteria.member_id = Some(fhir::parse_id(id).map_err(|_| ApiError::BadRequest("patient must be an id or Patient/<id>".into()))?.to_owned());
+                criteria.member_id =
+                    Some(fhir::parse_id(id).map_err(|_| ApiError::BadRequest("patient must be an id or Patient/<id>".into()))?.to_owned());
             }
             "subtype" => criteria.operation = Some(operation_code(&value)?.to_owned()),
             "date" => {
@@ -107,7 +113,9 @@ pub async fn search(State(state): State<AppState>, Extension(caller): Extension<
             }
             "_cursor" => cursor = Some(value.parse::<i64>().map_err(|_| ApiError::BadRequest("_cursor is not valid".into()))?),
             other => {
-                return Err(ApiError::BadRequest(format!("unknown search parameter '{other}' for AuditEvent; supported: agent, patient, subtype, date, _count, _format")));
+                return Err(ApiError::BadRequest(format!(
+                    "unknown search parameter '{other}' for AuditEvent; supported: agent, patient, subtype, date, _count, _format"
+                )));
             }
         }
     }
@@ -145,7 +153,13 @@ pub async fn search(State(state): State<AppState>, Extension(caller): Extension<
         (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
     security(("smart_backend" = ["system/AuditEvent.read"])))]
-pub async fn read(State(state): State<AppState>, Extension(caller): Extension<Caller>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+pub async fn read(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
     caller.require(&[ADMIN_TYPE], Interaction::Read)?;
     fhir::no_parameters(&fhir::query_pairs(&headers, q.as_deref())?)?;
     let id = fhir::parse_id(&id)?;

@@ -118,7 +118,14 @@ pub async fn hashed_match(State(state): State<AppState>, Extension(caller): Exte
     response
 }
 
-async fn decide(state: &AppState, matcher: &Matcher, caller: &Caller, headers: &HeaderMap, body: &[u8], audited: &mut Audited) -> Result<Response, ApiError> {
+async fn decide(
+    state: &AppState,
+    matcher: &Matcher,
+    caller: &Caller,
+    headers: &HeaderMap,
+    body: &[u8],
+    audited: &mut Audited,
+) -> Result<Response, ApiError> {
     caller.require(&["Patient"], Interaction::Search)?;
     caller.require(&["Task"], Interaction::Read)?;
     crate::fhir::negotiate(headers, None)?;
@@ -175,7 +182,8 @@ async fn decide(state: &AppState, matcher: &Matcher, caller: &Caller, headers: &
 /// The key id and the tokens (as bytes) of a Parameters body.
 fn parse(body: &[u8]) -> Result<(String, Vec<[u8; 32]>), ApiError> {
     let bad = |why: &str| ApiError::BadRequest(why.to_owned());
-    let params: MatchParameters = serde_json::from_slice(body).map_err(|_| bad("the body must be a FHIR Parameters resource with keyId and token parameters"))?;
+    let params: MatchParameters =
+        serde_json::from_slice(body).map_err(|_| bad("the body must be a FHIR Parameters resource with keyId and token parameters"))?;
     if params.resource_type != "Parameters" {
         return Err(bad("resourceType must be Parameters"));
     }
@@ -185,7 +193,8 @@ fn parse(body: &[u8]) -> Result<(String, Vec<[u8; 32]>), ApiError> {
         let value = p.value_string.as_str();
         match p.name.as_str() {
             "keyId" if key_id.is_none() => {
-                key_id = Some(crate::fhir::parse_id(value).map_err(|_| bad("keyId must be 1 to 64 characters of A-Z, a-z, 0-9, '-' or '.'"))?.to_owned())
+                key_id =
+                    Some(crate::fhir::parse_id(value).map_err(|_| bad("keyId must be 1 to 64 characters of A-Z, a-z, 0-9, '-' or '.'"))?.to_owned())
             }
             "keyId" => return Err(bad("keyId is given more than once")),
             "token" => tokens.push(token_bytes(value).ok_or_else(|| bad("a token is 64 hexadecimal digits"))?),

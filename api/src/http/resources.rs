@@ -147,7 +147,14 @@ pub struct ImmunizationSearch {
     pub status: Option<String>,
 }
 
-pub async fn read(state: &AppState, caller: &Caller, rt: ResourceType, id: &str, headers: &HeaderMap, query: Option<&str>) -> Result<Response, ApiError> {
+pub async fn read(
+    state: &AppState,
+    caller: &Caller,
+    rt: ResourceType,
+    id: &str,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Response, ApiError> {
     caller.require(&[rt.name()], Interaction::Read)?;
     fhir::no_parameters(&fhir::query_pairs(headers, query)?)?;
     let id = fhir::parse_id(id)?;
@@ -158,7 +165,15 @@ pub async fn read(state: &AppState, caller: &Caller, rt: ResourceType, id: &str,
     Ok(with_members(fhir::resource_response(headers, rt, v)?, vec![member]))
 }
 
-pub async fn vread(state: &AppState, caller: &Caller, rt: ResourceType, id: &str, vid: &str, headers: &HeaderMap, query: Option<&str>) -> Result<Response, ApiError> {
+pub async fn vread(
+    state: &AppState,
+    caller: &Caller,
+    rt: ResourceType,
+    id: &str,
+    vid: &str,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Response, ApiError> {
     caller.require(&[rt.name()], Interaction::Read)?;
     fhir::no_parameters(&fhir::query_pairs(headers, query)?)?;
     let id = fhir::parse_id(id)?;
@@ -170,16 +185,25 @@ pub async fn vread(state: &AppState, caller: &Caller, rt: ResourceType, id: &str
     Ok(with_members(fhir::resource_response(headers, rt, v)?, vec![member]))
 }
 
-pub async fn history(state: &AppState, caller: &Caller, rt: ResourceType, id: &str, headers: &HeaderMap, query: Option<&str>) -> Result<Response, ApiError> {
+pub async fn history(
+    state: &AppState,
+    caller: &Caller,
+    rt: ResourceType,
+    id: &str,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Response, ApiError> {
     caller.require(&[rt.name()], Interaction::Read)?;
     let pairs = fhir::query_pairs(headers, query)?;
     let mut count = fhir::MAX_COUNT;
     for (k, v) in &pairs {
         match k.as_str() {
             "_count" => {
-                count = v.parse().ok().filter(|c| (1..=fhir::MAX_COUNT).contains(c)).ok_or_else(|| {
-                    ApiError::BadRequest(format!("_count must be an integer from 1 to {}", fhir::MAX_COUNT))
-                })?
+                count = v
+                    .parse()
+                    .ok()
+                    .filter(|c| (1..=fhir::MAX_COUNT).contains(c))
+                    .ok_or_else(|| ApiError::BadRequest(format!("_count must be an integer from 1 to {}", fhir::MAX_COUNT)))?
             }
             other => return Err(ApiError::BadRequest(format!("unknown parameter '{other}' for _history; supported: _count, _format"))),
         }
@@ -309,18 +333,53 @@ macro_rules! endpoints {
     };
 }
 
-endpoints!(patient, ResourceType::Patient, "Patient", PatientSearch,
-    read = "/fhir/Patient/{id}", vread = "/fhir/Patient/{id}/_history/{vid}",
-    history = "/fhir/Patient/{id}/_history", search = "/fhir/Patient");
-endpoints!(medication_statement, ResourceType::MedicationStatement, "MedicationStatement", ClinicalSearch,
-    read = "/fhir/MedicationStatement/{id}", vread = "/fhir/MedicationStatement/{id}/_history/{vid}",
-    history = "/fhir/MedicationStatement/{id}/_history", search = "/fhir/MedicationStatement");
-endpoints!(allergy_intolerance, ResourceType::AllergyIntolerance, "AllergyIntolerance", AllergySearch,
-    read = "/fhir/AllergyIntolerance/{id}", vread = "/fhir/AllergyIntolerance/{id}/_history/{vid}",
-    history = "/fhir/AllergyIntolerance/{id}/_history", search = "/fhir/AllergyIntolerance");
-endpoints!(immunization, ResourceType::Immunization, "Immunization", ImmunizationSearch,
-    read = "/fhir/Immunization/{id}", vread = "/fhir/Immunization/{id}/_history/{vid}",
-    history = "/fhir/Immunization/{id}/_history", search = "/fhir/Immunization");
-endpoints!(task, ResourceType::Task, "Task", ClinicalSearch,
-    read = "/fhir/Task/{id}", vread = "/fhir/Task/{id}/_history/{vid}",
-    history = "/fhir/Task/{id}/_history", search = "/fhir/Task");
+endpoints!(
+    patient,
+    ResourceType::Patient,
+    "Patient",
+    PatientSearch,
+    read = "/fhir/Patient/{id}",
+    vread = "/fhir/Patient/{id}/_history/{vid}",
+    history = "/fhir/Patient/{id}/_history",
+    search = "/fhir/Patient"
+);
+endpoints!(
+    medication_statement,
+    ResourceType::MedicationStatement,
+    "MedicationStatement",
+    ClinicalSearch,
+    read = "/fhir/MedicationStatement/{id}",
+    vread = "/fhir/MedicationStatement/{id}/_history/{vid}",
+    history = "/fhir/MedicationStatement/{id}/_history",
+    search = "/fhir/MedicationStatement"
+);
+endpoints!(
+    allergy_intolerance,
+    ResourceType::AllergyIntolerance,
+    "AllergyIntolerance",
+    AllergySearch,
+    read = "/fhir/AllergyIntolerance/{id}",
+    vread = "/fhir/AllergyIntolerance/{id}/_history/{vid}",
+    history = "/fhir/AllergyIntolerance/{id}/_history",
+    search = "/fhir/AllergyIntolerance"
+);
+endpoints!(
+    immunization,
+    ResourceType::Immunization,
+    "Immunization",
+    ImmunizationSearch,
+    read = "/fhir/Immunization/{id}",
+    vread = "/fhir/Immunization/{id}/_history/{vid}",
+    history = "/fhir/Immunization/{id}/_history",
+    search = "/fhir/Immunization"
+);
+endpoints!(
+    task,
+    ResourceType::Task,
+    "Task",
+    ClinicalSearch,
+    read = "/fhir/Task/{id}",
+    vread = "/fhir/Task/{id}/_history/{vid}",
+    history = "/fhir/Task/{id}/_history",
+    search = "/fhir/Task"
+);

@@ -54,7 +54,11 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let applied = db::composer::total_position(&pool, &run).await?;
         if last.0.elapsed() >= Duration::from_secs(10) {
-            println!("  {applied} / {total} applied ({:.0} events/s over the last {:.0?})", (applied - last.1) as f64 / last.0.elapsed().as_secs_f64(), last.0.elapsed());
+            println!(
+                "  {applied} / {total} applied ({:.0} events/s over the last {:.0?})",
+                (applied - last.1) as f64 / last.0.elapsed().as_secs_f64(),
+                last.0.elapsed()
+            );
             last = (Instant::now(), applied);
         }
         if applied >= total as i64 {

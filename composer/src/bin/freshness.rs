@@ -96,7 +96,12 @@ async fn main() -> anyhow::Result<()> {
 
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
-    println!("sent {total} events in {:.1} s ({:.0} events/s); {} composites seen on the topic", sending.as_secs_f64(), total as f64 / sending.as_secs_f64(), latencies.len());
+    println!(
+        "sent {total} events in {:.1} s ({:.0} events/s); {} composites seen on the topic",
+        sending.as_secs_f64(),
+        total as f64 / sending.as_secs_f64(),
+        latencies.len()
+    );
     println!(
         "event produced → composite on fhir.medication-profile.v1: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         pct(0.50),

@@ -20,7 +20,8 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     cli.common.init_logs();
-    let indexer = composer::matching::MatchIndexer::from_config(&cli.pmm1)?.ok_or_else(|| anyhow::anyhow!("set PMM1_KEY_IDS (with the key id), PMM1_MASTER_SECRET_FILE and PMM1_PEPPER_FILE"))?;
+    let indexer = composer::matching::MatchIndexer::from_config(&cli.pmm1)?
+        .ok_or_else(|| anyhow::anyhow!("set PMM1_KEY_IDS (with the key id), PMM1_MASTER_SECRET_FILE and PMM1_PEPPER_FILE"))?;
     let pool = db::connect(&cli.common.database_url, 2).await?;
     db::migrate(&pool).await?;
     let started = std::time::Instant::now();

@@ -28,9 +28,12 @@ fn mapped(kind: RecordKind, data: Value) -> Value {
 
 #[test]
 fn medication_statement_uses_rxnorm_npi_and_deterministic_ids() {
-    let v = mapped(RecordKind::Medication, json!({ "rxnorm_code": "860975", "display": "metformin 500 MG Oral Tablet",
+    let v = mapped(
+        RecordKind::Medication,
+        json!({ "rxnorm_code": "860975", "display": "metformin 500 MG Oral Tablet",
         "status": "active", "effective_start": "2025-01-02", "days_supply": 30, "quantity": 0.5, "prescriber_npi": "1234567893",
-        "last_fill_date": "2026-11-01", "dosage_text": "1 tablet daily" }));
+        "last_fill_date": "2026-11-01", "dosage_text": "1 tablet daily" }),
+    );
     assert_eq!(v["medicationCodeableConcept"]["coding"][0]["system"], RXNORM);
     assert_eq!(v["medicationCodeableConcept"]["coding"][0]["code"], "860975");
     assert_eq!(v["subject"]["reference"], "Patient/M0001234");
@@ -43,13 +46,19 @@ fn medication_statement_uses_rxnorm_npi_and_deterministic_ids() {
 
 #[test]
 fn patient_allergy_immunization_task() {
-    let p = mapped(RecordKind::Demographics, json!({ "given_name": "Ann", "family_name": "Lee", "birth_date": "1980-02-29",
-        "sex": "female", "address_line": "1 Main St", "postal_code": "02139", "phone": "617-555-0100" }));
+    let p = mapped(
+        RecordKind::Demographics,
+        json!({ "given_name": "Ann", "family_name": "Lee", "birth_date": "1980-02-29",
+        "sex": "female", "address_line": "1 Main St", "postal_code": "02139", "phone": "617-555-0100" }),
+    );
     assert_eq!(p["id"], "M0001234");
     assert_eq!(p["gender"], "female");
     assert_eq!(p["birthDate"], "1980-02-29");
-    let a = mapped(RecordKind::Allergy, json!({ "code_system": "snomed", "code": "91936005", "clinical_status": "active",
-        "criticality": "high", "reaction": "Hives" }));
+    let a = mapped(
+        RecordKind::Allergy,
+        json!({ "code_system": "snomed", "code": "91936005", "clinical_status": "active",
+        "criticality": "high", "reaction": "Hives" }),
+    );
     assert_eq!(a["code"]["coding"][0]["system"], SNOMED);
     assert_eq!(a["patient"]["reference"], "Patient/M0001234");
     assert_eq!(a["clinicalStatus"]["coding"][0]["code"], "active");

@@ -9,12 +9,8 @@ use std::time::Duration;
 async fn main() -> anyhow::Result<()> {
     let admin = tests::admin_client()?;
     let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
-    let stale: Vec<String> = metadata
-        .topics()
-        .iter()
-        .map(|t| t.name().to_owned())
-        .filter(|n| n.starts_with("t_") || n.starts_with("bench_"))
-        .collect();
+    let stale: Vec<String> =
+        metadata.topics().iter().map(|t| t.name().to_owned()).filter(|n| n.starts_with("t_") || n.starts_with("bench_")).collect();
     for chunk in stale.chunks(200) {
         let names: Vec<&str> = chunk.iter().map(String::as_str).collect();
         for result in admin.delete_topics(&names, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))).await? {
