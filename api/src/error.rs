@@ -33,6 +33,18 @@ pub enum ApiError {
     /// A refusal of the token endpoint, with its OAuth 2.0 error code (RFC 6749 §5.2).
     #[error("{description}")]
     OAuth { status: StatusCode, error: &'static str, description: String },
+    /// 422: a resource that is well-formed JSON but not acceptable; `expression` names the element.
+    #[error("{diagnostics}")]
+    Unprocessable { expression: String, diagnostics: String },
+    /// 412: `If-Match` does not name the current version.
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// 428: an update without `If-Match`.
+    #[error("{0}")]
+    PreconditionRequired(String),
+    /// 403 for a reason other than scopes (e.g. updating a resource another source reported).
+    #[error("{0}")]
+    NotPermitted(String),
     /// 503: a dependency or a capability is not available.
     #[error("{0}")]
     Unavailable(String),
@@ -71,6 +83,9 @@ pub struct Issue {
     pub details: Option<CodeableConcept>,
     /// What went wrong, for a person to read.
     pub diagnostics: String,
+    /// The element at fault (FHIRPath), for refused resources.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expression: Option<Vec<String>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -94,7 +109,10 @@ pub fn fhir_json() -> HeaderValue {
 }
 
 pub fn outcome_response(status: StatusCode, code: &'static str, diagnostics: String) -> Response {
-    let body = OperationOutcome { resource_type: "OperationOutcome", issue: vec![Issue { severity: "error", code, details: None, diagnostics }] };
+    let body = OperationOutcome {
+        resource_type: "OperationOutcome",
+        issue: vec![Issue { severity: "error", code, details: None, diagnostics, expression: None }],
+    };
     let text = serde_json::to_string(&body).unwrap_or_default();
     (status, [(header::CONTENT_TYPE, fhir_json())], text).into_response()
 }
@@ -114,6 +132,20 @@ impl IntoResponse for ApiError {
             ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "not-supported"),
             ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not-supported"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "transient"),
+            ApiError::PreconditionFailed(_) => (StatusCode::PRECONDITION_FAILED, "conflict"),
+            ApiError::PreconditionRequired(_) => (StatusCode::PRECONDITION_REQUIRED, "required"),
+            ApiError::NotPermitted(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Unprocessable { expression, diagnostics } => {
+                let issue = Issue {
+                    severity: "error",
+                    code: "invalid",
+                    details: None,
+                    diagnostics: diagnostics.clone(),
+                    expression: Some(vec![expression.clone()]),
+                };
+                let text = serde_json::to_string(&OperationOutcome { resource_type: "OperationOutcome", issue: vec![issue] }).unwrap_or_default();
+                return (StatusCode::UNPROCESSABLE_ENTITY, [(header::CONTENT_TYPE, fhir_json())], text).into_response();
+            }
             ApiError::Database(e) => {
                 tracing::error!(error = %e, "database failure");
                 return outcome_response(StatusCode::SERVICE_UNAVAILABLE, "transient", "the database is not available; retry later".into());
@@ -150,7 +182,7 @@ impl IntoResponse for ApiError {
                 let code = if *status == StatusCode::UNAUTHORIZED { "login" } else { "invalid" };
                 let body = OperationOutcome {
                     resource_type: "OperationOutcome",
-                    issue: vec![Issue { severity: "error", code, details: Some(details), diagnostics: description.clone() }],
+                    issue: vec![Issue { severity: "error", code, details: Some(details), diagnostics: description.clone(), expression: None }],
                 };
                 let text = serde_json::to_string(&body).unwrap_or_default();
                 let mut r = (*status, [(header::CONTENT_TYPE, fhir_json())], text).into_response();

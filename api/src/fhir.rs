@@ -16,11 +16,19 @@ pub enum ResourceType {
     AllergyIntolerance,
     Immunization,
     Task,
+    /// Who wrote each version of a partner's report (partner write-back).
+    Provenance,
 }
 
 impl ResourceType {
-    pub const ALL: [ResourceType; 5] =
-        [ResourceType::Patient, ResourceType::MedicationStatement, ResourceType::AllergyIntolerance, ResourceType::Immunization, ResourceType::Task];
+    pub const ALL: [ResourceType; 6] = [
+        ResourceType::Patient,
+        ResourceType::MedicationStatement,
+        ResourceType::AllergyIntolerance,
+        ResourceType::Immunization,
+        ResourceType::Task,
+        ResourceType::Provenance,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -29,6 +37,7 @@ impl ResourceType {
             ResourceType::AllergyIntolerance => "AllergyIntolerance",
             ResourceType::Immunization => "Immunization",
             ResourceType::Task => "Task",
+            ResourceType::Provenance => "Provenance",
         }
     }
 
@@ -41,6 +50,7 @@ impl ResourceType {
             ResourceType::AllergyIntolerance => &[("patient", "reference"), ("code", "token"), ("clinical-status", "token")],
             ResourceType::Immunization => &[("patient", "reference"), ("vaccine-code", "token"), ("status", "token")],
             ResourceType::Task => &[("patient", "reference"), ("code", "token"), ("status", "token")],
+            ResourceType::Provenance => &[("patient", "reference")],
         }
     }
 }
@@ -53,7 +63,9 @@ pub fn negotiate(headers: &HeaderMap, format: Option<&str>) -> Result<(), ApiErr
         }
         return Ok(());
     }
-    let Some(accept) = headers.get(header::ACCEPT) else { return Ok(()) };
+    let Some(accept) = headers.get(header::ACCEPT) else {
+        return Ok(());
+    };
     let accept = accept.to_str().unwrap_or_default();
     let acceptable = accept.split(',').any(|part| {
         let media = part.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
@@ -187,7 +199,9 @@ pub fn parse_search(rt: ResourceType, pairs: Vec<(String, String)>) -> Result<Se
 pub fn parse_date_param(name: &str, raw: &str) -> Result<(Option<OffsetDateTime>, Option<OffsetDateTime>), ApiError> {
     let (prefix, value) = match raw.get(..2) {
         Some(p @ ("eq" | "gt" | "ge" | "lt" | "le" | "sa" | "eb")) => (p, &raw[2..]),
-        Some("ne" | "ap") => return Err(ApiError::BadRequest(format!("{name}: prefix '{}' is not supported", &raw[..2]))),
+        Some("ne" | "ap") => {
+            return Err(ApiError::BadRequest(format!("{name}: prefix '{}' is not supported", &raw[..2])));
+        }
         _ => ("eq", raw),
     };
     let (start, end) =

@@ -28,6 +28,8 @@ pub struct AppState {
     pub auditor: Auditor,
     /// PMM1 matching, when a pepper is configured.
     pub matcher: Option<Arc<http::matching::Matcher>>,
+    /// The composites a partner's write-back updates (in the write's transaction).
+    pub composites: Arc<Vec<Box<dyn composer::composite::Composite>>>,
 }
 
 #[derive(OpenApi)]
@@ -39,6 +41,7 @@ pub struct AppState {
         (name = "Patient", description = "Members, and their composite medication profile"),
         (name = "MedicationStatement"), (name = "AllergyIntolerance"), (name = "Immunization"),
         (name = "Task", description = "Care gaps and next actions"),
+        (name = "Provenance", description = "Who wrote each version of a partner's report"),
         (name = "AuditEvent", description = "The audit trail, for operators (system/AuditEvent.read)"),
         (name = "authorization", description = "SMART Backend Services: discovery and the token endpoint")
     ),
@@ -59,6 +62,9 @@ impl utoipa::Modify for SecuritySchemes {
             ("system/AllergyIntolerance.read", "Read AllergyIntolerances"),
             ("system/Immunization.read", "Read Immunizations"),
             ("system/Task.read", "Read Tasks"),
+            ("system/Provenance.read", "Read the Provenance of partners' reports"),
+            ("system/MedicationStatement.write", "Report and update MedicationStatements for attributed members (write-back)"),
+            ("system/AllergyIntolerance.write", "Report and update AllergyIntolerances for attributed members (write-back)"),
             ("system/AuditEvent.read", "Operators: read the audit trail (never granted by a wildcard)"),
         ]);
         let flow = Flow::ClientCredentials(ClientCredentials::new(auth::token::PATH, scopes));
@@ -72,7 +78,7 @@ impl utoipa::Modify for SecuritySchemes {
 }
 
 fn router() -> OpenApiRouter<AppState> {
-    use http::resources::{allergy_intolerance, immunization, medication_statement, patient, task};
+    use http::resources::{allergy_intolerance, immunization, medication_statement, patient, provenance, task};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(http::health::health))
         .routes(routes!(http::health::ready))
@@ -104,6 +110,14 @@ fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(task::vread))
         .routes(routes!(task::history))
         .routes(routes!(task::search))
+        .routes(routes!(provenance::read))
+        .routes(routes!(provenance::vread))
+        .routes(routes!(provenance::history))
+        .routes(routes!(provenance::search))
+        .routes(routes!(http::writeback::medication_statement::create))
+        .routes(routes!(http::writeback::medication_statement::update))
+        .routes(routes!(http::writeback::allergy_intolerance::create))
+        .routes(routes!(http::writeback::allergy_intolerance::update))
 }
 
 /// Anything not routed: an unknown resource type or path.
@@ -163,6 +177,8 @@ impl Application {
             Arc::new(http::matching::Matcher::new(pepper.bytes(), Duration::from_millis(config.match_latency_floor_ms), limit))
         });
         audit::spawn_relay(pool.clone(), config.common.kafka.clone(), base_url.clone());
+        let composites: Arc<Vec<Box<dyn composer::composite::Composite>>> =
+            Arc::new(vec![Box::new(composer::composite::MedicationProfile { base_url: base_url.clone() })]);
         let state = AppState {
             auditor: Auditor::start(pool.clone(), config.audit_writers),
             pool,
@@ -171,6 +187,7 @@ impl Application {
             base_url,
             auth: Arc::new(auth),
             matcher,
+            composites,
         };
         let (router, api) = router().split_for_parts();
         let router = router

@@ -227,12 +227,14 @@ pub async fn apply(
 }
 
 /// New composite versions for `members` whose content changed (or that appeared or went).
-async fn rebuild(
+/// Runs inside the transaction that changed their components, with the members locked
+/// ([`q::lock_members`]); the caller stores the versions with [`q::write_composites`].
+pub async fn rebuild(
     tx: &mut sqlx::PgConnection,
     composites: &[Box<dyn Composite>],
     members: &[String],
     now_text: &str,
-) -> Result<Vec<CompositeVersion>, BatchError> {
+) -> db::Result<Vec<CompositeVersion>> {
     if members.is_empty() {
         return Ok(Vec::new());
     }
@@ -241,7 +243,9 @@ async fn rebuild(
         let kinds: Vec<&str> = composite.inputs().iter().map(|k| k.as_str()).collect();
         let mut by_member: HashMap<String, Vec<Component>> = HashMap::new();
         for row in q::live_components(tx, members, &kinds).await? {
-            let Some(kind) = RecordKind::parse(&row.kind) else { continue };
+            let Some(kind) = RecordKind::parse(&row.kind) else {
+                continue;
+            };
             let (resource_type, resource_id) = resource_identity(&row.body);
             by_member.entry(row.member_id).or_default().push(Component {
                 kind,
@@ -251,12 +255,17 @@ async fn rebuild(
                 resource_type,
                 resource_id,
                 json: row.body,
+                code: row.code_system.zip(row.code),
+                status: row.status,
+                updated_at: row.updated_at,
             });
         }
         let states: HashMap<String, q::CompositeState> =
             q::composite_states(tx, members).await?.into_iter().map(|s| (s.member_id.clone(), s)).collect();
         for member in members {
-            let Ok(member_id) = MemberId::parse(member) else { continue };
+            let Ok(member_id) = MemberId::parse(member) else {
+                continue;
+            };
             let content = composite.assemble(&member_id, by_member.get(member).map(Vec::as_slice).unwrap_or_default());
             let state = states.get(member);
             let next = state.map_or(1, |s| s.version_id + 1);

@@ -3,19 +3,158 @@
 
 use platform::MemberId;
 use schemas::RecordKind;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::fmt::Write;
+use time::OffsetDateTime;
 
 /// One live component of a member, as stored: its FHIR resource JSON and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Component {
     pub kind: RecordKind,
+    /// The system of record, or `partner:<partner_id>` for a partner's report.
     pub source: String,
     pub record_id: String,
     pub version: i64,
     pub resource_type: String,
     pub resource_id: String,
     pub json: String,
+    /// Primary code (system, code) and status, where the resource type has them.
+    pub code: Option<(String, String)>,
+    pub status: Option<String>,
+    /// When this version was applied (system of record) or written (partner report).
+    pub updated_at: OffsetDateTime,
+}
+
+impl Component {
+    /// The partner that reported it, if a partner did.
+    pub fn partner(&self) -> Option<&str> {
+        crate::fhir::partner_of_source(&self.source)
+    }
+}
+
+/// The extension on a composite entry that carries a partner's report about it.
+pub const EXT_PARTNER_REPORT: &str = "urn:fhir-event-platform:extension:partner-report";
+/// The extension on a composite entry naming another system-of-record record with the same code.
+pub const EXT_SAME_CODE_RECORD: &str = "urn:fhir-event-platform:extension:same-code-record";
+/// The identifier system of partner ids.
+pub const PARTNER_ID_SYSTEM: &str = "urn:fhir-event-platform:partner-id";
+
+/// How a partner's report relates to the entry it is shown on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Assessment {
+    /// The report says what the entry says (same status).
+    Confirmed,
+    /// The report says otherwise, and the entry's source has not changed since.
+    Contradicted,
+}
+
+impl Assessment {
+    pub fn code(self) -> &'static str {
+        match self {
+            Assessment::Confirmed => "confirmed",
+            Assessment::Contradicted => "contradicted",
+        }
+    }
+
+    /// How `report` relates to `primary` (the entry of their code), or `None` when the report
+    /// is superseded: they disagree, and the system of record changed after the report.
+    pub fn of(primary: &Component, report: &Component) -> Option<Assessment> {
+        if primary.status == report.status {
+            Some(Assessment::Confirmed)
+        } else if primary.partner().is_some() || report.updated_at > primary.updated_at {
+            Some(Assessment::Contradicted)
+        } else {
+            None
+        }
+    }
+}
+
+/// Entries of these types are reconciled by code: one entry per code (see [`reconcile`]).
+const RECONCILED: [&str; 2] = ["MedicationStatement", "AllergyIntolerance"];
+
+/// Orders the components that carry one code so that the first is the entry: records of the
+/// systems of record first (an `active` one first, then by id), then partner reports, oldest
+/// first. The order depends only on stored content, so the composite does too.
+pub fn entry_order(group: &mut [&Component]) {
+    fn key(c: &Component) -> (bool, bool, OffsetDateTime, &str) {
+        let by_partner = c.partner().is_some();
+        let inactive = !by_partner && c.status.as_deref() != Some("active");
+        let reported = if by_partner { c.updated_at } else { OffsetDateTime::UNIX_EPOCH };
+        (by_partner, inactive, reported, c.resource_id.as_str())
+    }
+    group.sort_by(|a, b| key(a).cmp(&key(b)));
+}
+
+/// FHIR instant text, millisecond precision, UTC.
+pub fn instant(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z", t.year(), t.month() as u8, t.day(), t.hour(), t.minute(), t.second(), t.millisecond())
+}
+
+/// One entry per code among MedicationStatements and AllergyIntolerances: the first of each
+/// group (see [`entry_order`]) is listed; the others are shown on it as extensions:
+/// - another record of a system of record with the same code: `same-code-record`, a reference;
+/// - a partner's report: `partner-report`, with `assessment` (`confirmed` when the statuses
+///   agree; `contradicted` when they differ and the system of record has not changed since the
+///   report), `partner`, `reported` (when), `status` (what the partner reported) and `report`
+///   (a reference to the partner's own resource). A disagreeing report older than the system of
+///   record's last change is superseded and no longer shown (it stays readable on its own).
+///
+/// Returns the entries as (component, JSON to list).
+fn reconcile(components: Vec<&Component>) -> Vec<(&Component, String)> {
+    let mut groups: BTreeMap<(&str, &str, &str), Vec<&Component>> = BTreeMap::new();
+    let mut entries = Vec::new();
+    for c in components {
+        match &c.code {
+            Some((system, code)) if RECONCILED.contains(&c.resource_type.as_str()) => {
+                groups.entry((c.resource_type.as_str(), system.as_str(), code.as_str())).or_default().push(c)
+            }
+            _ => entries.push((c, c.json.clone())),
+        }
+    }
+    for (_, mut group) in groups {
+        entry_order(&mut group);
+        let primary = group[0];
+        if group.len() == 1 {
+            entries.push((primary, primary.json.clone()));
+            continue;
+        }
+        let mut extensions = Vec::new();
+        for other in &group[1..] {
+            let reference = json!({ "reference": format!("{}/{}", other.resource_type, other.resource_id) });
+            match other.partner() {
+                None => extensions.push(json!({ "url": EXT_SAME_CODE_RECORD, "valueReference": reference })),
+                Some(partner) => {
+                    let Some(assessment) = Assessment::of(primary, other) else {
+                        continue;
+                    };
+                    let mut parts = vec![
+                        json!({ "url": "assessment", "valueCode": assessment.code() }),
+                        json!({ "url": "partner", "valueIdentifier": { "system": PARTNER_ID_SYSTEM, "value": partner } }),
+                        json!({ "url": "reported", "valueDateTime": instant(other.updated_at) }),
+                    ];
+                    if let Some(status) = &other.status {
+                        parts.push(json!({ "url": "status", "valueCode": status }));
+                    }
+                    parts.push(json!({ "url": "report", "valueReference": reference }));
+                    extensions.push(json!({ "url": EXT_PARTNER_REPORT, "extension": parts }));
+                }
+            }
+        }
+        let json = match serde_json::from_str::<Value>(&primary.json) {
+            Ok(Value::Object(mut resource)) if !extensions.is_empty() => {
+                if let Value::Array(list) = resource.entry("extension").or_insert_with(|| Value::Array(Vec::new())) {
+                    list.extend(extensions);
+                }
+                Value::Object(resource).to_string()
+            }
+            _ => primary.json.clone(),
+        };
+        entries.push((primary, json));
+    }
+    entries
 }
 
 /// The content of a composite version, without its meta (versionId, lastUpdated).
@@ -66,15 +205,15 @@ impl Composite for MedicationProfile {
             .iter()
             .filter(|c| c.kind == RecordKind::Demographics)
             .max_by(|a, b| (a.version, &a.source, &a.record_id).cmp(&(b.version, &b.source, &b.record_id)))?;
-        let mut others: Vec<&Component> =
-            components.iter().filter(|c| c.kind != RecordKind::Demographics && self.inputs().contains(&c.kind)).collect();
-        others.sort_by(|a, b| {
+        let others: Vec<&Component> = components.iter().filter(|c| c.kind != RecordKind::Demographics && self.inputs().contains(&c.kind)).collect();
+        let mut others = reconcile(others);
+        others.sort_by(|(a, _), (b, _)| {
             let rank = |c: &Component| ENTRY_ORDER.iter().position(|t| *t == c.resource_type).unwrap_or(usize::MAX);
             (rank(a), &a.resource_id).cmp(&(rank(b), &b.resource_id))
         });
-        let mut entries = String::with_capacity(patient.json.len() + others.iter().map(|c| c.json.len() + 96).sum::<usize>() + 2);
+        let mut entries = String::with_capacity(patient.json.len() + others.iter().map(|(_, json)| json.len() + 96).sum::<usize>() + 2);
         entries.push('[');
-        for (i, c) in std::iter::once(patient).chain(others).enumerate() {
+        for (i, (c, json)) in std::iter::once((patient, patient.json.clone())).chain(others).enumerate() {
             if i > 0 {
                 entries.push(',');
             }
@@ -82,7 +221,7 @@ impl Composite for MedicationProfile {
                 entries,
                 "{{\"fullUrl\":{},\"resource\":{}}}",
                 serde_json::Value::String(format!("{}/{}/{}", self.base_url, c.resource_type, c.resource_id)),
-                c.json
+                json
             );
         }
         entries.push(']');
@@ -115,11 +254,80 @@ mod tests {
             resource_type: resource_type.into(),
             resource_id: id.into(),
             json: format!("{{\"resourceType\":\"{resource_type}\",\"id\":\"{id}\"}}"),
+            code: None,
+            status: None,
+            updated_at: OffsetDateTime::UNIX_EPOCH,
         }
     }
 
     fn profile() -> MedicationProfile {
         MedicationProfile { base_url: "http://h/fhir".into() }
+    }
+
+    fn coded(source: &str, id: &str, code: &str, status: &str, at: i64) -> Component {
+        Component {
+            source: source.into(),
+            code: Some(("rx".into(), code.into())),
+            status: Some(status.into()),
+            updated_at: OffsetDateTime::from_unix_timestamp(at).unwrap(),
+            ..component(RecordKind::Medication, "MedicationStatement", id, 1)
+        }
+    }
+
+    /// (entry id, [(extension url, assessment or reference)]) per MedicationStatement entry.
+    fn medication_entries(components: &[Component]) -> Vec<(String, Vec<(String, String)>)> {
+        let m = MemberId::parse("M1").unwrap();
+        let mut all = vec![component(RecordKind::Demographics, "Patient", "M1", 1)];
+        all.extend_from_slice(components);
+        let content = profile().assemble(&m, &all).unwrap();
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&content.entries).unwrap();
+        entries[1..]
+            .iter()
+            .map(|e| {
+                let r = &e["resource"];
+                let ext = r["extension"].as_array().cloned().unwrap_or_default();
+                let ext = ext
+                    .iter()
+                    .map(|x| {
+                        let detail = match x["url"].as_str().unwrap() {
+                            EXT_PARTNER_REPORT => x["extension"][0]["valueCode"].as_str().unwrap().to_owned(),
+                            _ => x["valueReference"]["reference"].as_str().unwrap().to_owned(),
+                        };
+                        (x["url"].as_str().unwrap().to_owned(), detail)
+                    })
+                    .collect();
+                (r["id"].as_str().unwrap().to_owned(), ext)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_entry_per_code_with_partner_reports_on_it() {
+        let sor = coded("rx-claims", "s1", "100", "active", 10);
+        // Confirmation, contradiction (newer than the record) and a new medication.
+        let entries = medication_entries(&[
+            sor.clone(),
+            coded("partner:pa", "p1", "100", "active", 20),
+            coded("rx-claims", "s2", "200", "active", 10),
+            coded("partner:pb", "p2", "200", "stopped", 30),
+            coded("partner:pa", "p3", "300", "active", 40),
+        ]);
+        assert_eq!(
+            entries,
+            vec![
+                ("p3".into(), vec![]),
+                ("s1".into(), vec![(EXT_PARTNER_REPORT.into(), "confirmed".into())]),
+                ("s2".into(), vec![(EXT_PARTNER_REPORT.into(), "contradicted".into())]),
+            ]
+        );
+        // The system of record changed after the contradiction: superseded (agreeing: confirmed).
+        let entries = medication_entries(&[coded("rx-claims", "s2", "200", "active", 50), coded("partner:pb", "p2", "200", "stopped", 30)]);
+        assert_eq!(entries, vec![("s2".into(), vec![])]);
+        let entries = medication_entries(&[coded("rx-claims", "s2", "200", "stopped", 50), coded("partner:pb", "p2", "200", "stopped", 30)]);
+        assert_eq!(entries, vec![("s2".into(), vec![(EXT_PARTNER_REPORT.into(), "confirmed".into())])]);
+        // Two records of the systems of record with one code: the active one is listed.
+        let entries = medication_entries(&[coded("rx-claims", "a", "100", "completed", 10), coded("emr", "b", "100", "active", 10)]);
+        assert_eq!(entries, vec![("b".into(), vec![(EXT_SAME_CODE_RECORD.into(), "MedicationStatement/a".into())])]);
     }
 
     #[test]

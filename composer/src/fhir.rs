@@ -68,9 +68,22 @@ pub fn identity(kind: RecordKind, member: &str, source: &str, record: &str) -> O
     Some((t, if kind == RecordKind::Demographics { member.to_owned() } else { resource_id(t, source, record) }))
 }
 
-/// `meta.source`: names the system of record.
+/// `meta.source`: names the system of record, or the partner (`urn:partner:<id>`).
 pub fn source_uri(source: &str) -> String {
-    format!("urn:sor:{source}")
+    match partner_of_source(source) {
+        Some(partner) => format!("urn:partner:{partner}"),
+        None => format!("urn:sor:{source}"),
+    }
+}
+
+/// The stored `source` of a partner's reports. System-of-record sources cannot contain ':'.
+pub fn partner_source(partner_id: &str) -> String {
+    format!("partner:{partner_id}")
+}
+
+/// The partner of a stored `source`, if it is a partner's.
+pub fn partner_of_source(source: &str) -> Option<&str> {
+    source.strip_prefix("partner:")
 }
 
 /// Deterministic resource id for a record: same (type, source, record) → same id, forever.
@@ -88,7 +101,9 @@ fn text<'a>(data: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
 
 /// A calendar date `YYYY-MM-DD` that exists (the schema checks the shape only).
 fn date(data: &Map<String, Value>, key: &str) -> Result<Option<Date>> {
-    let Some(raw) = text(data, key) else { return Ok(None) };
+    let Some(raw) = text(data, key) else {
+        return Ok(None);
+    };
     match Date::from_str(raw) {
         Ok(d @ Date::Date(_)) => Ok(Some(d)),
         _ => Err(MappingError(format!("/{key}: not a calendar date (YYYY-MM-DD)"))),
@@ -260,7 +275,9 @@ fn allergy_intolerance(member: &str, source: &str, record: &str, data: &Map<Stri
     let (system, category) = match text(data, "code_system") {
         Some("rxnorm") => (RXNORM, Some(AllergyIntoleranceCategory::Medication)),
         Some("snomed") => (SNOMED, None),
-        _ => return Err(MappingError("/code_system: must be rxnorm or snomed".into())),
+        _ => {
+            return Err(MappingError("/code_system: must be rxnorm or snomed".into()));
+        }
     };
     let mut b = AllergyIntolerance::builder()
         .id(id.clone())
@@ -374,7 +391,9 @@ pub fn bundle_patient_links(bundle: &Bundle) -> (Vec<String>, Vec<(String, Strin
     let mut patients = Vec::new();
     let mut links = Vec::new();
     for entry in bundle.entry.iter().flatten() {
-        let Some(resource) = &entry.resource else { continue };
+        let Some(resource) = &entry.resource else {
+            continue;
+        };
         let reference = |r: &Reference| r.reference.clone().unwrap_or_default();
         match resource {
             Resource::Patient(p) => patients.push(p.id.clone().unwrap_or_default()),

@@ -14,6 +14,7 @@ pub mod generator;
 pub mod matching;
 pub mod relay;
 pub mod topics;
+pub mod writeback;
 
 pub use config::ComposerConfig;
 

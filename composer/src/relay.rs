@@ -4,6 +4,9 @@
 //! published only after the broker acknowledged every record of the batch. A crash in between
 //! publishes the batch again: duplicates carry the same event id and versionId.
 //!
+//! The outbox also holds partner write-backs for `partner.inbound.v1`, published the same way
+//! (in order, marked once acknowledged) with their own headers.
+//!
 //! Partner topics (`fhir.partner.<partner_id>.medication-profile.v1`) carry a member while it
 //! is attributed to the partner: when the outbox is drained, the relay sends each newly
 //! attributed member's current composite, and a tombstone when an attribution ended.
@@ -55,6 +58,8 @@ struct Out {
     payload: Option<String>,
     version_id: i64,
     event_id: Uuid,
+    /// Headers beyond `versionId` and `event_id`.
+    headers: Vec<(String, String)>,
 }
 
 pub struct Relay {
@@ -136,6 +141,10 @@ impl Relay {
         let (mut records, mut added, mut removed) = (Vec::new(), Vec::new(), Vec::new());
         for row in &rows {
             records.push(self.main_record(row));
+            // Only composite versions go to partner topics (not partner write-backs).
+            if row.topic != topics::MEDICATION_PROFILE {
+                continue;
+            }
             for partner in partners.get(&row.member_id).into_iter().flatten() {
                 records.push(Out {
                     topic: self.kafka().topic(&partner_topic(partner)),
@@ -143,6 +152,7 @@ impl Relay {
                     payload: row.body.clone(),
                     version_id: row.version_id,
                     event_id: Uuid::new_v5(&row.event_id, partner.as_bytes()),
+                    headers: Vec::new(),
                 });
                 let pair = (partner.clone(), row.member_id.clone());
                 if row.body.is_some() { added.push(pair) } else { removed.push(pair) }
@@ -163,6 +173,7 @@ impl Relay {
             payload: row.body.clone(),
             version_id: row.version_id,
             event_id: row.event_id,
+            headers: row.headers.clone(),
         }
     }
 
@@ -185,6 +196,7 @@ impl Relay {
                 payload: Some(body.clone()),
                 version_id: *version,
                 event_id: event_id("attributed", partner, member, *version),
+                headers: Vec::new(),
             });
         }
         for (partner, member, version) in &ended {
@@ -194,6 +206,7 @@ impl Relay {
                 payload: None,
                 version_id: *version,
                 event_id: event_id("attribution-ended", partner, member, *version),
+                headers: Vec::new(),
             });
         }
         self.send(&records).await?;
@@ -212,9 +225,12 @@ impl Relay {
         for r in records {
             let version = r.version_id.to_string();
             let event_id = r.event_id.to_string();
-            let headers = OwnedHeaders::new()
-                .insert(Header { key: "versionId", value: Some(version.as_str()) })
-                .insert(Header { key: "event_id", value: Some(event_id.as_str()) });
+            let headers = r.headers.iter().fold(
+                OwnedHeaders::new()
+                    .insert(Header { key: "versionId", value: Some(version.as_str()) })
+                    .insert(Header { key: "event_id", value: Some(event_id.as_str()) }),
+                |h, (k, v)| h.insert(Header { key: k, value: Some(v.as_str()) }),
+            );
             let mut record = FutureRecord::to(&r.topic).key(&r.key).headers(headers);
             if let Some(payload) = &r.payload {
                 record = record.payload(payload);

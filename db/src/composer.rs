@@ -201,11 +201,17 @@ pub struct LiveComponent {
     pub record_id: String,
     pub version: i64,
     pub body: String,
+    /// Search columns: primary code and status, where the resource type has them.
+    pub code_system: Option<String>,
+    pub code: Option<String>,
+    pub status: Option<String>,
+    /// When this version of the record was applied (or, for a partner report, written).
+    pub updated_at: OffsetDateTime,
 }
 
 pub async fn live_components(tx: &mut PgConnection, members: &[String], kinds: &[&str]) -> crate::Result<Vec<LiveComponent>> {
     let rows = sqlx::query(
-        "SELECT member_id, kind, source, record_id, version, body::text FROM components
+        "SELECT member_id, kind, source, record_id, version, body::text, code_system, code, status, updated_at FROM components
          WHERE member_id = ANY($1) AND kind = ANY($2) AND NOT deleted",
     )
     .bind(members)
@@ -214,7 +220,18 @@ pub async fn live_components(tx: &mut PgConnection, members: &[String], kinds: &
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| LiveComponent { member_id: r.get(0), kind: r.get(1), source: r.get(2), record_id: r.get(3), version: r.get(4), body: r.get(5) })
+        .map(|r| LiveComponent {
+            member_id: r.get(0),
+            kind: r.get(1),
+            source: r.get(2),
+            record_id: r.get(3),
+            version: r.get(4),
+            body: r.get(5),
+            code_system: r.get(6),
+            code: r.get(7),
+            status: r.get(8),
+            updated_at: r.get(9),
+        })
         .collect())
 }
 
@@ -339,7 +356,7 @@ pub async fn all_history(pool: &PgPool) -> crate::Result<Vec<VersionRow>> {
 pub async fn all_outbox(pool: &PgPool) -> crate::Result<Vec<(String, String, Uuid, VersionRow)>> {
     let rows = sqlx::query(
         "SELECT o.topic, o.message_key, o.event_id, o.member_id, o.version_id, h.deleted, h.body::text
-         FROM outbox o JOIN composite_history h USING (member_id, version_id) ORDER BY o.id",
+         FROM outbox o JOIN composite_history h USING (member_id, version_id) WHERE o.payload IS NULL ORDER BY o.id",
     )
     .fetch_all(pool)
     .await?;

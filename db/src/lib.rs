@@ -9,6 +9,7 @@ pub mod matching;
 pub mod partners;
 pub mod relay;
 pub mod resources;
+pub mod writeback;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};

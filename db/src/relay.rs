@@ -17,6 +17,8 @@ pub struct OutboxRow {
     pub version_id: i64,
     /// `None`: a tombstone (the member was deleted).
     pub body: Option<String>,
+    /// Headers beyond `versionId` and `event_id` (messages that are not composite versions).
+    pub headers: Vec<(String, String)>,
 }
 
 /// Serializes relays: one publishes at a time, so per-member order holds across instances.
@@ -28,8 +30,11 @@ pub async fn lock(tx: &mut PgConnection) -> crate::Result<()> {
 /// The oldest unpublished rows, in id order (version order per member).
 pub async fn unpublished(tx: &mut PgConnection, limit: i64) -> crate::Result<Vec<OutboxRow>> {
     let rows = sqlx::query(
-        "SELECT o.id, o.topic, o.message_key, o.event_id, o.member_id, o.version_id, h.body::text
-         FROM outbox o JOIN composite_history h USING (member_id, version_id)
+        // Composite versions refer to their body in history; other messages carry their own.
+        "SELECT o.id, o.topic, o.message_key, o.event_id, o.member_id, o.version_id,
+                coalesce(o.payload::text, h.body::text), o.headers::text
+         FROM outbox o LEFT JOIN composite_history h
+           ON o.payload IS NULL AND h.member_id = o.member_id AND h.version_id = o.version_id
          WHERE o.published_at IS NULL ORDER BY o.id LIMIT $1",
     )
     .bind(limit)
@@ -45,6 +50,11 @@ pub async fn unpublished(tx: &mut PgConnection, limit: i64) -> crate::Result<Vec
             member_id: r.get(4),
             version_id: r.get(5),
             body: r.get(6),
+            headers: r
+                .get::<Option<String>, _>(7)
+                .and_then(|h| serde_json::from_str::<std::collections::BTreeMap<String, String>>(&h).ok())
+                .map(|h| h.into_iter().collect())
+                .unwrap_or_default(),
         })
         .collect())
 }

@@ -14,7 +14,7 @@ pub struct Viewer<'a> {
 }
 
 /// SQL: the member in `member_column` is attributed to partner `$p` on day `$d`.
-fn attributed(member_column: &str, p: u8, d: u8) -> String {
+pub(crate) fn attributed(member_column: &str, p: u8, d: u8) -> String {
     format!(
         "EXISTS (SELECT 1 FROM components a WHERE a.kind = 'attribution' AND NOT a.deleted
            AND a.body ->> 'partner_id' = ${p} AND a.member_id = {member_column}

@@ -142,6 +142,19 @@ pub struct SchemaError {
     message: String,
 }
 
+/// The schema of the messages the platform publishes on `partner.inbound.v1`, compiled once.
+/// `Err` names the first violation (instance path and rule).
+pub fn check_partner_inbound(value: &Value) -> Result<(), String> {
+    static VALIDATOR: std::sync::OnceLock<Result<Validator, String>> = std::sync::OnceLock::new();
+    let validator = VALIDATOR
+        .get_or_init(|| compile("partner-inbound", include_str!("../json/partner-inbound.schema.json")).map_err(|e| e.message.clone()))
+        .as_ref()?;
+    match validator.iter_errors(value).next() {
+        Some(e) => Err(format!("{}: {}", e.instance_path(), e)),
+        None => Ok(()),
+    }
+}
+
 /// Every inbound schema, compiled once.
 pub struct Contracts {
     envelope: Validator,

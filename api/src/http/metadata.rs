@@ -8,6 +8,9 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{Value, json};
 
+/// How partner write-back works and how reports show in the medication profile.
+const WRITE_BACK: &str = "Partner write-back (scope system/<Type>.write), for attributed members only: POST creates (If-None-Exist: identifier=<system>|<value> makes retries create nothing; the resource must carry that identifier); PUT updates the partner's own reports and requires If-Match: W/\"<versionId>\" (412 when stale, 428 when missing). The subject/patient must be Patient/<member id> of an attributed member (otherwise 404, as for a member that does not exist); medications are coded with RxNorm, allergies with RxNorm or SNOMED CT; dates lie between 1900 and tomorrow. A refused resource gets 422 with the element in OperationOutcome.issue.expression, and nothing is stored. Each accepted write is stored with meta.source urn:partner:<id>, a Provenance, the member's new $medication-profile version and a partner.inbound.v1 message, all in one transaction. In $medication-profile, one entry per code: a system of record's record (an active one first) is the entry, and each partner report of that code is shown on it as extension urn:fhir-event-platform:extension:partner-report (assessment confirmed when the statuses agree, contradicted when they differ and the system of record has not changed since the report; partner; reported; status; report). When the system of record changes after a contradicting report, the report is superseded and leaves the entry (it stays readable). A code only partners reported is listed as the oldest report, with the others on it. Other records of the systems of record with the same code are named by urn:fhir-event-platform:extension:same-code-record.";
+
 pub fn capability_statement(base_url: &str, token_url: &str) -> Value {
     let mut resources: Vec<Value> = ResourceType::ALL
         .iter()
@@ -28,6 +31,16 @@ pub fn capability_statement(base_url: &str, token_url: &str) -> Value {
                 "conditionalRead": "not-match",
                 "searchParam": params,
             });
+            if matches!(rt, ResourceType::MedicationStatement | ResourceType::AllergyIntolerance) {
+                resource["interaction"].as_array_mut().into_iter().for_each(|i| i.extend([json!({ "code": "create" }), json!({ "code": "update" })]));
+                resource["versioning"] = json!("versioned-update");
+                resource["conditionalCreate"] = json!(true);
+                resource["conditionalUpdate"] = json!(false);
+                resource["documentation"] = json!(WRITE_BACK);
+            }
+            if *rt == ResourceType::Provenance {
+                resource["documentation"] = json!("One per accepted partner write: target is the version written, agent.who the partner (identifier system urn:fhir-event-platform:partner-id), activity CREATE or UPDATE.");
+            }
             if *rt == ResourceType::Patient {
                 resource["operation"] = json!([{ "name": "medication-profile",
                     "definition": "urn:fhir-event-platform:OperationDefinition/Patient-medication-profile",
@@ -62,11 +75,11 @@ pub fn capability_statement(base_url: &str, token_url: &str) -> Value {
         "format": ["json", "application/fhir+json"],
         "rest": [{
             "mode": "server",
-            "documentation": "Read-only FHIR R4B over composites built from the plan's systems of record. Search results are paged by keyset (_count, then the next link); total is exact.",
+            "documentation": "FHIR R4B over composites built from the plan's systems of record, with partner write-back of MedicationStatement and AllergyIntolerance. Search results are paged by keyset (_count, then the next link); total is exact.",
             "security": {
                 "cors": false,
                 "service": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR" }] }],
-                "description": "SMART Backend Services: POST the token endpoint with grant_type=client_credentials and a private_key_jwt client assertion (RS384 or ES384); send 'Authorization: Bearer <token>'. Scopes system/<Type|*>.read (or SMART v2 .rs). A partner sees only members attributed to it on the day of the request; any other member answers exactly as one that does not exist. Requests are rate limited per partner (429 with Retry-After) and audited.",
+                "description": "SMART Backend Services: POST the token endpoint with grant_type=client_credentials and a private_key_jwt client assertion (RS384 or ES384); send 'Authorization: Bearer <token>'. Scopes system/<Type|*>.read (or SMART v2 .rs), and system/<Type>.write (or .cu) for write-back. A partner sees only members attributed to it on the day of the request; any other member answers exactly as one that does not exist. Requests are rate limited per partner (429 with Retry-After) and audited.",
                 "extension": [{ "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
                     "extension": [{ "url": "token", "valueUri": token_url }] }],
             },

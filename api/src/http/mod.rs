@@ -6,3 +6,4 @@ pub mod matching;
 pub mod metadata;
 pub mod profile;
 pub mod resources;
+pub mod writeback;

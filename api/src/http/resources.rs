@@ -120,6 +120,15 @@ pub struct ClinicalSearch {
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
+pub struct ProvenanceSearch {
+    /// The member whose partner-reported resources the Provenance is about: `<id>` or `Patient/<id>`.
+    #[param(pattern = "^(Patient/)?[A-Za-z0-9.-]{1,64}$")]
+    pub patient: Option<String>,
+}
+
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
 pub struct AllergySearch {
     /// The member: `<id>` or `Patient/<id>`.
     #[param(pattern = "^(Patient/)?[A-Za-z0-9.-]{1,64}$")]
@@ -205,7 +214,9 @@ pub async fn history(
                     .filter(|c| (1..=fhir::MAX_COUNT).contains(c))
                     .ok_or_else(|| ApiError::BadRequest(format!("_count must be an integer from 1 to {}", fhir::MAX_COUNT)))?
             }
-            other => return Err(ApiError::BadRequest(format!("unknown parameter '{other}' for _history; supported: _count, _format"))),
+            other => {
+                return Err(ApiError::BadRequest(format!("unknown parameter '{other}' for _history; supported: _count, _format")));
+            }
         }
     }
     let id = fhir::parse_id(id)?;
@@ -382,4 +393,14 @@ endpoints!(
     vread = "/fhir/Task/{id}/_history/{vid}",
     history = "/fhir/Task/{id}/_history",
     search = "/fhir/Task"
+);
+endpoints!(
+    provenance,
+    ResourceType::Provenance,
+    "Provenance",
+    ProvenanceSearch,
+    read = "/fhir/Provenance/{id}",
+    vread = "/fhir/Provenance/{id}/_history/{vid}",
+    history = "/fhir/Provenance/{id}/_history",
+    search = "/fhir/Provenance"
 );

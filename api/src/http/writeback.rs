@@ -1,0 +1,199 @@
+//! Partner write-back: `POST` (with optional `If-None-Exist`) and `PUT` (with `If-Match`) of
+//! MedicationStatement and AllergyIntolerance for members attributed to the partner. The
+//! validation and the one transaction of a write are `composer::writeback`'s; this module is
+//! the HTTP around them.
+
+use crate::audit::with_members;
+use crate::auth::Caller;
+use crate::auth::scope::Interaction;
+use crate::error::{ApiError, OperationOutcome};
+use crate::fhir;
+use crate::http::resources::Resource;
+use crate::startup::AppState;
+use axum::Extension;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use composer::writeback::{self as wb, Author, Effect, Mode, Writable, WriteError};
+
+fn content_is_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_ascii_lowercase();
+    if content_type.starts_with("application/fhir+json") || content_type.starts_with("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType("the body must be a FHIR resource as application/fhir+json".into()))
+    }
+}
+
+/// The body as a JSON value (400 when it is not JSON at all).
+fn json_body(body: &Bytes) -> Result<serde_json::Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("the body is not JSON: line {}, column {}", e.line(), e.column())))
+}
+
+/// `If-None-Exist: identifier=<system>|<value>`, the one criterion supported.
+fn if_none_exist(headers: &HeaderMap) -> Result<Option<(String, String)>, ApiError> {
+    let Some(raw) = headers.get("if-none-exist") else {
+        return Ok(None);
+    };
+    let bad = || ApiError::BadRequest("If-None-Exist must be 'identifier=<system>|<value>' (the one criterion supported)".into());
+    let raw = raw.to_str().map_err(|_| bad())?;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.trim_start_matches('?')).map_err(|_| bad())?;
+    match pairs.as_slice() {
+        [(name, value)] if name == "identifier" => match value.split_once('|') {
+            Some((system, value)) if !system.is_empty() && !value.is_empty() && !value.contains('|') => {
+                Ok(Some((system.to_owned(), value.to_owned())))
+            }
+            _ => Err(bad()),
+        },
+        _ => Err(bad()),
+    }
+}
+
+/// `If-Match: W/"<versionId>"` (or `"<versionId>"`): required on update.
+fn if_match(headers: &HeaderMap) -> Result<i64, ApiError> {
+    let Some(raw) = headers.get(header::IF_MATCH) else {
+        return Err(ApiError::PreconditionRequired("an update needs If-Match: W/\"<versionId>\" naming the version it replaces".into()));
+    };
+    raw.to_str()
+        .ok()
+        .map(|v| v.trim().trim_start_matches("W/").trim_matches('"'))
+        .and_then(|v| fhir::parse_version(v).ok())
+        .ok_or_else(|| ApiError::BadRequest("If-Match must be W/\"<versionId>\"".into()))
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::UnknownMember(_) | WriteError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            WriteError::NotOwner(_) => ApiError::NotPermitted(e.to_string()),
+            WriteError::VersionConflict { .. } => ApiError::PreconditionFailed(e.to_string()),
+            WriteError::Invalid(i) => ApiError::Unprocessable { expression: i.expression, diagnostics: i.message },
+            WriteError::Db(e) => ApiError::Database(e),
+        }
+    }
+}
+
+async fn write(
+    state: &AppState,
+    caller: &Caller,
+    rt: Writable,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    body: &Bytes,
+    update_id: Option<&str>,
+) -> Result<Response, ApiError> {
+    let interaction = if update_id.is_some() { Interaction::Update } else { Interaction::Create };
+    caller.require(&[rt.name()], interaction)?;
+    fhir::no_parameters(&fhir::query_pairs(headers, query)?)?;
+    content_is_json(headers)?;
+    let value = json_body(body)?;
+    let mode = match update_id {
+        Some(id) => {
+            let id = fhir::parse_id(id)?;
+            match value.get("id").and_then(|v| v.as_str()) {
+                Some(body_id) if body_id == id => {}
+                _ => {
+                    return Err(ApiError::BadRequest(format!("the resource's id must be '{id}', as in the URL")));
+                }
+            }
+            Mode::Update { id: id.to_owned(), if_match: if_match(headers)? }
+        }
+        None => Mode::Create { if_none_exist: if_none_exist(headers)? },
+    };
+    let report = wb::validate(rt, value, time::OffsetDateTime::now_utc().date()).map_err(WriteError::from)?;
+    if let Mode::Create { if_none_exist: Some(key) } = &mode
+        && !report.identifiers.contains(key)
+    {
+        return Err(ApiError::BadRequest(format!("If-None-Exist names identifier {}|{}, which the resource does not carry", key.0, key.1)));
+    }
+    let member = report.member_id.clone();
+    let partner = db::partners::get(&state.pool, &caller.partner_id).await?;
+    let name = partner.as_ref().map_or(caller.partner_id.as_str(), |p| p.name.as_str());
+    let author = Author { partner_id: &caller.partner_id, name };
+    let written = match wb::write(&state.pool, &state.composites, author, report, mode).await {
+        Ok(w) => w,
+        // A refused member is named in the audit like any other access attempt.
+        Err(e) => {
+            return Ok(with_members(axum::response::IntoResponse::into_response(ApiError::from(e)), vec![member]));
+        }
+    };
+    let body = fhir::with_meta(&written.body, written.version_id, written.last_updated);
+    let status = if written.effect == Effect::Created { StatusCode::CREATED } else { StatusCode::OK };
+    let mut response = fhir::versioned_response(&HeaderMap::new(), written.version_id, written.last_updated, body);
+    *response.status_mut() = status;
+    if written.effect != Effect::Updated {
+        let location = format!("{}/{}/{}/_history/{}", state.base_url, rt.name(), written.id, written.version_id);
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            response.headers_mut().insert(header::LOCATION, v);
+        }
+    }
+    Ok(with_members(response, vec![written.member_id]))
+}
+
+macro_rules! write_endpoints {
+    ($module:ident, $rt:expr, $tag:literal, create = $create:literal, update = $update:literal) => {
+        pub mod $module {
+            use super::*;
+
+            #[doc = concat!("Report a ", $tag, " for an attributed member (partner write-back). With `If-None-Exist: identifier=<system>|<value>`, a retry creates nothing and returns the resource the identifier names.")]
+            #[utoipa::path(post, path = $create, tag = $tag, operation_id = concat!("create", $tag),
+                params(("If-None-Exist" = Option<String>, Header, description = "identifier=<system>|<value>: create only if this partner has no resource with that identifier"),
+                       crate::http::resources::FormatOnly),
+                request_body(content = Resource, content_type = "application/fhir+json", description = concat!("The ", $tag)),
+                responses(
+                    (status = 201, description = "Created; Location names the new version", body = Resource, content_type = "application/fhir+json"),
+                    (status = 200, description = "If-None-Exist matched: nothing was created; the matching resource", body = Resource, content_type = "application/fhir+json"),
+                    (status = 400, description = "Not JSON, a malformed parameter or header", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 404, description = "The member is not known", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 415, description = "The body is not application/fhir+json", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 422, description = "Not an acceptable resource; expression names the element", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+                security(("smart_backend" = [])))]
+            pub async fn create(State(s): State<AppState>, Extension(caller): Extension<Caller>, headers: HeaderMap, RawQuery(q): RawQuery, body: Bytes) -> Result<Response, ApiError> {
+                super::write(&s, &caller, $rt, &headers, q.as_deref(), &body, None).await
+            }
+
+            #[doc = concat!("Update a ", $tag, " this partner reported. `If-Match: W/\"<versionId>\"` is required; a stale version gets 412.")]
+            #[utoipa::path(put, path = $update, tag = $tag, operation_id = concat!("update", $tag),
+                params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"),
+                       ("If-Match" = String, Header, description = "W/\"<versionId>\" of the version this one replaces"),
+                       crate::http::resources::FormatOnly),
+                request_body(content = Resource, content_type = "application/fhir+json", description = concat!("The ", $tag, ", with the id of the URL")),
+                responses(
+                    (status = 200, description = "Updated", body = Resource, content_type = "application/fhir+json"),
+                    (status = 400, description = "Not JSON, a malformed id, parameter or header, or an id that differs from the URL's", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 403, description = "The token's scopes do not cover this request, or another source reported the resource", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 404, description = "Not known", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 412, description = "If-Match does not name the current version", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 415, description = "The body is not application/fhir+json", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 422, description = "Not an acceptable resource; expression names the element", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 428, description = "If-Match is missing", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+                security(("smart_backend" = [])))]
+            pub async fn update(State(s): State<AppState>, Extension(caller): Extension<Caller>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery, body: Bytes) -> Result<Response, ApiError> {
+                super::write(&s, &caller, $rt, &headers, q.as_deref(), &body, Some(&id)).await
+            }
+        }
+    };
+}
+
+write_endpoints!(
+    medication_statement,
+    Writable::MedicationStatement,
+    "MedicationStatement",
+    create = "/fhir/MedicationStatement",
+    update = "/fhir/MedicationStatement/{id}"
+);
+write_endpoints!(
+    allergy_intolerance,
+    Writable::AllergyIntolerance,
+    "AllergyIntolerance",
+    create = "/fhir/AllergyIntolerance",
+    update = "/fhir/AllergyIntolerance/{id}"
+);
