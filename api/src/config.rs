@@ -50,6 +50,11 @@ pub struct Config {
     #[arg(long, env = "AUDIT_WRITERS", default_value_t = 2)]
     pub audit_writers: usize,
 
+    /// Accept `http://` rest-hook endpoints for Subscriptions (local tests and demos only);
+    /// otherwise only `https://`.
+    #[arg(long, env = "SUBSCRIPTION_ALLOW_HTTP", default_value_t = false)]
+    pub subscription_allow_http: bool,
+
     /// The API needs only the pepper (partners send tokens, not identities).
     #[command(flatten)]
     pub pmm1: platform::Pmm1Config,

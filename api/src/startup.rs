@@ -30,6 +30,8 @@ pub struct AppState {
     pub matcher: Option<Arc<http::matching::Matcher>>,
     /// The composites a partner's write-back updates (in the write's transaction).
     pub composites: Arc<Vec<Box<dyn composer::composite::Composite>>>,
+    /// What Subscriptions may ask for.
+    pub subscription_limits: composer::subscriptions::Limits,
 }
 
 #[derive(OpenApi)]
@@ -42,6 +44,7 @@ pub struct AppState {
         (name = "MedicationStatement"), (name = "AllergyIntolerance"), (name = "Immunization"),
         (name = "Task", description = "Care gaps and next actions"),
         (name = "Provenance", description = "Who wrote each version of a partner's report"),
+        (name = "Subscription", description = "Topic-based subscriptions (R4B + Subscriptions Backport) to medication-profile changes"),
         (name = "AuditEvent", description = "The audit trail, for operators (system/AuditEvent.read)"),
         (name = "authorization", description = "SMART Backend Services: discovery and the token endpoint")
     ),
@@ -65,6 +68,7 @@ impl utoipa::Modify for SecuritySchemes {
             ("system/Provenance.read", "Read the Provenance of partners' reports"),
             ("system/MedicationStatement.write", "Report and update MedicationStatements for attributed members (write-back)"),
             ("system/AllergyIntolerance.write", "Report and update AllergyIntolerances for attributed members (write-back)"),
+            ("system/Subscription.write", "Create and delete the partner's Subscriptions (read with system/Subscription.read)"),
             ("system/AuditEvent.read", "Operators: read the audit trail (never granted by a wildcard)"),
         ]);
         let flow = Flow::ClientCredentials(ClientCredentials::new(auth::token::PATH, scopes));
@@ -82,6 +86,7 @@ fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(http::health::health))
         .routes(routes!(http::health::ready))
+        .routes(routes!(http::health::metrics))
         .routes(routes!(auth::token::smart_configuration_handler))
         .routes(routes!(auth::token::smart_configuration_fhir))
         .routes(routes!(auth::token::token))
@@ -118,6 +123,14 @@ fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(http::writeback::medication_statement::update))
         .routes(routes!(http::writeback::allergy_intolerance::create))
         .routes(routes!(http::writeback::allergy_intolerance::update))
+        .routes(routes!(http::subscriptions::topics))
+        .routes(routes!(http::subscriptions::topic))
+        .routes(routes!(http::subscriptions::create))
+        .routes(routes!(http::subscriptions::search))
+        .routes(routes!(http::subscriptions::read))
+        .routes(routes!(http::subscriptions::delete))
+        .routes(routes!(http::subscriptions::status))
+        .routes(routes!(http::subscriptions::events))
 }
 
 /// Anything not routed: an unknown resource type or path.
@@ -188,6 +201,7 @@ impl Application {
             auth: Arc::new(auth),
             matcher,
             composites,
+            subscription_limits: composer::subscriptions::Limits { allow_http: config.subscription_allow_http },
         };
         let (router, api) = router().split_for_parts();
         let router = router

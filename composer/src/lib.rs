@@ -12,7 +12,9 @@ pub mod consumer;
 pub mod fhir;
 pub mod generator;
 pub mod matching;
+pub mod notifier;
 pub mod relay;
+pub mod subscriptions;
 pub mod topics;
 pub mod writeback;
 

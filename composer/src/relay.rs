@@ -37,8 +37,9 @@ pub struct RelayConfig {
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 1000)]
     pub batch_size: i64,
 
-    /// How long the relay waits when the outbox is empty, in milliseconds.
-    #[arg(long, env = "RELAY_POLL_MS", default_value_t = 20)]
+    /// How long the relay waits when the outbox is empty, in milliseconds, unless a commit
+    /// notifies it first (LISTEN fhir_outbox).
+    #[arg(long, env = "RELAY_POLL_MS", default_value_t = 200)]
     pub poll_ms: u64,
 
     /// Partitions of the topics the relay creates (partner topics).
@@ -101,16 +102,16 @@ impl Relay {
     pub async fn run(mut self, stop: &AtomicBool) -> anyhow::Result<()> {
         crate::topics::ensure(self.kafka(), self.config.topic_partitions).await?;
         tracing::info!("relay publishing");
+        let mut wakeup = db::Wakeup::new(&self.pool, &[db::channels::OUTBOX]).await;
         while !stop.load(Ordering::Relaxed) {
-            let pause = match self.step().await {
-                Ok(0) => Duration::from_millis(self.config.poll_ms),
-                Ok(_) => Duration::ZERO,
+            match self.step().await {
+                Ok(0) => wakeup.wait(Duration::from_millis(self.config.poll_ms)).await,
+                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "relay: publishing failed; the batch will be sent again");
-                    Duration::from_secs(1)
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-            };
-            tokio::time::sleep(pause).await;
+            }
         }
         Ok(())
     }

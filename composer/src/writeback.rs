@@ -74,8 +74,31 @@ pub struct Invalid {
 }
 
 fn invalid(rt: Writable, element: &str, message: impl Into<String>) -> Invalid {
-    let expression = if element.is_empty() { rt.name().to_owned() } else { format!("{}.{element}", rt.name()) };
+    invalid_in(rt.name(), element, message)
+}
+
+/// An [`Invalid`] for `element` of a resource of type `resource_type`.
+pub(crate) fn invalid_in(resource_type: &str, element: &str, message: impl Into<String>) -> Invalid {
+    let expression = if element.is_empty() { resource_type.to_owned() } else { format!("{resource_type}.{element}") };
     Invalid { expression, message: message.into() }
+}
+
+/// `object` parsed by fhir-sdk as `T` (a resource of type `resource_type`) and serialized back:
+/// the failing element is named, and so is any element fhir-sdk does not know (it would
+/// otherwise be dropped without a word).
+pub(crate) fn parse_strict<T: serde::de::DeserializeOwned + serde::Serialize>(
+    resource_type: &str,
+    object: &Map<String, Value>,
+) -> Result<Map<String, Value>, Invalid> {
+    let input = Value::Object(object.clone());
+    let parsed = serde_json::to_value(strict::<T>(resource_type, &input.to_string())?).map_err(|e| invalid_in(resource_type, "", e.to_string()))?;
+    if let Some(path) = first_dropped(&input, &parsed, String::new()) {
+        return Err(invalid_in(resource_type, &path, "not an element of this resource type in FHIR R4B"));
+    }
+    match parsed {
+        Value::Object(map) => Ok(map),
+        _ => Err(invalid_in(resource_type, "", "the body must be a JSON object")),
+    }
 }
 
 /// A validated report, ready to store.
@@ -107,17 +130,9 @@ pub fn validate(rt: Writable, value: Value, today: Date) -> Result<Report, Inval
         }
         None => return Err(invalid(rt, "resourceType", "required")),
     }
-    let text = Value::Object(object.clone()).to_string();
-    let parsed: Value = match rt {
-        Writable::MedicationStatement => serde_json::to_value(strict::<MedicationStatement>(rt, &text)?),
-        Writable::AllergyIntolerance => serde_json::to_value(strict::<AllergyIntolerance>(rt, &text)?),
-    }
-    .map_err(|e| invalid(rt, "", e.to_string()))?;
-    if let Some(path) = first_dropped(&Value::Object(object.clone()), &parsed, String::new()) {
-        return Err(invalid(rt, &path, "not an element of this resource type in FHIR R4B"));
-    }
-    let Value::Object(mut elements) = parsed else {
-        return Err(invalid(rt, "", "the body must be a JSON object"));
+    let mut elements = match rt {
+        Writable::MedicationStatement => parse_strict::<MedicationStatement>(rt.name(), &object)?,
+        Writable::AllergyIntolerance => parse_strict::<AllergyIntolerance>(rt.name(), &object)?,
     };
     elements.remove("id");
     elements.remove("meta");
@@ -179,7 +194,7 @@ pub fn validate(rt: Writable, value: Value, today: Date) -> Result<Report, Inval
 }
 
 /// Deserializes with fhir-sdk, naming the element that failed.
-fn strict<T: serde::de::DeserializeOwned>(rt: Writable, text: &str) -> Result<T, Invalid> {
+fn strict<T: serde::de::DeserializeOwned>(resource_type: &str, text: &str) -> Result<T, Invalid> {
     let mut de = serde_json::Deserializer::from_str(text);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -190,7 +205,7 @@ fn strict<T: serde::de::DeserializeOwned>(rt: Writable, text: &str) -> Result<T,
             element = if element.is_empty() { field.to_owned() } else { format!("{element}.{field}") };
         }
         let message = message.split(" at line ").next().unwrap_or_default().to_owned();
-        invalid(rt, &element, message)
+        invalid_in(resource_type, &element, message)
     })
 }
 

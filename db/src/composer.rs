@@ -297,7 +297,7 @@ pub async fn write_composites(tx: &mut PgConnection, versions: &[CompositeVersio
     .bind(now)
     .execute(&mut *tx)
     .await?;
-    Ok(())
+    crate::notify(tx, crate::channels::OUTBOX).await
 }
 
 /// Sum of a group's stored positions (tests and progress reports).

@@ -9,6 +9,7 @@ pub mod matching;
 pub mod partners;
 pub mod relay;
 pub mod resources;
+pub mod subscriptions;
 pub mod writeback;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -66,4 +67,58 @@ pub async fn create_database(pool: &PgPool, name: &str) -> Result<()> {
     }
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).execute(pool).await?;
     Ok(())
+}
+
+/// `NOTIFY` channels that wake the relay and the notifier as soon as a transaction commits
+/// new work, instead of at their next poll (which remains the fallback).
+pub mod channels {
+    /// New outbox rows (composite versions, partner write-backs).
+    pub const OUTBOX: &str = "fhir_outbox";
+    /// New events on subscription queues.
+    pub const SUBSCRIPTION_EVENTS: &str = "fhir_subscription_events";
+}
+
+/// Queues a notification on `channel`, delivered when the transaction commits (none on rollback).
+pub async fn notify(tx: &mut sqlx::PgConnection, channel: &str) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, '')").bind(channel).execute(&mut *tx).await?;
+    Ok(())
+}
+
+/// Waits for a notification on some channels, or at most a given time: a loop that polls
+/// reacts at once to committed work, and still polls if the listening connection is lost.
+pub struct Wakeup {
+    listener: Option<sqlx::postgres::PgListener>,
+}
+
+impl Wakeup {
+    /// Listens on `channels`; if that fails, [`Wakeup::wait`] only sleeps.
+    pub async fn new(pool: &PgPool, channels: &[&str]) -> Wakeup {
+        let listener = async {
+            let mut l = sqlx::postgres::PgListener::connect_with(pool).await?;
+            l.listen_all(channels.iter().copied()).await?;
+            Ok::<_, sqlx::Error>(l)
+        }
+        .await;
+        match listener {
+            Ok(l) => Wakeup { listener: Some(l) },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot LISTEN; polling only");
+                Wakeup { listener: None }
+            }
+        }
+    }
+
+    /// Returns when a notification arrives (and drains those already queued), or after `max`.
+    pub async fn wait(&mut self, max: Duration) {
+        match &mut self.listener {
+            Some(l) => {
+                if let Ok(Err(_)) = tokio::time::timeout(max, l.recv()).await {
+                    // The connection was lost; PgListener reconnects on the next recv. Do not spin.
+                    tokio::time::sleep(max).await;
+                }
+                while l.next_buffered().is_some() {}
+            }
+            None => tokio::time::sleep(max).await,
+        }
+    }
 }

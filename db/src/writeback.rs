@@ -111,5 +111,5 @@ pub async fn enqueue(tx: &mut PgConnection, m: &OutboxMessage<'_>) -> crate::Res
     .bind(m.headers.to_string())
     .execute(&mut *tx)
     .await?;
-    Ok(())
+    crate::notify(tx, crate::channels::OUTBOX).await
 }

@@ -195,7 +195,11 @@ async fn events_become_readable_and_searchable() -> anyhow::Result<()> {
     assert_eq!(s, 200);
     assert_eq!(cap["resourceType"], "CapabilityStatement");
     assert_eq!(cap["fhirVersion"], "4.3.0");
-    assert_eq!(cap["rest"][0]["resource"].as_array().map(Vec::len), Some(7), "five clinical types, Provenance, AuditEvent");
+    assert_eq!(
+        cap["rest"][0]["resource"].as_array().map(Vec::len),
+        Some(9),
+        "five clinical types, Provenance, Subscription, SubscriptionTopic, AuditEvent"
+    );
     assert_eq!(cap["rest"][0]["security"]["service"][0]["coding"][0]["code"], "SMART-on-FHIR");
     // metadata needs no token.
     assert_eq!(get(&reqwest::Client::new(), &format!("{fhir}/metadata")).await?.0, 200);

@@ -50,7 +50,7 @@ impl Caller {
                 let needed = match interaction {
                     Interaction::Read => format!("system/{t}.read"),
                     Interaction::Search => format!("system/{t}.read"),
-                    Interaction::Create | Interaction::Update => format!("system/{t}.write"),
+                    Interaction::Create | Interaction::Update | Interaction::Delete => format!("system/{t}.write"),
                 };
                 return Err(ApiError::Forbidden {
                     diagnostics: format!("the token's scopes do not cover this request; it needs {needed}"),
@@ -73,7 +73,8 @@ pub fn token_hash(token: &str) -> Vec<u8> {
 
 /// Paths anyone may call: liveness, readiness, discovery, the docs and the token endpoint itself.
 fn is_protected(path: &str) -> bool {
-    (path == "/fhir" || path.starts_with("/fhir/")) && path != "/fhir/metadata" && path != "/fhir/.well-known/smart-configuration"
+    let fhir = (path == "/fhir" || path.starts_with("/fhir/")) && path != "/fhir/metadata" && path != "/fhir/.well-known/smart-configuration";
+    fhir || path == crate::http::health::METRICS_PATH
 }
 
 async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {

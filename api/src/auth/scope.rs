@@ -15,6 +15,7 @@ pub enum Interaction {
     Search,
     Create,
     Update,
+    Delete,
 }
 
 impl Interaction {
@@ -24,6 +25,7 @@ impl Interaction {
             Interaction::Search => 's',
             Interaction::Create => 'c',
             Interaction::Update => 'u',
+            Interaction::Delete => 'd',
         }
     }
 }

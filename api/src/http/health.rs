@@ -89,3 +89,56 @@ async fn check_kafka(client: Arc<BaseConsumer>, timeout: Duration) -> Result<(),
         Err(e) => Err(format!("Kafka check failed: {e}")),
     }
 }
+
+pub const METRICS_PATH: &str = "/metrics";
+
+/// Operators' metrics in the Prometheus text format: the outbox's lag (rows not yet on Kafka,
+/// the age of the oldest, composite versions not yet turned into subscription events), and per
+/// subscription its queue depth and delivery failures. Needs the operators' scope
+/// (`system/AuditEvent.read`), like the audit trail.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text exposition format", body = String, content_type = "text/plain"),
+        (status = 401, description = "No valid bearer token", body = crate::error::OperationOutcome, content_type = "application/fhir+json"),
+        (status = 403, description = "The token's scopes do not cover this request", body = crate::error::OperationOutcome, content_type = "application/fhir+json"),
+        (status = 429, description = "Rate limit reached; see Retry-After", body = crate::error::OperationOutcome, content_type = "application/fhir+json"),
+        (status = 503, description = "The database is not available", body = crate::error::OperationOutcome, content_type = "application/fhir+json")),
+    security(("smart_backend" = [])))]
+pub async fn metrics(
+    State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
+) -> Result<axum::response::Response, crate::error::ApiError> {
+    use std::fmt::Write;
+    caller.require(&[crate::auth::scope::ADMIN_TYPE], crate::auth::scope::Interaction::Read)?;
+    let m = db::subscriptions::metrics(&state.pool).await?;
+    let label = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP fhir_outbox_unpublished Outbox rows (composite versions, partner write-backs) not yet acknowledged by Kafka.");
+    let _ = writeln!(out, "# TYPE fhir_outbox_unpublished gauge\nfhir_outbox_unpublished {}", m.outbox_unpublished);
+    let _ = writeln!(out, "# HELP fhir_outbox_oldest_unpublished_seconds Age of the oldest of them (0 when none).");
+    let _ = writeln!(
+        out,
+        "# TYPE fhir_outbox_oldest_unpublished_seconds gauge\nfhir_outbox_oldest_unpublished_seconds {:.3}",
+        m.outbox_oldest_unpublished_secs
+    );
+    let _ = writeln!(out, "# HELP fhir_outbox_unnotified Composite versions not yet turned into subscription events.");
+    let _ = writeln!(out, "# TYPE fhir_outbox_unnotified gauge\nfhir_outbox_unnotified {}", m.outbox_unnotified);
+    let _ = writeln!(out, "# HELP fhir_subscription_queue_depth Events of a subscription not yet delivered.");
+    let _ = writeln!(out, "# TYPE fhir_subscription_queue_depth gauge");
+    for (id, partner, status, depth, _) in &m.subscriptions {
+        let _ = writeln!(
+            out,
+            "fhir_subscription_queue_depth{{subscription=\"{}\",partner=\"{}\",status=\"{}\"}} {depth}",
+            label(id),
+            label(partner),
+            label(status)
+        );
+    }
+    let _ = writeln!(out, "# HELP fhir_subscription_delivery_failures_total Notifications of a subscription that failed (each retry counts).");
+    let _ = writeln!(out, "# TYPE fhir_subscription_delivery_failures_total counter");
+    for (id, partner, _, _, failures) in &m.subscriptions {
+        let _ =
+            writeln!(out, "fhir_subscription_delivery_failures_total{{subscription=\"{}\",partner=\"{}\"}} {failures}", label(id), label(partner));
+    }
+    Ok(axum::response::IntoResponse::into_response(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)))
+}

@@ -53,6 +53,24 @@ pub fn capability_statement(base_url: &str, token_url: &str) -> Value {
         })
         .collect();
     resources.push(json!({
+        "type": "Subscription",
+        "supportedProfile": ["http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription"],
+        "documentation": "Topic-based subscriptions (Subscriptions R5 Backport) to the topic in SubscriptionTopic. A partner manages its own (scope system/Subscription.read and .write); notifications carry only members attributed to it. criteria: the topic's canonical URL; filter (backport-filter-criteria): patient=Patient/<id>; channel rest-hook (HTTPS, with the extension urn:fhir-event-platform:extension:signing-secret: each notification is signed in the X-Fhir-Event-Signature header, t=<unix>,v1=<hex HMAC-SHA256(secret, \"<t>.<body>\")>) or kafka (backport-channel-type urn:fhir-event-platform:subscription-channel-type#kafka: Bundles on fhir.partner.<partner>.subscription-notifications.v1, key the subscription id); payload content empty, id-only (default) or full-resource; heartbeat period, timeout and max count per the Backport. Each subscription has its own queue: failures are retried with exponential backoff and jitter, in order, for 24 hours by default, then the status is error and the queue is kept for $events.",
+        "interaction": [{ "code": "create" }, { "code": "read" }, { "code": "delete" }, { "code": "search-type" }],
+        "versioning": "no-version",
+        "searchParam": [{ "name": "status", "type": "token" }],
+        "operation": [
+            { "name": "status", "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status" },
+            { "name": "events", "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-events" }
+        ],
+    }));
+    resources.push(json!({
+        "type": "SubscriptionTopic",
+        "documentation": format!("One topic: {} (a member's $medication-profile has a new version; filter: patient).", composer::subscriptions::TOPIC_URL),
+        "interaction": [{ "code": "read" }, { "code": "search-type" }],
+        "versioning": "no-version",
+    }));
+    resources.push(json!({
         "type": "AuditEvent",
         "documentation": "The audit trail of every access (operators only: needs the system/AuditEvent.read scope, which no wildcard grants). Also published on the audit.events.v1 topic.",
         "interaction": [{ "code": "read" }, { "code": "search-type" }],
@@ -72,6 +90,7 @@ pub fn capability_statement(base_url: &str, token_url: &str) -> Value {
         "software": { "name": "fhir-event-platform", "version": env!("CARGO_PKG_VERSION") },
         "implementation": { "description": "FHIR interoperability event platform", "url": base_url },
         "fhirVersion": "4.3.0",
+        "instantiates": ["http://hl7.org/fhir/uv/subscriptions-backport/CapabilityStatement/backport-subscription-server-r4b"],
         "format": ["json", "application/fhir+json"],
         "rest": [{
             "mode": "server",

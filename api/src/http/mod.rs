@@ -6,4 +6,5 @@ pub mod matching;
 pub mod metadata;
 pub mod profile;
 pub mod resources;
+pub mod subscriptions;
 pub mod writeback;

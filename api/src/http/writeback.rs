@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use composer::writeback::{self as wb, Author, Effect, Mode, Writable, WriteError};
 
-fn content_is_json(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn content_is_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_ascii_lowercase();
     if content_type.starts_with("application/fhir+json") || content_type.starts_with("application/json") {
         Ok(())
@@ -27,7 +27,7 @@ fn content_is_json(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// The body as a JSON value (400 when it is not JSON at all).
-fn json_body(body: &Bytes) -> Result<serde_json::Value, ApiError> {
+pub(crate) fn json_body(body: &Bytes) -> Result<serde_json::Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("the body is not JSON: line {}, column {}", e.line(), e.column())))
 }
 

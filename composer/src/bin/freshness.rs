@@ -1,8 +1,10 @@
 //! Freshness benchmark (not part of the test suite): at a steady rate (default 1,000 events/s)
 //! a system of record publishes demographics of new members; the time from producing each
-//! event to its composite on `fhir.medication-profile.v1` (composer, PostgreSQL, relay, Kafka)
-//! is measured and printed as percentiles. Production durability: fsync and synchronous commit
-//! on, acks=all everywhere. Run: `scripts/bench freshness`.
+//! event to its composite on `fhir.medication-profile.v1` (composer, PostgreSQL, relay, Kafka),
+//! and to its notification at a rest-hook endpoint (composer, PostgreSQL, notifier, HTTP), is
+//! measured and printed as percentiles. The members are attributed to a partner with one
+//! `id-only` rest-hook Subscription before the clock starts. Production durability: fsync and
+//! synchronous commit on, acks=all everywhere. Run: `scripts/bench freshness`.
 
 use clap::Parser;
 use composer::generator;
@@ -43,6 +45,59 @@ async fn main() -> anyhow::Result<()> {
     let mut relay_config = composer::relay::RelayConfig::parse_from(["relay", "--database-url", &url]);
     relay_config.common.kafka = kafka.clone();
     let (relay_stop, relay) = composer::relay::spawn(relay_config).await?;
+    let mut notifier_config = composer::notifier::NotifierConfig::parse_from(["notifier", "--database-url", &url]);
+    notifier_config.common.kafka = kafka.clone();
+    let (notifier_stop, notifier) = composer::notifier::spawn(notifier_config).await?;
+    let total = (cli.rate * cli.seconds) as usize;
+    let producer = generator::producer(&kafka)?;
+    let pool = db::connect(&url, 2).await?;
+
+    // The partner's members and its rest-hook subscription, before the clock starts.
+    let hooked: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let (endpoint, hook_latencies) = rest_hook(hooked.clone(), total).await?;
+    let subscription = serde_json::json!({
+        "resourceType": "Subscription", "status": "requested", "reason": "freshness benchmark",
+        "criteria": composer::subscriptions::TOPIC_URL,
+        "channel": { "type": "rest-hook", "endpoint": endpoint, "payload": "application/fhir+json",
+            "extension": [
+                { "url": composer::subscriptions::EXT_SIGNING_SECRET, "valueString": "ab".repeat(32) },
+                { "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-max-count", "valuePositiveInt": 100 }
+            ] }
+    });
+    let limits = composer::subscriptions::Limits { allow_http: true };
+    let subscription =
+        composer::subscriptions::accept(subscription, "bench", limits, time::OffsetDateTime::now_utc()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    db::subscriptions::create(&pool, &subscription).await?;
+    let attribution = kafka.topic(platform::topics::ATTRIBUTION);
+    let mut acks = Vec::with_capacity(total);
+    for i in 0..total {
+        let member = format!("F{i:07}");
+        let payload = serde_json::to_vec(&serde_json::json!({
+            "event_id": uuid::Uuid::new_v4().to_string(), "op": "upsert", "source": "attribution",
+            "occurred_at": "2026-11-27T00:00:00Z", "version": 1, "member_id": member, "record_id": format!("AT-{member}"),
+            "data": { "partner_id": "bench", "period_start": "2026-01-01" } }))?;
+        loop {
+            match producer.send_result(FutureRecord::to(&attribution).key(&member).payload(&payload)) {
+                Ok(ack) => {
+                    acks.push(ack);
+                    break;
+                }
+                Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Err((e, _)) => anyhow::bail!("produce: {e}"),
+            }
+        }
+    }
+    for ack in acks.drain(..) {
+        ack.await.map_err(|_| anyhow::anyhow!("producer gone"))?.map_err(|(e, _)| anyhow::anyhow!("not acknowledged: {e}"))?;
+    }
+    while db::composer::total_position(&pool, &run).await? < total as i64 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    while db::subscriptions::get(&pool, "bench", &subscription.id).await?.is_none_or(|s| s.status != "active") {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
@@ -52,7 +107,6 @@ async fn main() -> anyhow::Result<()> {
         .set("fetch.wait.max.ms", "5")
         .create()?;
     consumer.subscribe(&[&kafka.topic(platform::topics::MEDICATION_PROFILE)])?;
-    let total = (cli.rate * cli.seconds) as usize;
     let seen = sent_at.clone();
     let reader = tokio::spawn(async move {
         let mut latencies = Vec::with_capacity(total);
@@ -67,11 +121,9 @@ async fn main() -> anyhow::Result<()> {
     });
     tokio::time::sleep(Duration::from_secs(2)).await; // the consumer joins its group
 
-    let producer = generator::producer(&kafka)?;
     let topic = kafka.topic(platform::topics::DEMOGRAPHICS);
     let started = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / cli.rate));
-    let mut acks = Vec::with_capacity(total);
     for i in 0..total {
         ticker.tick().await;
         let member = format!("F{i:07}");
@@ -79,7 +131,9 @@ async fn main() -> anyhow::Result<()> {
             "event_id": uuid::Uuid::new_v4().to_string(), "op": "upsert", "source": "enrollment",
             "occurred_at": "2026-11-27T00:00:00Z", "version": 1, "member_id": member, "record_id": member,
             "data": { "given_name": "Fresh", "sex": "other" } }))?;
-        sent_at.lock().unwrap_or_else(|p| p.into_inner()).insert(member.clone(), Instant::now());
+        let now = Instant::now();
+        sent_at.lock().unwrap_or_else(|p| p.into_inner()).insert(member.clone(), now);
+        hooked.lock().unwrap_or_else(|p| p.into_inner()).insert(member.clone(), now);
         match producer.send_result(FutureRecord::to(&topic).key(&member).payload(&payload)) {
             Ok(ack) => acks.push(ack),
             Err((e, _)) => anyhow::bail!("produce: {e}"),
@@ -90,12 +144,17 @@ async fn main() -> anyhow::Result<()> {
     }
     let sending = started.elapsed();
     let mut latencies = reader.await?;
+    let mut hooks = tokio::time::timeout(Duration::from_secs(120), hook_latencies).await???;
     composer::stop(&stop, thread).await?;
     relay_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     relay.await??;
+    notifier_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    notifier.await??;
 
     latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
+    hooks.sort_by(f64::total_cmp);
+    let pct_of = |l: &[f64], p: f64| l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
+    let pct = |p: f64| pct_of(&latencies, p);
     println!(
         "sent {total} events in {:.1} s ({:.0} events/s); {} composites seen on the topic",
         sending.as_secs_f64(),
@@ -109,6 +168,82 @@ async fn main() -> anyhow::Result<()> {
         pct(0.99),
         latencies.last().copied().unwrap_or(f64::NAN)
     );
+    println!(
+        "event produced → notification at a rest-hook endpoint ({} seen): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        hooks.len(),
+        pct_of(&hooks, 0.50),
+        pct_of(&hooks, 0.90),
+        pct_of(&hooks, 0.99),
+        hooks.last().copied().unwrap_or(f64::NAN)
+    );
+    pool.close().await;
     db::bench::drop_database(&admin, &run).await?;
     Ok(())
+}
+
+/// A minimal HTTP/1.1 endpoint (keep-alive) that answers 200 to every POST and records, for
+/// each member named in a notification, the time since its event was produced. Returns its URL
+/// and the latencies once `expected` members were seen (or the sender went quiet for 30 s).
+async fn rest_hook(
+    sent: Arc<Mutex<HashMap<String, Instant>>>,
+    expected: usize,
+) -> anyhow::Result<(String, tokio::task::JoinHandle<anyhow::Result<Vec<f64>>>)> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<f64>();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let (sent, tx) = (sent.clone(), tx.clone());
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(socket);
+                loop {
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':')
+                            && name.eq_ignore_ascii_case("content-length")
+                        {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let now = Instant::now();
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+                        for e in v["entry"][0]["resource"]["notificationEvent"].as_array().into_iter().flatten() {
+                            let member = e["focus"]["reference"].as_str().and_then(|f| f.split('/').rev().nth(1)).unwrap_or_default();
+                            if let Some(at) = sent.lock().unwrap_or_else(|p| p.into_inner()).remove(member) {
+                                let _ = tx.send((now - at).as_secs_f64() * 1000.0);
+                            }
+                        }
+                    }
+                    if reader.get_mut().write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let collect = tokio::spawn(async move {
+        let mut latencies = Vec::with_capacity(expected);
+        while latencies.len() < expected {
+            let quiet = if latencies.is_empty() { Duration::from_secs(600) } else { Duration::from_secs(30) };
+            match tokio::time::timeout(quiet, rx.recv()).await {
+                Ok(Some(l)) => latencies.push(l),
+                _ => break,
+            }
+        }
+        Ok(latencies)
+    });
+    Ok((url, collect))
 }

@@ -1,0 +1,339 @@
+//! FHIR topic-based Subscriptions (R4B + Subscriptions R5 Backport): the SubscriptionTopic,
+//! a partner's own Subscriptions (create, read, search, delete), `$status` and `$events`.
+//! The notifier (`composer::notifier`) delivers; this module only manages and answers.
+
+use crate::audit::Audited;
+use crate::auth::Caller;
+use crate::auth::scope::Interaction;
+use crate::error::{ApiError, OperationOutcome};
+use crate::fhir;
+use crate::http::resources::{Bundle, FormatOnly, Resource};
+use crate::http::writeback::{content_is_json, json_body};
+use crate::startup::AppState;
+use axum::Extension;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use composer::subscriptions::{self as subs, Kind};
+use serde_json::{Value, json};
+use utoipa::IntoParams;
+
+const SUBSCRIPTION: &str = "Subscription";
+const TOPIC: &str = "SubscriptionTopic";
+
+fn json_response(status: StatusCode, body: &Value) -> Response {
+    let mut r = fhir::bundle_response(body.to_string());
+    *r.status_mut() = status;
+    r
+}
+
+fn searchset(base: &str, self_url: &str, entries: Vec<(String, Value)>) -> Value {
+    json!({
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": entries.len(),
+        "link": [{ "relation": "self", "url": self_url }],
+        "entry": entries.into_iter().map(|(path, r)| json!({ "fullUrl": format!("{base}/{path}"), "resource": r, "search": { "mode": "match" } })).collect::<Vec<_>>(),
+    })
+}
+
+async fn own(state: &AppState, caller: &Caller, id: &str) -> Result<db::subscriptions::Subscription, ApiError> {
+    let id = fhir::parse_id(id)?;
+    db::subscriptions::get(&state.pool, &caller.partner_id, id).await?.ok_or_else(|| ApiError::NotFound(format!("Subscription/{id} is not known")))
+}
+
+/// The SubscriptionTopics this server supports (one: medication-profile changes).
+#[utoipa::path(get, path = "/fhir/SubscriptionTopic", tag = "Subscription", operation_id = "searchSubscriptionTopic",
+    params(FormatOnly),
+    responses(
+        (status = 200, description = "A searchset Bundle with the one SubscriptionTopic", body = Bundle, content_type = "application/fhir+json"),
+        (status = 400, description = "Unknown parameter", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+    security(("smart_backend" = [])))]
+pub async fn topics(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    caller.require(&[TOPIC], Interaction::Search)?;
+    fhir::no_parameters(&fhir::query_pairs(&headers, q.as_deref())?)?;
+    let self_url = format!("{}/{TOPIC}", s.base_url);
+    Ok(json_response(StatusCode::OK, &searchset(&s.base_url, &self_url, vec![(format!("{TOPIC}/{}", subs::TOPIC_ID), subs::topic_resource())])))
+}
+
+/// Read the SubscriptionTopic (`medication-profile`).
+#[utoipa::path(get, path = "/fhir/SubscriptionTopic/{id}", tag = "Subscription", operation_id = "readSubscriptionTopic",
+    params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"), FormatOnly),
+    responses(
+        (status = 200, description = "The SubscriptionTopic", body = Resource, content_type = "application/fhir+json"),
+        (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 404, description = "Not known", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+    security(("smart_backend" = [])))]
+pub async fn topic(
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    caller.require(&[TOPIC], Interaction::Read)?;
+    fhir::no_parameters(&fhir::query_pairs(&headers, q.as_deref())?)?;
+    let id = fhir::parse_id(&id)?;
+    if id != subs::TOPIC_ID {
+        return Err(ApiError::NotFound(format!("SubscriptionTopic/{id} is not known; see GET /fhir/SubscriptionTopic")));
+    }
+    Ok(json_response(StatusCode::OK, &subs::topic_resource()))
+}
+
+/// Subscribe to a SubscriptionTopic. The subscription starts `requested`; the notifier's
+/// handshake makes it `active`.
+#[utoipa::path(post, path = "/fhir/Subscription", tag = "Subscription", operation_id = "createSubscription",
+    params(FormatOnly),
+    request_body(content = Resource, content_type = "application/fhir+json", description = "A Subscription (Backport profile): criteria = the topic's canonical URL; optional backport-filter-criteria patient=Patient/<id>; channel rest-hook (with the signing-secret extension) or kafka (backport-channel-type)"),
+    responses(
+        (status = 201, description = "Created (status requested)", body = Resource, content_type = "application/fhir+json"),
+        (status = 400, description = "Not JSON, or a malformed parameter", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 415, description = "The body is not application/fhir+json", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 422, description = "Not an acceptable Subscription; expression names the element", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+    security(("smart_backend" = [])))]
+pub async fn create(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require(&[SUBSCRIPTION], Interaction::Create)?;
+    fhir::no_parameters(&fhir::query_pairs(&headers, q.as_deref())?)?;
+    content_is_json(&headers)?;
+    let value = json_body(&body)?;
+    let subscription = subs::accept(value, &caller.partner_id, s.subscription_limits, time::OffsetDateTime::now_utc())
+        .map_err(|i| ApiError::Unprocessable { expression: i.expression, diagnostics: i.message })?;
+    db::subscriptions::create(&s.pool, &subscription).await?;
+    tracing::info!(partner = %caller.partner_id, subscription = %subscription.id, channel = %subscription.channel, "subscription created");
+    let mut response = json_response(StatusCode::CREATED, &subs::render(&subscription));
+    if let Ok(v) = HeaderValue::from_str(&format!("{}/{SUBSCRIPTION}/{}", s.base_url, subscription.id)) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(with_members(response, subscription.member_id.into_iter().collect()))
+}
+
+fn with_members(response: Response, members: Vec<String>) -> Response {
+    crate::audit::with_members(response, members)
+}
+
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct SubscriptionSearch {
+    /// `requested`, `active`, `error` or `off`.
+    #[param(pattern = "^(requested|active|error|off)$")]
+    pub status: Option<String>,
+    /// `json` (the only format served).
+    #[param(rename = "_format", pattern = "^(json|application/json|application/fhir\\+json)$")]
+    pub format: Option<String>,
+}
+
+/// The partner's own Subscriptions.
+#[utoipa::path(get, path = "/fhir/Subscription", tag = "Subscription", operation_id = "searchSubscription",
+    params(SubscriptionSearch),
+    responses(
+        (status = 200, description = "A searchset Bundle", body = Bundle, content_type = "application/fhir+json"),
+        (status = 400, description = "Unknown or malformed parameter", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+    security(("smart_backend" = [])))]
+pub async fn search(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    caller.require(&[SUBSCRIPTION], Interaction::Search)?;
+    let pairs = fhir::query_pairs(&headers, q.as_deref())?;
+    let mut status = None;
+    for (k, v) in &pairs {
+        match (k.as_str(), v.as_str()) {
+            ("status", "requested" | "active" | "error" | "off") if status.is_none() => status = Some(v.clone()),
+            ("status", _) => return Err(ApiError::BadRequest("status must be one of requested, active, error, off (once)".into())),
+            (other, _) => {
+                return Err(ApiError::BadRequest(format!("unknown search parameter '{other}' for Subscription; supported: status, _format")));
+            }
+        }
+    }
+    let found = db::subscriptions::list(&s.pool, &caller.partner_id, status.as_deref()).await?;
+    let self_url = fhir::link(&s.base_url, SUBSCRIPTION, &pairs);
+    let entries = found.iter().map(|x| (format!("{SUBSCRIPTION}/{}", x.id), subs::render(x))).collect();
+    Ok(json_response(StatusCode::OK, &searchset(&s.base_url, &self_url, entries)))
+}
+
+/// Read one of the partner's Subscriptions, with its current status.
+#[utoipa::path(get, path = "/fhir/Subscription/{id}", tag = "Subscription", operation_id = "readSubscription",
+    params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"), FormatOnly),
+    responses(
+        (status = 200, description = "The Subscription", body = Resource, content_type = "application/fhir+json"),
+        (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 404, description = "Not known (or another partner's)", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+    security(("smart_backend" = [])))]
+pub async fn read(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    caller.require(&[SUBSCRIPTION], Interaction::Read)?;
+    fhir::no_parameters(&fhir::query_pairs(&headers, q.as_deref())?)?;
+    let subscription = own(&s, &caller, &id).await?;
+    Ok(json_response(StatusCode::OK, &subs::render(&subscription)))
+}
+
+/// Delete one of the partner's Subscriptions, with its queue.
+#[utoipa::path(delete, path = "/fhir/Subscription/{id}", tag = "Subscription", operation_id = "deleteSubscription",
+    params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"), FormatOnly),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 404, description = "Not known (or another partner's)", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+    security(("smart_backend" = [])))]
+pub async fn delete(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    caller.require(&[SUBSCRIPTION], Interaction::Delete)?;
+    fhir::no_parameters(&fhir::query_pairs(&headers, q.as_deref())?)?;
+    let id = fhir::parse_id(&id)?;
+    if !db::subscriptions::delete(&s.pool, &caller.partner_id, id).await? {
+        return Err(ApiError::NotFound(format!("Subscription/{id} is not known")));
+    }
+    tracing::info!(partner = %caller.partner_id, subscription = %id, "subscription deleted");
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    response.extensions_mut().insert(Audited::default());
+    Ok(response)
+}
+
+/// `$status`: the subscription's status, its event count and its last error.
+#[utoipa::path(get, path = "/fhir/Subscription/{id}/$status", tag = "Subscription", operation_id = "subscriptionStatus",
+    params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"), FormatOnly),
+    responses(
+        (status = 200, description = "A searchset Bundle with the SubscriptionStatus (type query-status)", body = Bundle, content_type = "application/fhir+json"),
+        (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 404, description = "Not known (or another partner's)", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+    security(("smart_backend" = [])))]
+pub async fn status(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    caller.require(&[SUBSCRIPTION], Interaction::Read)?;
+    fhir::no_parameters(&fhir::query_pairs(&headers, q.as_deref())?)?;
+    let subscription = own(&s, &caller, &id).await?;
+    let status = subs::status_resource(&s.base_url, &subscription, Kind::QueryStatus, &[]);
+    let self_url = format!("{}/{SUBSCRIPTION}/{}/$status", s.base_url, subscription.id);
+    let id = status["id"].as_str().unwrap_or_default().to_owned();
+    Ok(json_response(StatusCode::OK, &searchset(&s.base_url, &self_url, vec![(format!("SubscriptionStatus/{id}"), status)])))
+}
+
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct EventsParams {
+    /// The first event number to return (default 1).
+    #[param(rename = "eventsSinceNumber", minimum = 1)]
+    pub since: Option<i64>,
+    /// The last event number to return (default: the latest; at most 100 events are returned).
+    #[param(rename = "eventsUntilNumber", minimum = 1)]
+    pub until: Option<i64>,
+    /// `empty`, `id-only` or `full-resource` (default: the subscription's).
+    #[param(pattern = "^(empty|id-only|full-resource)$")]
+    pub content: Option<String>,
+    /// `json` (the only format served).
+    #[param(rename = "_format", pattern = "^(json|application/json|application/fhir\\+json)$")]
+    pub format: Option<String>,
+}
+
+/// At most this many events per `$events` answer; ask again from the next number.
+const EVENTS_PAGE: i64 = 100;
+
+/// `$events`: replay past notifications by event number (delivered or not), e.g. after a
+/// subscriber lost some. The answer is a notification Bundle (SubscriptionStatus type query-event).
+#[utoipa::path(get, path = "/fhir/Subscription/{id}/$events", tag = "Subscription", operation_id = "subscriptionEvents",
+    params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"), EventsParams),
+    responses(
+        (status = 200, description = "A notification Bundle (history) with the events asked for, at most 100", body = Bundle, content_type = "application/fhir+json"),
+        (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 404, description = "Not known (or another partner's)", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+    security(("smart_backend" = [])))]
+pub async fn events(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    caller.require(&[SUBSCRIPTION], Interaction::Read)?;
+    let pairs = fhir::query_pairs(&headers, q.as_deref())?;
+    let mut subscription = own(&s, &caller, &id).await?;
+    let (mut since, mut until, mut content) = (1i64, None, None);
+    let number = |name: &str, v: &str| {
+        v.parse::<i64>().ok().filter(|n| *n >= 1).ok_or_else(|| ApiError::BadRequest(format!("{name} must be a positive integer")))
+    };
+    for (k, v) in &pairs {
+        match k.as_str() {
+            "eventsSinceNumber" => since = number(k, v)?,
+            "eventsUntilNumber" => until = Some(number(k, v)?),
+            "content" if matches!(v.as_str(), "empty" | "id-only" | "full-resource") => content = Some(v.clone()),
+            "content" => return Err(ApiError::BadRequest("content must be empty, id-only or full-resource".into())),
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown parameter '{other}' for $events; supported: eventsSinceNumber, eventsUntilNumber, content, _format"
+                )));
+            }
+        }
+    }
+    if let Some(c) = content {
+        subscription.content = c;
+    }
+    let until = until.unwrap_or(i64::MAX).min(since.saturating_add(EVENTS_PAGE - 1));
+    let found = db::subscriptions::events(&s.pool, &subscription.id, since, until, EVENTS_PAGE, subscription.content == "full-resource").await?;
+    let mut members: Vec<String> = found.iter().map(|e| e.member_id.clone()).collect();
+    members.sort();
+    members.dedup();
+    let bundle = subs::notification(&s.base_url, &subscription, Kind::QueryEvent, &found);
+    Ok(with_members(json_response(StatusCode::OK, &bundle), members))
+}

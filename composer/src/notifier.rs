@@ -1,0 +1,308 @@
+//! The notifier: turns new composite versions into events on each matching subscription's
+//! queue (in PostgreSQL), and delivers each queue on its own: one slow or dead endpoint never
+//! delays another.
+//!
+//! - **Fan-out**: the outbox's composite versions, in order, become events numbered per
+//!   subscription, for the subscriptions whose partner the member is attributed to (and whose
+//!   `patient` filter, if any, names the member), in one transaction with marking them done.
+//! - **Delivery**: a subscription with something due (its handshake, events, a heartbeat) is
+//!   leased to one notifier, which sends its oldest undelivered events (up to `max-count`) in
+//!   one notification and marks them delivered only when the endpoint (or Kafka) acknowledged
+//!   them. A failure is retried with exponential backoff and jitter, the same events first, so
+//!   order holds and nothing is skipped; after `SUBSCRIPTION_RETRY_FOR_SECS` of failing, the
+//!   subscription goes to `error` and keeps its queue (`$events` replays it).
+
+use crate::subscriptions::{self as subs, Kind, SIGNATURE_HEADER};
+use clap::Parser;
+use db::subscriptions::{self as q, Subscription};
+use platform::KafkaConfig;
+use rand::Rng;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use time::OffsetDateTime;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "notifier", about = "Deliver FHIR Subscription notifications")]
+pub struct NotifierConfig {
+    #[command(flatten)]
+    pub common: platform::CommonConfig,
+
+    /// How often the notifier looks for due deliveries (retries, heartbeats) when idle, in
+    /// milliseconds. New events wake it at once (LISTEN fhir_subscription_events).
+    #[arg(long, env = "NOTIFIER_POLL_MS", default_value_t = 50)]
+    pub poll_ms: u64,
+
+    /// How often the notifier looks for new composite versions when no commit notified it, in
+    /// milliseconds (LISTEN fhir_outbox wakes it at once).
+    #[arg(long, env = "NOTIFIER_FAN_OUT_POLL_MS", default_value_t = 200)]
+    pub fan_out_poll_ms: u64,
+
+    /// The first retry of a failed notification waits about this long (milliseconds); each
+    /// further failure doubles it, up to `retry-max-ms`; each wait is jittered (50–100 %).
+    #[arg(long, env = "SUBSCRIPTION_RETRY_BASE_MS", default_value_t = 1000)]
+    pub retry_base_ms: u64,
+
+    #[arg(long, env = "SUBSCRIPTION_RETRY_MAX_MS", default_value_t = 60_000)]
+    pub retry_max_ms: u64,
+
+    /// After failing for this long, a subscription goes to `error` (its queue is kept).
+    #[arg(long, env = "SUBSCRIPTION_RETRY_FOR_SECS", default_value_t = 86_400)]
+    pub retry_for_secs: i64,
+
+    /// Most deliveries in flight at once (each to a different subscription).
+    #[arg(long, env = "NOTIFIER_CONCURRENCY", default_value_t = 64)]
+    pub concurrency: usize,
+
+    /// Partitions of the Kafka channel topics the notifier creates.
+    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
+    pub topic_partitions: i32,
+}
+
+pub struct Notifier {
+    config: NotifierConfig,
+    pool: db::Pool,
+    base_url: String,
+    http: reqwest::Client,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    known_topics: Mutex<HashSet<String>>,
+    /// Subscriptions this notifier is delivering now.
+    in_flight: Mutex<HashSet<String>>,
+}
+
+impl Notifier {
+    pub fn new(config: NotifierConfig, pool: db::Pool) -> anyhow::Result<Arc<Self>> {
+        let kafka = &config.common.kafka;
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &kafka.bootstrap_servers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "0")
+            .set("message.timeout.ms", "30000")
+            .set("log_level", "4")
+            .create()?;
+        let admin = ClientConfig::new().set("bootstrap.servers", &kafka.bootstrap_servers).set("log_level", "4").create()?;
+        // Redirects are not followed: a notification goes to the registered endpoint only.
+        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
+        Ok(Arc::new(Notifier {
+            base_url: config.common.fhir_base_url.trim_end_matches('/').to_owned(),
+            config,
+            pool,
+            http,
+            producer,
+            admin,
+            known_topics: Mutex::default(),
+            in_flight: Mutex::default(),
+        }))
+    }
+
+    fn kafka(&self) -> &KafkaConfig {
+        &self.config.common.kafka
+    }
+
+    /// Fans out and delivers until `stop` is set.
+    pub async fn run(self: Arc<Self>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+        tracing::info!("notifier delivering");
+        let fan_out = {
+            let this = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move { this.fan_out_loop(&stop).await })
+        };
+        let poll = Duration::from_millis(self.config.poll_ms);
+        let mut wakeup = db::Wakeup::new(&self.pool, &[db::channels::SUBSCRIPTION_EVENTS]).await;
+        let mut deliveries = tokio::task::JoinSet::new();
+        while !stop.load(Ordering::Relaxed) {
+            while deliveries.try_join_next().is_some() {}
+            let free = self.config.concurrency.saturating_sub(deliveries.len());
+            let claimed = if free == 0 {
+                Vec::new()
+            } else {
+                q::claim_due(&self.pool, 5, free as i64).await.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "notifier: could not claim subscriptions");
+                    Vec::new()
+                })
+            };
+            let idle = claimed.is_empty();
+            for s in claimed {
+                if !self.in_flight.lock().map(|mut f| f.insert(s.id.clone())).unwrap_or(false) {
+                    continue;
+                }
+                let this = self.clone();
+                deliveries.spawn(async move {
+                    let id = s.id.clone();
+                    if let Err(e) = this.deliver(s).await {
+                        tracing::warn!(subscription = %id, error = %e, "notifier: delivery bookkeeping failed; the lease will expire and it is sent again");
+                    }
+                    if let Ok(mut f) = this.in_flight.lock() {
+                        f.remove(&id);
+                    }
+                });
+            }
+            if idle {
+                // New events and finished deliveries (whose queue may hold more) wake it at
+                // once; retries and heartbeats come due at the poll.
+                tokio::select! {
+                    _ = wakeup.wait(poll) => {}
+                    Some(_) = deliveries.join_next(), if !deliveries.is_empty() => {}
+                }
+            }
+        }
+        while deliveries.join_next().await.is_some() {}
+        fan_out.await?
+    }
+
+    async fn fan_out_loop(&self, stop: &AtomicBool) -> anyhow::Result<()> {
+        let poll = Duration::from_millis(self.config.fan_out_poll_ms);
+        let mut wakeup = db::Wakeup::new(&self.pool, &[db::channels::OUTBOX]).await;
+        let mut last_expiry = std::time::Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            let today = OffsetDateTime::now_utc().date();
+            match q::fan_out(&self.pool, today, 1000).await {
+                Ok((0, _)) => wakeup.wait(poll).await,
+                Ok((rows, events)) => tracing::debug!(rows, events, "notifier: queued subscription events"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "notifier: fan-out failed; it is retried");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            if last_expiry.elapsed() > Duration::from_secs(5) {
+                last_expiry = std::time::Instant::now();
+                if let Ok(n) = q::end_expired(&self.pool).await
+                    && n > 0
+                {
+                    tracing::info!(subscriptions = n, "notifier: subscriptions reached their end");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what is due for one leased subscription and records the outcome.
+    async fn deliver(&self, s: Subscription) -> anyhow::Result<()> {
+        let (kind, events) = if s.status == "requested" {
+            (Kind::Handshake, Vec::new())
+        } else {
+            let events = q::pending(&self.pool, &s.id, i64::from(s.max_count), s.content == "full-resource").await?;
+            let heartbeat_due = s
+                .heartbeat_secs
+                .is_some_and(|h| s.last_sent_at.unwrap_or(s.created_at) + time::Duration::seconds(i64::from(h)) <= OffsetDateTime::now_utc());
+            match (events.is_empty(), heartbeat_due) {
+                (false, _) => (Kind::EventNotification, events),
+                (true, true) => (Kind::Heartbeat, events),
+                (true, false) => {
+                    q::release(&self.pool, &s.id).await?;
+                    return Ok(());
+                }
+            }
+        };
+        let body = subs::notification(&self.base_url, &s, kind, &events).to_string();
+        let sent = match s.channel.as_str() {
+            "rest-hook" => self.post(&s, body).await,
+            _ => self.produce(&s, body, &events).await,
+        };
+        match sent {
+            Ok(()) => {
+                q::delivered(&self.pool, &s.id, events.last().map(|e| e.event_number)).await?;
+                tracing::debug!(subscription = %s.id, events = events.len(), kind = ?kind, "notification delivered");
+            }
+            Err(error) => {
+                let now = OffsetDateTime::now_utc();
+                let attempts = u32::try_from(s.attempts).unwrap_or(0).saturating_add(1);
+                let wait = self.backoff(attempts);
+                let give_up = s.failing_since.unwrap_or(now) + time::Duration::seconds(self.config.retry_for_secs) <= now;
+                q::failed(&self.pool, &s.id, &error, now + wait, give_up).await?;
+                if give_up {
+                    tracing::warn!(subscription = %s.id, partner = %s.partner_id, attempts, %error, "subscription in error: deliveries failed for too long; its queue is kept");
+                } else {
+                    tracing::info!(subscription = %s.id, attempts, retry_in_ms = wait.whole_milliseconds() as i64, %error, "notification failed; retrying");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Exponential backoff with jitter: base × 2^(attempts−1), at most max, times 0.5–1.0.
+    fn backoff(&self, attempts: u32) -> time::Duration {
+        let exp = self.config.retry_base_ms.saturating_mul(1u64 << attempts.saturating_sub(1).min(20));
+        let capped = exp.min(self.config.retry_max_ms) as f64;
+        let jittered = capped * rand::rng().random_range(0.5..=1.0);
+        time::Duration::milliseconds(jittered as i64)
+    }
+
+    async fn post(&self, s: &Subscription, body: String) -> Result<(), String> {
+        let endpoint = s.endpoint.as_deref().ok_or("no endpoint")?;
+        let at = OffsetDateTime::now_utc().unix_timestamp();
+        let mut request = self
+            .http
+            .post(endpoint)
+            .timeout(Duration::from_secs(u64::try_from(s.timeout_secs).unwrap_or(10)))
+            .header(reqwest::header::CONTENT_TYPE, "application/fhir+json");
+        if let Some(secret) = &s.secret {
+            request = request.header(SIGNATURE_HEADER, subs::signature(secret, at, body.as_bytes()));
+        }
+        for h in &s.headers {
+            if let Some((name, value)) = h.split_once(':') {
+                request = request.header(name.trim(), value.trim());
+            }
+        }
+        match request.body(body).send().await {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(format!("the endpoint answered {}", r.status().as_u16())),
+            Err(e) if e.is_timeout() => Err(format!("no answer within {} s", s.timeout_secs)),
+            Err(e) if e.is_connect() => Err("could not connect to the endpoint".to_owned()),
+            Err(_) => Err("the request to the endpoint failed".to_owned()),
+        }
+    }
+
+    async fn produce(&self, s: &Subscription, body: String, events: &[db::subscriptions::Event]) -> Result<(), String> {
+        let topic = self.kafka().topic(&subs::kafka_topic(&s.partner_id));
+        self.ensure_topic(&topic).await.map_err(|e| format!("creating {topic}: {e}"))?;
+        let first = events.first().map(|e| e.event_number.to_string()).unwrap_or_default();
+        let last = events.last().map(|e| e.event_number.to_string()).unwrap_or_default();
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "subscription", value: Some(s.id.as_str()) })
+            .insert(Header { key: "first_event", value: Some(first.as_str()) })
+            .insert(Header { key: "last_event", value: Some(last.as_str()) });
+        let record = FutureRecord::to(&topic).key(&s.id).payload(&body).headers(headers);
+        match self.producer.send(record, Duration::from_secs(30)).await {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(format!("kafka: {e}")),
+        }
+    }
+
+    async fn ensure_topic(&self, topic: &str) -> anyhow::Result<()> {
+        if self.known_topics.lock().map(|k| k.contains(topic)).unwrap_or(false) {
+            return Ok(());
+        }
+        let new = NewTopic::new(topic, self.config.topic_partitions, TopicReplication::Fixed(1)).set("cleanup.policy", "delete");
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(15)));
+        for result in self.admin.create_topics([&new], &options).await? {
+            match result {
+                Ok(name) => tracing::info!(topic = %name, "created topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, e)) => anyhow::bail!("creating topic {name}: {e}"),
+            }
+        }
+        if let Ok(mut k) = self.known_topics.lock() {
+            k.insert(topic.to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// Starts a notifier task (connects, migrates first); returns its stop flag and handle.
+pub async fn spawn(config: NotifierConfig) -> anyhow::Result<(Arc<AtomicBool>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    let pool = db::connect(&config.common.database_url, (config.concurrency as u32 / 4).clamp(4, 16)).await?;
+    db::migrate(&pool).await?;
+    let notifier = Notifier::new(config, pool)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    Ok((stop.clone(), tokio::spawn(notifier.run(stop))))
+}

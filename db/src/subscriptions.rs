@@ -1,0 +1,316 @@
+//! FHIR Subscriptions: the stored subscriptions, their queues (one per subscription), the
+//! fan-out of composite versions into those queues, and the delivery bookkeeping.
+
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, PgPool, Row};
+use time::{Date, OffsetDateTime};
+
+/// A stored subscription.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub id: String,
+    pub partner_id: String,
+    pub topic: String,
+    pub member_id: Option<String>,
+    /// `rest-hook` or `kafka`.
+    pub channel: String,
+    pub endpoint: Option<String>,
+    pub secret: Option<Vec<u8>>,
+    pub headers: Vec<String>,
+    /// `empty`, `id-only` or `full-resource`.
+    pub content: String,
+    pub heartbeat_secs: Option<i32>,
+    pub timeout_secs: i32,
+    pub max_count: i32,
+    /// `requested`, `active`, `error` or `off`.
+    pub status: String,
+    pub error: Option<String>,
+    pub events_since_start: i64,
+    pub body: String,
+    pub created_at: OffsetDateTime,
+    pub end_at: Option<OffsetDateTime>,
+    pub last_sent_at: Option<OffsetDateTime>,
+    pub failing_since: Option<OffsetDateTime>,
+    pub attempts: i32,
+    pub delivery_failures: i64,
+}
+
+const COLUMNS: &str = "id, partner_id, topic, member_id, channel, endpoint, secret, headers, content, heartbeat_secs, timeout_secs, \
+    max_count, status, error, events_since_start, body::text, created_at, end_at, last_sent_at, failing_since, attempts, delivery_failures";
+
+fn subscription(r: PgRow) -> Subscription {
+    Subscription {
+        id: r.get(0),
+        partner_id: r.get(1),
+        topic: r.get(2),
+        member_id: r.get(3),
+        channel: r.get(4),
+        endpoint: r.get(5),
+        secret: r.get(6),
+        headers: r.get(7),
+        content: r.get(8),
+        heartbeat_secs: r.get(9),
+        timeout_secs: r.get(10),
+        max_count: r.get(11),
+        status: r.get(12),
+        error: r.get(13),
+        events_since_start: r.get(14),
+        body: r.get(15),
+        created_at: r.get(16),
+        end_at: r.get(17),
+        last_sent_at: r.get(18),
+        failing_since: r.get(19),
+        attempts: r.get(20),
+        delivery_failures: r.get(21),
+    }
+}
+
+pub async fn create(pool: &PgPool, s: &Subscription) -> crate::Result<()> {
+    sqlx::query(
+        "INSERT INTO subscriptions (id, partner_id, topic, member_id, channel, endpoint, secret, headers, content, heartbeat_secs,
+                                    timeout_secs, max_count, status, body, created_at, end_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14::json, $15, $16)",
+    )
+    .bind(&s.id)
+    .bind(&s.partner_id)
+    .bind(&s.topic)
+    .bind(&s.member_id)
+    .bind(&s.channel)
+    .bind(&s.endpoint)
+    .bind(&s.secret)
+    .bind(&s.headers)
+    .bind(&s.content)
+    .bind(s.heartbeat_secs)
+    .bind(s.timeout_secs)
+    .bind(s.max_count)
+    .bind(&s.status)
+    .bind(&s.body)
+    .bind(s.created_at)
+    .bind(s.end_at)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A partner's subscription (another partner's is not found).
+pub async fn get(pool: &PgPool, partner_id: &str, id: &str) -> crate::Result<Option<Subscription>> {
+    let sql = format!("SELECT {COLUMNS} FROM subscriptions WHERE id = $1 AND partner_id = $2");
+    Ok(sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).bind(partner_id).fetch_optional(pool).await?.map(subscription))
+}
+
+/// A partner's subscriptions, optionally with one status, by id.
+pub async fn list(pool: &PgPool, partner_id: &str, status: Option<&str>) -> crate::Result<Vec<Subscription>> {
+    let sql = format!("SELECT {COLUMNS} FROM subscriptions WHERE partner_id = $1 AND ($2::text IS NULL OR status = $2) ORDER BY id LIMIT 1000");
+    Ok(sqlx::query(sqlx::AssertSqlSafe(sql)).bind(partner_id).bind(status).fetch_all(pool).await?.into_iter().map(subscription).collect())
+}
+
+/// Deletes a partner's subscription and its queue; false when there was none.
+pub async fn delete(pool: &PgPool, partner_id: &str, id: &str) -> crate::Result<bool> {
+    let n = sqlx::query("DELETE FROM subscriptions WHERE id = $1 AND partner_id = $2").bind(id).bind(partner_id).execute(pool).await?.rows_affected();
+    Ok(n == 1)
+}
+
+/// Serializes fan-outs: one notifier numbers events at a time, so event numbers follow the
+/// outbox order.
+async fn lock_fan_out(tx: &mut PgConnection) -> crate::Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('fhir-event-platform subscription fan-out'))").execute(&mut *tx).await?;
+    Ok(())
+}
+
+/// Turns up to `limit` new composite versions of the outbox into events on the queues of the
+/// subscriptions that match them (the member is attributed to the subscription's partner on
+/// `day`, and the `patient` filter, if any, names the member), in one transaction. Returns the
+/// number of outbox rows handled and of events queued.
+pub async fn fan_out(pool: &PgPool, day: Date, limit: i64) -> crate::Result<(usize, u64)> {
+    let mut tx = pool.begin().await?;
+    lock_fan_out(&mut tx).await?;
+    let rows = sqlx::query("SELECT o.id FROM outbox o WHERE o.notified_at IS NULL AND o.payload IS NULL ORDER BY o.id LIMIT $1")
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+    if rows.is_empty() {
+        tx.rollback().await?;
+        return Ok((0, 0));
+    }
+    let ids: Vec<i64> = rows.into_iter().map(|r| r.get(0)).collect();
+    // The member is attributed to the subscription's partner on `day` ($2).
+    let attributed = crate::resources::attributed("r.member_id", 9, 2).replace("$9", "s.partner_id");
+    let sql = format!(
+        "WITH rows AS (
+           SELECT o.id, o.member_id, o.version_id, h.deleted, h.last_updated
+           FROM outbox o JOIN composite_history h USING (member_id, version_id) WHERE o.id = ANY($1)
+         ),
+         matches AS (
+           SELECT s.id AS sid, r.* FROM rows r JOIN subscriptions s ON (s.member_id IS NULL OR s.member_id = r.member_id)
+           WHERE s.status <> 'off' AND {attributed}
+         ),
+         numbered AS (SELECT m.*, row_number() OVER (PARTITION BY sid ORDER BY id) AS n FROM matches m),
+         counts AS (SELECT sid, count(*) AS c FROM numbered GROUP BY sid),
+         bumped AS (
+           UPDATE subscriptions s SET events_since_start = s.events_since_start + counts.c
+           FROM counts WHERE s.id = counts.sid RETURNING s.id, s.events_since_start - counts.c AS base
+         )
+         INSERT INTO subscription_events (subscription_id, event_number, member_id, version_id, deleted, occurred_at)
+         SELECT n.sid, b.base + n.n, n.member_id, n.version_id, n.deleted, n.last_updated FROM numbered n JOIN bumped b ON b.id = n.sid"
+    );
+    let queued = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&ids).bind(day).execute(&mut *tx).await?.rows_affected();
+    sqlx::query("UPDATE outbox SET notified_at = now() WHERE id = ANY($1)").bind(&ids).execute(&mut *tx).await?;
+    if queued > 0 {
+        crate::notify(&mut tx, crate::channels::SUBSCRIPTION_EVENTS).await?;
+    }
+    tx.commit().await?;
+    Ok((ids.len(), queued))
+}
+
+/// Claims up to `limit` subscriptions that have something to send now (a handshake, events, or
+/// a heartbeat), for `lease` seconds: the claimant delivers, then calls [`delivered`] or
+/// [`failed`]. A crashed claimant's lease runs out and another notifier takes over.
+pub async fn claim_due(pool: &PgPool, lease_secs: i32, limit: i64) -> crate::Result<Vec<Subscription>> {
+    let sql = format!(
+        "UPDATE subscriptions s SET leased_until = now() + make_interval(secs => $1 + s.timeout_secs)
+         WHERE s.id IN (
+           SELECT id FROM subscriptions t
+           WHERE t.status IN ('requested', 'active') AND t.next_attempt_at <= now()
+             AND (t.leased_until IS NULL OR t.leased_until < now())
+             AND (t.status = 'requested'
+                  OR EXISTS (SELECT 1 FROM subscription_events e WHERE e.subscription_id = t.id AND e.delivered_at IS NULL)
+                  OR (t.heartbeat_secs IS NOT NULL AND coalesce(t.last_sent_at, t.created_at) + make_interval(secs => t.heartbeat_secs) <= now()))
+           ORDER BY t.next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+         RETURNING {}",
+        COLUMNS.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ")
+    );
+    Ok(sqlx::query(sqlx::AssertSqlSafe(sql)).bind(lease_secs).bind(limit).fetch_all(pool).await?.into_iter().map(subscription).collect())
+}
+
+/// One event of a subscription's queue, with the composite version it is about.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub event_number: i64,
+    pub member_id: String,
+    pub version_id: i64,
+    pub deleted: bool,
+    pub occurred_at: OffsetDateTime,
+    /// The composite (when asked for and not deleted).
+    pub body: Option<String>,
+}
+
+fn event(r: PgRow) -> Event {
+    Event { event_number: r.get(0), member_id: r.get(1), version_id: r.get(2), deleted: r.get(3), occurred_at: r.get(4), body: r.get(5) }
+}
+
+/// The oldest undelivered events of a subscription, in order, at most `limit`.
+pub async fn pending(pool: &PgPool, id: &str, limit: i64, with_bodies: bool) -> crate::Result<Vec<Event>> {
+    let rows = sqlx::query(
+        "SELECT e.event_number, e.member_id, e.version_id, e.deleted, e.occurred_at, CASE WHEN $3 THEN h.body::text END
+         FROM subscription_events e LEFT JOIN composite_history h USING (member_id, version_id)
+         WHERE e.subscription_id = $1 AND e.delivered_at IS NULL ORDER BY e.event_number LIMIT $2",
+    )
+    .bind(id)
+    .bind(limit)
+    .bind(with_bodies)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(event).collect())
+}
+
+/// Events `since..=until` of a subscription (delivered or not), at most `limit` ($events).
+pub async fn events(pool: &PgPool, id: &str, since: i64, until: i64, limit: i64, with_bodies: bool) -> crate::Result<Vec<Event>> {
+    let rows = sqlx::query(
+        "SELECT e.event_number, e.member_id, e.version_id, e.deleted, e.occurred_at, CASE WHEN $5 THEN h.body::text END
+         FROM subscription_events e LEFT JOIN composite_history h USING (member_id, version_id)
+         WHERE e.subscription_id = $1 AND e.event_number BETWEEN $2 AND $3 ORDER BY e.event_number LIMIT $4",
+    )
+    .bind(id)
+    .bind(since)
+    .bind(until)
+    .bind(limit)
+    .bind(with_bodies)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(event).collect())
+}
+
+/// A notification was accepted: events up to `through` are delivered (none for a handshake or
+/// heartbeat), the subscription is active, its failures are over and its lease released.
+pub async fn delivered(pool: &PgPool, id: &str, through: Option<i64>) -> crate::Result<()> {
+    let mut tx = pool.begin().await?;
+    if let Some(n) = through {
+        sqlx::query("UPDATE subscription_events SET delivered_at = now() WHERE subscription_id = $1 AND event_number <= $2 AND delivered_at IS NULL")
+            .bind(id)
+            .bind(n)
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query(
+        "UPDATE subscriptions SET status = CASE WHEN status = 'requested' THEN 'active' ELSE status END, last_sent_at = now(),
+           failing_since = NULL, attempts = 0, error = NULL, next_attempt_at = now(), leased_until = NULL WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A notification failed: try again at `retry_at`, or, when `give_up`, put the subscription in
+/// `error` (its queue is kept, for `$events`).
+pub async fn failed(pool: &PgPool, id: &str, error: &str, retry_at: OffsetDateTime, give_up: bool) -> crate::Result<()> {
+    sqlx::query(
+        "UPDATE subscriptions SET attempts = attempts + 1, delivery_failures = delivery_failures + 1,
+           failing_since = coalesce(failing_since, now()), error = $2, next_attempt_at = $3, leased_until = NULL,
+           status = CASE WHEN $4 THEN 'error' ELSE status END WHERE id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .bind(retry_at)
+    .bind(give_up)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Releases a lease without a delivery (nothing was due after all).
+pub async fn release(pool: &PgPool, id: &str) -> crate::Result<()> {
+    sqlx::query("UPDATE subscriptions SET leased_until = NULL WHERE id = $1").bind(id).execute(pool).await?;
+    Ok(())
+}
+
+/// Subscriptions whose `end` has passed are turned off.
+pub async fn end_expired(pool: &PgPool) -> crate::Result<u64> {
+    Ok(sqlx::query("UPDATE subscriptions SET status = 'off' WHERE end_at IS NOT NULL AND end_at <= now() AND status <> 'off'")
+        .execute(pool)
+        .await?
+        .rows_affected())
+}
+
+/// What operators watch: the outbox's lag, and per subscription its queue depth and failures.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    /// Composite versions and other messages not yet acknowledged by Kafka.
+    pub outbox_unpublished: i64,
+    /// Age in seconds of the oldest of them (0 when none).
+    pub outbox_oldest_unpublished_secs: f64,
+    /// Composite versions not yet turned into subscription events.
+    pub outbox_unnotified: i64,
+    /// (subscription id, partner id, status, undelivered events, delivery failures so far).
+    pub subscriptions: Vec<(String, String, String, i64, i64)>,
+}
+
+pub async fn metrics(pool: &PgPool) -> crate::Result<Metrics> {
+    let row = sqlx::query("SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at))::float8, 0) FROM outbox WHERE published_at IS NULL")
+        .fetch_one(pool)
+        .await?;
+    let unnotified: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE notified_at IS NULL AND payload IS NULL").fetch_one(pool).await?;
+    let subscriptions = sqlx::query(
+        "SELECT s.id, s.partner_id, s.status,
+                (SELECT count(*) FROM subscription_events e WHERE e.subscription_id = s.id AND e.delivered_at IS NULL),
+                s.delivery_failures
+         FROM subscriptions s ORDER BY s.id",
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+    .collect();
+    Ok(Metrics { outbox_unpublished: row.get(0), outbox_oldest_unpublished_secs: row.get(1), outbox_unnotified: unnotified, subscriptions })
+}

@@ -1,0 +1,467 @@
+//! Issue 6 (subscriptions): topic-based Subscriptions deliver every medication-profile change
+//! to rest-hook endpoints (signed) and to Kafka. A subscriber that is down for two minutes
+//! (first answering 503, then not listening at all) receives every notification afterwards,
+//! in order, with no gap in event numbers, while another subscriber's notifications keep
+//! arriving without added delay; a subscriber that lost notifications recovers them with
+//! `$events`; heartbeats arrive when nothing happens; filters and attribution hold.
+//!
+//! `SUBSCRIBER_DOWN_SECS` (default 120) shortens the outage for local runs.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use composer::generator::{self, SorMessage};
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tests::*;
+
+const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
+const SCOPES: &str = "system/*.read system/Subscription.write";
+
+/// A notification as a receiver got it.
+#[derive(Debug, Clone)]
+struct Received {
+    at: Instant,
+    path: String,
+    kind: String,
+    /// (event number, member id) of each event in it.
+    events: Vec<(i64, String)>,
+    body: Value,
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    unavailable: bool,
+    refused: usize,
+    bad_signatures: usize,
+    /// Events acknowledged but "lost" by this subscriber (it crashed before keeping them).
+    lose: BTreeSet<i64>,
+    received: Vec<Received>,
+}
+
+#[derive(Clone)]
+struct Receiver {
+    state: Arc<Mutex<ReceiverState>>,
+    secret: Arc<Vec<u8>>,
+    port: u16,
+    shutdown: Arc<Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
+    task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+fn verify(secret: &[u8], header: &str, body: &[u8]) -> bool {
+    let Some((t, v1)) = header.split_once(",v1=") else { return false };
+    let Some(t) = t.strip_prefix("t=") else { return false };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let signed = [t.as_bytes(), b".", body].concat();
+    hex::decode(v1).is_ok_and(|sig| ring::hmac::verify(&key, &signed, &sig).is_ok())
+}
+
+async fn hook(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let mut st = r.state.lock().unwrap();
+    if st.unavailable {
+        st.refused += 1;
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let signature = headers.get("x-fhir-event-signature").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if !verify(&r.secret, signature, &body) {
+        st.bad_signatures += 1;
+        return StatusCode::UNAUTHORIZED;
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else { return StatusCode::BAD_REQUEST };
+    let status = &v["entry"][0]["resource"];
+    let events: Vec<(i64, String)> = status["notificationEvent"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let n = e["eventNumber"].as_str().and_then(|n| n.parse().ok()).unwrap_or(-1);
+            let member = e["focus"]["reference"].as_str().and_then(|f| f.split('/').rev().nth(1)).unwrap_or_default().to_owned();
+            (n, member)
+        })
+        .filter(|(n, _)| !st.lose.contains(n))
+        .collect();
+    st.received.push(Received {
+        at: Instant::now(),
+        path: uri.path().to_owned(),
+        kind: status["type"].as_str().unwrap_or_default().to_owned(),
+        events,
+        body: v,
+    });
+    StatusCode::OK
+}
+
+impl Receiver {
+    async fn start(secret: Vec<u8>) -> anyhow::Result<Receiver> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let r = Receiver {
+            state: Arc::default(),
+            secret: Arc::new(secret),
+            port: listener.local_addr()?.port(),
+            shutdown: Arc::default(),
+            task: Arc::default(),
+        };
+        r.serve(listener);
+        Ok(r)
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let app = axum::Router::new().fallback(axum::routing::post(hook)).with_state(self.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        *self.shutdown.lock().unwrap() = Some(tx);
+        *self.task.lock().unwrap() = Some(task);
+    }
+
+    /// Stops listening: connections are refused until [`Receiver::restart`].
+    async fn stop(&self) {
+        if let Some(tx) = self.shutdown.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+        let task = self.task.lock().unwrap().take();
+        if let Some(task) = task {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+
+    async fn restart(&self) -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await?;
+        self.serve(listener);
+        Ok(())
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn received(&self, path: &str) -> Vec<Received> {
+        self.state.lock().unwrap().received.iter().filter(|r| r.path == path).cloned().collect()
+    }
+
+    /// Event numbers in the order they arrived, at `path`.
+    fn event_numbers(&self, path: &str) -> Vec<i64> {
+        self.received(path).iter().flat_map(|r| r.events.iter().map(|(n, _)| *n)).collect()
+    }
+}
+
+fn subscription(endpoint: Option<&str>, content: &str, secret: &str, extra: &[Value], filter: Option<&str>) -> Value {
+    let mut channel = match endpoint {
+        Some(url) => json!({ "type": "rest-hook", "endpoint": url,
+            "extension": [{ "url": "urn:fhir-event-platform:extension:signing-secret", "valueString": secret }] }),
+        None => json!({ "type": "message",
+            "_type": { "extension": [{ "url": format!("{BACKPORT}backport-channel-type"),
+                "valueCoding": { "system": "urn:fhir-event-platform:subscription-channel-type", "code": "kafka" } }] } }),
+    };
+    channel["payload"] = json!("application/fhir+json");
+    channel["_payload"] = json!({ "extension": [{ "url": format!("{BACKPORT}backport-payload-content"), "valueCode": content }] });
+    if !extra.is_empty() {
+        let list = channel["extension"].as_array().cloned().unwrap_or_default();
+        channel["extension"] = Value::Array(list.into_iter().chain(extra.iter().cloned()).collect());
+    }
+    let mut s = json!({
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "keep the medication list current at home visits",
+        "criteria": composer::subscriptions::TOPIC_URL,
+        "channel": channel,
+    });
+    if let Some(member) = filter {
+        s["_criteria"] = json!({ "extension": [{ "url": format!("{BACKPORT}backport-filter-criteria"), "valueString": format!("Bundle?patient=Patient/{member}") }] });
+    }
+    s
+}
+
+fn member(i: usize) -> String {
+    format!("S{:02}", i % 20)
+}
+
+/// A new medication record for the member: its composite gets a new version.
+fn change(member: &str, n: usize) -> SorMessage {
+    SorMessage {
+        topic: platform::topics::MEDICATIONS,
+        key: member.to_owned(),
+        value: Some(native_event(
+            "upsert",
+            "rx-claims",
+            1,
+            member,
+            &format!("RX-{member}-{n}"),
+            Some(json!({ "rxnorm_code": format!("{}", 100_000 + n), "status": "active" })),
+        )),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_get_every_notification_in_order_through_an_outage() -> anyhow::Result<()> {
+    let down = Duration::from_secs(std::env::var("SUBSCRIBER_DOWN_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(120));
+    let (url, pool) = fresh_database("subs", true).await?;
+    let prefix = format!("{}.", unique("subs"));
+    let kafka = kafka_config(&prefix);
+    let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "subs")).await?;
+    use clap::Parser;
+    let notifier_config = composer::notifier::NotifierConfig::parse_from([
+        "notifier",
+        "--database-url",
+        &url,
+        "--kafka-bootstrap-servers",
+        &kafka_bootstrap(),
+        "--kafka-topic-prefix",
+        &prefix,
+        "--fhir-base-url",
+        "http://fhir.test/fhir",
+        "--retry-base-ms",
+        "500",
+        "--retry-max-ms",
+        "4000",
+    ]);
+    let (notifier_stop, notifier) = composer::notifier::spawn(notifier_config).await?;
+    let producer = generator::producer(&kafka)?;
+
+    // 20 members served by pa; X1 is pb's.
+    let mut stream = Vec::new();
+    for i in 0..20 {
+        let m = member(i);
+        stream.push(SorMessage {
+            topic: platform::topics::DEMOGRAPHICS,
+            key: m.clone(),
+            value: Some(native_event("upsert", "enrollment", 1, &m, &m, Some(json!({ "given_name": "Ines", "sex": "female" })))),
+        });
+        stream.push(attribution(&m, "pa"));
+    }
+    stream.push(SorMessage {
+        topic: platform::topics::DEMOGRAPHICS,
+        key: "X1".into(),
+        value: Some(native_event("upsert", "enrollment", 1, "X1", "X1", Some(json!({ "given_name": "Olu", "sex": "male" })))),
+    });
+    stream.push(attribution("X1", "pb"));
+    generator::publish(&producer, &kafka, &stream).await?;
+    wait_applied(&pool, "subs", stream.len(), Duration::from_secs(60)).await?;
+
+    let origin = start_api_with(&url, "127.0.0.1:0", "http://fhir.test/fhir", &["--subscription-allow-http"]).await?;
+    let fhir = format!("{origin}/fhir");
+    let pa = bearer_client(&register_partner(&pool, "pa", SCOPES, KeyKind::Es384, None).await?.token_with(&origin, SCOPES).await?)?;
+
+    let secret_a = "a1".repeat(32);
+    let secret_b = "b2".repeat(32);
+    let a = Receiver::start(hex::decode(&secret_a)?).await?;
+    let b = Receiver::start(hex::decode(&secret_b)?).await?;
+    b.state.lock().unwrap().lose = [3, 4, 5].into();
+    let heartbeat = json!({ "url": format!("{BACKPORT}backport-heartbeat-period"), "valueUnsignedInt": 1 });
+    let max5 = json!({ "url": format!("{BACKPORT}backport-max-count"), "valuePositiveInt": 5 });
+    let mut ids = BTreeMap::new();
+    for (name, body) in [
+        ("A", subscription(Some(&a.url("/a")), "full-resource", &secret_a, &[], None)),
+        ("B", subscription(Some(&b.url("/b")), "id-only", &secret_b, &[heartbeat, max5], None)),
+        ("F", subscription(Some(&b.url("/f")), "id-only", &secret_b, &[], Some("S01"))),
+        ("K", subscription(None, "id-only", "", &[], None)),
+    ] {
+        let r = pa.post(format!("{fhir}/Subscription")).header("content-type", "application/fhir+json").body(body.to_string()).send().await?;
+        let status = r.status().as_u16();
+        let created: Value = r.json().await?;
+        assert_eq!(status, 201, "{name}: {created}");
+        assert_eq!(created["status"], "requested");
+        assert!(created.to_string().find(&secret_a).is_none() && created.to_string().find(&secret_b).is_none(), "the secret is never served");
+        ids.insert(name, created["id"].as_str().unwrap_or_default().to_owned());
+    }
+    let read = |id: String| {
+        let pa = pa.clone();
+        let fhir = fhir.clone();
+        async move { anyhow::Ok(pa.get(format!("{fhir}/Subscription/{id}")).send().await?.json::<Value>().await?) }
+    };
+    for (name, id) in &ids {
+        eventually(Duration::from_secs(20), &format!("{name} completes its handshake"), || async {
+            Ok((read(id.clone()).await?["status"] == "active").then_some(()))
+        })
+        .await?;
+    }
+    assert_eq!(a.received("/a")[0].kind, "handshake");
+
+    // Before the outage: 10 changes, each seen by A and B.
+    let mut produced: Vec<(String, Instant)> = Vec::new();
+    let mut changes = 0;
+    let produce = |m: String, n: usize, produced: &mut Vec<(String, Instant)>| {
+        produced.push((m.clone(), Instant::now()));
+        change(&m, n)
+    };
+    for i in 0..10 {
+        let msg = produce(member(i), i, &mut produced);
+        generator::publish(&producer, &kafka, &[msg]).await?;
+        changes += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    eventually(Duration::from_secs(30), "A and B see the first 10 changes", || async {
+        Ok((a.event_numbers("/a").len() == 10 && b.event_numbers("/b").len() == 7).then_some(()))
+    })
+    .await?;
+    let baseline_end = Instant::now();
+
+    // A is down: first it answers 503, then it does not listen at all. B keeps receiving.
+    a.state.lock().unwrap().unavailable = true;
+    let outage_start = Instant::now();
+    let mut stopped = false;
+    let mut i = 10;
+    while outage_start.elapsed() < down {
+        if !stopped && outage_start.elapsed() >= down / 2 {
+            a.stop().await;
+            stopped = true;
+        }
+        let msg = produce(member(i), i, &mut produced);
+        let mut batch = vec![msg];
+        if i % 10 == 0 {
+            batch.push(change("X1", i));
+        }
+        generator::publish(&producer, &kafka, &batch).await?;
+        changes += 1;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    let refused_while_503 = a.state.lock().unwrap().refused;
+    let (s, _, st) = {
+        let r = pa.get(format!("{fhir}/Subscription/{}/$status", ids["A"])).send().await?;
+        (r.status().as_u16(), (), r.json::<Value>().await?)
+    };
+    assert_eq!(s, 200);
+    let status = &st["entry"][0]["resource"];
+    assert_eq!((status["type"].as_str(), status["status"].as_str()), (Some("query-status"), Some("active")), "{st}");
+    assert_eq!(status["eventsSinceSubscriptionStart"], changes.to_string());
+    a.state.lock().unwrap().unavailable = false;
+    a.restart().await?;
+    let back = Instant::now();
+
+    // A gets everything, in order, each once.
+    eventually(Duration::from_secs(60), "A catches up", || async { Ok((a.event_numbers("/a").len() >= changes).then_some(())) }).await?;
+    let caught_up = back.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(a.event_numbers("/a"), (1..=changes as i64).collect::<Vec<_>>(), "A: every event once, in order, no gap");
+    // Full resources: each event's composite, with the versionId of the entry's etag.
+    for r in a.received("/a").iter().filter(|r| r.kind == "event-notification") {
+        for entry in r.body["entry"].as_array().into_iter().flatten().skip(1) {
+            let etag = entry["response"]["etag"].as_str().unwrap_or_default();
+            assert_eq!(etag, format!("W/\"{}\"", entry["resource"]["meta"]["versionId"].as_str().unwrap_or_default()));
+        }
+    }
+
+    // B was not held back by A: its delays before and during A's outage.
+    let delays = |from: Instant, to: Instant| {
+        let mut d: Vec<f64> = Vec::new();
+        let received = b.received("/b");
+        for (m, at) in &produced {
+            if *at < from || *at > to {
+                continue;
+            }
+            if let Some(r) = received.iter().find(|r| r.at >= *at && r.events.iter().any(|(_, em)| em == m)) {
+                d.push((r.at - *at).as_secs_f64() * 1000.0);
+            }
+        }
+        d.sort_by(f64::total_cmp);
+        d
+    };
+    let _ = baseline_end;
+    let during = delays(outage_start, outage_start + down);
+    let b_numbers = b.event_numbers("/b");
+    let mut expected_b: Vec<i64> = (1..=changes as i64).filter(|n| ![3, 4, 5].contains(n)).collect();
+    expected_b.sort();
+    assert_eq!(b_numbers, expected_b, "B: every event but the three it lost, in order");
+    println!(
+        "B during A's {} s outage: {} changes, delay p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; A refused {} attempts in its 503 half (backoff), caught up {:.1} s after it came back",
+        down.as_secs(),
+        during.len(),
+        percentile(&during, 0.5),
+        percentile(&during, 0.99),
+        during.last().copied().unwrap_or(f64::NAN),
+        refused_while_503,
+        caught_up.as_secs_f64()
+    );
+    assert!(during.len() as f64 >= 0.8 * (changes - 10) as f64, "B's changes are measured");
+    assert!(percentile(&during, 0.99) < 1000.0, "B's notifications kept arriving without added delay: {during:?}");
+    assert!((2..60).contains(&refused_while_503), "A's retries backed off: {refused_while_503} attempts in {} s", down.as_secs() / 2);
+
+    // B lost events 3..5: $events gives them back, as full resources when asked.
+    let r = pa.get(format!("{fhir}/Subscription/{}/$events?eventsSinceNumber=3&eventsUntilNumber=5&content=full-resource", ids["B"])).send().await?;
+    assert_eq!(r.status().as_u16(), 200);
+    let replay: Value = r.json().await?;
+    let status = &replay["entry"][0]["resource"];
+    assert_eq!(status["type"], "query-event");
+    let numbers: Vec<&str> = status["notificationEvent"].as_array().into_iter().flatten().filter_map(|e| e["eventNumber"].as_str()).collect();
+    assert_eq!(numbers, ["3", "4", "5"]);
+    for entry in replay["entry"].as_array().into_iter().flatten().skip(1) {
+        assert_eq!(entry["resource"]["resourceType"], "Bundle", "{entry}");
+    }
+
+    // Heartbeats when nothing happens; the filtered subscription sees only its member.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(b.received("/b").iter().any(|r| r.kind == "heartbeat"), "B asked for heartbeats every second");
+    let f_members: BTreeSet<String> = b.received("/f").iter().flat_map(|r| r.events.iter().map(|(_, m)| m.clone())).collect();
+    assert_eq!(f_members, ["S01".to_owned()].into());
+    for path in ["/a", "/b", "/f"] {
+        let receiver = if path == "/a" { &a } else { &b };
+        assert!(receiver.received(path).iter().all(|r| r.events.iter().all(|(_, m)| m != "X1")), "{path}: pb's member never appears");
+    }
+    assert_eq!((a.state.lock().unwrap().bad_signatures, b.state.lock().unwrap().bad_signatures), (0, 0));
+
+    // The Kafka channel: every event on the partner's notification topic.
+    let topic = format!("{prefix}{}", composer::subscriptions::kafka_topic("pa"));
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .set("group.id", unique("subs-reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[topic.as_str()])?;
+    let mut kafka_numbers = BTreeSet::new();
+    while kafka_numbers.len() < changes {
+        let Ok(m) = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await else { break };
+        let m = m?;
+        assert_eq!(m.key(), Some(ids["K"].as_bytes()));
+        let v: Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
+        for e in v["entry"][0]["resource"]["notificationEvent"].as_array().into_iter().flatten() {
+            kafka_numbers.insert(e["eventNumber"].as_str().and_then(|n| n.parse::<i64>().ok()).unwrap_or(-1));
+        }
+    }
+    assert_eq!(kafka_numbers, (1..=changes as i64).collect());
+
+    // Operators' metrics: queue depths and delivery failures (A failed during its outage).
+    let ops_scope = "system/AuditEvent.read";
+    let ops = bearer_client(&register_partner(&pool, "ops", ops_scope, KeyKind::Es384, None).await?.token_with(&origin, ops_scope).await?)?;
+    assert_eq!(pa.get(format!("{origin}/metrics")).send().await?.status().as_u16(), 403, "metrics are for operators");
+    let metrics = eventually(Duration::from_secs(10), "every queue drained", || async {
+        let text = ops.get(format!("{origin}/metrics")).send().await?.text().await?;
+        Ok(text
+            .contains(&format!("fhir_subscription_queue_depth{{subscription=\"{}\",partner=\"pa\",status=\"active\"}} 0", ids["A"]))
+            .then_some(text))
+    })
+    .await?;
+    let failures = metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("fhir_subscription_delivery_failures_total{{subscription=\"{}\"", ids["A"])))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<i64>().ok());
+    assert!(failures.is_some_and(|n| n >= refused_while_503 as i64), "{metrics}");
+    assert!(metrics.contains("fhir_outbox_unnotified 0"), "{metrics}");
+
+    // Search and delete.
+    let found: Value = pa.get(format!("{fhir}/Subscription?status=active")).send().await?.json().await?;
+    assert_eq!(found["total"], 4);
+    let r = pa.delete(format!("{fhir}/Subscription/{}", ids["F"])).send().await?;
+    assert_eq!(r.status().as_u16(), 204);
+    assert_eq!(pa.get(format!("{fhir}/Subscription/{}", ids["F"])).send().await?.status().as_u16(), 404);
+
+    notifier_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    notifier.await??;
+    composer::stop(&stop, thread).await
+}
