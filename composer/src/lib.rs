@@ -48,3 +48,19 @@ pub async fn stop(flag: &AtomicBool, thread: std::thread::JoinHandle<anyhow::Res
     flag.store(true, std::sync::atomic::Ordering::Relaxed);
     tokio::task::spawn_blocking(move || thread.join()).await?.map_err(|_| anyhow::anyhow!("composer thread panicked"))?
 }
+
+/// A stop flag that SIGTERM or ctrl-c sets, for the long-running binaries (`relay`, `notifier`).
+pub fn stop_on_signal(name: &'static str) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+        tracing::info!("stopping {name}");
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    stop
+}

@@ -437,3 +437,21 @@ pub fn native_event(op: &str, source: &str, version: i64, member: &str, record: 
     }
     serde_json::to_vec(&v).unwrap_or_default()
 }
+
+/// Starts a relay task publishing the outbox of `database_url` under the topic `prefix`.
+pub async fn start_relay(
+    database_url: &str,
+    prefix: &str,
+) -> anyhow::Result<(std::sync::Arc<std::sync::atomic::AtomicBool>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    use clap::Parser;
+    let config = composer::relay::RelayConfig::parse_from([
+        "relay",
+        "--database-url",
+        database_url,
+        "--kafka-bootstrap-servers",
+        &kafka_bootstrap(),
+        "--kafka-topic-prefix",
+        prefix,
+    ]);
+    composer::relay::spawn(config).await
+}

@@ -87,17 +87,7 @@ async fn composites_reach_the_topics_and_partner_topics_follow_attribution() -> 
     let prefix = format!("{}.", unique("relay"));
     let kafka = kafka_config(&prefix);
     let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "relay")).await?;
-    use clap::Parser;
-    let relay_config = composer::relay::RelayConfig::parse_from([
-        "relay",
-        "--database-url",
-        &url,
-        "--kafka-bootstrap-servers",
-        &kafka_bootstrap(),
-        "--kafka-topic-prefix",
-        &prefix,
-    ]);
-    let (relay_stop, relay) = composer::relay::spawn(relay_config).await?;
+    let (relay_stop, relay) = start_relay(&url, &prefix).await?;
 
     // Generated members (attributed to partner-1..3, some deleted), and R1 served by pa, then not.
     let mut stream = generator::generate(&GeneratorConfig { members: 150, seed: 21, malformed: 0, ..GeneratorConfig::default() });

@@ -143,17 +143,7 @@ async fn partners_write_back_confirmations_new_reports_and_contradictions_exactl
     let prefix = format!("{}.", unique("writeback"));
     let kafka = kafka_config(&prefix);
     let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "writeback")).await?;
-    use clap::Parser;
-    let relay_config = composer::relay::RelayConfig::parse_from([
-        "relay",
-        "--database-url",
-        &url,
-        "--kafka-bootstrap-servers",
-        &kafka_bootstrap(),
-        "--kafka-topic-prefix",
-        &prefix,
-    ]);
-    let (relay_stop, relay) = composer::relay::spawn(relay_config).await?;
+    let (relay_stop, relay) = start_relay(&url, &prefix).await?;
     let producer = generator::producer(&kafka)?;
 
     // W1 (served by pa, and by ro, which may only read) takes A, B and C by the pharmacy; W2 is pb's.

@@ -3,8 +3,6 @@
 
 use clap::Parser;
 use composer::relay::{Relay, RelayConfig};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -12,16 +10,6 @@ async fn main() -> anyhow::Result<()> {
     config.common.init_logs();
     let pool = db::connect(&config.common.database_url, 2).await?;
     db::migrate(&pool).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
-        }
-        tracing::info!("stopping relay");
-        flag.store(true, Ordering::Relaxed);
-    });
+    let stop = composer::stop_on_signal("relay");
     Relay::new(config, pool)?.run(&stop).await
 }
