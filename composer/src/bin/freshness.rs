@@ -7,7 +7,6 @@
 //! synchronous commit on, acks=all everywhere. Run: `scripts/bench freshness`.
 
 use clap::Parser;
-use composer::generator;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureRecord;
@@ -49,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
     notifier_config.common.kafka = kafka.clone();
     let (notifier_stop, notifier) = composer::notifier::spawn(notifier_config).await?;
     let total = (cli.rate * cli.seconds) as usize;
-    let producer = generator::producer(&kafka)?;
+    let producer = composer::generator::producer(&kafka)?;
     let pool = db::connect(&url, 2).await?;
 
     // The partner's members and its rest-hook subscription, before the clock starts.
