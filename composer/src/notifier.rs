@@ -133,16 +133,18 @@ impl Notifier {
             let idle = claimed.is_empty();
             for s in claimed {
                 if !self.in_flight.lock().map(|mut f| f.insert(s.id.clone())).unwrap_or(false) {
+                    // Only when a delivery outlived its lease (stuck beyond its timeout): leave
+                    // it; the lease taken now expires and the queue is sent again.
+                    tracing::warn!(subscription = %s.id, "notifier: a delivery outlived its lease");
                     continue;
                 }
                 let this = self.clone();
                 deliveries.spawn(async move {
                     let id = s.id.clone();
+                    // `deliver` leaves the in-flight set itself, just before releasing the lease.
                     if let Err(e) = this.deliver(s).await {
                         tracing::warn!(subscription = %id, error = %e, "notifier: delivery bookkeeping failed; the lease will expire and it is sent again");
-                    }
-                    if let Ok(mut f) = this.in_flight.lock() {
-                        f.remove(&id);
+                        this.done(&id);
                     }
                 });
             }
@@ -198,6 +200,7 @@ impl Notifier {
                 (false, _) => (Kind::EventNotification, events),
                 (true, true) => (Kind::Heartbeat, events),
                 (true, false) => {
+                    self.done(&s.id);
                     q::release(&self.pool, &s.id).await?;
                     return Ok(());
                 }
@@ -208,6 +211,10 @@ impl Notifier {
             "rest-hook" => self.post(&s, body).await,
             _ => self.produce(&s, body, &events).await,
         };
+        // Before the lease is released: once it is, this notifier may claim the subscription
+        // again at once, and must not find it still "in flight" (it would skip it, and the new
+        // lease would hold the queue until it expired).
+        self.done(&s.id);
         match sent {
             Ok(()) => {
                 q::delivered(&self.pool, &s.id, events.last().map(|e| e.event_number)).await?;
@@ -227,6 +234,12 @@ impl Notifier {
             }
         }
         Ok(())
+    }
+
+    fn done(&self, id: &str) {
+        if let Ok(mut f) = self.in_flight.lock() {
+            f.remove(id);
+        }
     }
 
     /// Exponential backoff with jitter: base × 2^(attempts−1), at most max, times 0.5–1.0.

@@ -42,6 +42,12 @@ pub struct RelayConfig {
     #[arg(long, env = "RELAY_POLL_MS", default_value_t = 200)]
     pub poll_ms: u64,
 
+    /// How often an idle relay reconciles partner topics with attribution (members newly
+    /// attributed get their composite, ended attributions a tombstone), in milliseconds. The
+    /// reconciliation reads every attribution and holds the relay's lock meanwhile.
+    #[arg(long, env = "RELAY_RECONCILE_MS", default_value_t = 1000)]
+    pub reconcile_ms: u64,
+
     /// Partitions of the topics the relay creates (partner topics).
     #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
@@ -69,13 +75,10 @@ pub struct Relay {
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
     known_topics: HashSet<String>,
-    /// When partner topics were last reconciled with attribution: at most once a second, not
+    /// When partner topics were last reconciled with attribution: at most every `reconcile_ms`, not
     /// at every poll of an empty outbox (the queries read every attribution).
     reconciled_at: Option<std::time::Instant>,
 }
-
-/// How often an idle relay reconciles partner topics with attribution.
-const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 
 impl Relay {
     pub fn new(config: RelayConfig, pool: db::Pool) -> anyhow::Result<Self> {
@@ -124,7 +127,7 @@ impl Relay {
         let today = OffsetDateTime::now_utc().date();
         let rows = q::unpublished(&mut tx, self.config.batch_size).await?;
         if rows.is_empty() {
-            if self.reconciled_at.is_some_and(|at| at.elapsed() < RECONCILE_EVERY) {
+            if self.reconciled_at.is_some_and(|at| at.elapsed() < Duration::from_millis(self.config.reconcile_ms)) {
                 return Ok(0);
             }
             let n = self.reconcile(&mut tx, today).await?;
