@@ -4,9 +4,6 @@
 //! partner's attributed members, and a tombstone when an attribution ends.
 
 use composer::generator::{self, GeneratorConfig, SorMessage};
-use rdkafka::Message;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Headers;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -22,31 +19,16 @@ struct Record {
 
 /// Every record of `topic` from the beginning, in order per key (per partition).
 async fn read_all(topic: &str, expected_at_least: usize) -> anyhow::Result<Vec<Record>> {
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka_bootstrap())
-        .set("group.id", unique("relay-reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    consumer.subscribe(&[topic])?;
-    let mut records = Vec::new();
-    loop {
-        let wait = if records.len() >= expected_at_least { Duration::from_secs(2) } else { Duration::from_secs(30) };
-        let Ok(m) = tokio::time::timeout(wait, consumer.recv()).await else { break };
-        let m = m?;
-        let header = |name: &str| {
-            m.headers()
-                .and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).into_owned()))
-                .unwrap_or_default()
-        };
-        records.push(Record {
-            key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-            value: m.payload().map(|p| String::from_utf8_lossy(p).into_owned()),
-            version_id: header("versionId").parse().unwrap_or(-1),
-            event_id: header("event_id"),
-        });
-    }
-    Ok(records)
+    Ok(read_topic(topic, expected_at_least)
+        .await?
+        .into_iter()
+        .map(|r| Record {
+            version_id: r.header("versionId").parse().unwrap_or(-1),
+            event_id: r.header("event_id").to_owned(),
+            value: r.value.map(|p| String::from_utf8_lossy(&p).into_owned()),
+            key: r.key,
+        })
+        .collect())
 }
 
 /// The topic as a compacted read sees it: the last value per key, tombstones removing keys.

@@ -6,9 +6,6 @@
 //! and a later system-of-record event resolves the contradiction.
 
 use composer::generator::{self, SorMessage};
-use rdkafka::Message;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Headers;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -77,31 +74,11 @@ struct Inbound {
 }
 
 async fn read_inbound(topic: &str, expected: usize) -> anyhow::Result<Vec<Inbound>> {
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka_bootstrap())
-        .set("group.id", unique("inbound-reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    consumer.subscribe(&[topic])?;
-    let mut out = Vec::new();
-    loop {
-        let wait = if out.len() >= expected { Duration::from_secs(3) } else { Duration::from_secs(30) };
-        let Ok(m) = tokio::time::timeout(wait, consumer.recv()).await else {
-            break;
-        };
-        let m = m?;
-        let headers = m
-            .headers()
-            .map(|h| h.iter().map(|x| (x.key.to_owned(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())).collect())
-            .unwrap_or_default();
-        out.push(Inbound {
-            key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-            headers,
-            value: serde_json::from_slice(m.payload().unwrap_or_default())?,
-        });
-    }
-    Ok(out)
+    read_topic(topic, expected)
+        .await?
+        .into_iter()
+        .map(|r| Ok(Inbound { value: serde_json::from_slice(r.value.as_deref().unwrap_or_default())?, key: r.key, headers: r.headers }))
+        .collect()
 }
 
 /// The MedicationStatement entries of a profile: code → (entry resource).
