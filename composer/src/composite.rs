@@ -5,6 +5,7 @@ use platform::MemberId;
 use schemas::RecordKind;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use time::OffsetDateTime;
@@ -103,7 +104,7 @@ pub fn instant(t: OffsetDateTime) -> String {
 ///   record's last change is superseded and no longer shown (it stays readable on its own).
 ///
 /// Returns the entries as (component, JSON to list).
-fn reconcile(components: Vec<&Component>) -> Vec<(&Component, String)> {
+fn reconcile(components: Vec<&Component>) -> Vec<(&Component, Cow<'_, str>)> {
     let mut groups: BTreeMap<(&str, &str, &str), Vec<&Component>> = BTreeMap::new();
     let mut entries = Vec::new();
     for c in components {
@@ -111,14 +112,14 @@ fn reconcile(components: Vec<&Component>) -> Vec<(&Component, String)> {
             Some((system, code)) if RECONCILED.contains(&c.resource_type.as_str()) => {
                 groups.entry((c.resource_type.as_str(), system.as_str(), code.as_str())).or_default().push(c)
             }
-            _ => entries.push((c, c.json.clone())),
+            _ => entries.push((c, Cow::Borrowed(c.json.as_str()))),
         }
     }
     for (_, mut group) in groups {
         entry_order(&mut group);
         let primary = group[0];
         if group.len() == 1 {
-            entries.push((primary, primary.json.clone()));
+            entries.push((primary, Cow::Borrowed(primary.json.as_str())));
             continue;
         }
         let mut extensions = Vec::new();
@@ -143,14 +144,16 @@ fn reconcile(components: Vec<&Component>) -> Vec<(&Component, String)> {
                 }
             }
         }
-        let json = match serde_json::from_str::<Value>(&primary.json) {
-            Ok(Value::Object(mut resource)) if !extensions.is_empty() => {
+        // Only an entry that shows something else is parsed and written anew.
+        let parsed = if extensions.is_empty() { None } else { serde_json::from_str::<Value>(&primary.json).ok() };
+        let json = match parsed {
+            Some(Value::Object(mut resource)) => {
                 if let Value::Array(list) = resource.entry("extension").or_insert_with(|| Value::Array(Vec::new())) {
                     list.extend(extensions);
                 }
-                Value::Object(resource).to_string()
+                Cow::Owned(Value::Object(resource).to_string())
             }
-            _ => primary.json.clone(),
+            _ => Cow::Borrowed(primary.json.as_str()),
         };
         entries.push((primary, json));
     }
@@ -213,7 +216,7 @@ impl Composite for MedicationProfile {
         });
         let mut entries = String::with_capacity(patient.json.len() + others.iter().map(|(_, json)| json.len() + 96).sum::<usize>() + 2);
         entries.push('[');
-        for (i, (c, json)) in std::iter::once((patient, patient.json.clone())).chain(others).enumerate() {
+        for (i, (c, json)) in std::iter::once((patient, Cow::Borrowed(patient.json.as_str()))).chain(others).enumerate() {
             if i > 0 {
                 entries.push(',');
             }

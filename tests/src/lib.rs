@@ -501,3 +501,29 @@ pub async fn read_topic(topic: &str, expected_at_least: usize) -> anyhow::Result
     }
     Ok(records)
 }
+
+/// An upsert by a system of record (native envelope) as a message on its topic, keyed by member.
+pub fn upsert(
+    topic: &'static str,
+    source: &str,
+    version: i64,
+    member: &str,
+    record: &str,
+    data: serde_json::Value,
+) -> composer::generator::SorMessage {
+    composer::generator::SorMessage {
+        topic,
+        key: member.to_owned(),
+        value: Some(native_event("upsert", source, version, member, record, Some(data))),
+    }
+}
+
+/// A member's demographics from `enrollment`, version 1 (the record id is the member id).
+pub fn demographics(member: &str, data: serde_json::Value) -> composer::generator::SorMessage {
+    upsert(platform::topics::DEMOGRAPHICS, "enrollment", 1, member, member, data)
+}
+
+/// A pharmacy claim (`rx-claims`) for `record` of the member.
+pub fn medication(member: &str, record: &str, version: i64, rxnorm_code: &str, status: &str) -> composer::generator::SorMessage {
+    upsert(platform::topics::MEDICATIONS, "rx-claims", version, member, record, serde_json::json!({ "rxnorm_code": rxnorm_code, "status": status }))
+}

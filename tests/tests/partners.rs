@@ -36,29 +36,6 @@ fn token_refused(reply: &Reply, status: u16, code: &str, what: &str) {
     assert_eq!(reply.2["issue"][0]["details"]["coding"][0]["code"], code, "{what}: {}", reply.2);
 }
 
-fn demographics(member: &str) -> SorMessage {
-    SorMessage {
-        topic: platform::topics::DEMOGRAPHICS,
-        key: member.to_owned(),
-        value: Some(native_event(
-            "upsert",
-            "enrollment",
-            1,
-            member,
-            member,
-            Some(json!({ "given_name": "Quinn", "family_name": "Harlow", "birth_date": "1961-04-09", "sex": "female" })),
-        )),
-    }
-}
-
-fn medication(member: &str, record: &str) -> SorMessage {
-    SorMessage {
-        topic: platform::topics::MEDICATIONS,
-        key: member.to_owned(),
-        value: Some(native_event("upsert", "rx-claims", 1, member, record, Some(json!({ "rxnorm_code": "860975", "status": "active" })))),
-    }
-}
-
 /// Members A1 (served by partner pa), B1 (pb), and C1 (pa, but that attribution ended).
 async fn compose(url: &str, pool: &db::Pool, label: &str) -> anyhow::Result<()> {
     let prefix = format!("{}.", unique(label));
@@ -66,8 +43,8 @@ async fn compose(url: &str, pool: &db::Pool, label: &str) -> anyhow::Result<()> 
     let (stop, _metrics, thread) = composer::spawn(composer_config(url, &prefix, label)).await?;
     let mut stream = Vec::new();
     for m in ["A1", "B1", "C1"] {
-        stream.push(demographics(m));
-        stream.push(medication(m, &format!("RX-{m}")));
+        stream.push(demographics(m, json!({ "given_name": "Quinn", "family_name": "Harlow", "birth_date": "1961-04-09", "sex": "female" })));
+        stream.push(medication(m, &format!("RX-{m}"), 1, "860975", "active"));
     }
     stream.push(attribution("A1", "pa"));
     stream.push(attribution("B1", "pb"));

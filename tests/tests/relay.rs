@@ -73,26 +73,8 @@ async fn composites_reach_the_topics_and_partner_topics_follow_attribution() -> 
 
     // Generated members (attributed to partner-1..3, some deleted), and R1 served by pa, then not.
     let mut stream = generator::generate(&GeneratorConfig { members: 150, seed: 21, malformed: 0, ..GeneratorConfig::default() });
-    let demographics = |member: &str| SorMessage {
-        topic: platform::topics::DEMOGRAPHICS,
-        key: member.to_owned(),
-        value: Some(native_event(
-            "upsert",
-            "enrollment",
-            1,
-            member,
-            member,
-            Some(json!({ "given_name": "Robin", "family_name": "Vale", "sex": "other" })),
-        )),
-    };
-    stream.extend([
-        demographics("R1"),
-        demographics("R2"),
-        demographics("R3"),
-        attribution("R1", "pa"),
-        attribution("R2", "pb"),
-        attribution("R3", "pb"),
-    ]);
+    let robin = |member: &str| demographics(member, json!({ "given_name": "Robin", "family_name": "Vale", "sex": "other" }));
+    stream.extend([robin("R1"), robin("R2"), robin("R3"), attribution("R1", "pa"), attribution("R2", "pb"), attribution("R3", "pb")]);
     generator::publish(&generator::producer(&kafka)?, &kafka, &stream).await?;
     let mut sent = stream.len();
     wait_applied(&pool, "relay", sent, Duration::from_secs(60)).await?;

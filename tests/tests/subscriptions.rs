@@ -186,18 +186,7 @@ fn member(i: usize) -> String {
 
 /// A new medication record for the member: its composite gets a new version.
 fn change(member: &str, n: usize) -> SorMessage {
-    SorMessage {
-        topic: platform::topics::MEDICATIONS,
-        key: member.to_owned(),
-        value: Some(native_event(
-            "upsert",
-            "rx-claims",
-            1,
-            member,
-            &format!("RX-{member}-{n}"),
-            Some(json!({ "rxnorm_code": format!("{}", 100_000 + n), "status": "active" })),
-        )),
-    }
+    medication(member, &format!("RX-{member}-{n}"), 1, &(100_000 + n).to_string(), "active")
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -237,18 +226,10 @@ async fn subscribers_get_every_notification_in_order_through_an_outage() -> anyh
     let mut stream = Vec::new();
     for i in 0..20 {
         let m = member(i);
-        stream.push(SorMessage {
-            topic: platform::topics::DEMOGRAPHICS,
-            key: m.clone(),
-            value: Some(native_event("upsert", "enrollment", 1, &m, &m, Some(json!({ "given_name": "Ines", "sex": "female" })))),
-        });
+        stream.push(demographics(&m, json!({ "given_name": "Ines", "sex": "female" })));
         stream.push(attribution(&m, "pa"));
     }
-    stream.push(SorMessage {
-        topic: platform::topics::DEMOGRAPHICS,
-        key: "X1".into(),
-        value: Some(native_event("upsert", "enrollment", 1, "X1", "X1", Some(json!({ "given_name": "Olu", "sex": "male" })))),
-    });
+    stream.push(demographics("X1", json!({ "given_name": "Olu", "sex": "male" })));
     stream.push(attribution("X1", "pb"));
     generator::publish(&producer, &kafka, &stream).await?;
     wait_applied(&pool, "subs", stream.len(), Duration::from_secs(60)).await?;

@@ -5,7 +5,7 @@
 //! member answers as one that does not exist, invalid resources get 422 naming the element,
 //! and a later system-of-record event resolves the contradiction.
 
-use composer::generator::{self, SorMessage};
+use composer::generator;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -28,29 +28,6 @@ async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<Reply> {
 
 fn post(client: &reqwest::Client, url: String, body: &Value) -> reqwest::RequestBuilder {
     client.post(url).header("content-type", "application/fhir+json").body(body.to_string())
-}
-
-fn sor_medication(member: &str, record: &str, version: i64, code: &str, status: &str) -> SorMessage {
-    SorMessage {
-        topic: platform::topics::MEDICATIONS,
-        key: member.to_owned(),
-        value: Some(native_event("upsert", "rx-claims", version, member, record, Some(json!({ "rxnorm_code": code, "status": status })))),
-    }
-}
-
-fn demographics(member: &str) -> SorMessage {
-    SorMessage {
-        topic: platform::topics::DEMOGRAPHICS,
-        key: member.to_owned(),
-        value: Some(native_event(
-            "upsert",
-            "enrollment",
-            1,
-            member,
-            member,
-            Some(json!({ "given_name": "Ada", "family_name": "Okafor", "sex": "female" })),
-        )),
-    }
 }
 
 fn statement(member: &str, code: &str, status: &str, identifier: &str) -> Value {
@@ -126,12 +103,12 @@ async fn partners_write_back_confirmations_new_reports_and_contradictions_exactl
     // W1 (served by pa, and by ro, which may only read) takes A, B and C by the pharmacy; W2 is pb's.
     let (a, b, c, d) = ("860975", "197361", "314076", "617314");
     let stream = vec![
-        demographics("W1"),
-        sor_medication("W1", "RX-A", 1, a, "active"),
-        sor_medication("W1", "RX-B", 1, b, "active"),
-        sor_medication("W1", "RX-C", 1, c, "active"),
-        demographics("W2"),
-        sor_medication("W2", "RX-W2", 1, a, "active"),
+        demographics("W1", json!({ "given_name": "Ada", "family_name": "Okafor", "sex": "female" })),
+        medication("W1", "RX-A", 1, a, "active"),
+        medication("W1", "RX-B", 1, b, "active"),
+        medication("W1", "RX-C", 1, c, "active"),
+        demographics("W2", json!({ "given_name": "Ada", "family_name": "Okafor", "sex": "female" })),
+        medication("W2", "RX-W2", 1, a, "active"),
         attribution("W1", "pa"),
         attribution("W1", "ro"),
         attribution("W2", "pb"),
@@ -400,7 +377,7 @@ async fn partners_write_back_confirmations_new_reports_and_contradictions_exactl
     assert_eq!((inbound[4].value["interaction"].as_str(), inbound[4].value["version_id"].as_i64()), (Some("update"), Some(2)));
 
     // The pharmacy then says C was stopped: the contradiction resolves into a confirmation.
-    generator::publish(&producer, &kafka, &[sor_medication("W1", "RX-C", 2, c, "stopped")]).await?;
+    generator::publish(&producer, &kafka, &[medication("W1", "RX-C", 2, c, "stopped")]).await?;
     let profile = eventually(Duration::from_secs(30), "the composite follows the pharmacy", || async {
         let (_, _, p) = send(pa.get(&profile_url)).await?;
         Ok((p["meta"]["versionId"] == (v0 + 6).to_string()).then_some(p))

@@ -2,7 +2,7 @@
 //! a partner's own Subscriptions (create, read, search, delete), `$status` and `$events`.
 //! The notifier (`composer::notifier`) delivers; this module only manages and answers.
 
-use crate::audit::Audited;
+use crate::audit::with_members;
 use crate::auth::Caller;
 use crate::auth::scope::Interaction;
 use crate::error::{ApiError, OperationOutcome};
@@ -130,10 +130,6 @@ pub async fn create(
     Ok(with_members(response, subscription.member_id.into_iter().collect()))
 }
 
-fn with_members(response: Response, members: Vec<String>) -> Response {
-    crate::audit::with_members(response, members)
-}
-
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
@@ -232,9 +228,7 @@ pub async fn delete(
         return Err(ApiError::NotFound(format!("Subscription/{id} is not known")));
     }
     tracing::info!(partner = %caller.partner_id, subscription = %id, "subscription deleted");
-    let mut response = StatusCode::NO_CONTENT.into_response();
-    response.extensions_mut().insert(Audited::default());
-    Ok(response)
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// `$status`: the subscription's status, its event count and its last error.
