@@ -32,10 +32,39 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// A pool for `url`. Statement logging is off: bound values can carry PHI.
+/// A pooled connection idle this long is pinged before it is handed out.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(30);
+
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
-    let options = PgConnectOptions::from_str(url)?.disable_statement_logging();
-    let pool = PgPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(5)).connect_with(options).await?;
-    Ok(pool)
+    Ok(pool_options(max_connections).connect_with(connect_options(url, &[])?).await?)
+}
+
+/// A pool for the statements that serve many requests at once (`resources::medication_profiles`),
+/// which are planned once, generically: each call binds arrays of another length, and
+/// PostgreSQL, seeing a cheaper custom plan for every length, would otherwise plan every call
+/// anew, which costs more than running it. It connects when first used.
+pub fn connect_for_batches(url: &str, max_connections: u32) -> Result<PgPool> {
+    Ok(pool_options(max_connections).connect_lazy_with(connect_options(url, &[("plan_cache_mode", "force_generic_plan")])?))
+}
+
+fn connect_options(url: &str, settings: &[(&str, &str)]) -> Result<PgConnectOptions> {
+    Ok(PgConnectOptions::from_str(url)?.disable_statement_logging().options(settings.iter().copied()))
+}
+
+fn pool_options(max_connections: u32) -> PgPoolOptions {
+    // A round trip to test every connection before each use would double the queries of a
+    // point read; a connection that sat idle long enough to have been dropped is tested instead
+    // (and one that broke in use is discarded by sqlx at its error).
+    PgPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(5)).test_before_acquire(false).before_acquire(
+        |conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= IDLE_BEFORE_PING {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        },
+    )
 }
 
 /// `url` with its database name replaced by `name` (query parameters kept).
