@@ -5,6 +5,7 @@
 //! Records are written in groups (one statement and one commit for all the requests that
 //! arrived meanwhile), so auditing costs one durable commit per group, not per request.
 
+use crate::batch::Batcher;
 use crate::fhir;
 use axum::http::{Method, StatusCode};
 use db::audit::{AuditRecord, AuditRow};
@@ -14,7 +15,6 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
 
 /// What a handler tells the guard about the access it served (as a response extension).
 #[derive(Debug, Clone, Default)]
@@ -111,55 +111,39 @@ pub fn record_for(method: &Method, path: &str, partner_id: Option<String>, audit
     }
 }
 
-type Pending = (AuditRecord, oneshot::Sender<bool>);
-
 /// Writes audit records in groups; `record` returns once its record is committed.
 #[derive(Debug, Clone)]
 pub struct Auditor {
-    queue: mpsc::Sender<Pending>,
+    writer: Batcher<AuditRecord, bool>,
 }
 
 /// Most records written by one statement.
 const GROUP: usize = 512;
 
 impl Auditor {
-    /// Starts `writers` writer tasks. Each takes the records waiting at that moment and writes
-    /// them with one statement; while one commits, the next gathers, so commits overlap (and
-    /// PostgreSQL flushes their WAL together).
+    /// Starts `writers` writer tasks; while one commits, the next gathers, so commits overlap
+    /// (and PostgreSQL flushes their WAL together).
     pub fn start(pool: db::Pool, writers: usize) -> Self {
-        let (queue, pending) = mpsc::channel::<Pending>(4 * GROUP);
-        let pending = std::sync::Arc::new(tokio::sync::Mutex::new(pending));
-        for _ in 0..writers.max(1) {
-            let (pool, pending) = (pool.clone(), pending.clone());
-            tokio::spawn(async move {
-                let mut group: Vec<Pending> = Vec::with_capacity(GROUP);
-                loop {
-                    if pending.lock().await.recv_many(&mut group, GROUP).await == 0 {
-                        break;
+        let writer = Batcher::start(writers, GROUP, move |records: Vec<AuditRecord>| {
+            let pool = pool.clone();
+            async move {
+                let written = match db::audit::append(&pool, &records).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::error!(error = %e, records = records.len(), "audit records could not be written; the requests get 503");
+                        false
                     }
-                    let records: Vec<AuditRecord> = group.iter().map(|(r, _)| r.clone()).collect();
-                    let written = match db::audit::append(&pool, &records).await {
-                        Ok(()) => true,
-                        Err(e) => {
-                            tracing::error!(error = %e, records = records.len(), "audit records could not be written; the requests get 503");
-                            false
-                        }
-                    };
-                    for (_, done) in group.drain(..) {
-                        let _ = done.send(written);
-                    }
-                }
-            });
-        }
-        Auditor { queue }
+                };
+                vec![written; records.len()]
+            }
+        });
+        Auditor { writer }
     }
 
     /// Records one access durably; `Err` when it could not be written.
     pub async fn record(&self, record: AuditRecord) -> Result<(), ()> {
-        let (done, written) = oneshot::channel();
-        self.queue.send((record, done)).await.map_err(|_| ())?;
-        match written.await {
-            Ok(true) => Ok(()),
+        match self.writer.submit(record).await {
+            Some(true) => Ok(()),
             _ => Err(()),
         }
     }

@@ -50,6 +50,10 @@ pub struct Config {
     #[arg(long, env = "AUDIT_WRITERS", default_value_t = 2)]
     pub audit_writers: usize,
 
+    /// Tasks reading medication profiles: each serves all the reads waiting with one statement.
+    #[arg(long, env = "PROFILE_READERS", default_value_t = 2)]
+    pub profile_readers: usize,
+
     /// Accept `http://` rest-hook endpoints for Subscriptions (local tests and demos only);
     /// otherwise only `https://`.
     #[arg(long, env = "SUBSCRIPTION_ALLOW_HTTP", default_value_t = false)]

@@ -26,6 +26,8 @@ pub struct AppState {
     pub base_url: String,
     pub auth: Arc<Auth>,
     pub auditor: Auditor,
+    /// Medication profile reads, grouped.
+    pub profiles: http::profile::ProfileReads,
     /// PMM1 matching, when a pepper is configured.
     pub matcher: Option<Arc<http::matching::Matcher>>,
     /// The composites a partner's write-back updates (in the write's transaction).
@@ -194,6 +196,10 @@ impl Application {
             Arc::new(vec![Box::new(composer::composite::MedicationProfile { base_url: base_url.clone() })]);
         let state = AppState {
             auditor: Auditor::start(pool.clone(), config.audit_writers),
+            profiles: http::profile::ProfileReads::start(
+                db::connect_for_batches(&config.common.database_url, config.profile_readers as u32)?,
+                config.profile_readers,
+            ),
             pool,
             kafka: Arc::new(kafka),
             ready_timeout: Duration::from_millis(config.ready_timeout_ms),

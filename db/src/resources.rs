@@ -15,11 +15,17 @@ pub struct Viewer<'a> {
 
 /// SQL: the member in `member_column` is attributed to partner `$p` on day `$d`.
 pub(crate) fn attributed(member_column: &str, p: u8, d: u8) -> String {
+    attributed_to(member_column, &format!("${p}"), &format!("${d}"))
+}
+
+/// SQL: the member in `member_column` is attributed to the partner in `partner` on `day`
+/// (columns or parameters).
+pub(crate) fn attributed_to(member_column: &str, partner: &str, day: &str) -> String {
     format!(
         "EXISTS (SELECT 1 FROM components a WHERE a.kind = 'attribution' AND NOT a.deleted
-           AND a.body ->> 'partner_id' = ${p} AND a.member_id = {member_column}
-           AND (a.body ->> 'period_start')::date <= ${d}
-           AND coalesce((a.body ->> 'period_end')::date >= ${d}, true))"
+           AND a.body ->> 'partner_id' = {partner} AND a.member_id = {member_column}
+           AND (a.body ->> 'period_start')::date <= {day}
+           AND coalesce((a.body ->> 'period_end')::date >= {day}, true))"
     )
 }
 
@@ -158,13 +164,34 @@ pub async fn search(
     Ok((total, rows.into_iter().map(version).collect()))
 }
 
-/// A member's current medication profile: (versionId, lastUpdated, body; `None` if deleted).
-pub async fn medication_profile(pool: &PgPool, viewer: Viewer<'_>, member_id: &str) -> crate::Result<Option<(i64, OffsetDateTime, Option<String>)>> {
+/// A member's current medication profile: its versionId, lastUpdated and body (`None` if deleted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    pub version_id: i64,
+    pub last_updated: OffsetDateTime,
+    pub body: Option<String>,
+}
+
+/// Current medication profiles for several readers at once (one statement for all): for each
+/// (member id, partner id) in `reads`, in order, the profile if the member is attributed to
+/// that partner on day `on`. Use a pool from `crate::connect_for_batches`.
+pub async fn medication_profiles(pool: &PgPool, on: Date, reads: &[(String, String)]) -> crate::Result<Vec<Option<Profile>>> {
+    let (members, partners): (Vec<&str>, Vec<&str>) = reads.iter().map(|(m, p)| (m.as_str(), p.as_str())).unzip();
     let sql = format!(
-        "SELECT c.version_id, c.last_updated, h.body::text FROM composites c
-         JOIN composite_history h USING (member_id, version_id) WHERE c.member_id = $1 AND {}",
-        attributed("c.member_id", 2, 3)
+        "SELECT r.i, c.version_id, c.last_updated, h.body::text
+         FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS r(member_id, partner_id, i)
+         JOIN composites c ON c.member_id = r.member_id
+         JOIN composite_history h ON h.member_id = c.member_id AND h.version_id = c.version_id
+         WHERE {}",
+        attributed_to("c.member_id", "r.partner_id", "$3")
     );
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(member_id).bind(viewer.partner_id).bind(viewer.on).fetch_optional(pool).await?;
-    Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&members).bind(&partners).bind(on).fetch_all(pool).await?;
+    let mut profiles = vec![None; reads.len()];
+    for row in rows {
+        let i: i64 = row.get(0);
+        if let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| profiles.get_mut(i)) {
+            *slot = Some(Profile { version_id: row.get(1), last_updated: row.get(2), body: row.get(3) });
+        }
+    }
+    Ok(profiles)
 }

@@ -134,7 +134,7 @@ pub async fn fan_out(pool: &PgPool, day: Date, limit: i64) -> crate::Result<(usi
     }
     let ids: Vec<i64> = rows.into_iter().map(|r| r.get(0)).collect();
     // The member is attributed to the subscription's partner on `day` ($2).
-    let attributed = crate::resources::attributed("r.member_id", 9, 2).replace("$9", "s.partner_id");
+    let attributed = crate::resources::attributed_to("r.member_id", "s.partner_id", "$2");
     let sql = format!(
         "WITH rows AS (
            SELECT o.id, o.member_id, o.version_id, h.deleted, h.last_updated

@@ -3,6 +3,7 @@
 use crate::audit::with_members;
 use crate::auth::Caller;
 use crate::auth::scope::Interaction;
+use crate::batch::Batcher;
 use crate::error::{ApiError, OperationOutcome};
 use crate::fhir;
 use crate::http::resources::{Bundle, FormatOnly};
@@ -11,6 +12,7 @@ use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use db::resources::Profile;
 
 /// The resource types a medication profile holds: reading it needs read access to each.
 const PROFILE_TYPES: [&str; 4] = ["Patient", "MedicationStatement", "AllergyIntolerance", "Immunization"];
@@ -41,9 +43,46 @@ pub async fn medication_profile(
     caller.require(&PROFILE_TYPES, Interaction::Read)?;
     fhir::no_parameters(&fhir::query_pairs(&headers, query.as_deref())?)?;
     let id = fhir::parse_id(&id)?;
-    let (version_id, last_updated, body) = db::resources::medication_profile(&state.pool, caller.viewer(), id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no medication profile for Patient/{id}")))?;
-    let body = body.ok_or_else(|| ApiError::Gone(format!("Patient/{id} was deleted (profile version {version_id})")))?;
-    Ok(with_members(fhir::versioned_response(&headers, version_id, last_updated, body), vec![id.to_owned()]))
+    let profile =
+        state.profiles.read(id, &caller.partner_id).await?.ok_or_else(|| ApiError::NotFound(format!("no medication profile for Patient/{id}")))?;
+    let body = profile.body.ok_or_else(|| ApiError::Gone(format!("Patient/{id} was deleted (profile version {})", profile.version_id)))?;
+    Ok(with_members(fhir::versioned_response(&headers, profile.version_id, profile.last_updated, body), vec![id.to_owned()]))
+}
+
+/// Reads medication profiles in groups: the reads waiting at one moment, whoever the partners,
+/// share one statement (see `crate::batch`).
+#[derive(Debug, Clone)]
+pub struct ProfileReads {
+    reads: Batcher<(String, String), Result<Option<Profile>, ()>>,
+}
+
+/// Most reads served by one statement.
+const GROUP: usize = 256;
+
+impl ProfileReads {
+    pub fn start(pool: db::Pool, workers: usize) -> Self {
+        let reads = Batcher::start(workers, GROUP, move |reads: Vec<(String, String)>| {
+            let pool = pool.clone();
+            async move {
+                // Attribution is by calendar day, UTC, as for every read.
+                let on = time::OffsetDateTime::now_utc().date();
+                match db::resources::medication_profiles(&pool, on, &reads).await {
+                    Ok(profiles) => profiles.into_iter().map(Ok).collect(),
+                    Err(e) => {
+                        tracing::error!(error = %e, reads = reads.len(), "medication profiles could not be read");
+                        vec![Err(()); reads.len()]
+                    }
+                }
+            }
+        });
+        ProfileReads { reads }
+    }
+
+    /// The member's profile if it is attributed to the partner today.
+    pub async fn read(&self, member_id: &str, partner_id: &str) -> Result<Option<Profile>, ApiError> {
+        match self.reads.submit((member_id.to_owned(), partner_id.to_owned())).await {
+            Some(Ok(profile)) => Ok(profile),
+            _ => Err(ApiError::Unavailable("the database is not available; retry later".into())),
+        }
+    }
 }
