@@ -156,8 +156,12 @@ impl Composer {
         let dlq_topic = kafka.topic(platform::topics::DLQ);
         tracing::info!(group = %self.config.group_id, "composer consuming");
 
+        // Messages polled while a failed batch waited to be retried, with the assignment
+        // generation they were polled in: the next batch starts with them (dropping one would
+        // skip its event for good, as the offsets move past it).
+        let mut held: Vec<(u64, BorrowedMessage<'_>)> = Vec::new();
         while !stop.load(Ordering::Relaxed) {
-            let (generation, messages) = self.gather(&consumer)?;
+            let (generation, messages) = self.gather(&consumer, std::mem::take(&mut held))?;
             if messages.is_empty() {
                 continue;
             }
@@ -219,7 +223,14 @@ impl Composer {
                         }
                         std::thread::sleep(wait);
                         // Keep the group membership alive while retrying.
-                        let _ = consumer.poll(Duration::ZERO).map(|_| ());
+                        match consumer.poll(Duration::ZERO) {
+                            Some(Ok(m)) => {
+                                let generation = consumer.context().assignment.lock().unwrap_or_else(|p| p.into_inner()).generation;
+                                held.push((generation, m));
+                            }
+                            Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                            None => {}
+                        }
                     }
                 }
             }
@@ -227,12 +238,18 @@ impl Composer {
         Ok(())
     }
 
-    /// Polls until the batch is full or `batch_wait` passed since its first message.
-    fn gather<'c>(&self, consumer: &'c BaseConsumer<ComposerContext>) -> anyhow::Result<(u64, Vec<BorrowedMessage<'c>>)> {
-        let mut messages = Vec::new();
+    /// Polls until the batch is full or `batch_wait` passed since its first message. The batch
+    /// starts with the `held` messages of the current assignment (a rebalance since then sought
+    /// back to the stored positions, so the others come again).
+    fn gather<'c>(
+        &self,
+        consumer: &'c BaseConsumer<ComposerContext>,
+        held: Vec<(u64, BorrowedMessage<'c>)>,
+    ) -> anyhow::Result<(u64, Vec<BorrowedMessage<'c>>)> {
         let wait = Duration::from_millis(self.config.batch_wait_ms);
-        let mut deadline: Option<Instant> = None;
         let generation = consumer.context().assignment.lock().unwrap_or_else(|p| p.into_inner()).generation;
+        let mut messages: Vec<BorrowedMessage<'c>> = held.into_iter().filter(|(g, _)| *g == generation).map(|(_, m)| m).collect();
+        let mut deadline: Option<Instant> = (!messages.is_empty()).then(|| Instant::now() + wait);
         while messages.len() < self.config.batch_size {
             let timeout = match deadline {
                 None => Duration::from_millis(200),

@@ -101,3 +101,40 @@ async fn sigkill_at_three_points_changes_nothing() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A batch that fails in PostgreSQL is retried; the messages polled while it waits (to keep
+/// the group membership) start the next batch instead of being dropped, so no event is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_polled_while_a_failed_batch_waits_are_not_lost() -> anyhow::Result<()> {
+    let prefix = format!("{}.", unique("outage"));
+    let kafka = kafka_config(&prefix);
+    composer::topics::ensure(&kafka, 3).await?;
+    let (url, pool) = fresh_database("outage", true).await?;
+    let producer = generator::producer(&kafka)?;
+    let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "outage")).await?;
+    generator::publish(&producer, &kafka, &[medication("OUT0", "RX-OUT0", 1, "860975", "active")]).await?;
+    wait_applied(&pool, "outage", 1, Duration::from_secs(60)).await?;
+
+    // Every component write now fails: the next batch is retried with backoff (0.2 s, 0.4 s,
+    // 0.8 s, 1.6 s, ...), polling once between attempts.
+    sqlx::query("ALTER TABLE components ADD CONSTRAINT outage CHECK (false) NOT VALID").execute(&pool).await?;
+    generator::publish(&producer, &kafka, &[medication("OUT1", "RX-OUT1", 1, "860975", "active")]).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later: Vec<_> = (2..30).map(|i| medication(&format!("OUT{i}"), &format!("RX-OUT{i}"), 1, "860975", "active")).collect();
+    generator::publish(&producer, &kafka, &later).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let stalled = db::composer::all_components(&pool).await?.len();
+    sqlx::query("ALTER TABLE components DROP CONSTRAINT outage").execute(&pool).await?;
+
+    wait_applied(&pool, "outage", 30, Duration::from_secs(60)).await?;
+    let result = eventually(Duration::from_secs(10), "a component for every event", || async {
+        let n = db::composer::all_components(&pool).await?.len();
+        Ok((n == 30).then_some(n))
+    })
+    .await;
+    composer::stop(&stop, thread).await?;
+    let written = db::composer::all_components(&pool).await?;
+    result.map_err(|e| anyhow::anyhow!("{e}: {} of 30 components written ({stalled} during the outage)", written.len()))?;
+    assert_eq!(stalled, 1, "nothing was written while the batch failed");
+    Ok(())
+}
