@@ -193,6 +193,16 @@ pub async fn apply(
     }
     q::write_components(&mut tx, &writes, now).await?;
     applied.components_written = writes.len();
+    // Partner topics follow attribution: the relay reconciles these members (and a record's
+    // previous member, when it moved).
+    let mut attribution: Vec<String> = Vec::new();
+    for w in writes.iter().filter(|w| w.key.kind == RecordKind::Attribution.as_str()) {
+        attribution.push(w.member_id.clone());
+        attribution.extend(stored.get(&w.key).filter(|p| p.member_id != w.member_id).map(|p| p.member_id.clone()));
+    }
+    attribution.sort();
+    attribution.dedup();
+    q::attribution_changed(&mut tx, &attribution).await?;
 
     if let Some(indexer) = indexer {
         // Demographics changed (or moved away from a member): re-index those members from

@@ -42,12 +42,6 @@ pub struct RelayConfig {
     #[arg(long, env = "RELAY_POLL_MS", default_value_t = 200)]
     pub poll_ms: u64,
 
-    /// How often an idle relay reconciles partner topics with attribution (members newly
-    /// attributed get their composite, ended attributions a tombstone), in milliseconds. The
-    /// reconciliation reads every attribution and holds the relay's lock meanwhile.
-    #[arg(long, env = "RELAY_RECONCILE_MS", default_value_t = 1000)]
-    pub reconcile_ms: u64,
-
     /// Partitions of the topics the relay creates (partner topics).
     #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
@@ -75,9 +69,10 @@ pub struct Relay {
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
     known_topics: HashSet<String>,
-    /// When partner topics were last reconciled with attribution: at most every `reconcile_ms`, not
-    /// at every poll of an empty outbox (the queries read every attribution).
-    reconciled_at: Option<std::time::Instant>,
+    /// The day every partner topic was last compared with every attribution. Between those
+    /// full comparisons (at start, and when the date changes: attribution periods follow the
+    /// calendar), only members whose attribution changed are looked at.
+    reconciled_on: Option<time::Date>,
 }
 
 impl Relay {
@@ -94,7 +89,7 @@ impl Relay {
             .set("log_level", "4")
             .create()?;
         let admin = ClientConfig::new().set("bootstrap.servers", &kafka.bootstrap_servers).set("log_level", "4").create()?;
-        Ok(Relay { config, pool, producer, admin, known_topics: HashSet::new(), reconciled_at: None })
+        Ok(Relay { config, pool, producer, admin, known_topics: HashSet::new(), reconciled_on: None })
     }
 
     fn kafka(&self) -> &KafkaConfig {
@@ -120,20 +115,34 @@ impl Relay {
     }
 
     /// One transaction: a batch of the outbox, or (when it is empty) the partner topics'
-    /// attribution changes. Returns how many records were published.
+    /// attribution changes. Returns how many records were published or changes handled (0:
+    /// nothing to do).
     pub async fn step(&mut self) -> anyhow::Result<usize> {
         let mut tx = self.pool.begin().await?;
         q::lock(&mut tx).await?;
         let today = OffsetDateTime::now_utc().date();
         let rows = q::unpublished(&mut tx, self.config.batch_size).await?;
         if rows.is_empty() {
-            if self.reconciled_at.is_some_and(|at| at.elapsed() < Duration::from_millis(self.config.reconcile_ms)) {
-                return Ok(0);
-            }
-            let n = self.reconcile(&mut tx, today).await?;
+            let done = if self.reconciled_on != Some(today) {
+                let (n, complete) = self.reconcile(&mut tx, today, None).await?;
+                if complete {
+                    self.reconciled_on = Some(today);
+                }
+                n
+            } else {
+                let (ids, members) = q::attribution_changes(&mut tx, self.config.batch_size).await?;
+                if ids.is_empty() {
+                    return Ok(0);
+                }
+                // The changes are forgotten once all of their members' records were sent.
+                let (n, complete) = self.reconcile(&mut tx, today, Some(&members)).await?;
+                if complete {
+                    q::forget_attribution_changes(&mut tx, &ids).await?;
+                }
+                n.max(ids.len())
+            };
             tx.commit().await?;
-            self.reconciled_at = Some(std::time::Instant::now());
-            return Ok(n);
+            return Ok(done);
         }
         let mut members: Vec<String> = rows.iter().map(|r| r.member_id.clone()).collect();
         members.sort();
@@ -181,13 +190,16 @@ impl Relay {
         }
     }
 
-    /// Newly attributed members' current composites, and tombstones where attributions ended.
-    async fn reconcile(&mut self, tx: &mut sqlx::PgConnection, today: time::Date) -> anyhow::Result<usize> {
+    /// Newly attributed members' current composites, and tombstones where attributions ended,
+    /// among `members` (all when `None`). Returns how many records were published, and whether
+    /// that was everything (at most a batch of each kind is done at once).
+    async fn reconcile(&mut self, tx: &mut sqlx::PgConnection, today: time::Date, members: Option<&[String]>) -> anyhow::Result<(usize, bool)> {
         let limit = self.config.batch_size;
-        let started = q::newly_attributed(tx, today, limit).await?;
-        let ended = q::no_longer_attributed(tx, today, limit).await?;
+        let started = q::newly_attributed(tx, today, limit, members).await?;
+        let ended = q::no_longer_attributed(tx, today, limit, members).await?;
+        let complete = (started.len() as i64) < limit && (ended.len() as i64) < limit;
         if started.is_empty() && ended.is_empty() {
-            return Ok(0);
+            return Ok((0, complete));
         }
         let event_id = |what: &str, partner: &str, member: &str, version: i64| {
             Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{}|{what}|{partner}|{member}|{version}", topics::MEDICATION_PROFILE).as_bytes())
@@ -218,7 +230,7 @@ impl Relay {
         let removed: Vec<(String, String)> = ended.iter().map(|(p, m, _)| (p.clone(), m.clone())).collect();
         q::carried(tx, &added, &removed).await?;
         tracing::info!(attributed = added.len(), ended = removed.len(), "relay: partner topics follow attribution");
-        Ok(records.len())
+        Ok((records.len(), complete))
     }
 
     /// Enqueues every record in order (so per-partition order is the outbox's), then waits for

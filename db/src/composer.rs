@@ -192,6 +192,16 @@ pub async fn write_components(tx: &mut PgConnection, writes: &[ComponentWrite], 
     Ok(())
 }
 
+/// Queues `members` (their attribution changed in this transaction) for the relay, which
+/// reconciles their partner topics, and wakes it when the transaction commits.
+pub async fn attribution_changed(tx: &mut PgConnection, members: &[String]) -> crate::Result<()> {
+    if members.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("INSERT INTO attribution_changes (member_id) SELECT unnest($1::text[])").bind(members).execute(&mut *tx).await?;
+    crate::notify(tx, crate::channels::OUTBOX).await
+}
+
 /// A live component row, for assembling composites.
 #[derive(Debug, Clone)]
 pub struct LiveComponent {

@@ -95,40 +95,83 @@ pub async fn carried(tx: &mut PgConnection, added: &[(String, String)], removed:
     Ok(())
 }
 
+/// Members whose attribution changed ([`crate::composer::attribution_changed`]), oldest first:
+/// (row ids, distinct members), at most `limit` rows.
+pub async fn attribution_changes(tx: &mut PgConnection, limit: i64) -> crate::Result<(Vec<i64>, Vec<String>)> {
+    let rows: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, member_id FROM attribution_changes ORDER BY id LIMIT $1").bind(limit).fetch_all(&mut *tx).await?;
+    let ids = rows.iter().map(|r| r.0).collect();
+    let mut members: Vec<String> = rows.into_iter().map(|r| r.1).collect();
+    members.sort();
+    members.dedup();
+    Ok((ids, members))
+}
+
+/// Removes handled `attribution_changes` rows.
+pub async fn forget_attribution_changes(tx: &mut PgConnection, ids: &[i64]) -> crate::Result<()> {
+    sqlx::query("DELETE FROM attribution_changes WHERE id = ANY($1)").bind(ids).execute(&mut *tx).await?;
+    Ok(())
+}
+
+/// The SQL text of `sql` with `{members}` replaced by the condition that `column` is one of
+/// the members bound as `$3`, or by `true` for every member. Each text is a separate prepared
+/// statement, so neither plan has to serve the other case.
+fn for_members(sql: &str, column: &str, members: Option<&[String]>) -> sqlx::AssertSqlSafe<String> {
+    let condition = if members.is_some() { format!("{column} = ANY($3)") } else { "true".to_owned() };
+    sqlx::AssertSqlSafe(sql.replace("{members}", &condition))
+}
+
 /// Attributed on `day` with a live composite, but not yet on the partner's topic:
-/// (partner, member, versionId, body), at most `limit`.
-pub async fn newly_attributed(tx: &mut PgConnection, day: Date, limit: i64) -> crate::Result<Vec<(String, String, i64, String)>> {
-    let rows = sqlx::query(
+/// (partner, member, versionId, body), at most `limit`; among `members` if given.
+pub async fn newly_attributed(
+    tx: &mut PgConnection,
+    day: Date,
+    limit: i64,
+    members: Option<&[String]>,
+) -> crate::Result<Vec<(String, String, i64, String)>> {
+    let sql = for_members(
         "SELECT DISTINCT a.body ->> 'partner_id', a.member_id, c.version_id, h.body::text
          FROM components a
          JOIN composites c ON c.member_id = a.member_id AND NOT c.deleted
          JOIN composite_history h ON h.member_id = c.member_id AND h.version_id = c.version_id
-         WHERE a.kind = 'attribution' AND NOT a.deleted
+         WHERE a.kind = 'attribution' AND NOT a.deleted AND {members}
            AND (a.body ->> 'period_start')::date <= $1 AND coalesce((a.body ->> 'period_end')::date >= $1, true)
            AND NOT EXISTS (SELECT 1 FROM partner_topic_members t WHERE t.partner_id = a.body ->> 'partner_id' AND t.member_id = a.member_id)
          LIMIT $2",
-    )
-    .bind(day)
-    .bind(limit)
-    .fetch_all(&mut *tx)
-    .await?;
+        "a.member_id",
+        members,
+    );
+    let mut query = sqlx::query(sql).bind(day).bind(limit);
+    if let Some(members) = members {
+        query = query.bind(members);
+    }
+    let rows = query.fetch_all(&mut *tx).await?;
     Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
 }
 
-/// On a partner's topic, but no longer attributed to it on `day`: (partner, member, current versionId).
-pub async fn no_longer_attributed(tx: &mut PgConnection, day: Date, limit: i64) -> crate::Result<Vec<(String, String, i64)>> {
-    let rows = sqlx::query(
+/// On a partner's topic, but no longer attributed to it on `day`: (partner, member, current
+/// versionId), at most `limit`; among `members` if given.
+pub async fn no_longer_attributed(
+    tx: &mut PgConnection,
+    day: Date,
+    limit: i64,
+    members: Option<&[String]>,
+) -> crate::Result<Vec<(String, String, i64)>> {
+    let sql = for_members(
         "SELECT t.partner_id, t.member_id, coalesce(c.version_id, 0) FROM partner_topic_members t
          LEFT JOIN composites c ON c.member_id = t.member_id
-         WHERE NOT EXISTS (SELECT 1 FROM components a WHERE a.kind = 'attribution' AND NOT a.deleted
+         WHERE {members} AND NOT EXISTS (SELECT 1 FROM components a WHERE a.kind = 'attribution' AND NOT a.deleted
            AND a.member_id = t.member_id AND a.body ->> 'partner_id' = t.partner_id
            AND (a.body ->> 'period_start')::date <= $1 AND coalesce((a.body ->> 'period_end')::date >= $1, true))
          LIMIT $2",
-    )
-    .bind(day)
-    .bind(limit)
-    .fetch_all(&mut *tx)
-    .await?;
+        "t.member_id",
+        members,
+    );
+    let mut query = sqlx::query(sql).bind(day).bind(limit);
+    if let Some(members) = members {
+        query = query.bind(members);
+    }
+    let rows = query.fetch_all(&mut *tx).await?;
     Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
 }
 
@@ -137,8 +180,8 @@ pub async fn no_longer_attributed(tx: &mut PgConnection, day: Date, limit: i64) 
 pub async fn backlog(pool: &sqlx::PgPool, day: Date) -> crate::Result<(i64, usize, usize)> {
     let mut tx = pool.begin().await?;
     let unpublished: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetch_one(&mut *tx).await?;
-    let added = newly_attributed(&mut tx, day, 1_000_000).await?.len();
-    let removed = no_longer_attributed(&mut tx, day, 1_000_000).await?.len();
+    let added = newly_attributed(&mut tx, day, 1_000_000, None).await?.len();
+    let removed = no_longer_attributed(&mut tx, day, 1_000_000, None).await?.len();
     tx.rollback().await?;
     Ok((unpublished, added, removed))
 }

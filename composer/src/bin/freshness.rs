@@ -98,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let sent_at: Arc<Mutex<HashMap<String, (Instant, time::OffsetDateTime)>>> = Arc::default();
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &kafka.bootstrap_servers)
         .set("group.id", &run)
@@ -108,15 +108,27 @@ async fn main() -> anyhow::Result<()> {
     consumer.subscribe(&[&kafka.topic(platform::topics::MEDICATION_PROFILE)])?;
     let seen = sent_at.clone();
     let reader = tokio::spawn(async move {
-        let mut latencies = Vec::with_capacity(total);
+        // Total, and its two legs: produced → the composer's change time (`meta.lastUpdated`,
+        // taken as its transaction starts), and from there → read from the topic.
+        let (mut latencies, mut to_composer, mut to_topic) = (Vec::with_capacity(total), Vec::new(), Vec::new());
         while latencies.len() < total {
             let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(60), consumer.recv()).await else { break };
             let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-            if let Some(at) = seen.lock().unwrap_or_else(|p| p.into_inner()).remove(&key) {
+            if let Some((at, wall)) = seen.lock().unwrap_or_else(|p| p.into_inner()).remove(&key) {
+                let now = time::OffsetDateTime::now_utc();
                 latencies.push(at.elapsed().as_secs_f64() * 1000.0);
+                let changed = serde_json::from_slice::<serde_json::Value>(m.payload().unwrap_or_default()).ok().and_then(|v| {
+                    v["meta"]["lastUpdated"]
+                        .as_str()
+                        .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+                });
+                if let Some(changed) = changed {
+                    to_composer.push((changed - wall).as_seconds_f64() * 1000.0);
+                    to_topic.push((now - changed).as_seconds_f64() * 1000.0);
+                }
             }
         }
-        latencies
+        (latencies, to_composer, to_topic)
     });
     tokio::time::sleep(Duration::from_secs(2)).await; // the consumer joins its group
 
@@ -131,7 +143,7 @@ async fn main() -> anyhow::Result<()> {
             "occurred_at": "2026-11-27T00:00:00Z", "version": 1, "member_id": member, "record_id": member,
             "data": { "given_name": "Fresh", "sex": "other" } }))?;
         let now = Instant::now();
-        sent_at.lock().unwrap_or_else(|p| p.into_inner()).insert(member.clone(), now);
+        sent_at.lock().unwrap_or_else(|p| p.into_inner()).insert(member.clone(), (now, time::OffsetDateTime::now_utc()));
         hooked.lock().unwrap_or_else(|p| p.into_inner()).insert(member.clone(), now);
         match producer.send_result(FutureRecord::to(&topic).key(&member).payload(&payload)) {
             Ok(ack) => acks.push(ack),
@@ -142,7 +154,7 @@ async fn main() -> anyhow::Result<()> {
         ack.await.map_err(|_| anyhow::anyhow!("producer gone"))?.map_err(|(e, _)| anyhow::anyhow!("not acknowledged: {e}"))?;
     }
     let sending = started.elapsed();
-    let mut latencies = reader.await?;
+    let (mut latencies, mut to_composer, mut to_topic) = reader.await?;
     let mut hooks = tokio::time::timeout(Duration::from_secs(120), hook_latencies).await???;
     composer::stop(&stop, thread).await?;
     relay_stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -150,8 +162,9 @@ async fn main() -> anyhow::Result<()> {
     notifier_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     notifier.await??;
 
-    latencies.sort_by(f64::total_cmp);
-    hooks.sort_by(f64::total_cmp);
+    for l in [&mut latencies, &mut hooks, &mut to_composer, &mut to_topic] {
+        l.sort_by(f64::total_cmp);
+    }
     let pct_of = |l: &[f64], p: f64| l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
     let pct = |p: f64| pct_of(&latencies, p);
     println!(
@@ -166,6 +179,13 @@ async fn main() -> anyhow::Result<()> {
         pct(0.90),
         pct(0.99),
         latencies.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "  of which: produced → composer's transaction starts p50 {:.1} ms, p99 {:.1} ms; from there → read from the topic p50 {:.1} ms, p99 {:.1} ms (ms-precision clock)",
+        pct_of(&to_composer, 0.50),
+        pct_of(&to_composer, 0.99),
+        pct_of(&to_topic, 0.50),
+        pct_of(&to_topic, 0.99)
     );
     println!(
         "event produced → notification at a rest-hook endpoint ({} seen): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
