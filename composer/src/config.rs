@@ -15,9 +15,15 @@ pub struct ComposerConfig {
     #[arg(long, env = "COMPOSER_BATCH_SIZE", default_value_t = 2000)]
     pub batch_size: usize,
 
-    /// How long a batch waits for more messages after its first one, in milliseconds.
-    #[arg(long, env = "COMPOSER_BATCH_WAIT_MS", default_value_t = 20)]
+    /// How long a message waits for others to join its batch when its applier is idle, in
+    /// milliseconds. A busy applier's next batch grows meanwhile without it.
+    #[arg(long, env = "COMPOSER_BATCH_WAIT_MS", default_value_t = 5)]
     pub batch_wait_ms: u64,
+
+    /// Threads applying batches concurrently, each in its own transaction; partition `p` of
+    /// every topic goes to applier `p % appliers`.
+    #[arg(long, env = "COMPOSER_APPLIERS", default_value_t = 3)]
+    pub appliers: usize,
 
     /// Partitions of the topics the platform creates when they do not exist.
     #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]

@@ -1,6 +1,16 @@
 //! The composer's Kafka side: a consumer group over the six `sor.*` topics whose positions live
 //! in PostgreSQL (sought on every assignment), batches applied by [`crate::batch::apply`], and
 //! dead letters produced (and acknowledged) before a batch commits.
+//!
+//! Threads form a pipeline: the consumer thread polls and prepares (parse, validate, map)
+//! while applier threads apply earlier batches in PostgreSQL, each in its own transaction.
+//! Partitions are split among the appliers by number (partition `p` of every topic goes to
+//! applier `p % appliers`; members are keyed alike on every topic), so each partition is
+//! applied in order by one applier, and concurrent batches rarely touch the same member (when
+//! they do, the member lock orders them). What the consumer prepares while an applier is busy
+//! becomes that applier's next batch (up to `batch_size`), so batches grow with the load
+//! instead of waiting on a timer: `batch_wait_ms` only bounds how long a message waits for
+//! others when its applier is idle.
 
 use crate::batch::{self, Consumed, Outcome};
 use crate::composite::Composite;
@@ -8,13 +18,14 @@ use crate::config::ComposerConfig;
 use db::composer::StoredOffset;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use schemas::{Contracts, RecordKind};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
@@ -24,24 +35,41 @@ use tokio::runtime::Handle;
 struct Assignment {
     /// (topic, partition) → stored next offset (`None`: nothing stored yet).
     stored: HashMap<(String, i32), Option<i64>>,
+    /// Counts rebalances: messages polled in an earlier generation are not applied (the
+    /// rebalance sought back to the stored positions, so they come again).
     generation: u64,
     error: Option<String>,
 }
 
+/// What the consumer thread and the applier threads share. Lock order: `applying` (by
+/// index), then `assignment`.
+struct Shared {
+    assignment: Mutex<Assignment>,
+    /// One per applier, held while it applies a batch. A rebalance takes them all first, so it
+    /// reads the positions the batches in flight commit, and no batch of the old assignment
+    /// starts after it.
+    applying: Vec<Mutex<()>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Seeks every assigned partition to the offset stored in PostgreSQL. Runs inside `poll` on
-/// the composer's own thread, so it may block on the database.
+/// the consumer thread, so it may block on the database.
 struct ComposerContext {
     pool: db::Pool,
     group: String,
     runtime: Handle,
-    assignment: Mutex<Assignment>,
+    shared: Arc<Shared>,
 }
 
 impl ClientContext for ComposerContext {}
 
 impl ConsumerContext for ComposerContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
-        let mut state = self.assignment.lock().unwrap_or_else(|p| p.into_inner());
+        let _applying: Vec<_> = self.shared.applying.iter().map(locked).collect();
+        let mut state = locked(&self.shared.assignment);
         state.generation += 1;
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
@@ -103,6 +131,80 @@ pub struct Metrics {
     pub batches: AtomicU64,
 }
 
+/// A polled message after parsing, validation and mapping.
+struct Prepared {
+    consumed: Consumed,
+    /// The message itself, kept only when it goes to the dead-letter topic.
+    original: Option<OwnedMessage>,
+}
+
+/// Prepared messages of one assignment generation, from the consumer thread to the applier.
+struct Chunk {
+    generation: u64,
+    items: Vec<Prepared>,
+}
+
+/// What the consumer thread holds for one applier while that applier is busy: full-sized
+/// chunks waiting their turn (oldest first), and the chunk still growing with the time it is
+/// due. Holding a full chunk lets the consumer thread go on feeding the other appliers.
+#[derive(Default)]
+struct Hand {
+    sealed: std::collections::VecDeque<Chunk>,
+    growing: Option<(Chunk, Instant)>,
+}
+
+/// Full-sized chunks a hand holds before the consumer thread stops polling.
+const SEALED: usize = 2;
+
+impl Hand {
+    fn push(&mut self, item: Prepared, generation: u64, wait: Duration, batch_size: usize) {
+        let (chunk, _) = self.growing.get_or_insert_with(|| (Chunk { generation, items: Vec::new() }, Instant::now() + wait));
+        chunk.items.push(item);
+        if chunk.items.len() >= batch_size
+            && let Some((chunk, _)) = self.growing.take()
+        {
+            self.sealed.push_back(chunk);
+        }
+    }
+
+    /// No room for another full chunk.
+    fn full(&self, batch_size: usize) -> bool {
+        self.sealed.len() >= SEALED && self.growing.as_ref().is_some_and(|(c, _)| c.items.len() + 1 >= batch_size)
+    }
+
+    fn forget_before(&mut self, generation: u64) {
+        self.sealed.retain(|c| c.generation == generation);
+        if self.growing.as_ref().is_some_and(|(c, _)| c.generation != generation) {
+            self.growing = None;
+        }
+    }
+
+    /// The next chunk for the applier: the oldest sealed one, or the growing one once due
+    /// (`false`).
+    fn take_due(&mut self) -> Option<(Chunk, bool)> {
+        if let Some(chunk) = self.sealed.pop_front() {
+            return Some((chunk, true));
+        }
+        match self.growing.take() {
+            Some((chunk, due)) if Instant::now() >= due => Some((chunk, false)),
+            growing => {
+                self.growing = growing;
+                None
+            }
+        }
+    }
+
+    /// A chunk from [`Hand::take_due`] that the applier did not take: where it was (a growing
+    /// one goes on growing, due).
+    fn put_back(&mut self, chunk: Chunk, sealed: bool) {
+        if sealed {
+            self.sealed.push_front(chunk);
+        } else {
+            self.growing = Some((chunk, Instant::now()));
+        }
+    }
+}
+
 pub struct Composer {
     config: ComposerConfig,
     pool: db::Pool,
@@ -119,16 +221,14 @@ impl Composer {
         Ok(Self { config, pool, contracts: Contracts::load()?, composites, indexer, metrics: Arc::default() })
     }
 
-    /// Consumes until `stop` is set. Runs on the calling (non-async) thread; database work
-    /// goes through `runtime`.
+    /// Consumes until `stop` is set. Runs on the calling (non-async) thread and an applier
+    /// thread of its own; database work goes through `runtime`.
     pub fn run(&self, runtime: Handle, stop: &AtomicBool) -> anyhow::Result<()> {
         let kafka = &self.config.common.kafka;
-        let context = ComposerContext {
-            pool: self.pool.clone(),
-            group: self.config.group_id.clone(),
-            runtime: runtime.clone(),
-            assignment: Mutex::new(Assignment::default()),
-        };
+        let appliers = self.config.appliers.max(1);
+        let shared = Arc::new(Shared { assignment: Mutex::default(), applying: (0..appliers).map(|_| Mutex::new(())).collect() });
+        let context =
+            ComposerContext { pool: self.pool.clone(), group: self.config.group_id.clone(), runtime: runtime.clone(), shared: shared.clone() };
         let consumer: BaseConsumer<ComposerContext> = ClientConfig::new()
             .set("bootstrap.servers", &kafka.bootstrap_servers)
             .set("group.id", &self.config.group_id)
@@ -142,47 +242,154 @@ impl Composer {
             .set("fetch.wait.max.ms", "20")
             .set("log_level", "4")
             .create_with_context(context)?;
+        let topics: Vec<String> = RecordKind::ALL.iter().map(|k| kafka.topic(k.topic())).collect();
+        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topic_refs)?;
+        tracing::info!(group = %self.config.group_id, "composer consuming");
+
         let dlq: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &kafka.bootstrap_servers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "5")
+            .set("linger.ms", "1")
             .set("log_level", "4")
             .create()?;
-        let topics: Vec<String> = RecordKind::ALL.iter().map(|k| kafka.topic(k.topic())).collect();
-        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topic_refs)?;
-        let kinds: HashMap<String, RecordKind> = RecordKind::ALL.iter().map(|k| (kafka.topic(k.topic()), *k)).collect();
-        let dlq_topic = kafka.topic(platform::topics::DLQ);
-        tracing::info!(group = %self.config.group_id, "composer consuming");
-
-        // Messages polled while a failed batch waited to be retried, with the assignment
-        // generation they were polled in: the next batch starts with them (dropping one would
-        // skip its event for good, as the offsets move past it).
-        let mut held: Vec<(u64, BorrowedMessage<'_>)> = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
-            let (generation, messages) = self.gather(&consumer, std::mem::take(&mut held))?;
-            if messages.is_empty() {
-                continue;
+        let (committed, positions) = std::sync::mpsc::channel::<Vec<StoredOffset>>();
+        std::thread::scope(|scope| {
+            let mut lanes = Vec::new();
+            let mut threads = Vec::new();
+            for lane in 0..appliers {
+                // A rendezvous: a chunk is handed over only when its applier is idle (or
+                // full-sized, when the consumer thread waits for it); until then it grows.
+                let (chunks, waiting) = std::sync::mpsc::sync_channel::<Chunk>(0);
+                let (shared, runtime, dlq, committed) = (&shared, &runtime, &dlq, committed.clone());
+                let thread = std::thread::Builder::new()
+                    .name(format!("composer-apply-{lane}"))
+                    .spawn_scoped(scope, move || self.apply_loop(lane, runtime, shared, dlq, waiting, committed, stop))?;
+                lanes.push(chunks);
+                threads.push(thread);
             }
-            // Parse, validate and map outside the transaction.
-            let consumed: Vec<Consumed> = messages
-                .iter()
-                .map(|m| {
+            drop(committed);
+            let mut result = self.poll_loop(&consumer, &shared, lanes, positions, stop);
+            for thread in threads {
+                let applied = thread.join().map_err(|_| anyhow::anyhow!("composer applier panicked"))?;
+                result = result.and(applied);
+            }
+            result
+        })
+    }
+
+    /// The consumer thread: polls, prepares and hands chunks to the appliers (`lanes`) until
+    /// `stop` is set (the chunks in hand are handed over first) or an applier ended.
+    fn poll_loop(
+        &self,
+        consumer: &BaseConsumer<ComposerContext>,
+        shared: &Shared,
+        lanes: Vec<SyncSender<Chunk>>,
+        positions: Receiver<Vec<StoredOffset>>,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<()> {
+        let kafka = &self.config.common.kafka;
+        let kinds: HashMap<String, RecordKind> = RecordKind::ALL.iter().map(|k| (kafka.topic(k.topic()), *k)).collect();
+        let wait = Duration::from_millis(self.config.batch_wait_ms);
+        let mut hands: Vec<Hand> = lanes.iter().map(|_| Hand::default()).collect();
+        while !stop.load(Ordering::Relaxed) {
+            // Positions PostgreSQL committed, hinted to Kafka (PostgreSQL holds the truth).
+            while let Ok(offsets) = positions.try_recv() {
+                hint(consumer, &offsets);
+            }
+            let timeout = match hands.iter().filter_map(|h| h.growing.as_ref().map(|(_, due)| *due)).min() {
+                // A full chunk waits for its applier: look again soon.
+                _ if hands.iter().any(|h| !h.sealed.is_empty()) => Duration::from_millis(1),
+                None => Duration::from_millis(200),
+                // Due but its applier was busy: look again soon.
+                Some(due) => due.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)),
+            };
+            // An applier so far behind that its hand is full: no polling (Kafka keeps
+            // buffering) until it takes a chunk; the other appliers still get theirs below.
+            let message = if hands.iter().any(|h| h.full(self.config.batch_size)) {
+                std::thread::sleep(Duration::from_millis(1));
+                None
+            } else {
+                consumer.poll(timeout)
+            };
+            let generation = {
+                let state = locked(&shared.assignment);
+                if let Some(e) = &state.error {
+                    anyhow::bail!("{e}");
+                }
+                state.generation
+            };
+            for hand in &mut hands {
+                // A rebalance sought back to the stored positions: these come again.
+                hand.forget_before(generation);
+            }
+            match message {
+                Some(Ok(m)) => {
                     let outcome = match kinds.get(m.topic()) {
                         Some(kind) => batch::prepare(&self.contracts, *kind, m.payload()),
                         None => Outcome::Nothing,
                     };
-                    Consumed { topic: m.topic().to_owned(), partition: m.partition(), offset: m.offset(), outcome }
-                })
-                .collect();
-            let offsets = {
-                let state = consumer.context().assignment.lock().unwrap_or_else(|p| p.into_inner());
-                if state.generation != generation {
-                    continue; // A rebalance happened while gathering: positions were reset.
+                    let original = matches!(outcome, Outcome::Rejected(_)).then(|| m.detach());
+                    let consumed = Consumed { topic: m.topic().to_owned(), partition: m.partition(), offset: m.offset(), outcome };
+                    let hand = &mut hands[m.partition().unsigned_abs() as usize % lanes.len()];
+                    hand.push(Prepared { consumed, original }, generation, wait, self.config.batch_size);
                 }
-                next_offsets(&consumed, &state.stored)
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                None => {}
+            }
+            for (hand, lane) in hands.iter_mut().zip(&lanes) {
+                let Some((chunk, sealed)) = hand.take_due() else { continue };
+                match lane.try_send(chunk) {
+                    Ok(()) => {}
+                    // The applier is busy: the chunk waits (and grows, if not full yet).
+                    Err(TrySendError::Full(chunk)) => hand.put_back(chunk, sealed),
+                    Err(TrySendError::Disconnected(_)) => return Ok(()), // `run` returns the applier's error.
+                }
+            }
+        }
+        for (hand, lane) in hands.into_iter().zip(&lanes) {
+            for chunk in hand.sealed.into_iter().chain(hand.growing.map(|(c, _)| c)) {
+                let _ = lane.send(chunk);
+            }
+        }
+        Ok(())
+    }
+
+    /// An applier thread: applies each chunk the consumer thread hands over to `lane`, one
+    /// transaction each, until the consumer thread hangs up.
+    fn apply_loop(
+        &self,
+        lane: usize,
+        runtime: &Handle,
+        shared: &Shared,
+        dlq: &FutureProducer,
+        waiting: Receiver<Chunk>,
+        committed: std::sync::mpsc::Sender<Vec<StoredOffset>>,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<()> {
+        let dlq_topic = self.config.common.kafka.topic(platform::topics::DLQ);
+        while let Ok(chunk) = waiting.recv() {
+            let _applying = locked(&shared.applying[lane]);
+            let (consumed, originals, offsets) = {
+                let state = locked(&shared.assignment);
+                if chunk.generation != state.generation {
+                    continue;
+                }
+                let items = chunk.items.into_iter();
+                // Messages below the stored position were applied before (a redelivery after
+                // a restart or rebalance).
+                let items = items.filter(|p| {
+                    let c = &p.consumed;
+                    state.stored.get(&(c.topic.clone(), c.partition)).is_some_and(|stored| stored.is_none_or(|s| c.offset >= s))
+                });
+                let (consumed, originals): (Vec<Consumed>, Vec<Option<OwnedMessage>>) = items.map(|p| (p.consumed, p.original)).unzip();
+                let offsets = next_offsets(&consumed, &state.stored);
+                (consumed, originals, offsets)
             };
+            if consumed.is_empty() {
+                continue;
+            }
             let mut attempt = 0u32;
             let mut dead_lettered = false;
             loop {
@@ -190,7 +397,7 @@ impl Composer {
                     // Once acknowledged, dead letters are not produced again when the
                     // transaction is retried.
                     if !dead_lettered {
-                        self.dead_letter(&dlq, &dlq_topic, &messages, &consumed).await?;
+                        self.dead_letter(dlq, &dlq_topic, &originals, &consumed).await?;
                         dead_lettered = true;
                     }
                     batch::apply(&self.pool, &self.config.group_id, &self.composites, self.indexer.as_ref(), &consumed, &offsets)
@@ -207,7 +414,13 @@ impl Composer {
                         m.composite_versions.fetch_add(applied.composite_versions as u64, Ordering::Relaxed);
                         m.batches.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(?applied, "batch applied");
-                        self.committed(&consumer, &offsets);
+                        let mut state = locked(&shared.assignment);
+                        for (o, _) in &offsets {
+                            if let Some(slot) = state.stored.get_mut(&(o.topic.clone(), o.partition)) {
+                                *slot = Some(o.next_offset);
+                            }
+                        }
+                        let _ = committed.send(offsets.into_iter().map(|(o, _)| o).collect());
                         break;
                     }
                     Err(e) if e.downcast_ref::<batch::BatchError>().is_some_and(|b| matches!(b, batch::BatchError::Fenced)) => {
@@ -221,16 +434,9 @@ impl Composer {
                         if stop.load(Ordering::Relaxed) {
                             return Err(e);
                         }
+                        // Meanwhile the consumer thread keeps polling (and so its group
+                        // membership), and what it prepares waits for this batch.
                         std::thread::sleep(wait);
-                        // Keep the group membership alive while retrying.
-                        match consumer.poll(Duration::ZERO) {
-                            Some(Ok(m)) => {
-                                let generation = consumer.context().assignment.lock().unwrap_or_else(|p| p.into_inner()).generation;
-                                held.push((generation, m));
-                            }
-                            Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
-                            None => {}
-                        }
                     }
                 }
             }
@@ -238,60 +444,17 @@ impl Composer {
         Ok(())
     }
 
-    /// Polls until the batch is full or `batch_wait` passed since its first message. The batch
-    /// starts with the `held` messages of the current assignment (a rebalance since then sought
-    /// back to the stored positions, so the others come again).
-    fn gather<'c>(
-        &self,
-        consumer: &'c BaseConsumer<ComposerContext>,
-        held: Vec<(u64, BorrowedMessage<'c>)>,
-    ) -> anyhow::Result<(u64, Vec<BorrowedMessage<'c>>)> {
-        let wait = Duration::from_millis(self.config.batch_wait_ms);
-        let generation = consumer.context().assignment.lock().unwrap_or_else(|p| p.into_inner()).generation;
-        let mut messages: Vec<BorrowedMessage<'c>> = held.into_iter().filter(|(g, _)| *g == generation).map(|(_, m)| m).collect();
-        let mut deadline: Option<Instant> = (!messages.is_empty()).then(|| Instant::now() + wait);
-        while messages.len() < self.config.batch_size {
-            let timeout = match deadline {
-                None => Duration::from_millis(200),
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(left) => left,
-                    None => break,
-                },
-            };
-            match consumer.poll(timeout) {
-                Some(Ok(m)) => {
-                    deadline.get_or_insert_with(|| Instant::now() + wait);
-                    messages.push(m);
-                }
-                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
-                None if deadline.is_none() => break,
-                None => {}
-            }
-            let state = consumer.context().assignment.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(e) = &state.error {
-                anyhow::bail!("{e}");
-            }
-            if state.generation != generation {
-                return Ok((state.generation, Vec::new()));
-            }
-        }
-        // Messages below the stored position were applied before (a redelivery after restart).
-        let state = consumer.context().assignment.lock().unwrap_or_else(|p| p.into_inner());
-        messages.retain(|m| state.stored.get(&(m.topic().to_owned(), m.partition())).is_some_and(|stored| stored.is_none_or(|s| m.offset() >= s)));
-        Ok((generation, messages))
-    }
-
     /// Produces the batch's dead letters and waits for the broker's acknowledgement (acks=all).
     async fn dead_letter(
         &self,
         producer: &FutureProducer,
         topic: &str,
-        messages: &[BorrowedMessage<'_>],
+        originals: &[Option<OwnedMessage>],
         consumed: &[Consumed],
     ) -> anyhow::Result<()> {
         let mut pending = Vec::new();
-        for (m, c) in messages.iter().zip(consumed) {
-            let Outcome::Rejected(rejection) = &c.outcome else { continue };
+        for (m, c) in originals.iter().zip(consumed) {
+            let (Outcome::Rejected(rejection), Some(m)) = (&c.outcome, m) else { continue };
             let mut headers = OwnedHeaders::new();
             if let Some(original) = m.headers() {
                 for h in original.iter() {
@@ -321,22 +484,20 @@ impl Composer {
         }
         Ok(())
     }
+}
 
-    /// After PostgreSQL committed: remember the new positions, and hint them to Kafka.
-    fn committed(&self, consumer: &BaseConsumer<ComposerContext>, offsets: &[(StoredOffset, Option<i64>)]) {
-        let mut state = consumer.context().assignment.lock().unwrap_or_else(|p| p.into_inner());
-        let mut tpl = TopicPartitionList::new();
-        for (o, _) in offsets {
-            let key = (o.topic.clone(), o.partition);
-            if let Some(slot) = state.stored.get_mut(&key) {
-                *slot = Some(o.next_offset);
-                let _ = tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
-            }
+/// Hints positions PostgreSQL committed to Kafka (for lag monitoring; PostgreSQL holds the
+/// truth, and positions are sought from it on every assignment).
+fn hint(consumer: &BaseConsumer<ComposerContext>, offsets: &[StoredOffset]) {
+    let assigned = consumer.assignment().unwrap_or_default();
+    let mut tpl = TopicPartitionList::new();
+    for o in offsets {
+        if assigned.find_partition(&o.topic, o.partition).is_some() {
+            let _ = tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
         }
-        drop(state);
-        if tpl.count() > 0 {
-            let _ = consumer.commit(&tpl, CommitMode::Async);
-        }
+    }
+    if tpl.count() > 0 {
+        let _ = consumer.commit(&tpl, CommitMode::Async);
     }
 }
 
@@ -357,4 +518,60 @@ fn next_offsets(consumed: &[Consumed], stored: &HashMap<(String, i32), Option<i6
         .collect();
     moves.sort_by(|a, b| (&a.0.topic, a.0.partition).cmp(&(&b.0.topic, b.0.partition)));
     moves
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(offset: i64) -> Prepared {
+        Prepared { consumed: Consumed { topic: "t".into(), partition: 0, offset, outcome: Outcome::Nothing }, original: None }
+    }
+
+    fn offsets(chunk: &Chunk) -> Vec<i64> {
+        chunk.items.iter().map(|p| p.consumed.offset).collect()
+    }
+
+    #[test]
+    fn a_hand_seals_full_chunks_and_hands_them_over_in_order() {
+        let mut hand = Hand::default();
+        for offset in 0..8 {
+            hand.push(item(offset), 1, Duration::from_secs(60), 3);
+        }
+        assert_eq!(hand.sealed.len(), 2);
+        assert!(hand.full(3), "two sealed and a growing chunk one short of full: stop polling");
+        let (first, sealed) = hand.take_due().unwrap();
+        assert!(sealed);
+        assert_eq!(offsets(&first), [0, 1, 2]);
+        // The applier was busy: it comes back first.
+        hand.put_back(first, true);
+        assert_eq!(offsets(&hand.take_due().unwrap().0), [0, 1, 2]);
+        assert_eq!(offsets(&hand.take_due().unwrap().0), [3, 4, 5]);
+        assert!(hand.take_due().is_none(), "the growing chunk is not due for a minute");
+        assert!(!hand.full(3));
+    }
+
+    #[test]
+    fn a_growing_chunk_is_due_after_the_wait_and_keeps_growing_while_its_applier_is_busy() {
+        let mut hand = Hand::default();
+        hand.push(item(0), 1, Duration::ZERO, 100);
+        let (chunk, sealed) = hand.take_due().unwrap();
+        assert!(!sealed);
+        hand.put_back(chunk, false);
+        hand.push(item(1), 1, Duration::ZERO, 100);
+        assert_eq!(offsets(&hand.take_due().unwrap().0), [0, 1]);
+    }
+
+    #[test]
+    fn a_rebalance_forgets_what_was_polled_before_it() {
+        let mut hand = Hand::default();
+        for offset in 0..5 {
+            hand.push(item(offset), 1, Duration::ZERO, 2);
+        }
+        hand.forget_before(2);
+        assert!(hand.sealed.is_empty() && hand.growing.is_none());
+        hand.push(item(9), 2, Duration::ZERO, 2);
+        hand.forget_before(2);
+        assert_eq!(offsets(&hand.take_due().unwrap().0), [9]);
+    }
 }

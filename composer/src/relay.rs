@@ -82,7 +82,8 @@ impl Relay {
             .set("bootstrap.servers", &kafka.bootstrap_servers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "5")
+            // A batch is enqueued at once and awaited: no need to linger for more.
+            .set("linger.ms", "1")
             .set("compression.type", "zstd")
             // Keep trying through a broker restart; a batch that still fails is sent again.
             .set("message.timeout.ms", "300000")

@@ -99,15 +99,19 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let sent_at: Arc<Mutex<HashMap<String, (Instant, time::OffsetDateTime)>>> = Arc::default();
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &kafka.bootstrap_servers)
-        .set("group.id", &run)
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "5")
-        .create()?;
+    let consumer: Arc<StreamConsumer> = Arc::new(
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &kafka.bootstrap_servers)
+            .set("group.id", &run)
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "5")
+            .create()?,
+    );
     consumer.subscribe(&[&kafka.topic(platform::topics::MEDICATION_PROFILE)])?;
     let seen = sent_at.clone();
+    let reading = consumer.clone();
     let reader = tokio::spawn(async move {
+        let consumer = reading;
         // Total, and its two legs: produced → the composer's change time (`meta.lastUpdated`,
         // taken as its transaction starts), and from there → read from the topic.
         let (mut latencies, mut to_composer, mut to_topic) = (Vec::with_capacity(total), Vec::new(), Vec::new());
@@ -130,7 +134,19 @@ async fn main() -> anyhow::Result<()> {
         }
         (latencies, to_composer, to_topic)
     });
-    tokio::time::sleep(Duration::from_secs(2)).await; // the consumer joins its group
+    // The clock starts once the reader owns the topic's partitions (it reads from the start).
+    while consumer.assignment().map_or(0, |a| a.count()) == 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The system of record's producer sends each change as it happens (acks=all, idempotent):
+    // linger.ms=1, not the bulk loader's 10 ms.
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap_servers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .set("log_level", "4")
+        .create()?;
 
     let topic = kafka.topic(platform::topics::DEMOGRAPHICS);
     let started = Instant::now();
