@@ -22,6 +22,8 @@ fn start_composer(url: &str, prefix: &str, group: &str) -> anyhow::Result<Child>
         .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
         .env("KAFKA_TOPIC_PREFIX", prefix)
         .env("COMPOSER_GROUP_ID", group)
+        // Three transactions in flight when the SIGKILL lands; the reference run has one.
+        .env("COMPOSER_APPLIERS", "3")
         .env("FHIR_BASE_URL", "http://fhir.test/fhir")
         .env("LOG_LEVEL", "warn")
         .stdin(Stdio::null());

@@ -16,6 +16,10 @@ struct Cli {
     members: usize,
     #[arg(long, default_value_t = 2000)]
     batch_size: usize,
+    /// Composer appliers (`COMPOSER_APPLIERS`): a bulk load like this one runs one per
+    /// partition.
+    #[arg(long, default_value_t = 3)]
+    appliers: usize,
 }
 
 #[tokio::main]
@@ -46,6 +50,8 @@ async fn main() -> anyhow::Result<()> {
     config.common.kafka = kafka.clone();
     config.group_id = run.clone();
     config.batch_size = cli.batch_size;
+    config.appliers = cli.appliers;
+    println!("composer: batches of up to {}, {} appliers", cli.batch_size, cli.appliers);
     let (stop, metrics, thread) = composer::spawn(config).await?;
     let pool = db::connect(&url, 2).await?;
     let started = Instant::now();
