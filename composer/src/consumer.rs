@@ -247,13 +247,7 @@ impl Composer {
         consumer.subscribe(&topic_refs)?;
         tracing::info!(group = %self.config.group_id, "composer consuming");
 
-        let dlq: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &kafka.bootstrap_servers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "1")
-            .set("log_level", "4")
-            .create()?;
+        let dlq = crate::generator::prompt_producer(&kafka.bootstrap_servers)?;
         let (committed, positions) = std::sync::mpsc::channel::<Vec<StoredOffset>>();
         std::thread::scope(|scope| {
             let mut lanes = Vec::new();

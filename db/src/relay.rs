@@ -113,12 +113,23 @@ pub async fn forget_attribution_changes(tx: &mut PgConnection, ids: &[i64]) -> c
     Ok(())
 }
 
-/// The SQL text of `sql` with `{members}` replaced by the condition that `column` is one of
-/// the members bound as `$3`, or by `true` for every member. Each text is a separate prepared
-/// statement, so neither plan has to serve the other case.
-fn for_members(sql: &str, column: &str, members: Option<&[String]>) -> sqlx::AssertSqlSafe<String> {
+/// Runs `sql` with `$1` = `day` and `$2` = `limit`, its `{members}` replaced by the condition
+/// that `column` is one of `members` (bound as `$3`), or by `true` for every member. Each text
+/// is a separate prepared statement, so neither plan has to serve the other case.
+async fn for_members(
+    tx: &mut PgConnection,
+    sql: &str,
+    column: &str,
+    day: Date,
+    limit: i64,
+    members: Option<&[String]>,
+) -> crate::Result<Vec<sqlx::postgres::PgRow>> {
     let condition = if members.is_some() { format!("{column} = ANY($3)") } else { "true".to_owned() };
-    sqlx::AssertSqlSafe(sql.replace("{members}", &condition))
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.replace("{members}", &condition))).bind(day).bind(limit);
+    if let Some(members) = members {
+        query = query.bind(members);
+    }
+    Ok(query.fetch_all(&mut *tx).await?)
 }
 
 /// Attributed on `day` with a live composite, but not yet on the partner's topic:
@@ -129,7 +140,8 @@ pub async fn newly_attributed(
     limit: i64,
     members: Option<&[String]>,
 ) -> crate::Result<Vec<(String, String, i64, String)>> {
-    let sql = for_members(
+    let rows = for_members(
+        tx,
         "SELECT DISTINCT a.body ->> 'partner_id', a.member_id, c.version_id, h.body::text
          FROM components a
          JOIN composites c ON c.member_id = a.member_id AND NOT c.deleted
@@ -139,13 +151,11 @@ pub async fn newly_attributed(
            AND NOT EXISTS (SELECT 1 FROM partner_topic_members t WHERE t.partner_id = a.body ->> 'partner_id' AND t.member_id = a.member_id)
          LIMIT $2",
         "a.member_id",
+        day,
+        limit,
         members,
-    );
-    let mut query = sqlx::query(sql).bind(day).bind(limit);
-    if let Some(members) = members {
-        query = query.bind(members);
-    }
-    let rows = query.fetch_all(&mut *tx).await?;
+    )
+    .await?;
     Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
 }
 
@@ -157,7 +167,8 @@ pub async fn no_longer_attributed(
     limit: i64,
     members: Option<&[String]>,
 ) -> crate::Result<Vec<(String, String, i64)>> {
-    let sql = for_members(
+    let rows = for_members(
+        tx,
         "SELECT t.partner_id, t.member_id, coalesce(c.version_id, 0) FROM partner_topic_members t
          LEFT JOIN composites c ON c.member_id = t.member_id
          WHERE {members} AND NOT EXISTS (SELECT 1 FROM components a WHERE a.kind = 'attribution' AND NOT a.deleted
@@ -165,13 +176,11 @@ pub async fn no_longer_attributed(
            AND (a.body ->> 'period_start')::date <= $1 AND coalesce((a.body ->> 'period_end')::date >= $1, true))
          LIMIT $2",
         "t.member_id",
+        day,
+        limit,
         members,
-    );
-    let mut query = sqlx::query(sql).bind(day).bind(limit);
-    if let Some(members) = members {
-        query = query.bind(members);
-    }
-    let rows = query.fetch_all(&mut *tx).await?;
+    )
+    .await?;
     Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
 }
 

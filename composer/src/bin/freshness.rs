@@ -140,13 +140,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // The system of record's producer sends each change as it happens (acks=all, idempotent):
     // linger.ms=1, not the bulk loader's 10 ms.
-    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &kafka.bootstrap_servers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "1")
-        .set("log_level", "4")
-        .create()?;
+    let producer = composer::generator::prompt_producer(&kafka.bootstrap_servers)?;
 
     let topic = kafka.topic(platform::topics::DEMOGRAPHICS);
     let started = Instant::now();
