@@ -30,3 +30,22 @@ pub async fn ensure(kafka: &KafkaConfig, partitions: i32) -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+/// Deletes every topic of `kafka`'s namespace (its non-empty topic prefix): benchmarks remove
+/// what they created, so the broker does not carry hundreds of idle partitions into the next
+/// measurement. Refuses an empty prefix (that would be the deployment's own topics).
+pub async fn delete_namespace(kafka: &KafkaConfig) -> anyhow::Result<usize> {
+    anyhow::ensure!(!kafka.topic_prefix.is_empty(), "refusing to delete topics without a namespace prefix");
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &kafka.bootstrap_servers).set("log_level", "4").create()?;
+    let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
+    let names: Vec<String> = metadata.topics().iter().map(|t| t.name().to_owned()).filter(|n| n.starts_with(&kafka.topic_prefix)).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.delete_topics(&refs, &options).await? {
+        if let Err((name, e)) = result {
+            anyhow::bail!("deleting topic {name}: {e}");
+        }
+    }
+    Ok(names.len())
+}

@@ -89,5 +89,6 @@ async fn main() -> anyhow::Result<()> {
     println!("composer / ceiling = {:.2}", rate / ceiling_rate);
     pool.close().await;
     db::bench::drop_database(&admin, &run).await?;
+    composer::topics::delete_namespace(&kafka).await?;
     Ok(())
 }
