@@ -167,6 +167,11 @@ impl Hand {
         }
     }
 
+    /// When this hand next has a chunk for its applier (a sealed one is due now).
+    fn due(&self) -> Option<Instant> {
+        if self.sealed.is_empty() { self.growing.as_ref().map(|(_, due)| *due) } else { Some(Instant::now()) }
+    }
+
     /// No room for another full chunk.
     fn full(&self, batch_size: usize) -> bool {
         self.sealed.len() >= SEALED && self.growing.as_ref().is_some_and(|(c, _)| c.items.len() + 1 >= batch_size)
@@ -221,8 +226,8 @@ impl Composer {
         Ok(Self { config, pool, contracts: Contracts::load()?, composites, indexer, metrics: Arc::default() })
     }
 
-    /// Consumes until `stop` is set. Runs on the calling (non-async) thread and an applier
-    /// thread of its own; database work goes through `runtime`.
+    /// Consumes until `stop` is set. Polls on the calling (non-async) thread and applies on
+    /// `appliers` threads of its own; database work goes through `runtime`.
     pub fn run(&self, runtime: Handle, stop: &AtomicBool) -> anyhow::Result<()> {
         let kafka = &self.config.common.kafka;
         let appliers = self.config.appliers.max(1);
@@ -247,7 +252,7 @@ impl Composer {
         consumer.subscribe(&topic_refs)?;
         tracing::info!(group = %self.config.group_id, "composer consuming");
 
-        let dlq = crate::generator::prompt_producer(&kafka.bootstrap_servers)?;
+        let dlq = crate::topics::prompt_producer(&kafka.bootstrap_servers)?;
         let (committed, positions) = std::sync::mpsc::channel::<Vec<StoredOffset>>();
         std::thread::scope(|scope| {
             let mut lanes = Vec::new();
@@ -292,11 +297,10 @@ impl Composer {
             while let Ok(offsets) = positions.try_recv() {
                 hint(consumer, &offsets);
             }
-            let timeout = match hands.iter().filter_map(|h| h.growing.as_ref().map(|(_, due)| *due)).min() {
-                // A full chunk waits for its applier: look again soon.
-                _ if hands.iter().any(|h| !h.sealed.is_empty()) => Duration::from_millis(1),
+            // Until the next chunk is due; a chunk already due waits for a busy applier, so
+            // look again within a millisecond.
+            let timeout = match hands.iter().filter_map(Hand::due).min() {
                 None => Duration::from_millis(200),
-                // Due but its applier was busy: look again soon.
                 Some(due) => due.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)),
             };
             // An applier so far behind that its hand is full: no polling (Kafka keeps

@@ -285,18 +285,6 @@ pub fn generate(cfg: &GeneratorConfig) -> Vec<SorMessage> {
     timed.into_iter().map(|(_, m)| m).collect()
 }
 
-/// An idempotent producer (acks=all) that sends what it is given within a millisecond:
-/// a system of record sending each change as it happens, or the composer's dead letters.
-pub fn prompt_producer(bootstrap_servers: &str) -> anyhow::Result<FutureProducer> {
-    Ok(ClientConfig::new()
-        .set("bootstrap.servers", bootstrap_servers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "1")
-        .set("log_level", "4")
-        .create()?)
-}
-
 /// A producer as the systems of record would use for a bulk load: idempotent, acks=all.
 pub fn producer(kafka: &KafkaConfig) -> anyhow::Result<FutureProducer> {
     Ok(ClientConfig::new()

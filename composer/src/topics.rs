@@ -4,8 +4,21 @@ use platform::{KafkaConfig, topics};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
 use std::time::Duration;
+
+/// An idempotent producer (acks=all) that sends what it is given within a millisecond: the
+/// composer's dead letters, or a system of record sending each change as it happens.
+pub fn prompt_producer(bootstrap_servers: &str) -> anyhow::Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", bootstrap_servers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .set("log_level", "4")
+        .create()?)
+}
 
 /// `sor.*` and the DLQ keep history (delete policy); published composites are compacted.
 pub async fn ensure(kafka: &KafkaConfig, partitions: i32) -> anyhow::Result<()> {

@@ -145,7 +145,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // The system of record's producer sends each change as it happens (acks=all, idempotent):
     // linger.ms=1, not the bulk loader's 10 ms.
-    let producer = composer::generator::prompt_producer(&kafka.bootstrap_servers)?;
+    let producer = composer::topics::prompt_producer(&kafka.bootstrap_servers)?;
 
     let topic = kafka.topic(platform::topics::DEMOGRAPHICS);
     let started = Instant::now();
