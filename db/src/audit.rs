@@ -105,8 +105,8 @@ pub async fn get(pool: &PgPool, id: i64) -> crate::Result<Option<AuditRow>> {
 /// Locks up to `limit` unpublished events (skipping those another relay holds), in id order.
 pub async fn claim_unpublished(tx: &mut PgConnection, limit: i64) -> crate::Result<Vec<AuditRow>> {
     let sql = format!(
-        "SELECT {COLUMNS} FROM audit_events WHERE id IN (
-           SELECT audit_id FROM audit_outbox ORDER BY audit_id LIMIT $1 FOR UPDATE SKIP LOCKED)
+        "SELECT {COLUMNS} FROM audit_events WHERE id = ANY(ARRAY(
+           SELECT audit_id FROM audit_outbox ORDER BY audit_id LIMIT $1 FOR UPDATE SKIP LOCKED))
          ORDER BY id"
     );
     Ok(sqlx::query(sqlx::AssertSqlSafe(sql)).bind(limit).fetch_all(&mut *tx).await?.into_iter().map(audit_row).collect())
