@@ -249,9 +249,13 @@ pub fn spawn_relay(pool: db::Pool, kafka: platform::KafkaConfig, base_url: Strin
             if !topic_ready {
                 topic_ready = ensure_topic(&kafka.bootstrap_servers, &topic).await;
             }
+            // A full claim means more are waiting; otherwise let the next group gather: at
+            // 2,000 requests/s, relaying whatever was there at once took ~140 transactions
+            // (and fsyncs) a second next to the requests' own.
             let pause = match relay_once(&pool, &producer, &topic, &base_url).await {
+                Ok(n) if n == RELAY_CLAIM => Duration::ZERO,
                 Ok(0) => Duration::from_millis(250),
-                Ok(_) => Duration::ZERO,
+                Ok(_) => Duration::from_millis(100),
                 Err(e) => {
                     tracing::warn!(error = %e, "audit relay: publishing failed; will retry");
                     Duration::from_secs(2)
@@ -282,9 +286,12 @@ async fn ensure_topic(bootstrap: &str, topic: &str) -> bool {
     }
 }
 
+/// Most audit events one relay transaction publishes.
+const RELAY_CLAIM: usize = 500;
+
 async fn relay_once(pool: &db::Pool, producer: &FutureProducer, topic: &str, base_url: &str) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
-    let rows = db::audit::claim_unpublished(&mut tx, 500).await?;
+    let rows = db::audit::claim_unpublished(&mut tx, RELAY_CLAIM as i64).await?;
     if rows.is_empty() {
         return Ok(0);
     }

@@ -1,11 +1,10 @@
 //! The append-only audit trail and its outbox towards `audit.events.v1`.
 
-use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Row};
 use time::OffsetDateTime;
 
 /// One access, as the API records it. Never holds names, tokens or keys: member ids at most.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRecord {
     pub partner_id: Option<String>,
     pub operation: String,
@@ -50,18 +49,39 @@ fn audit_row(r: sqlx::postgres::PgRow) -> AuditRow {
 }
 
 /// Appends records (and their outbox rows) in one statement, so one commit covers a group.
+/// Each column goes as one array; a record's member ids are the slice
+/// `ids[start + 1 .. start + count]` of all the group's ids.
 pub async fn append(pool: &PgPool, records: &[AuditRecord]) -> crate::Result<()> {
-    let json = serde_json::to_string(records).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let column = |f: fn(&AuditRecord) -> Option<&str>| records.iter().map(f).collect::<Vec<_>>();
+    let mut ids: Vec<&str> = Vec::new();
+    let (mut starts, mut counts) = (Vec::with_capacity(records.len()), Vec::with_capacity(records.len()));
+    for r in records {
+        starts.push(ids.len() as i32);
+        counts.push(r.member_ids.len() as i32);
+        ids.extend(r.member_ids.iter().map(String::as_str));
+    }
     sqlx::query(
         "WITH added AS (
            INSERT INTO audit_events (partner_id, operation, resource_type, member_ids, method, path, status, outcome, key_id, decision)
-           SELECT partner_id, operation, resource_type, coalesce(member_ids, '{}'), method, path, status, outcome, key_id, decision
-           FROM jsonb_to_recordset($1::jsonb) AS r(partner_id text, operation text, resource_type text,
-                member_ids text[], method text, path text, status smallint, outcome text, key_id text, decision text)
+           SELECT partner_id, operation, resource_type, ($11::text[])[first + 1 : first + count], method, path, status, outcome, key_id, decision
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int2[], $7::text[], $8::text[], $9::text[], $10::int4[],
+                       $12::int4[])
+             AS r(partner_id, operation, resource_type, method, path, status, outcome, key_id, decision, first, count)
            RETURNING id)
          INSERT INTO audit_outbox (audit_id) SELECT id FROM added",
     )
-    .bind(json)
+    .bind(column(|r| r.partner_id.as_deref()))
+    .bind(column(|r| Some(r.operation.as_str())))
+    .bind(column(|r| r.resource_type.as_deref()))
+    .bind(column(|r| Some(r.method.as_str())))
+    .bind(column(|r| Some(r.path.as_str())))
+    .bind(records.iter().map(|r| r.status).collect::<Vec<i16>>())
+    .bind(column(|r| Some(r.outcome.as_str())))
+    .bind(column(|r| r.key_id.as_deref()))
+    .bind(column(|r| r.decision.as_deref()))
+    .bind(&starts)
+    .bind(&ids)
+    .bind(&counts)
     .execute(pool)
     .await?;
     Ok(())

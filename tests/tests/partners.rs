@@ -346,3 +346,35 @@ async fn partners_read_only_their_members_within_their_rate_and_everything_is_au
     assert_eq!(pa_on_topic, requests_by["pa"]);
     Ok(())
 }
+
+/// One group commit stores each record's own member ids (none, one, several), nullable fields
+/// as given, and one outbox row per record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_audit_records_is_stored_exactly() -> anyhow::Result<()> {
+    let (_, pool) = fresh_database("audit_group", true).await?;
+    let record = |partner: Option<&str>, members: &[&str], status: i16, key: Option<&str>| db::audit::AuditRecord {
+        partner_id: partner.map(str::to_owned),
+        operation: "search".into(),
+        resource_type: Some("MedicationStatement".into()),
+        member_ids: members.iter().map(|m| m.to_string()).collect(),
+        method: "GET".into(),
+        path: "/fhir/MedicationStatement".into(),
+        status,
+        outcome: if status < 400 { "0" } else { "4" }.into(),
+        key_id: key.map(str::to_owned),
+        decision: key.map(|_| "match".to_owned()),
+    };
+    let records = vec![
+        record(Some("pa"), &["M1", "M2", "M3"], 200, None),
+        record(None, &[], 401, None),
+        record(Some("pb"), &["M4"], 200, Some("k1")),
+        record(Some("pa"), &[], 404, None),
+        record(Some("pb"), &["M5", "M6"], 200, None),
+    ];
+    db::audit::append(&pool, &records).await?;
+    let (total, rows) = db::audit::search(&pool, &db::audit::Criteria::default(), None, 100).await?;
+    assert_eq!(total, 5);
+    assert_eq!(rows.iter().map(|r| r.record.clone()).collect::<Vec<_>>(), records);
+    assert_eq!(db::audit::unpublished(&pool).await?, 5);
+    Ok(())
+}
