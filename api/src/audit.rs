@@ -9,7 +9,6 @@ use crate::batch::Batcher;
 use crate::fhir;
 use axum::http::{Method, StatusCode};
 use db::audit::{AuditRecord, AuditRow};
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -230,8 +229,7 @@ pub fn audit_event(row: &AuditRow, base_url: &str) -> Value {
 pub fn spawn_relay(pool: db::Pool, kafka: platform::KafkaConfig, base_url: String) {
     tokio::spawn(async move {
         let topic = kafka.topic(platform::topics::AUDIT_EVENTS);
-        let producer: FutureProducer = match ClientConfig::new()
-            .set("bootstrap.servers", &kafka.bootstrap_servers)
+        let producer: FutureProducer = match composer::topics::client(&kafka.bootstrap_servers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
@@ -267,7 +265,7 @@ pub fn spawn_relay(pool: db::Pool, kafka: platform::KafkaConfig, base_url: Strin
 }
 
 async fn ensure_topic(bootstrap: &str, topic: &str) -> bool {
-    let Ok(admin) = ClientConfig::new().set("bootstrap.servers", bootstrap).create::<AdminClient<_>>() else { return false };
+    let Ok(admin) = composer::topics::client(bootstrap).create::<AdminClient<_>>() else { return false };
     let new = NewTopic::new(topic, 3, TopicReplication::Fixed(1));
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     match admin.create_topics([&new], &options).await {

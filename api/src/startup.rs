@@ -6,7 +6,6 @@ use crate::auth::{self, Auth, rate::Limit};
 use crate::config::Config;
 use crate::http;
 use axum::Router;
-use rdkafka::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
 use std::sync::Arc;
 use std::time::Duration;
@@ -172,8 +171,7 @@ impl Application {
 
     /// As `build`, with an existing pool (which may point at a database that is down).
     pub async fn build_with_pool(config: &Config, pool: db::Pool) -> anyhow::Result<Self> {
-        let kafka: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &config.common.kafka.bootstrap_servers)
+        let kafka: BaseConsumer = composer::topics::client(&config.common.kafka.bootstrap_servers)
             .set("client.id", "fhir-api-ready")
             .set("socket.timeout.ms", "3000")
             .set("log_level", "3")

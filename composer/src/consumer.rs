@@ -21,7 +21,7 @@ use rdkafka::error::KafkaResult;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use schemas::{Contracts, RecordKind};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -234,8 +234,7 @@ impl Composer {
         let shared = Arc::new(Shared { assignment: Mutex::default(), applying: (0..appliers).map(|_| Mutex::new(())).collect() });
         let context =
             ComposerContext { pool: self.pool.clone(), group: self.config.group_id.clone(), runtime: runtime.clone(), shared: shared.clone() };
-        let consumer: BaseConsumer<ComposerContext> = ClientConfig::new()
-            .set("bootstrap.servers", &kafka.bootstrap_servers)
+        let consumer: BaseConsumer<ComposerContext> = crate::topics::client(&kafka.bootstrap_servers)
             .set("group.id", &self.config.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")

@@ -6,7 +6,6 @@
 use platform::{KafkaConfig, topics};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -287,8 +286,7 @@ pub fn generate(cfg: &GeneratorConfig) -> Vec<SorMessage> {
 
 /// A producer as the systems of record would use for a bulk load: idempotent, acks=all.
 pub fn producer(kafka: &KafkaConfig) -> anyhow::Result<FutureProducer> {
-    Ok(ClientConfig::new()
-        .set("bootstrap.servers", &kafka.bootstrap_servers)
+    Ok(crate::topics::client(&kafka.bootstrap_servers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "10")

@@ -17,7 +17,6 @@ use clap::Parser;
 use db::subscriptions::{self as q, Subscription};
 use platform::KafkaConfig;
 use rand::Rng;
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
@@ -81,15 +80,14 @@ pub struct Notifier {
 impl Notifier {
     pub fn new(config: NotifierConfig, pool: db::Pool) -> anyhow::Result<Arc<Self>> {
         let kafka = &config.common.kafka;
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &kafka.bootstrap_servers)
+        let producer: FutureProducer = crate::topics::client(&kafka.bootstrap_servers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "0")
             .set("message.timeout.ms", "30000")
             .set("log_level", "4")
             .create()?;
-        let admin = ClientConfig::new().set("bootstrap.servers", &kafka.bootstrap_servers).set("log_level", "4").create()?;
+        let admin = crate::topics::client(&kafka.bootstrap_servers).set("log_level", "4").create()?;
         // Redirects are not followed: a notification goes to the registered endpoint only.
         let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
         Ok(Arc::new(Notifier {

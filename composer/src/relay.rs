@@ -14,7 +14,6 @@
 use clap::Parser;
 use db::relay::{self as q, OutboxRow};
 use platform::{KafkaConfig, topics};
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -78,8 +77,7 @@ pub struct Relay {
 impl Relay {
     pub fn new(config: RelayConfig, pool: db::Pool) -> anyhow::Result<Self> {
         let kafka = &config.common.kafka;
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &kafka.bootstrap_servers)
+        let producer: FutureProducer = crate::topics::client(&kafka.bootstrap_servers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             // A batch is enqueued at once and awaited: no need to linger for more.
@@ -89,7 +87,7 @@ impl Relay {
             .set("message.timeout.ms", "300000")
             .set("log_level", "4")
             .create()?;
-        let admin = ClientConfig::new().set("bootstrap.servers", &kafka.bootstrap_servers).set("log_level", "4").create()?;
+        let admin = crate::topics::client(&kafka.bootstrap_servers).set("log_level", "4").create()?;
         Ok(Relay { config, pool, producer, admin, known_topics: HashSet::new(), reconciled_on: None })
     }
 

@@ -105,8 +105,7 @@ async fn main() -> anyhow::Result<()> {
 
     let sent_at: Arc<Mutex<HashMap<String, (Instant, time::OffsetDateTime)>>> = Arc::default();
     let consumer: Arc<StreamConsumer> = Arc::new(
-        rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &kafka.bootstrap_servers)
+        composer::topics::client(&kafka.bootstrap_servers)
             .set("group.id", &run)
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "5")
