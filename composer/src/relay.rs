@@ -74,6 +74,11 @@ pub struct Relay {
     reconciled_on: Option<time::Date>,
 }
 
+/// Members whose attribution changed, reconciled per step. The outbox waits while a step runs
+/// (it goes first only between steps): 1,000 at once took 50-1,000 ms, and composites committed
+/// meanwhile reached the topic that much later; 100 bound the wait to a few milliseconds.
+const ATTRIBUTION_CHANGES_PER_STEP: i64 = 100;
+
 impl Relay {
     pub fn new(config: RelayConfig, pool: db::Pool) -> anyhow::Result<Self> {
         let kafka = &config.common.kafka;
@@ -129,7 +134,7 @@ impl Relay {
                 }
                 n
             } else {
-                let (ids, members) = q::attribution_changes(&mut tx, self.config.batch_size).await?;
+                let (ids, members) = q::attribution_changes(&mut tx, ATTRIBUTION_CHANGES_PER_STEP).await?;
                 if ids.is_empty() {
                     return Ok(0);
                 }

@@ -31,11 +31,14 @@ pub async fn lock(tx: &mut PgConnection) -> crate::Result<()> {
 pub async fn unpublished(tx: &mut PgConnection, limit: i64) -> crate::Result<Vec<OutboxRow>> {
     let rows = sqlx::query(
         // Composite versions refer to their body in history; other messages carry their own.
+        // The body is one index lookup per row, whatever the statistics say: as a join, an
+        // ANALYZE taken while the outbox was mostly published once turned this into a plan that
+        // took 13-27 s a batch.
         "SELECT o.id, o.topic, o.message_key, o.event_id, o.member_id, o.version_id,
-                coalesce(o.payload::text, h.body::text), o.headers::text
-         FROM outbox o LEFT JOIN composite_history h
-           ON o.payload IS NULL AND h.member_id = o.member_id AND h.version_id = o.version_id
-         WHERE o.published_at IS NULL ORDER BY o.id LIMIT $1",
+                coalesce(o.payload::text, (SELECT h.body::text FROM composite_history h
+                                           WHERE o.payload IS NULL AND h.member_id = o.member_id AND h.version_id = o.version_id)),
+                o.headers::text
+         FROM (SELECT * FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1) o ORDER BY o.id",
     )
     .bind(limit)
     .fetch_all(&mut *tx)

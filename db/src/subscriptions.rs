@@ -198,35 +198,40 @@ fn event(r: PgRow) -> Event {
     Event { event_number: r.get(0), member_id: r.get(1), version_id: r.get(2), deleted: r.get(3), occurred_at: r.get(4), body: r.get(5) }
 }
 
+/// Events chosen by `selection` (a condition, order and limit on `subscription_events`), each
+/// with its composite's body when `with_bodies` (a parameter) is true. The body is one index
+/// lookup per event whatever the statistics say (as a join it could become a scan of all of
+/// `composite_history`).
+fn event_query(with_bodies: &str, selection: &str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(format!(
+        "SELECT e.event_number, e.member_id, e.version_id, e.deleted, e.occurred_at,
+                CASE WHEN {with_bodies} THEN (SELECT h.body::text FROM composite_history h
+                                              WHERE h.member_id = e.member_id AND h.version_id = e.version_id) END
+         FROM (SELECT * FROM subscription_events WHERE {selection}) e ORDER BY e.event_number"
+    ))
+}
+
 /// The oldest undelivered events of a subscription, in order, at most `limit`.
 pub async fn pending(pool: &PgPool, id: &str, limit: i64, with_bodies: bool) -> crate::Result<Vec<Event>> {
-    let rows = sqlx::query(
-        "SELECT e.event_number, e.member_id, e.version_id, e.deleted, e.occurred_at, CASE WHEN $3 THEN h.body::text END
-         FROM subscription_events e LEFT JOIN composite_history h USING (member_id, version_id)
-         WHERE e.subscription_id = $1 AND e.delivered_at IS NULL ORDER BY e.event_number LIMIT $2",
-    )
-    .bind(id)
-    .bind(limit)
-    .bind(with_bodies)
-    .fetch_all(pool)
-    .await?;
+    let rows = sqlx::query(event_query("$3", "subscription_id = $1 AND delivered_at IS NULL ORDER BY event_number LIMIT $2"))
+        .bind(id)
+        .bind(limit)
+        .bind(with_bodies)
+        .fetch_all(pool)
+        .await?;
     Ok(rows.into_iter().map(event).collect())
 }
 
 /// Events `since..=until` of a subscription (delivered or not), at most `limit` ($events).
 pub async fn events(pool: &PgPool, id: &str, since: i64, until: i64, limit: i64, with_bodies: bool) -> crate::Result<Vec<Event>> {
-    let rows = sqlx::query(
-        "SELECT e.event_number, e.member_id, e.version_id, e.deleted, e.occurred_at, CASE WHEN $5 THEN h.body::text END
-         FROM subscription_events e LEFT JOIN composite_history h USING (member_id, version_id)
-         WHERE e.subscription_id = $1 AND e.event_number BETWEEN $2 AND $3 ORDER BY e.event_number LIMIT $4",
-    )
-    .bind(id)
-    .bind(since)
-    .bind(until)
-    .bind(limit)
-    .bind(with_bodies)
-    .fetch_all(pool)
-    .await?;
+    let rows = sqlx::query(event_query("$5", "subscription_id = $1 AND event_number BETWEEN $2 AND $3 ORDER BY event_number LIMIT $4"))
+        .bind(id)
+        .bind(since)
+        .bind(until)
+        .bind(limit)
+        .bind(with_bodies)
+        .fetch_all(pool)
+        .await?;
     Ok(rows.into_iter().map(event).collect())
 }
 
