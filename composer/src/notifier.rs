@@ -311,7 +311,7 @@ impl Notifier {
 
 /// Starts a notifier task (connects, migrates first); returns its stop flag and handle.
 pub async fn spawn(config: NotifierConfig) -> anyhow::Result<(Arc<AtomicBool>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
-    let pool = db::connect(&config.common.database_url, (config.concurrency as u32 / 4).clamp(4, 16)).await?;
+    let pool = db::connect_replanning(&config.common.database_url, (config.concurrency as u32 / 4).clamp(4, 16)).await?;
     db::migrate(&pool).await?;
     let notifier = Notifier::new(config, pool)?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -99,8 +99,13 @@ async fn main() -> anyhow::Result<()> {
     while db::composer::total_position(&pool, &run).await? < (warmup + total) as i64 {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Statistics as autovacuum keeps them in a database in service: the tables grew from empty
-    // within seconds, and plans made for empty tables are no plans for 31,000 attributions.
+    // Steady state before the clock: the relay has published what the attributions produced and
+    // followed them on the partner topic, and the statistics are as autovacuum keeps them in a
+    // database in service (the tables grew from empty within seconds; plans made for empty
+    // tables are no plans for 31,000 attributions).
+    while db::relay::backlog(&pool, time::OffsetDateTime::now_utc().date()).await? != (0, 0, 0) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     sqlx::query("ANALYZE components, composites, composite_history, outbox, attribution_changes, partner_topic_members").execute(&pool).await?;
     while db::subscriptions::get(&pool, "bench", &subscription.id).await?.is_none_or(|s| s.status != "active") {
         tokio::time::sleep(Duration::from_millis(100)).await;
