@@ -31,9 +31,8 @@ pub async fn lock(tx: &mut PgConnection) -> crate::Result<()> {
 pub async fn unpublished(tx: &mut PgConnection, limit: i64) -> crate::Result<Vec<OutboxRow>> {
     let rows = sqlx::query(
         // Composite versions refer to their body in history; other messages carry their own.
-        // The body is one index lookup per row, whatever the statistics say: as a join, an
-        // ANALYZE taken while the outbox was mostly published once turned this into a plan that
-        // took 13-27 s a batch.
+        // The body is one lookup per row of the batch, not a join whose method the planner
+        // chooses (the relay's pool plans every statement anew: see db::connect_replanning).
         "SELECT o.id, o.topic, o.message_key, o.event_id, o.member_id, o.version_id,
                 coalesce(o.payload::text, (SELECT h.body::text FROM composite_history h
                                            WHERE o.payload IS NULL AND h.member_id = o.member_id AND h.version_id = o.version_id)),
