@@ -31,10 +31,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// A pool for `url`. Statement logging is off: bound values can carry PHI.
 /// A pooled connection idle this long is pinged before it is handed out.
 const IDLE_BEFORE_PING: Duration = Duration::from_secs(30);
 
+/// A pool for `url`. Statement logging is off: bound values can carry PHI.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
     Ok(pool_options(max_connections).connect_with(connect_options(url, &[])?).await?)
 }

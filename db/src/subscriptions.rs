@@ -199,9 +199,7 @@ fn event(r: PgRow) -> Event {
 }
 
 /// Events chosen by `selection` (a condition, order and limit on `subscription_events`), each
-/// with its composite's body when `with_bodies` (a parameter) is true. The body is one index
-/// lookup per event whatever the statistics say (as a join it could become a scan of all of
-/// `composite_history`).
+/// with its composite's body when `with_bodies` (a parameter) is true, looked up by its key.
 fn event_query(with_bodies: &str, selection: &str) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(format!(
         "SELECT e.event_number, e.member_id, e.version_id, e.deleted, e.occurred_at,

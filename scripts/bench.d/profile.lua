@@ -13,14 +13,13 @@ request = function()
   return wrk.format("GET", "/fhir/Patient/" .. id .. "/$medication-profile", { ["Accept"] = "application/fhir+json", ["Authorization"] = authorization })
 end
 
-if delay_ms > 0 then
-  delay = function() return delay_ms end
-end
 -- With RATE_POISSON=1 the waits are exponential with that mean instead, so the connections'
 -- requests arrive independently (a Poisson stream, as from many unrelated clients) rather than
 -- in the lock-step bursts that equal waits fall into after any pause.
 if delay_ms > 0 and os.getenv("RATE_POISSON") == "1" then
   delay = function() return math.max(0, math.floor(-delay_ms * math.log(1 - math.random()) + 0.5)) end
+elseif delay_ms > 0 then
+  delay = function() return delay_ms end
 end
 
 response = function(status)
