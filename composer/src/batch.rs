@@ -1,5 +1,6 @@
 //! Applying a batch of inbound messages: exactly-once in effect. Within ONE PostgreSQL
-//! transaction: claim event ids, keep only versions newer than stored, write components,
+//! transaction: keep per record only a version newer than stored, claim the event ids of those
+//! changes (an id applied before changes nothing), write components,
 //! rebuild the composites of the members they touch, write new versions + history + outbox,
 //! and move the consumer offsets. Dead letters are acknowledged by Kafka before it commits.
 
@@ -8,6 +9,7 @@ use crate::fhir::{self, MappedResource};
 use db::composer::{self as q, ComponentKey, ComponentWrite, CompositeVersion, StoredOffset};
 use platform::MemberId;
 use schemas::{Change, Event, RecordKind, Rejection};
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -128,43 +130,53 @@ pub async fn apply(
     members.dedup();
     q::lock_members(&mut tx, &members).await?;
 
-    let ids: Vec<Uuid> = events.iter().map(|(e, _, _)| e.event_id).collect();
-    let fresh: HashSet<Uuid> = q::claim_event_ids(&mut tx, &ids).await?.into_iter().collect();
-    applied.duplicates += events.len() - fresh.len();
-    events.retain(|(e, _, _)| fresh.contains(&e.event_id));
-
-    // Per record, the newest version in the batch (ties: the first one consumed).
-    let mut newest: BTreeMap<ComponentKey, (&Event, &Option<String>, &Option<MappedResource>)> = BTreeMap::new();
-    for (event, body, resource) in &events {
-        let key = ComponentKey {
-            kind: event.kind.as_str().to_owned(),
-            source: event.source.as_str().to_owned(),
-            record_id: event.record_id.as_str().to_owned(),
-        };
-        match newest.get(&key) {
-            Some((kept, _, _)) if kept.version >= event.version => applied.stale += 1,
-            Some(_) => {
-                applied.stale += 1;
-                newest.insert(key, (event, body, resource));
-            }
-            None => {
-                newest.insert(key, (event, body, resource));
-            }
-        }
-    }
-    let keys: Vec<ComponentKey> = newest.keys().cloned().collect();
+    // The stored version of every record in the batch: a change wins only over an older one.
+    let mut keys: Vec<ComponentKey> = events.iter().map(|(e, _, _)| component_key(e)).collect();
+    keys.sort();
+    keys.dedup();
     let stored: HashMap<ComponentKey, q::StoredVersion> =
         q::component_versions(&mut tx, &keys).await?.into_iter().map(|s| (s.key.clone(), s)).collect();
+
+    // Per record, the newest version in the batch (ties: the first one consumed), if it is newer
+    // than the stored one. Only these winners change anything, so only their event ids are
+    // claimed: an event that loses on version needs no record, since the stored version never
+    // goes back. A winner whose id was applied before is a duplicate; without it, its record's
+    // next newest event in the batch may win instead, so the winners are chosen again.
+    let mut claimed: HashSet<Uuid> = HashSet::new();
+    let winners = loop {
+        let mut stale = 0;
+        let mut newest: BTreeMap<ComponentKey, (&Event, &Option<String>, &Option<MappedResource>)> = BTreeMap::new();
+        for (event, body, resource) in &events {
+            match newest.entry(component_key(event)) {
+                Entry::Occupied(kept) if kept.get().0.version >= event.version => stale += 1,
+                Entry::Occupied(mut kept) => {
+                    stale += 1;
+                    kept.insert((event, body, resource));
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert((event, body, resource));
+                }
+            }
+        }
+        let before = newest.len();
+        newest.retain(|key, (event, _, _)| stored.get(key).is_none_or(|p| p.version < event.version.get()));
+        stale += before - newest.len();
+        let unclaimed: Vec<Uuid> = newest.values().map(|(e, _, _)| e.event_id).filter(|id| !claimed.contains(id)).collect();
+        claimed.extend(q::claim_event_ids(&mut tx, &unclaimed).await?);
+        let repeated: HashSet<Uuid> = unclaimed.into_iter().filter(|id| !claimed.contains(id)).collect();
+        if repeated.is_empty() {
+            applied.stale += stale;
+            break newest;
+        }
+        applied.duplicates += repeated.len();
+        events.retain(|(e, _, _)| !repeated.contains(&e.event_id));
+    };
 
     let mut writes = Vec::new();
     let mut dirty: BTreeSet<String> = BTreeSet::new();
     let mut moved_from = Vec::new();
-    for (key, (event, body, resource)) in newest {
+    for (key, (event, body, resource)) in winners {
         let previous = stored.get(&key);
-        if previous.is_some_and(|p| p.version >= event.version.get()) {
-            applied.stale += 1;
-            continue;
-        }
         if composites.iter().any(|c| c.inputs().contains(&event.kind)) {
             dirty.insert(event.member_id.as_str().to_owned());
             // A record that moved to another member changes the old member's composite too.
@@ -304,6 +316,10 @@ pub async fn rebuild(
         }
     }
     Ok(versions)
+}
+
+fn component_key(event: &Event) -> ComponentKey {
+    ComponentKey { kind: event.kind.as_str().to_owned(), source: event.source.as_str().to_owned(), record_id: event.record_id.as_str().to_owned() }
 }
 
 /// `resourceType` and `id` of a stored FHIR resource. Stored resources were written by

@@ -11,8 +11,11 @@ pub struct ComposerConfig {
     #[arg(long, env = "COMPOSER_GROUP_ID", default_value = "fhir-composer")]
     pub group_id: String,
 
-    /// Most messages applied in one PostgreSQL transaction.
-    #[arg(long, env = "COMPOSER_BATCH_SIZE", default_value_t = 2000)]
+    /// Most messages applied in one PostgreSQL transaction. Batches only grow this large when
+    /// the composer is behind (a bulk load, a backlog), where larger batches coalesce more
+    /// versions of a record and more changes of a member into one write. Lowered at start when
+    /// the appliers' member locks would not fit in half of PostgreSQL's lock table.
+    #[arg(long, env = "COMPOSER_BATCH_SIZE", default_value_t = 10_000)]
     pub batch_size: usize,
 
     /// How long a message waits for others to join its batch when its applier is idle, in

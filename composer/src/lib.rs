@@ -34,6 +34,8 @@ pub async fn spawn(config: ComposerConfig) -> anyhow::Result<(Arc<AtomicBool>, A
     let pool = db::connect(&config.common.database_url, config.common.database_max_connections).await?;
     db::migrate(&pool).await?;
     topics::ensure(&config.common.kafka, config.topic_partitions).await?;
+    let mut config = config;
+    config.batch_size = fit_batch_size(config.batch_size, config.appliers, db::composer::lock_capacity(&pool).await?);
     let composer = consumer::Composer::new(config.clone(), pool, composites(&config))?;
     let metrics = composer.metrics.clone();
     let stop = Arc::new(AtomicBool::new(false));
@@ -41,6 +43,26 @@ pub async fn spawn(config: ComposerConfig) -> anyhow::Result<(Arc<AtomicBool>, A
     let flag = stop.clone();
     let thread = std::thread::Builder::new().name("composer".into()).spawn(move || composer.run(runtime, &flag))?;
     Ok((stop, metrics, thread))
+}
+
+/// The batch size to use: each applier's transaction holds one advisory lock per member of its
+/// batch, and PostgreSQL fails a transaction ("out of shared memory") when its shared lock
+/// table (`capacity` locks) is full. The appliers' batches together get at most half of it; a
+/// larger `COMPOSER_BATCH_SIZE` is lowered to fit, with a warning.
+pub fn fit_batch_size(batch_size: usize, appliers: usize, capacity: i64) -> usize {
+    let fits = usize::try_from(capacity / 2).unwrap_or(0) / appliers.max(1);
+    if batch_size <= fits {
+        return batch_size.max(1);
+    }
+    tracing::warn!(
+        batch_size,
+        appliers,
+        lock_table = capacity,
+        using = fits.max(1),
+        "COMPOSER_BATCH_SIZE x COMPOSER_APPLIERS member locks would not fit in half of PostgreSQL's lock table; \
+         using a smaller batch size (raise max_locks_per_transaction to keep it)"
+    );
+    fits.max(1)
 }
 
 /// Stops a composer started by [`spawn`]: it finishes the batch in hand, then its thread ends.
@@ -63,4 +85,22 @@ pub fn stop_on_signal(name: &'static str) -> Arc<AtomicBool> {
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
     });
     stop
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit_batch_size;
+
+    #[test]
+    fn batches_fit_in_half_the_lock_table() {
+        // PostgreSQL's defaults: 64 locks per transaction x 100 connections.
+        assert_eq!(fit_batch_size(2000, 1, 6400), 2000);
+        assert_eq!(fit_batch_size(10_000, 1, 6400), 3200);
+        assert_eq!(fit_batch_size(10_000, 3, 6400), 1066);
+        // This project's services: 512 x 200 connections.
+        assert_eq!(fit_batch_size(10_000, 3, 102_400), 10_000);
+        assert_eq!(fit_batch_size(10_000, 0, 102_400), 10_000, "no appliers means one");
+        assert_eq!(fit_batch_size(0, 1, 6400), 1, "a batch holds at least one message");
+        assert_eq!(fit_batch_size(500, 4, 1), 1, "a tiny lock table still lets one member through");
+    }
 }

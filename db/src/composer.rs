@@ -58,8 +58,23 @@ pub async fn lock_members(tx: &mut PgConnection, members: &[String]) -> crate::R
     Ok(())
 }
 
+/// How many locks PostgreSQL's shared lock table holds: `max_locks_per_transaction` ×
+/// (`max_connections` + `max_prepared_transactions`). [`lock_members`] takes one per member
+/// of a batch, so a batch must fit in it alongside everyone else's locks.
+pub async fn lock_capacity(pool: &PgPool) -> crate::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT current_setting('max_locks_per_transaction')::bigint
+                * (current_setting('max_connections')::bigint + current_setting('max_prepared_transactions')::bigint)",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
 /// Records event ids as applied; returns those that were not applied before.
 pub async fn claim_event_ids(tx: &mut PgConnection, ids: &[Uuid]) -> crate::Result<Vec<Uuid>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let rows = sqlx::query("INSERT INTO applied_events (event_id) SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING RETURNING event_id")
         .bind(ids)
         .fetch_all(&mut *tx)

@@ -283,3 +283,57 @@ async fn two_demographics_sources_share_one_patient_history() -> anyhow::Result<
     assert_eq!(versions, [1, 2, 3]);
     Ok(())
 }
+
+/// Only the changes that win on version claim their event ids, and an id applied before
+/// changes nothing even when it comes back with a newer version: the record's next newest event
+/// in the same batch wins instead. Batches are applied directly, so that these events share one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_event_id_changes_nothing_and_the_next_newest_event_wins() -> anyhow::Result<()> {
+    use composer::batch::{self, Consumed};
+    use schemas::RecordKind;
+    let (url, pool) = fresh_database("reusedid", true).await?;
+    let config = composer_config(&url, "unused.", "reusedid");
+    let composites = composer::composites(&config);
+    let contracts = schemas::Contracts::load()?;
+    let event = |id: Uuid, kind: RecordKind, source: &str, version: i64, record: &str, data: Value| {
+        let v = json!({ "event_id": id.to_string(), "op": "upsert", "source": source, "occurred_at": "2026-11-20T10:15:00Z",
+            "version": version, "member_id": "M7", "record_id": record, "data": data });
+        let outcome = batch::prepare(&contracts, kind, Some(&serde_json::to_vec(&v).unwrap()));
+        Consumed { topic: "t".into(), partition: 0, offset: 0, outcome }
+    };
+    let person = |name: &str| json!({ "given_name": name, "sex": "other" });
+    let med = |status: &str| json!({ "rxnorm_code": "860975", "display": "metformin", "status": status });
+    let (a, b, c, d) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+
+    let first = [
+        event(a, RecordKind::Demographics, "enrollment", 1, "M7", person("Ann")),
+        event(b, RecordKind::Medication, "rx-claims", 2, "RX-1", med("active")),
+        // Loses to version 2 in this batch: changes nothing and is not recorded.
+        event(c, RecordKind::Medication, "rx-claims", 1, "RX-1", med("on-hold")),
+    ];
+    let applied = batch::apply(&pool, "reusedid", &composites, None, &first, &[]).await?;
+    assert_eq!((applied.components_written, applied.stale, applied.duplicates), (2, 1, 0));
+    let recorded: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM applied_events ORDER BY applied_at, event_id").fetch_all(&pool).await?;
+    assert_eq!(recorded.len(), 2);
+    assert!(recorded.contains(&a) && recorded.contains(&b) && !recorded.contains(&c));
+
+    let second = [
+        // Event id `b` again, now claiming version 4: a duplicate, ignored.
+        event(b, RecordKind::Medication, "rx-claims", 4, "RX-1", med("stopped")),
+        // So version 3 is the newest new change of RX-1.
+        event(d, RecordKind::Medication, "rx-claims", 3, "RX-1", med("completed")),
+    ];
+    let applied = batch::apply(&pool, "reusedid", &composites, None, &second, &[]).await?;
+    assert_eq!((applied.components_written, applied.stale, applied.duplicates), (1, 0, 1));
+    let (version, status): (i64, Option<String>) =
+        sqlx::query_as("SELECT version, status FROM components WHERE kind = 'medication' AND record_id = 'RX-1'").fetch_one(&pool).await?;
+    assert_eq!((version, status.as_deref()), (3, Some("completed")));
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version_id FROM composite_history WHERE member_id = 'M7' ORDER BY version_id").fetch_all(&pool).await?;
+    assert_eq!(versions, [1, 2]);
+
+    // The same batch delivered again: every event is stale or a duplicate.
+    let applied = batch::apply(&pool, "reusedid", &composites, None, &second, &[]).await?;
+    assert_eq!((applied.components_written, applied.composite_versions), (0, 0));
+    Ok(())
+}

@@ -14,13 +14,17 @@ struct Cli {
     common: platform::CommonConfig,
     #[arg(long, default_value_t = 100_000)]
     members: usize,
-    #[arg(long, default_value_t = 2000)]
+    /// `COMPOSER_BATCH_SIZE` (the composer's default).
+    #[arg(long, default_value_t = 10_000)]
     batch_size: usize,
     /// Composer appliers (`COMPOSER_APPLIERS`): a bulk load like this one runs one per
     /// partition.
     #[arg(long, default_value_t = 3)]
     appliers: usize,
 }
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
