@@ -156,15 +156,27 @@ pub async fn write_components(tx: &mut PgConnection, writes: &[ComponentWrite], 
     let statuses = col(|w| w.status.as_deref());
     let versions: Vec<i64> = writes.iter().map(|w| w.version).collect();
     let events: Vec<Uuid> = writes.iter().map(|w| w.event_id).collect();
+    let mut writes_to: std::collections::HashMap<(&str, &str), i64> = std::collections::HashMap::new();
+    let ranks: Vec<i64> = writes
+        .iter()
+        .map(|w| match &w.resource {
+            Some((t, id)) => {
+                let n = writes_to.entry((t.as_str(), id.as_str())).or_default();
+                *n += 1;
+                *n
+            }
+            None => 0,
+        })
+        .collect();
     sqlx::query(
         // Resource versions count per resource, not per component: two systems of record can
         // describe one resource (a member's Patient from two demographics sources). The next
-        // version is the resource's newest in history plus its rank among this batch's writes.
+        // version is the resource's newest in history plus its rank among this batch's writes
+        // to it (`n`, counted here rather than by a window over a sort of the whole batch).
         "WITH input AS (
-           SELECT w.*, row_number() OVER (PARTITION BY w.rtype, w.rid ORDER BY w.ord) AS n
-           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::uuid[],
-                       $9::text[], $10::text[], $11::text[], $12::text[], $13::text[])
-                WITH ORDINALITY AS w(kind, source, record_id, member_id, version, body, event_id, rtype, rid, system, code, status, ord)
+           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::uuid[],
+                                $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::bigint[])
+                         AS w(kind, source, record_id, member_id, version, body, event_id, rtype, rid, system, code, status, n)
          ),
          numbered AS (
            SELECT i.*, CASE WHEN i.rtype IS NULL THEN 0 ELSE coalesce((SELECT max(h.version_id) FROM resource_history h
@@ -202,6 +214,7 @@ pub async fn write_components(tx: &mut PgConnection, writes: &[ComponentWrite], 
     .bind(&systems)
     .bind(&codes)
     .bind(&statuses)
+    .bind(&ranks)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -309,7 +322,7 @@ pub async fn write_composites(tx: &mut PgConnection, versions: &[CompositeVersio
              deleted = EXCLUDED.deleted, content_hash = EXCLUDED.content_hash),
          hist AS (
            INSERT INTO composite_history (member_id, version_id, last_updated, deleted, body)
-           SELECT member_id, version_id, $7, body IS NULL, body::json FROM v)
+           SELECT member_id, version_id, $7, body IS NULL, body FROM v)
          INSERT INTO outbox (topic, message_key, event_id, member_id, version_id)
          SELECT topic, member_id, event_id, member_id, version_id FROM v ORDER BY member_id, version_id",
     )
