@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 fn main() -> anyhow::Result<()> {
     let check = std::env::args().any(|a| a == "--check");
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("openapi.json");
+    // `cargo run` sets CARGO_MANIFEST_DIR for the process too: the checkout it runs in, even
+    // when the binary was built (into the shared target directory) from another clone.
+    let package = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    let path = package.join("openapi.json");
     let generated = format!("{}\n", serde_json::to_string_pretty(&api::openapi())?);
     if check {
         let committed = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;

@@ -22,6 +22,14 @@ pub fn unique(label: &str) -> String {
 
 /// Creates an empty database (named `t_…`; `scripts/test` drops old ones) and returns its URL,
 /// migrated when `migrate` is set.
+/// A path in this checkout, relative to the repository root. Resolved when the test runs (cargo
+/// runs tests in their package's directory, and sets `CARGO_MANIFEST_DIR`), not when it is
+/// compiled: the shared target directory can hold test binaries built from another clone.
+pub fn repo_path(relative: &str) -> std::path::PathBuf {
+    let package = std::env::var_os("CARGO_MANIFEST_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
+    package.join("..").join(relative)
+}
+
 pub async fn fresh_database(label: &str, migrate: bool) -> anyhow::Result<(String, db::Pool)> {
     let base = database_url();
     let admin = db::connect(&base, 1).await?;

@@ -59,7 +59,7 @@ async fn clients_not_written_here_work_against_the_api() -> anyhow::Result<()> {
 
     let state = state_dir();
     let venv = state.join("venv/bin");
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let here = repo_path("tests");
     run(
         "schemathesis (all checks)",
         Command::new(venv.join("schemathesis"))

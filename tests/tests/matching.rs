@@ -40,7 +40,7 @@ fn partner_key(key_id: &str) -> anyhow::Result<String> {
 
 /// Tokens from the Python reference tokenizer (standard library only), as a partner runs it.
 fn tokenize(key_hex: &str, people: &[Value]) -> anyhow::Result<Vec<HashMap<String, String>>> {
-    let tool = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../identity/python/pmm1.py");
+    let tool = repo_path("identity/python/pmm1.py");
     let mut child = Command::new("python3").arg(tool).args(["--key-hex", key_hex]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
     {
         let mut stdin = child.stdin.take().ok_or_else(|| anyhow::anyhow!("no stdin"))?;

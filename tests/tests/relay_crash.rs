@@ -30,7 +30,7 @@ fn start_relay(url: &str, prefix: &str) -> anyhow::Result<Child> {
 }
 
 fn restart_kafka() -> anyhow::Result<()> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services");
+    let script = tests::repo_path("scripts/services");
     let out = Command::new("bash").arg(script).arg("restart-kafka").output()?;
     anyhow::ensure!(out.status.success(), "restart-kafka failed: {}", String::from_utf8_lossy(&out.stderr));
     Ok(())

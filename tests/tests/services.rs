@@ -11,7 +11,7 @@ use std::time::Duration;
 use tests::*;
 
 fn services(arg: &str) -> anyhow::Result<String> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services");
+    let script = repo_path("scripts/services");
     let out = Command::new("bash").arg(script).arg(arg).output()?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     anyhow::ensure!(out.status.success(), "scripts/services {arg} failed:\n{text}");
