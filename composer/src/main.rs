@@ -2,10 +2,6 @@ use clap::Parser;
 use composer::ComposerConfig;
 use std::sync::atomic::Ordering;
 
-// Parsing, mapping and assembling allocate per event; glibc malloc took ~30 % of this process.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = ComposerConfig::parse();

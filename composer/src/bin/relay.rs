@@ -4,9 +4,6 @@
 use clap::Parser;
 use composer::relay::{Relay, RelayConfig};
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = RelayConfig::parse();
