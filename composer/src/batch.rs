@@ -130,8 +130,11 @@ pub async fn apply(
     members.dedup();
     q::lock_members(&mut tx, &members).await?;
 
-    // The stored version of every record in the batch: a change wins only over an older one.
-    let mut keys: Vec<ComponentKey> = events.iter().map(|(e, _, _)| component_key(e)).collect();
+    // Each event's record, built once: the stored version of every record in the batch (a
+    // change wins only over an older one).
+    let keyed: Vec<(ComponentKey, &Event, &Option<String>, &Option<MappedResource>)> =
+        events.iter().map(|&(e, body, resource)| (component_key(e), e, body, resource)).collect();
+    let mut keys: Vec<ComponentKey> = keyed.iter().map(|(k, ..)| k.clone()).collect();
     keys.sort();
     keys.dedup();
     let stored: HashMap<ComponentKey, q::StoredVersion> =
@@ -143,40 +146,41 @@ pub async fn apply(
     // goes back. A winner whose id was applied before is a duplicate; without it, its record's
     // next newest event in the batch may win instead, so the winners are chosen again.
     let mut claimed: HashSet<Uuid> = HashSet::new();
+    let mut repeated: HashSet<Uuid> = HashSet::new();
     let winners = loop {
         let mut stale = 0;
-        let mut newest: BTreeMap<ComponentKey, (&Event, &Option<String>, &Option<MappedResource>)> = BTreeMap::new();
-        for (event, body, resource) in &events {
-            match newest.entry(component_key(event)) {
+        let mut newest: BTreeMap<&ComponentKey, (&Event, &Option<String>, &Option<MappedResource>)> = BTreeMap::new();
+        for (key, event, body, resource) in keyed.iter().filter(|(_, e, ..)| !repeated.contains(&e.event_id)) {
+            match newest.entry(key) {
                 Entry::Occupied(kept) if kept.get().0.version >= event.version => stale += 1,
                 Entry::Occupied(mut kept) => {
                     stale += 1;
-                    kept.insert((event, body, resource));
+                    kept.insert((*event, *body, *resource));
                 }
                 Entry::Vacant(slot) => {
-                    slot.insert((event, body, resource));
+                    slot.insert((*event, *body, *resource));
                 }
             }
         }
         let before = newest.len();
-        newest.retain(|key, (event, _, _)| stored.get(key).is_none_or(|p| p.version < event.version.get()));
+        newest.retain(|key, (event, _, _)| stored.get(*key).is_none_or(|p| p.version < event.version.get()));
         stale += before - newest.len();
         let unclaimed: Vec<Uuid> = newest.values().map(|(e, _, _)| e.event_id).filter(|id| !claimed.contains(id)).collect();
         claimed.extend(q::claim_event_ids(&mut tx, &unclaimed).await?);
-        let repeated: HashSet<Uuid> = unclaimed.into_iter().filter(|id| !claimed.contains(id)).collect();
-        if repeated.is_empty() {
+        let again: Vec<Uuid> = unclaimed.into_iter().filter(|id| !claimed.contains(id)).collect();
+        if again.is_empty() {
             applied.stale += stale;
             break newest;
         }
-        applied.duplicates += repeated.len();
-        events.retain(|(e, _, _)| !repeated.contains(&e.event_id));
+        applied.duplicates += again.len();
+        repeated.extend(again);
     };
 
     let mut writes = Vec::new();
     let mut dirty: BTreeSet<String> = BTreeSet::new();
     let mut moved_from = Vec::new();
     for (key, (event, body, resource)) in winners {
-        let previous = stored.get(&key);
+        let previous = stored.get(key);
         if composites.iter().any(|c| c.inputs().contains(&event.kind)) {
             dirty.insert(event.member_id.as_str().to_owned());
             // A record that moved to another member changes the old member's composite too.
@@ -188,7 +192,7 @@ pub async fn apply(
         let identity = fhir::identity(event.kind, event.member_id.as_str(), event.source.as_str(), event.record_id.as_str());
         let code = resource.as_ref().and_then(|r| r.code.clone());
         writes.push(ComponentWrite {
-            key,
+            key: key.clone(),
             member_id: event.member_id.as_str().to_owned(),
             version: event.version.get(),
             body: body.clone(),

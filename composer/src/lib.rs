@@ -30,11 +30,12 @@ pub fn composites(config: &ComposerConfig) -> Vec<Box<dyn composite::Composite>>
 
 /// Starts a composer on its own thread (connects, migrates, creates topics first). Returns the
 /// stop flag and the thread; used by `main` and by the end-to-end tests.
-pub async fn spawn(config: ComposerConfig) -> anyhow::Result<(Arc<AtomicBool>, Arc<consumer::Metrics>, std::thread::JoinHandle<anyhow::Result<()>>)> {
+pub async fn spawn(
+    mut config: ComposerConfig,
+) -> anyhow::Result<(Arc<AtomicBool>, Arc<consumer::Metrics>, std::thread::JoinHandle<anyhow::Result<()>>)> {
     let pool = db::connect(&config.common.database_url, config.common.database_max_connections).await?;
     db::migrate(&pool).await?;
     topics::ensure(&config.common.kafka, config.topic_partitions).await?;
-    let mut config = config;
     config.batch_size = fit_batch_size(config.batch_size, config.appliers, db::composer::lock_capacity(&pool).await?);
     let composer = consumer::Composer::new(config.clone(), pool, composites(&config))?;
     let metrics = composer.metrics.clone();
