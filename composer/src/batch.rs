@@ -272,14 +272,13 @@ pub async fn rebuild(
             let Some(kind) = RecordKind::parse(&row.kind) else {
                 continue;
             };
-            let (resource_type, resource_id) = resource_identity(&row.body);
             by_member.entry(row.member_id).or_default().push(Component {
                 kind,
                 source: row.source,
                 record_id: row.record_id,
                 version: row.version,
-                resource_type,
-                resource_id,
+                resource_type: row.resource_type,
+                resource_id: row.resource_id,
                 json: row.body,
                 code: row.code_system.zip(row.code),
                 status: row.status,
@@ -324,16 +323,4 @@ pub async fn rebuild(
 
 fn component_key(event: &Event) -> ComponentKey {
     ComponentKey { kind: event.kind.as_str().to_owned(), source: event.source.as_str().to_owned(), record_id: event.record_id.as_str().to_owned() }
-}
-
-/// `resourceType` and `id` of a stored FHIR resource. Stored resources were written by
-/// [`fhir::map_record`], so both are present.
-fn resource_identity(json: &str) -> (String, String) {
-    #[derive(serde::Deserialize)]
-    struct Identity {
-        #[serde(rename = "resourceType")]
-        resource_type: String,
-        id: String,
-    }
-    serde_json::from_str::<Identity>(json).map(|i| (i.resource_type, i.id)).unwrap_or_default()
 }

@@ -239,6 +239,9 @@ pub struct LiveComponent {
     pub record_id: String,
     pub version: i64,
     pub body: String,
+    /// The FHIR resource this record is (type, id); empty for a record that is not one.
+    pub resource_type: String,
+    pub resource_id: String,
     /// Search columns: primary code and status, where the resource type has them.
     pub code_system: Option<String>,
     pub code: Option<String>,
@@ -249,7 +252,8 @@ pub struct LiveComponent {
 
 pub async fn live_components(tx: &mut PgConnection, members: &[String], kinds: &[&str]) -> crate::Result<Vec<LiveComponent>> {
     let rows = sqlx::query(
-        "SELECT member_id, kind, source, record_id, version, body::text, code_system, code, status, updated_at FROM components
+        "SELECT member_id, kind, source, record_id, version, body::text, code_system, code, status, updated_at,
+                coalesce(resource_type, ''), coalesce(resource_id, '') FROM components
          WHERE member_id = ANY($1) AND kind = ANY($2) AND NOT deleted",
     )
     .bind(members)
@@ -269,6 +273,8 @@ pub async fn live_components(tx: &mut PgConnection, members: &[String], kinds: &
             code: r.get(7),
             status: r.get(8),
             updated_at: r.get(9),
+            resource_type: r.get(10),
+            resource_id: r.get(11),
         })
         .collect())
 }
