@@ -40,12 +40,23 @@ until curl -sf "127.0.0.1:$port/health" >/dev/null; do sleep 0.2; done
 TOKEN=$("$bin/partners" demo-token --id partner-1 --rate 1000000 --burst 1000000)
 export TOKEN
 echo "machine: $(nproc) cores; wrk, API and PostgreSQL share them"
+# Each phase measures its own load, not the catching up after the one before: wait until the
+# audit relay has published every audit event of the previous phase (at most 5 minutes).
+settle() {
+  local started=$SECONDS backlog
+  while backlog=$(psql -X -h 127.0.0.1 -U fhir -d "$run" -tAc "SELECT count(*) FROM audit_outbox") && [ "$backlog" -gt 0 ] \
+    && [ $((SECONDS - started)) -lt 300 ]; do sleep 1; done
+  echo "(audit relay caught up in $((SECONDS - started)) s; $backlog audit events still unpublished)"
+}
 echo "== warm-up"
 MEMBERS_FILE=$list wrk -t2 -c32 -d5s -s scripts/bench.d/profile.lua "http://127.0.0.1:$port" >/dev/null
+settle
 echo "== maximum throughput (64 connections, $duration)"
 MEMBERS_FILE=$list wrk -t2 -c64 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
+settle
 echo "== fixed rate ~2,000 req/s (24 connections x 1 request / 10 ms + response time, $duration)"
 MEMBERS_FILE=$list RATE_DELAY_MS=10 wrk -t2 -c24 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
+settle
 echo "== fixed rate ~2,000 req/s, independent arrivals (24 connections x 1 request / exponential wait, mean 11 ms, + response time, $duration)"
 MEMBERS_FILE=$list RATE_DELAY_MS=11 RATE_POISSON=1 wrk -t2 -c24 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
 rm -f "$list"

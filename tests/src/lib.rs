@@ -20,8 +20,6 @@ pub fn unique(label: &str) -> String {
     format!("t_{label}_{}", &Uuid::new_v4().simple().to_string()[..12])
 }
 
-/// Creates an empty database (named `t_…`; `scripts/test` drops old ones) and returns its URL,
-/// migrated when `migrate` is set.
 /// A path in this checkout, relative to the repository root. Resolved when the test runs (cargo
 /// runs tests in their package's directory, and sets `CARGO_MANIFEST_DIR`), not when it is
 /// compiled: the shared target directory can hold test binaries built from another clone.
@@ -30,6 +28,8 @@ pub fn repo_path(relative: &str) -> std::path::PathBuf {
     package.join("..").join(relative)
 }
 
+/// Creates an empty database (named `t_…`; `scripts/test` drops old ones) and returns its URL,
+/// migrated when `migrate` is set.
 pub async fn fresh_database(label: &str, migrate: bool) -> anyhow::Result<(String, db::Pool)> {
     let base = database_url();
     let admin = db::connect(&base, 1).await?;
