@@ -16,6 +16,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The tables the composer, relay and notifier plan against, analyzed before the clock starts.
+const ANALYZE: &str = "ANALYZE components, composites, composite_history, outbox, resource_history, applied_events, \
+                       attribution_changes, partner_topic_members";
+
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
@@ -106,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
     while db::relay::backlog(&pool, time::OffsetDateTime::now_utc().date()).await? != (0, 0, 0) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    sqlx::query("ANALYZE components, composites, composite_history, outbox, attribution_changes, partner_topic_members").execute(&pool).await?;
+    sqlx::query(ANALYZE).execute(&pool).await?;
     while db::subscriptions::get(&pool, "bench", &subscription.id).await?.is_none_or(|s| s.status != "active") {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -166,7 +170,7 @@ async fn main() -> anyhow::Result<()> {
             while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM composites").fetch_one(&pool).await? < warmup as i64 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            sqlx::query("ANALYZE components, composites, composite_history, outbox, resource_history, applied_events").execute(&pool).await?;
+            sqlx::query(ANALYZE).execute(&pool).await?;
             ticker.reset();
             started = Instant::now();
         }
