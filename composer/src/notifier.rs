@@ -128,7 +128,9 @@ impl Notifier {
                     Vec::new()
                 })
             };
-            let idle = claimed.is_empty();
+            // Fewer than there was room for: nothing else is due now, so wait (claiming again at
+            // once would only find nothing, at a statement's cost).
+            let idle = claimed.len() < free.max(1);
             for s in claimed {
                 if !self.in_flight.lock().map(|mut f| f.insert(s.id.clone())).unwrap_or(false) {
                     // Only when a delivery outlived its lease (stuck beyond its timeout): leave
@@ -311,7 +313,7 @@ impl Notifier {
 
 /// Starts a notifier task (connects, migrates first); returns its stop flag and handle.
 pub async fn spawn(config: NotifierConfig) -> anyhow::Result<(Arc<AtomicBool>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
-    let pool = db::connect_replanning(&config.common.database_url, (config.concurrency as u32 / 4).clamp(4, 16)).await?;
+    let pool = db::connect(&config.common.database_url, (config.concurrency as u32 / 4).clamp(4, 16)).await?;
     db::migrate(&pool).await?;
     let notifier = Notifier::new(config, pool)?;
     let stop = Arc::new(AtomicBool::new(false));

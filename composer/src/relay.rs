@@ -308,7 +308,7 @@ impl Relay {
 
 /// Starts a relay task (connects, migrates first); returns its stop flag and handle.
 pub async fn spawn(config: RelayConfig) -> anyhow::Result<(Arc<AtomicBool>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
-    let pool = db::connect_replanning(&config.common.database_url, 2).await?;
+    let pool = db::connect(&config.common.database_url, 2).await?;
     db::migrate(&pool).await?;
     let relay = Relay::new(config, pool)?;
     let stop = Arc::new(AtomicBool::new(false));

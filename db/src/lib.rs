@@ -35,6 +35,13 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 const IDLE_BEFORE_PING: Duration = Duration::from_secs(30);
 
 /// A pool for `url`. Statement logging is off: bound values can carry PHI.
+///
+/// Statements keep the plans PostgreSQL caches for them. A generic plan made while a table was
+/// nearly empty (sequential scans at an estimated cost of 0) lasts until autovacuum analyzes the
+/// table, which invalidates it: within `autovacuum_naptime` once the table has grown (10 s in
+/// `services/postgresql.conf`). Planning every statement anew instead (`plan_cache_mode =
+/// force_custom_plan`) took a quarter of PostgreSQL's CPU at 1,000 events/s, and renewing
+/// connections to renew their plans stalled every statement behind the new backend for ~100 ms.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
     Ok(pool_options(max_connections).connect_with(connect_options(url, &[])?).await?)
 }
@@ -45,15 +52,6 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
 /// anew, which costs more than running it. It connects when first used.
 pub fn connect_for_batches(url: &str, max_connections: u32) -> Result<PgPool> {
     Ok(pool_options(max_connections).connect_lazy_with(connect_options(url, &[("plan_cache_mode", "force_generic_plan")])?))
-}
-
-/// A pool for the background workers (relay, notifier) whose queues start empty and grow or
-/// drain by thousands of rows a second: every statement is planned for the tables as they are
-/// now. PostgreSQL's cached generic plan could otherwise be one made while they were empty: in
-/// the freshness bench the relay kept a plan with sequential scans of the outbox and of
-/// `composite_history` (estimated cost 0) for 30 s, at 1.5-2 s a batch, after both had grown.
-pub async fn connect_replanning(url: &str, max_connections: u32) -> Result<PgPool> {
-    Ok(pool_options(max_connections).connect_with(connect_options(url, &[("plan_cache_mode", "force_custom_plan")])?).await?)
 }
 
 fn connect_options(url: &str, settings: &[(&str, &str)]) -> Result<PgConnectOptions> {

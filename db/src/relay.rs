@@ -32,7 +32,8 @@ pub async fn unpublished(tx: &mut PgConnection, limit: i64) -> crate::Result<Vec
     let rows = sqlx::query(
         // Composite versions refer to their body in history; other messages carry their own.
         // The body is one lookup per row of the batch, not a join whose method the planner
-        // chooses (the relay's pool plans every statement anew: see db::connect_replanning).
+        // chooses (a generic plan cached while the outbox was empty lives until autovacuum
+        // analyzes it: see db::connect).
         "SELECT o.id, o.topic, o.message_key, o.event_id, o.member_id, o.version_id,
                 coalesce(o.payload::text, (SELECT h.body::text FROM composite_history h
                                            WHERE o.payload IS NULL AND h.member_id = o.member_id AND h.version_id = o.version_id)),
