@@ -54,6 +54,12 @@ pub struct Config {
     #[arg(long, env = "PROFILE_READERS", default_value_t = 2)]
     pub profile_readers: usize,
 
+    /// Memory, in MiB, for the bodies of medication profiles already served (by member and
+    /// version, which never changes; every read still checks the current version and the
+    /// attribution in PostgreSQL). 0 turns the cache off.
+    #[arg(long, env = "PROFILE_CACHE_MIB", default_value_t = 256)]
+    pub profile_cache_mib: u64,
+
     /// Accept `http://` rest-hook endpoints for Subscriptions (local tests and demos only);
     /// otherwise only `https://`.
     #[arg(long, env = "SUBSCRIPTION_ALLOW_HTTP", default_value_t = false)]

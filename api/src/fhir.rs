@@ -302,11 +302,11 @@ pub fn not_modified(headers: &HeaderMap, version_id: i64) -> bool {
 }
 
 /// A resource version as a response: the body with meta, `ETag`, `Last-Modified`; or 304.
-pub fn versioned_response(headers: &HeaderMap, version_id: i64, last_updated: OffsetDateTime, body: String) -> Response {
+pub fn versioned_response(headers: &HeaderMap, version_id: i64, last_updated: OffsetDateTime, body: impl Into<axum::body::Body>) -> Response {
     let mut response = if not_modified(headers, version_id) {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
-        (StatusCode::OK, [(header::CONTENT_TYPE, fhir_json())], body).into_response()
+        (StatusCode::OK, [(header::CONTENT_TYPE, fhir_json())], body.into()).into_response()
     };
     let h = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&etag(version_id)) {

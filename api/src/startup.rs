@@ -197,6 +197,7 @@ impl Application {
             profiles: http::profile::ProfileReads::start(
                 db::connect_for_batches(&config.common.database_url, config.profile_readers as u32)?,
                 config.profile_readers,
+                config.profile_cache_mib << 20,
             ),
             pool,
             kafka: Arc::new(kafka),

@@ -164,33 +164,47 @@ pub async fn search(
     Ok((total, rows.into_iter().map(version).collect()))
 }
 
-/// A member's current medication profile: its versionId, lastUpdated and body (`None` if deleted).
+/// One medication-profile read: whose, for which partner, and the version whose body the reader
+/// already holds (that body is then not sent again: a version's body never changes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileRead {
+    pub member_id: String,
+    pub partner_id: String,
+    pub known_version: Option<i64>,
+}
+
+/// A member's current medication profile: its versionId and lastUpdated, whether it is deleted,
+/// and its body, unless it is deleted or is the version the read already knew.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Profile {
     pub version_id: i64,
     pub last_updated: OffsetDateTime,
+    pub deleted: bool,
     pub body: Option<String>,
 }
 
 /// Current medication profiles for several readers at once (one statement for all): for each
-/// (member id, partner id) in `reads`, in order, the profile if the member is attributed to
-/// that partner on day `on`. Use a pool from `crate::connect_for_batches`.
-pub async fn medication_profiles(pool: &PgPool, on: Date, reads: &[(String, String)]) -> crate::Result<Vec<Option<Profile>>> {
-    let (members, partners): (Vec<&str>, Vec<&str>) = reads.iter().map(|(m, p)| (m.as_str(), p.as_str())).unzip();
+/// read, in order, the profile if the member is attributed to that partner on day `on`. Use a
+/// pool from `crate::connect_for_batches`.
+pub async fn medication_profiles(pool: &PgPool, on: Date, reads: &[ProfileRead]) -> crate::Result<Vec<Option<Profile>>> {
+    let members: Vec<&str> = reads.iter().map(|r| r.member_id.as_str()).collect();
+    let partners: Vec<&str> = reads.iter().map(|r| r.partner_id.as_str()).collect();
+    let known: Vec<Option<i64>> = reads.iter().map(|r| r.known_version).collect();
     let sql = format!(
-        "SELECT r.i, c.version_id, c.last_updated, h.body::text
-         FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS r(member_id, partner_id, i)
+        "SELECT r.i, c.version_id, c.last_updated, c.deleted,
+           CASE WHEN NOT c.deleted AND c.version_id IS DISTINCT FROM r.known THEN
+             (SELECT h.body FROM composite_history h WHERE h.member_id = c.member_id AND h.version_id = c.version_id) END
+         FROM unnest($1::text[], $2::text[], $4::int8[]) WITH ORDINALITY AS r(member_id, partner_id, known, i)
          JOIN composites c ON c.member_id = r.member_id
-         JOIN composite_history h ON h.member_id = c.member_id AND h.version_id = c.version_id
          WHERE {}",
         attributed_to("c.member_id", "r.partner_id", "$3")
     );
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&members).bind(&partners).bind(on).fetch_all(pool).await?;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&members).bind(&partners).bind(on).bind(&known).fetch_all(pool).await?;
     let mut profiles = vec![None; reads.len()];
     for row in rows {
         let i: i64 = row.get(0);
         if let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| profiles.get_mut(i)) {
-            *slot = Some(Profile { version_id: row.get(1), last_updated: row.get(2), body: row.get(3) });
+            *slot = Some(Profile { version_id: row.get(1), last_updated: row.get(2), deleted: row.get(3), body: row.get(4) });
         }
     }
     Ok(profiles)

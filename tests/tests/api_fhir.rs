@@ -205,3 +205,109 @@ async fn events_become_readable_and_searchable() -> anyhow::Result<()> {
     assert_eq!(get(&reqwest::Client::new(), &format!("{fhir}/metadata")).await?.0, 200);
     Ok(())
 }
+
+/// The API keeps the bodies of profiles it served in memory; a read must still see every change
+/// the composer commits: a new version, a deletion, the end of the partner's attribution.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_served_before_is_never_staler_than_the_database() -> anyhow::Result<()> {
+    let (url, pool) = fresh_database("api_cache", true).await?;
+    let prefix = format!("{}.", unique("api_cache"));
+    let kafka = kafka_config(&prefix);
+    let group = "composer-api-cache";
+    let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, group)).await?;
+    let producer = generator::producer(&kafka)?;
+    let medication = |version: i64, status: &str| SorMessage {
+        topic: "sor.pharmacy.medications.v1",
+        key: "C1".into(),
+        value: Some(native_event("upsert", "rx-claims", version, "C1", "RX-1", Some(json!({ "rxnorm_code": "860975", "status": status })))),
+    };
+    let mut sent = vec![
+        SorMessage {
+            topic: "sor.member.demographics.v1",
+            key: "C1".into(),
+            value: Some(native_event("upsert", "enrollment", 1, "C1", "C1", Some(json!({ "given_name": "Cy" })))),
+        },
+        medication(1, "active"),
+        attribution("C1", "p-cache"),
+    ];
+    generator::publish(&producer, &kafka, &sent).await?;
+    wait_applied(&pool, group, sent.len(), Duration::from_secs(60)).await?;
+
+    let base = start_api(&url, "http://fhir.test/fhir").await?;
+    let partner = register_partner(&pool, "p-cache", "system/*.read", KeyKind::Es384, None).await?;
+    let client = partner.client(&base).await?;
+    let profile_url = format!("{base}/fhir/Patient/C1/$medication-profile");
+    let status_of = |profile: &Value| {
+        profile["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["resource"]["resourceType"] == "MedicationStatement")
+            .map(|e| e["resource"]["status"].clone())
+    };
+    let (s, h, first) = get(&client, &profile_url).await?;
+    assert_eq!(s, 200, "{first}");
+    assert_eq!(status_of(&first), Some(json!("active")));
+    let (s, h2, again) = get(&client, &profile_url).await?;
+    assert_eq!((s, &again, &h2["etag"]), (200, &first, &h["etag"]), "the same version, served again");
+
+    // A new version is served at once, not the one held in memory.
+    let update = vec![medication(2, "completed")];
+    generator::publish(&producer, &kafka, &update).await?;
+    sent.extend(update);
+    wait_applied(&pool, group, sent.len(), Duration::from_secs(60)).await?;
+    let (s, h3, updated) = get(&client, &profile_url).await?;
+    assert_eq!(s, 200, "{updated}");
+    assert_ne!(h3["etag"], h["etag"]);
+    assert_eq!(status_of(&updated), Some(json!("completed")));
+
+    // The end of the attribution hides it (404) although its body is held in memory.
+    let ended = vec![SorMessage {
+        topic: platform::topics::ATTRIBUTION,
+        key: "C1".into(),
+        value: Some(native_event(
+            "upsert",
+            "attribution",
+            2,
+            "C1",
+            "AT-C1-p-cache",
+            Some(json!({ "partner_id": "p-cache", "relationship": "pcp", "period_start": "2026-01-01", "period_end": "2026-01-31" })),
+        )),
+    }];
+    generator::publish(&producer, &kafka, &ended).await?;
+    sent.extend(ended);
+    wait_applied(&pool, group, sent.len(), Duration::from_secs(60)).await?;
+    let (s, _, b) = get(&client, &profile_url).await?;
+    outcome(s, &b, 404);
+
+    // Attributed again, then deleted: 410.
+    let back = vec![SorMessage {
+        topic: platform::topics::ATTRIBUTION,
+        key: "C1".into(),
+        value: Some(native_event(
+            "upsert",
+            "attribution",
+            3,
+            "C1",
+            "AT-C1-p-cache",
+            Some(json!({ "partner_id": "p-cache", "relationship": "pcp", "period_start": "2026-01-01" })),
+        )),
+    }];
+    generator::publish(&producer, &kafka, &back).await?;
+    sent.extend(back);
+    wait_applied(&pool, group, sent.len(), Duration::from_secs(60)).await?;
+    let (s, _, served) = get(&client, &profile_url).await?;
+    assert_eq!(s, 200, "{served}");
+    let deleted = vec![SorMessage {
+        topic: "sor.member.demographics.v1",
+        key: "C1".into(),
+        value: Some(native_event("delete", "enrollment", 2, "C1", "C1", None)),
+    }];
+    generator::publish(&producer, &kafka, &deleted).await?;
+    sent.extend(deleted);
+    wait_applied(&pool, group, sent.len(), Duration::from_secs(60)).await?;
+    let (s, _, b) = get(&client, &profile_url).await?;
+    outcome(s, &b, 410);
+    composer::stop(&stop, thread).await?;
+    Ok(())
+}

@@ -12,7 +12,9 @@ use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use db::resources::Profile;
+use bytes::Bytes;
+use db::resources::{Profile, ProfileRead};
+use std::sync::Arc;
 
 /// The resource types a medication profile holds: reading it needs read access to each.
 const PROFILE_TYPES: [&str; 4] = ["Patient", "MedicationStatement", "AllergyIntolerance", "Immunization"];
@@ -49,19 +51,44 @@ pub async fn medication_profile(
     Ok(with_members(fhir::versioned_response(&headers, profile.version_id, profile.last_updated, body), vec![id.to_owned()]))
 }
 
+/// A medication profile as served: `body` is `None` when the member was deleted.
+#[derive(Debug, Clone)]
+pub struct ServedProfile {
+    pub version_id: i64,
+    pub last_updated: time::OffsetDateTime,
+    pub body: Option<Bytes>,
+}
+
 /// Reads medication profiles in groups: the reads waiting at one moment, whoever the partners,
-/// share one statement (see `crate::batch`).
+/// share one statement (see `crate::batch`). Every read asks PostgreSQL for the current version
+/// and the attribution; the body of a version already served comes from memory, since a
+/// version's body never changes (this spares the database most of a read's work and bytes).
 #[derive(Debug, Clone)]
 pub struct ProfileReads {
-    reads: Batcher<(String, String), Result<Option<Profile>, ()>>,
+    reads: Batcher<ProfileRead, Result<Option<Profile>, ()>>,
+    /// By member: the last version served and its body (`None`: no cache).
+    bodies: Option<Arc<BodyCache>>,
+}
+
+type BodyCache = quick_cache::sync::Cache<String, (i64, Bytes), BodyWeight>;
+
+/// A cached body weighs its bytes plus its key and bookkeeping.
+#[derive(Debug, Clone)]
+struct BodyWeight;
+
+impl quick_cache::Weighter<String, (i64, Bytes)> for BodyWeight {
+    fn weight(&self, member_id: &String, (_, body): &(i64, Bytes)) -> u64 {
+        (member_id.len() + body.len() + 64) as u64
+    }
 }
 
 /// Most reads served by one statement.
 const GROUP: usize = 256;
 
 impl ProfileReads {
-    pub fn start(pool: db::Pool, workers: usize) -> Self {
-        let reads = Batcher::start(workers, GROUP, move |reads: Vec<(String, String)>| {
+    /// `cache_bytes`: memory for bodies already served (0: none).
+    pub fn start(pool: db::Pool, workers: usize, cache_bytes: u64) -> Self {
+        let reads = Batcher::start(workers, GROUP, move |reads: Vec<ProfileRead>| {
             let pool = pool.clone();
             async move {
                 // Attribution is by calendar day, UTC, as for every read.
@@ -75,14 +102,41 @@ impl ProfileReads {
                 }
             }
         });
-        ProfileReads { reads }
+        // A profile is about 5 kB.
+        let bodies = (cache_bytes > 0).then(|| Arc::new(BodyCache::with_weighter((cache_bytes / 5_000) as usize, cache_bytes, BodyWeight)));
+        ProfileReads { reads, bodies }
     }
 
     /// The member's profile if it is attributed to the partner today.
-    pub async fn read(&self, member_id: &str, partner_id: &str) -> Result<Option<Profile>, ApiError> {
-        match self.reads.submit((member_id.to_owned(), partner_id.to_owned())).await {
-            Some(Ok(profile)) => Ok(profile),
-            _ => Err(ApiError::Unavailable("the database is not available; retry later".into())),
-        }
+    pub async fn read(&self, member_id: &str, partner_id: &str) -> Result<Option<ServedProfile>, ApiError> {
+        let known = self.bodies.as_ref().and_then(|cache| cache.get(member_id));
+        let read = ProfileRead { member_id: member_id.to_owned(), partner_id: partner_id.to_owned(), known_version: known.as_ref().map(|k| k.0) };
+        let profile = match self.reads.submit(read).await {
+            Some(Ok(Some(profile))) => profile,
+            Some(Ok(None)) => return Ok(None),
+            _ => return Err(ApiError::Unavailable("the database is not available; retry later".into())),
+        };
+        let (version_id, last_updated) = (profile.version_id, profile.last_updated);
+        let body = match (profile.deleted, profile.body, known) {
+            (true, _, _) => {
+                if let Some(cache) = &self.bodies {
+                    cache.remove(member_id);
+                }
+                None
+            }
+            (false, Some(body), _) => {
+                let body = Bytes::from(body);
+                if let Some(cache) = &self.bodies {
+                    cache.insert(member_id.to_owned(), (version_id, body.clone()));
+                }
+                Some(body)
+            }
+            (false, None, Some((known_version, body))) if known_version == version_id => Some(body),
+            (false, None, _) => {
+                tracing::error!(member_id, version_id, "the current medication profile has no stored body");
+                return Err(ApiError::Unavailable("the medication profile could not be read; retry later".into()));
+            }
+        };
+        Ok(Some(ServedProfile { version_id, last_updated, body }))
     }
 }
