@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Load benchmark of GET /fhir/Patient/{id}/$medication-profile over a populated database:
-# maximum throughput, then latency at a fixed ~2,000 req/s. Release builds; production
-# durability for the data load (fsync, synchronous_commit, acks=all).
+# maximum throughput, then latency at 2,000 req/s: at a fixed rate (oha), in lock-step bursts
+# and as independent arrivals (wrk). Release builds; production durability for the data load
+# (fsync, synchronous_commit, acks=all). The API's settings come from the environment, e.g.
+# PROFILE_CACHE_MIB=0 measures it without its memory of profile bodies.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 members=${BENCH_MEMBERS:-20000}
 port=${BENCH_PORT:-18181}
 duration=${BENCH_DURATION:-20s}
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+# oha (crates.io) sends at a fixed rate from one schedule and measures each request from the
+# moment it was due (--latency-correction), which Debian's wrk cannot. Built once (~10 min),
+# with the system OpenSSL (the bootstrap installs it for rdkafka) rather than compiling aws-lc.
+tools=${PLATFORM_STATE_DIR:-$HOME/.cache/fhir-platform}/tools
+oha=$tools/bin/oha
+[ -x "$oha" ] || env -u CARGO_TARGET_DIR cargo install -q --locked --no-default-features --features native-tls --version 1.16.0 --root "$tools" oha
 cargo build --release --locked -q -p composer -p api --bins
 bin=${CARGO_TARGET_DIR:-target}/release
 run=bench_api_$$
@@ -39,7 +47,7 @@ until curl -sf "127.0.0.1:$port/health" >/dev/null; do sleep 0.2; done
 # A partner whose rate limit is far above what wrk can send, so the figures are the server's.
 TOKEN=$("$bin/partners" demo-token --id partner-1 --rate 1000000 --burst 1000000)
 export TOKEN
-echo "machine: $(nproc) cores; wrk, API and PostgreSQL share them"
+echo "machine: $(nproc) cores; the load generator, API and PostgreSQL share them; PROFILE_CACHE_MIB=${PROFILE_CACHE_MIB:-256}"
 # Each phase measures its own load, not the catching up after the one before: wait until the
 # audit relay has published every audit event of the previous phase (at most 5 minutes).
 settle() {
@@ -54,9 +62,14 @@ settle
 echo "== maximum throughput (64 connections, $duration)"
 MEMBERS_FILE=$list wrk -t2 -c64 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
 settle
-echo "== fixed rate ~2,000 req/s (24 connections x 1 request / 10 ms + response time, $duration)"
+echo "== fixed rate 2,000 req/s (oha: one schedule, a request due every 0.5 ms on 24 connections; latency from when it was due, $duration)"
+sed "s|^|http://127.0.0.1:$port/fhir/Patient/|; s|\$|/\$medication-profile|" "$list" >"$list.urls"
+"$oha" --no-tui -z "$duration" -c 24 -q 2000 --latency-correction --urls-from-file "$list.urls" \
+  -H "Authorization: Bearer $TOKEN" -H "Accept: application/fhir+json" | sed -n '/^Summary/,/Requests\/sec/p; /^Response time distribution/,/^$/p; /^Status code distribution/,/^$/p'
+settle
+echo "== lock-step bursts ~2,000 req/s (wrk: 24 connections x 1 request / 10 ms + response time, $duration)"
 MEMBERS_FILE=$list RATE_DELAY_MS=10 wrk -t2 -c24 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
 settle
 echo "== fixed rate ~2,000 req/s, independent arrivals (24 connections x 1 request / exponential wait, mean 11 ms, + response time, $duration)"
 MEMBERS_FILE=$list RATE_DELAY_MS=11 RATE_POISSON=1 wrk -t2 -c24 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
-rm -f "$list"
+rm -f "$list" "$list.urls"
