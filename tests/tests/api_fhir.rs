@@ -216,22 +216,35 @@ async fn a_profile_served_before_is_never_staler_than_the_database() -> anyhow::
     let group = "composer-api-cache";
     let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, group)).await?;
     let producer = generator::producer(&kafka)?;
+    let mut sent = 0;
+    // Publishes and waits until the composer applied everything sent so far.
+    let mut apply = async |messages: Vec<SorMessage>| -> anyhow::Result<()> {
+        generator::publish(&producer, &kafka, &messages).await?;
+        sent += messages.len();
+        wait_applied(&pool, group, sent, Duration::from_secs(60)).await
+    };
     let medication = |version: i64, status: &str| SorMessage {
         topic: "sor.pharmacy.medications.v1",
         key: "C1".into(),
         value: Some(native_event("upsert", "rx-claims", version, "C1", "RX-1", Some(json!({ "rxnorm_code": "860975", "status": status })))),
     };
-    let mut sent = vec![
+    let attributed = |version: i64, period_end: Option<&str>| {
+        let mut period = json!({ "partner_id": "p-cache", "relationship": "pcp", "period_start": "2026-01-01" });
+        if let Some(end) = period_end {
+            period["period_end"] = json!(end);
+        }
         SorMessage {
-            topic: "sor.member.demographics.v1",
+            topic: platform::topics::ATTRIBUTION,
             key: "C1".into(),
-            value: Some(native_event("upsert", "enrollment", 1, "C1", "C1", Some(json!({ "given_name": "Cy" })))),
-        },
-        medication(1, "active"),
-        attribution("C1", "p-cache"),
-    ];
-    generator::publish(&producer, &kafka, &sent).await?;
-    wait_applied(&pool, group, sent.len(), Duration::from_secs(60)).await?;
+            value: Some(native_event("upsert", "attribution", version, "C1", "AT-C1-p-cache", Some(period))),
+        }
+    };
+    let demographics = SorMessage {
+        topic: "sor.member.demographics.v1",
+        key: "C1".into(),
+        value: Some(native_event("upsert", "enrollment", 1, "C1", "C1", Some(json!({ "given_name": "Cy" })))),
+    };
+    apply(vec![demographics, medication(1, "active"), attributed(1, None)]).await?;
 
     let base = start_api(&url, "http://fhir.test/fhir").await?;
     let partner = register_partner(&pool, "p-cache", "system/*.read", KeyKind::Es384, None).await?;
@@ -252,60 +265,27 @@ async fn a_profile_served_before_is_never_staler_than_the_database() -> anyhow::
     assert_eq!((s, &again, &h2["etag"]), (200, &first, &h["etag"]), "the same version, served again");
 
     // A new version is served at once, not the one held in memory.
-    let update = vec![medication(2, "completed")];
-    generator::publish(&producer, &kafka, &update).await?;
-    sent.extend(update);
-    wait_applied(&pool, group, sent.len(), Duration::from_secs(60)).await?;
+    apply(vec![medication(2, "completed")]).await?;
     let (s, h3, updated) = get(&client, &profile_url).await?;
     assert_eq!(s, 200, "{updated}");
     assert_ne!(h3["etag"], h["etag"]);
     assert_eq!(status_of(&updated), Some(json!("completed")));
 
     // The end of the attribution hides it (404) although its body is held in memory.
-    let ended = vec![SorMessage {
-        topic: platform::topics::ATTRIBUTION,
-        key: "C1".into(),
-        value: Some(native_event(
-            "upsert",
-            "attribution",
-            2,
-            "C1",
-            "AT-C1-p-cache",
-            Some(json!({ "partner_id": "p-cache", "relationship": "pcp", "period_start": "2026-01-01", "period_end": "2026-01-31" })),
-        )),
-    }];
-    generator::publish(&producer, &kafka, &ended).await?;
-    sent.extend(ended);
-    wait_applied(&pool, group, sent.len(), Duration::from_secs(60)).await?;
+    apply(vec![attributed(2, Some("2026-01-31"))]).await?;
     let (s, _, b) = get(&client, &profile_url).await?;
     outcome(s, &b, 404);
 
     // Attributed again, then deleted: 410.
-    let back = vec![SorMessage {
-        topic: platform::topics::ATTRIBUTION,
-        key: "C1".into(),
-        value: Some(native_event(
-            "upsert",
-            "attribution",
-            3,
-            "C1",
-            "AT-C1-p-cache",
-            Some(json!({ "partner_id": "p-cache", "relationship": "pcp", "period_start": "2026-01-01" })),
-        )),
-    }];
-    generator::publish(&producer, &kafka, &back).await?;
-    sent.extend(back);
-    wait_applied(&pool, group, sent.len(), Duration::from_secs(60)).await?;
+    apply(vec![attributed(3, None)]).await?;
     let (s, _, served) = get(&client, &profile_url).await?;
     assert_eq!(s, 200, "{served}");
-    let deleted = vec![SorMessage {
+    apply(vec![SorMessage {
         topic: "sor.member.demographics.v1",
         key: "C1".into(),
         value: Some(native_event("delete", "enrollment", 2, "C1", "C1", None)),
-    }];
-    generator::publish(&producer, &kafka, &deleted).await?;
-    sent.extend(deleted);
-    wait_applied(&pool, group, sent.len(), Duration::from_secs(60)).await?;
+    }])
+    .await?;
     let (s, _, b) = get(&client, &profile_url).await?;
     outcome(s, &b, 410);
     composer::stop(&stop, thread).await?;
