@@ -70,6 +70,6 @@ settle
 echo "== lock-step bursts ~2,000 req/s (wrk: 24 connections x 1 request / 10 ms + response time, $duration)"
 MEMBERS_FILE=$list RATE_DELAY_MS=10 wrk -t2 -c24 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
 settle
-echo "== fixed rate ~2,000 req/s, independent arrivals (24 connections x 1 request / exponential wait, mean 11 ms, + response time, $duration)"
+echo "== independent arrivals ~2,000 req/s (wrk: 24 connections x 1 request / exponential wait, mean 11 ms, + response time, $duration)"
 MEMBERS_FILE=$list RATE_DELAY_MS=11 RATE_POISSON=1 wrk -t2 -c24 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
 rm -f "$list" "$list.urls"
