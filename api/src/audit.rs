@@ -44,6 +44,17 @@ pub fn with_members(mut response: axum::response::Response, member_ids: Vec<Stri
     response
 }
 
+/// Marks a response whose access was already recorded, with this status, by the statement that
+/// served its data (`$medication-profile`); the guard then records nothing more, unless the
+/// response left with another status.
+#[derive(Debug, Clone, Copy)]
+pub struct Recorded(pub StatusCode);
+
+pub fn recorded(mut response: axum::response::Response, status: StatusCode) -> axum::response::Response {
+    response.extensions_mut().insert(Recorded(status));
+    response
+}
+
 /// The operation, resource type and requested member of a request, from its method and path.
 fn classify(method: &Method, path: &str) -> (&'static str, Option<String>, Option<String>) {
     if path == crate::auth::token::PATH {

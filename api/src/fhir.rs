@@ -292,18 +292,39 @@ pub fn etag(version_id: i64) -> String {
     format!("W/\"{version_id}\"")
 }
 
+pub use db::resources::IfNoneMatch;
+
+/// What `If-None-Match` asks: `*` (any version), or the versions whose ETags it lists (weak
+/// `W/"3"` or strong `"3"`; anything else names no version of ours).
+pub fn if_none_match(headers: &HeaderMap) -> Option<IfNoneMatch> {
+    let value = headers.get(header::IF_NONE_MATCH)?.to_str().ok()?;
+    let mut versions = Vec::new();
+    for tag in value.split(',').map(str::trim) {
+        if tag == "*" {
+            return Some(IfNoneMatch::Any);
+        }
+        let quoted = tag.strip_prefix("W/").unwrap_or(tag);
+        let number = quoted.strip_prefix('"').and_then(|q| q.strip_suffix('"'));
+        if let Some(v) = number.and_then(|v| v.parse::<i64>().ok().filter(|n| n.to_string() == v)) {
+            versions.push(v);
+        }
+    }
+    Some(IfNoneMatch::Versions(versions))
+}
+
 /// True when `If-None-Match` names this version.
 pub fn not_modified(headers: &HeaderMap, version_id: i64) -> bool {
-    let tag = etag(version_id);
-    headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == format!("\"{version_id}\"") || t.trim() == "*"))
+    if_none_match(headers).is_some_and(|m| m.matches(version_id))
 }
 
 /// A resource version as a response: the body with meta, `ETag`, `Last-Modified`; or 304.
 pub fn versioned_response(headers: &HeaderMap, version_id: i64, last_updated: OffsetDateTime, body: impl Into<axum::body::Body>) -> Response {
-    let mut response = if not_modified(headers, version_id) {
+    version_response(not_modified(headers, version_id), version_id, last_updated, body)
+}
+
+/// As `versioned_response`, when whether the client's copy is current was decided elsewhere.
+pub fn version_response(not_modified: bool, version_id: i64, last_updated: OffsetDateTime, body: impl Into<axum::body::Body>) -> Response {
+    let mut response = if not_modified {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
         (StatusCode::OK, [(header::CONTENT_TYPE, fhir_json())], body.into()).into_response()
@@ -459,7 +480,31 @@ mod tests {
         assert!(parse_search(ResourceType::Task, p(&[("_sort", "x")])).is_err());
     }
 
+    fn if_none_match_of(value: &str) -> Option<IfNoneMatch> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::IF_NONE_MATCH, HeaderValue::from_str(value).unwrap());
+        if_none_match(&headers)
+    }
+
+    #[test]
+    fn if_none_match_names_our_etags_weak_or_strong_or_any() {
+        assert_eq!(if_none_match(&HeaderMap::new()), None);
+        assert_eq!(if_none_match_of(r#"W/"3", "5" ,W/"x", W/"07", "+8", 9"#), Some(IfNoneMatch::Versions(vec![3, 5])));
+        assert_eq!(if_none_match_of(r#"W/"3", *"#), Some(IfNoneMatch::Any));
+        assert_eq!(if_none_match_of(""), Some(IfNoneMatch::Versions(vec![])));
+        assert!(!if_none_match_of(r#"W/"07""#).unwrap().matches(7));
+    }
+
     proptest! {
+        #[test]
+        fn if_none_match_matches_exactly_the_etag_served(v in 0..i64::MAX, other in 0..i64::MAX) {
+            for tag in [etag(v), format!("\"{v}\"")] {
+                let m = if_none_match_of(&format!("W/\"{other}\", {tag}")).unwrap();
+                prop_assert!(m.matches(v));
+                prop_assert_eq!(m.matches(other + 1), other + 1 == v);
+            }
+        }
+
         #[test]
         fn parsing_never_panics(name in "[_a-z-]{1,12}", value in ".{0,30}") {
             for rt in ResourceType::ALL {
@@ -468,6 +513,11 @@ mod tests {
             let _ = parse_date_param("_lastUpdated", &value);
             let _ = parse_id(&value);
             let _ = parse_version(&value);
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                let mut headers = HeaderMap::new();
+                headers.insert(header::IF_NONE_MATCH, v);
+                let _ = if_none_match(&headers);
+            }
         }
     }
 }

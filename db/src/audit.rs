@@ -48,42 +48,102 @@ fn audit_row(r: sqlx::postgres::PgRow) -> AuditRow {
     }
 }
 
-/// Appends records (and their outbox rows) in one statement, so one commit covers a group.
-/// Each column goes as one array; a record's member ids are the slice
-/// `ids[start + 1 .. start + count]` of all the group's ids.
-pub async fn append(pool: &PgPool, records: &[AuditRecord]) -> crate::Result<()> {
-    let column = |f: fn(&AuditRecord) -> Option<&str>| records.iter().map(f).collect::<Vec<_>>();
-    let mut ids: Vec<&str> = Vec::new();
-    let (mut starts, mut counts) = (Vec::with_capacity(records.len()), Vec::with_capacity(records.len()));
-    for r in records {
-        starts.push(ids.len() as i32);
-        counts.push(r.member_ids.len() as i32);
-        ids.extend(r.member_ids.iter().map(String::as_str));
+/// Records as one array per column, for statements that unnest them. A record's member ids are
+/// the slice `ids[first + 1 .. first + count]` of all the records' ids.
+pub(crate) struct Columns<'a> {
+    pub partner_id: Vec<Option<&'a str>>,
+    pub operation: Vec<&'a str>,
+    pub resource_type: Vec<Option<&'a str>>,
+    pub method: Vec<&'a str>,
+    pub path: Vec<&'a str>,
+    pub status: Vec<i16>,
+    pub outcome: Vec<&'a str>,
+    pub key_id: Vec<Option<&'a str>>,
+    pub decision: Vec<Option<&'a str>>,
+    pub first: Vec<i32>,
+    pub count: Vec<i32>,
+    pub ids: Vec<&'a str>,
+}
+
+impl<'a> Columns<'a> {
+    pub(crate) fn of(records: impl ExactSizeIterator<Item = &'a AuditRecord>) -> Self {
+        let n = records.len();
+        let mut c = Columns {
+            partner_id: Vec::with_capacity(n),
+            operation: Vec::with_capacity(n),
+            resource_type: Vec::with_capacity(n),
+            method: Vec::with_capacity(n),
+            path: Vec::with_capacity(n),
+            status: Vec::with_capacity(n),
+            outcome: Vec::with_capacity(n),
+            key_id: Vec::with_capacity(n),
+            decision: Vec::with_capacity(n),
+            first: Vec::with_capacity(n),
+            count: Vec::with_capacity(n),
+            ids: Vec::with_capacity(n),
+        };
+        for r in records {
+            c.partner_id.push(r.partner_id.as_deref());
+            c.operation.push(&r.operation);
+            c.resource_type.push(r.resource_type.as_deref());
+            c.method.push(&r.method);
+            c.path.push(&r.path);
+            c.status.push(r.status);
+            c.outcome.push(&r.outcome);
+            c.key_id.push(r.key_id.as_deref());
+            c.decision.push(r.decision.as_deref());
+            c.first.push(c.ids.len() as i32);
+            c.count.push(r.member_ids.len() as i32);
+            c.ids.extend(r.member_ids.iter().map(String::as_str));
+        }
+        c
     }
-    sqlx::query(
-        "WITH added AS (
+}
+
+/// SQL: the common table expressions that append the rows of `{records}` (columns partner_id,
+/// operation, resource_type, method, path, status, outcome, key_id, decision, first and count,
+/// as in `Columns`; member ids in `{ids}`) to the trail and to its outbox; `outboxed` returns
+/// the ids appended.
+pub(crate) fn append_sql(records: &str, ids: &str) -> String {
+    format!(
+        "added AS (
            INSERT INTO audit_events (partner_id, operation, resource_type, member_ids, method, path, status, outcome, key_id, decision)
-           SELECT partner_id, operation, resource_type, ($11::text[])[first + 1 : first + count], method, path, status, outcome, key_id, decision
-           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int2[], $7::text[], $8::text[], $9::text[], $10::int4[],
-                       $12::int4[])
-             AS r(partner_id, operation, resource_type, method, path, status, outcome, key_id, decision, first, count)
-           RETURNING id)
-         INSERT INTO audit_outbox (audit_id) SELECT id FROM added",
+           SELECT partner_id, operation, resource_type, ({ids})[first + 1 : first + count], method, path, status, outcome, key_id, decision
+           FROM {records}
+           RETURNING id),
+         outboxed AS (INSERT INTO audit_outbox (audit_id) SELECT id FROM added RETURNING audit_id)"
     )
-    .bind(column(|r| r.partner_id.as_deref()))
-    .bind(column(|r| Some(r.operation.as_str())))
-    .bind(column(|r| r.resource_type.as_deref()))
-    .bind(column(|r| Some(r.method.as_str())))
-    .bind(column(|r| Some(r.path.as_str())))
-    .bind(records.iter().map(|r| r.status).collect::<Vec<i16>>())
-    .bind(column(|r| Some(r.outcome.as_str())))
-    .bind(column(|r| r.key_id.as_deref()))
-    .bind(column(|r| r.decision.as_deref()))
-    .bind(&starts)
-    .bind(&ids)
-    .bind(&counts)
-    .execute(pool)
-    .await?;
+}
+
+/// Appends records (and their outbox rows) in one statement, so one commit covers a group.
+pub async fn append(pool: &PgPool, records: &[AuditRecord]) -> crate::Result<()> {
+    let c = Columns::of(records.iter());
+    let sql = format!(
+        "WITH r AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int2[], $7::text[], $8::text[], $9::text[],
+                                         $10::int4[], $12::int4[])
+                      AS r(partner_id, operation, resource_type, method, path, status, outcome, key_id, decision, first, count)),
+         {}
+         SELECT count(*) FROM outboxed",
+        append_sql("r", "$11::text[]")
+    );
+    let appended: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(&c.partner_id)
+        .bind(&c.operation)
+        .bind(&c.resource_type)
+        .bind(&c.method)
+        .bind(&c.path)
+        .bind(&c.status)
+        .bind(&c.outcome)
+        .bind(&c.key_id)
+        .bind(&c.decision)
+        .bind(&c.first)
+        .bind(&c.ids)
+        .bind(&c.count)
+        .fetch_one(pool)
+        .await?;
+    if appended != records.len() as i64 {
+        return Err(crate::Error::Sqlx(sqlx::Error::Protocol(format!("{appended} of {} audit records appended", records.len()))));
+    }
     Ok(())
 }
 

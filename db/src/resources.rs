@@ -1,6 +1,7 @@
 //! FHIR resources as the API serves them: current versions (from `components`), every version
 //! (`resource_history`), and composites.
 
+use crate::audit::{AuditRecord, Columns};
 use sqlx::{PgPool, Row};
 use time::{Date, OffsetDateTime};
 
@@ -164,13 +165,41 @@ pub async fn search(
     Ok((total, rows.into_iter().map(version).collect()))
 }
 
-/// One medication-profile read: whose, for which partner, and the version whose body the reader
-/// already holds (that body is then not sent again: a version's body never changes).
+/// One medication-profile read: whose, for which partner, the version whose body the reader
+/// already holds (that body is then not sent again: a version's body never changes), what the
+/// client holds (`If-None-Match`), and the access as the audit trail records it (its status
+/// and outcome are decided by the statement that serves the read).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProfileRead {
     pub member_id: String,
     pub partner_id: String,
     pub known_version: Option<i64>,
+    pub if_none_match: Option<IfNoneMatch>,
+    pub access: AuditRecord,
+}
+
+/// What an `If-None-Match` header asks: `*` (any version), or the versions it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IfNoneMatch {
+    Any,
+    Versions(Vec<i64>),
+}
+
+impl IfNoneMatch {
+    pub fn matches(&self, version_id: i64) -> bool {
+        match self {
+            IfNoneMatch::Any => true,
+            IfNoneMatch::Versions(versions) => versions.contains(&version_id),
+        }
+    }
+
+    /// As the profile statement takes it: `*`, or the versions separated by commas.
+    fn as_sql(&self) -> String {
+        match self {
+            IfNoneMatch::Any => "*".to_owned(),
+            IfNoneMatch::Versions(versions) => versions.iter().map(i64::to_string).collect::<Vec<_>>().join(","),
+        }
+    }
 }
 
 /// A member's current medication profile: its versionId and lastUpdated, whether it is deleted,
@@ -183,29 +212,84 @@ pub struct Profile {
     pub body: Option<String>,
 }
 
-/// Current medication profiles for several readers at once (one statement for all): for each
-/// read, in order, the profile if the member is attributed to that partner on day `on`. Use a
-/// pool from `crate::connect_for_batches`.
-pub async fn medication_profiles(pool: &PgPool, on: Date, reads: &[ProfileRead]) -> crate::Result<Vec<Option<Profile>>> {
+/// What a read was served, as the audit trail holds it: 200, 304 (`If-None-Match` named the
+/// current version), 404 (no such member, or not attributed to the partner) or 410 (deleted);
+/// and the profile, unless 404.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedRead {
+    pub status: i16,
+    pub profile: Option<Profile>,
+}
+
+/// Serves several medication-profile reads at once, in one statement that also appends their
+/// accesses to the audit trail (so one commit records them all, and the outcome recorded is the
+/// one served): for each read, in order, the profile if the member is attributed to that
+/// partner on day `on`. Use a pool from `crate::connect_for_batches`.
+pub async fn medication_profiles(pool: &PgPool, on: Date, reads: &[ProfileRead]) -> crate::Result<Vec<ServedRead>> {
     let members: Vec<&str> = reads.iter().map(|r| r.member_id.as_str()).collect();
     let partners: Vec<&str> = reads.iter().map(|r| r.partner_id.as_str()).collect();
     let known: Vec<Option<i64>> = reads.iter().map(|r| r.known_version).collect();
+    let if_none_match: Vec<Option<String>> = reads.iter().map(|r| r.if_none_match.as_ref().map(IfNoneMatch::as_sql)).collect();
+    let access = Columns::of(reads.iter().map(|r| &r.access));
+    // The outcomes are those of `api::audit::outcome` for the four statuses.
     let sql = format!(
-        "SELECT r.i, c.version_id, c.last_updated, c.deleted,
-           CASE WHEN NOT c.deleted AND c.version_id IS DISTINCT FROM r.known THEN
-             (SELECT h.body FROM composite_history h WHERE h.member_id = c.member_id AND h.version_id = c.version_id) END
-         FROM unnest($1::text[], $2::text[], $4::int8[]) WITH ORDINALITY AS r(member_id, partner_id, known, i)
-         JOIN composites c ON c.member_id = r.member_id
-         WHERE {}",
-        attributed_to("c.member_id", "r.partner_id", "$3")
+        "WITH r AS MATERIALIZED (
+           SELECT * FROM unnest($1::text[], $2::text[], $4::int8[], $5::text[],
+                                $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
+                                $13::int4[], $15::int4[])
+             WITH ORDINALITY AS r(member_id, partner_id, known, if_none_match, access_partner_id, operation, resource_type, method, path,
+                                  key_id, decision, first, count, i)),
+         current AS (
+           SELECT r.i, c.version_id, c.last_updated, c.deleted,
+             CASE WHEN NOT c.deleted AND c.version_id IS DISTINCT FROM r.known THEN
+               (SELECT h.body FROM composite_history h WHERE h.member_id = c.member_id AND h.version_id = c.version_id) END AS body
+           FROM r JOIN composites c ON c.member_id = r.member_id
+           WHERE {}),
+         served AS MATERIALIZED (
+           SELECT r.*, c.version_id, c.last_updated, c.deleted, c.body,
+             (CASE WHEN c.i IS NULL THEN 404 WHEN c.deleted THEN 410
+                   WHEN r.if_none_match = '*' OR c.version_id = ANY(string_to_array(nullif(r.if_none_match, '*'), ',')::int8[]) THEN 304
+                   ELSE 200 END)::int2 AS status
+           FROM r LEFT JOIN current c ON c.i = r.i),
+         accesses AS (
+           SELECT access_partner_id AS partner_id, operation, resource_type, method, path, status,
+             CASE WHEN status IN (200, 304) THEN 'success' ELSE 'not-found' END AS outcome, key_id, decision, first, count
+           FROM served ORDER BY i),
+         {}
+         SELECT i, status, version_id, last_updated, deleted, body FROM served",
+        attributed_to("c.member_id", "r.partner_id", "$3"),
+        crate::audit::append_sql("accesses", "$14::text[]"),
     );
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&members).bind(&partners).bind(on).bind(&known).fetch_all(pool).await?;
-    let mut profiles = vec![None; reads.len()];
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&members)
+        .bind(&partners)
+        .bind(on)
+        .bind(&known)
+        .bind(&if_none_match)
+        .bind(&access.partner_id)
+        .bind(&access.operation)
+        .bind(&access.resource_type)
+        .bind(&access.method)
+        .bind(&access.path)
+        .bind(&access.key_id)
+        .bind(&access.decision)
+        .bind(&access.first)
+        .bind(&access.ids)
+        .bind(&access.count)
+        .fetch_all(pool)
+        .await?;
+    let mut served = vec![None; reads.len()];
     for row in rows {
         let i: i64 = row.get(0);
-        if let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| profiles.get_mut(i)) {
-            *slot = Some(Profile { version_id: row.get(1), last_updated: row.get(2), deleted: row.get(3), body: row.get(4) });
+        let status: i16 = row.get(1);
+        let profile =
+            row.get::<Option<i64>, _>(2).map(|version_id| Profile { version_id, last_updated: row.get(3), deleted: row.get(4), body: row.get(5) });
+        if let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| served.get_mut(i)) {
+            *slot = Some(ServedRead { status, profile });
         }
     }
-    Ok(profiles)
+    served
+        .into_iter()
+        .map(|s| s.ok_or_else(|| crate::Error::Sqlx(sqlx::Error::Protocol("the profile statement did not answer every read".into()))))
+        .collect()
 }

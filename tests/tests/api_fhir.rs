@@ -263,6 +263,8 @@ async fn a_profile_served_before_is_never_staler_than_the_database() -> anyhow::
     assert_eq!(status_of(&first), Some(json!("active")));
     let (s, h2, again) = get(&client, &profile_url).await?;
     assert_eq!((s, &again, &h2["etag"]), (200, &first, &h["etag"]), "the same version, served again");
+    let not_modified = client.get(&profile_url).header("If-None-Match", format!("W/\"0\", {}", h["etag"].to_str()?)).send().await?;
+    assert_eq!(not_modified.status().as_u16(), 304);
 
     // A new version is served at once, not the one held in memory.
     apply(vec![medication(2, "completed")]).await?;
@@ -288,6 +290,21 @@ async fn a_profile_served_before_is_never_staler_than_the_database() -> anyhow::
     .await?;
     let (s, _, b) = get(&client, &profile_url).await?;
     outcome(s, &b, 410);
+
+    // Each read is on the audit trail once, with the status it was served (the statement that
+    // read the profile decided and recorded it), as the guard records any other access.
+    let trail: Vec<(String, String, Vec<String>, String, String, i16, String)> = sqlx::query_as(
+        "SELECT operation, resource_type, member_ids, method, path, status, outcome FROM audit_events
+         WHERE partner_id = 'p-cache' AND operation <> 'token' ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let expected = [(200, "success"), (200, "success"), (304, "success"), (200, "success"), (404, "not-found"), (200, "success"), (410, "not-found")];
+    assert_eq!(trail.len(), expected.len(), "{trail:?}");
+    for (row, (status, outcome)) in trail.iter().zip(expected) {
+        let want = ("operation", "Patient", vec!["C1".to_owned()], "GET", "/fhir/Patient/C1/$medication-profile", status, outcome);
+        assert_eq!((row.0.as_str(), row.1.as_str(), row.2.clone(), row.3.as_str(), row.4.as_str(), row.5, row.6.as_str()), want);
+    }
     composer::stop(&stop, thread).await?;
     Ok(())
 }

@@ -143,6 +143,12 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
             Err(refused) => refused.into_response(),
         }
     };
+    if let Some(audit::Recorded(status)) = response.extensions().get::<audit::Recorded>().copied() {
+        if status == response.status() {
+            return response;
+        }
+        tracing::error!(recorded = status.as_u16(), served = response.status().as_u16(), %path, "a response left with another status than recorded; recording it too");
+    }
     let audited = response.extensions().get::<Audited>().cloned();
     if is_token_endpoint {
         partner_id = audited.as_ref().and_then(|a| a.partner_id.clone());

@@ -1,6 +1,6 @@
 //! `GET /fhir/Patient/{id}/$medication-profile`: the member's composite medication profile.
 
-use crate::audit::with_members;
+use crate::audit::{self, Audited, with_members};
 use crate::auth::Caller;
 use crate::auth::scope::Interaction;
 use crate::batch::Batcher;
@@ -10,10 +10,11 @@ use crate::http::resources::{Bundle, FormatOnly};
 use crate::startup::AppState;
 use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use db::resources::{Profile, ProfileRead};
+use db::audit::AuditRecord;
+use db::resources::{IfNoneMatch, ProfileRead, ServedRead};
 use std::sync::Arc;
 
 /// The resource types a medication profile holds: reading it needs read access to each.
@@ -39,16 +40,35 @@ pub async fn medication_profile(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     caller.require(&PROFILE_TYPES, Interaction::Read)?;
     fhir::no_parameters(&fhir::query_pairs(&headers, query.as_deref())?)?;
     let id = fhir::parse_id(&id)?;
-    let profile =
-        state.profiles.read(id, &caller.partner_id).await?.ok_or_else(|| ApiError::NotFound(format!("no medication profile for Patient/{id}")))?;
-    let body = profile.body.ok_or_else(|| ApiError::Gone(format!("Patient/{id} was deleted (profile version {})", profile.version_id)))?;
-    Ok(with_members(fhir::versioned_response(&headers, profile.version_id, profile.last_updated, body), vec![id.to_owned()]))
+    // Recorded with the status the statement decides, by the statement that reads the profile.
+    let access = audit::record_for(&method, uri.path(), Some(caller.partner_id.clone()), Some(Audited::members(vec![id.to_owned()])), StatusCode::OK);
+    let served = state.profiles.read(id, &caller.partner_id, fhir::if_none_match(&headers), access).await?;
+    let status = served.status;
+    let response = match served.profile {
+        None => ApiError::NotFound(format!("no medication profile for Patient/{id}")).into_response(),
+        Some(ServedProfile { version_id, body: None, .. }) => {
+            ApiError::Gone(format!("Patient/{id} was deleted (profile version {version_id})")).into_response()
+        }
+        Some(ServedProfile { version_id, last_updated, body: Some(body) }) => {
+            fhir::version_response(status == StatusCode::NOT_MODIFIED, version_id, last_updated, body)
+        }
+    };
+    Ok(audit::recorded(with_members(response, vec![id.to_owned()]), status))
+}
+
+/// A read as served and recorded: its status, and the profile unless 404.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub status: StatusCode,
+    pub profile: Option<ServedProfile>,
 }
 
 /// A medication profile as served: `body` is `None` when the member was deleted.
@@ -65,7 +85,7 @@ pub struct ServedProfile {
 /// version's body never changes (this spares the database most of a read's work and bytes).
 #[derive(Debug, Clone)]
 pub struct ProfileReads {
-    reads: Batcher<ProfileRead, Result<Option<Profile>, ()>>,
+    reads: Batcher<ProfileRead, Result<ServedRead, ()>>,
     /// By member: the last version served and its body (`None`: no cache).
     bodies: Option<Arc<BodyCache>>,
 }
@@ -107,15 +127,22 @@ impl ProfileReads {
         ProfileReads { reads, bodies }
     }
 
-    /// The member's profile if it is attributed to the partner today.
-    pub async fn read(&self, member_id: &str, partner_id: &str) -> Result<Option<ServedProfile>, ApiError> {
+    /// Serves one read and records its access (with the status served) in the same statement.
+    pub async fn read(&self, member_id: &str, partner_id: &str, if_none_match: Option<IfNoneMatch>, access: AuditRecord) -> Result<Served, ApiError> {
         let known = self.bodies.as_ref().and_then(|cache| cache.get(member_id));
-        let read = ProfileRead { member_id: member_id.to_owned(), partner_id: partner_id.to_owned(), known_version: known.as_ref().map(|k| k.0) };
-        let profile = match self.reads.submit(read).await {
-            Some(Ok(Some(profile))) => profile,
-            Some(Ok(None)) => return Ok(None),
+        let read = ProfileRead {
+            member_id: member_id.to_owned(),
+            partner_id: partner_id.to_owned(),
+            known_version: known.as_ref().map(|k| k.0),
+            if_none_match,
+            access,
+        };
+        let served = match self.reads.submit(read).await {
+            Some(Ok(served)) => served,
             _ => return Err(ApiError::Unavailable("the database is not available; retry later".into())),
         };
+        let status = StatusCode::from_u16(served.status as u16).map_err(|_| ApiError::Unavailable("the profile read gave no status".into()))?;
+        let Some(profile) = served.profile else { return Ok(Served { status, profile: None }) };
         let (version_id, last_updated) = (profile.version_id, profile.last_updated);
         let body = match (profile.deleted, profile.body, known) {
             (true, _, _) => {
@@ -133,10 +160,11 @@ impl ProfileReads {
             }
             (false, None, Some((known_version, body))) if known_version == version_id => Some(body),
             (false, None, _) => {
+                // Recorded as served; the guard records the 503 as well.
                 tracing::error!(member_id, version_id, "the current medication profile has no stored body");
                 return Err(ApiError::Unavailable("the medication profile could not be read; retry later".into()));
             }
         };
-        Ok(Some(ServedProfile { version_id, last_updated, body }))
+        Ok(Served { status, profile: Some(ServedProfile { version_id, last_updated, body }) })
     }
 }
