@@ -11,7 +11,9 @@ use axum::http::{Method, StatusCode};
 use db::audit::{AuditRecord, AuditRow};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -295,6 +297,9 @@ async fn ensure_topic(bootstrap: &str, topic: &str) -> bool {
     }
 }
 
+/// How long the relay waits for the producer to take (and the broker to acknowledge) an event.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Most audit events one relay transaction publishes.
 const RELAY_CLAIM: usize = 500;
 
@@ -304,22 +309,43 @@ async fn relay_once(pool: &db::Pool, producer: &FutureProducer, topic: &str, bas
     if rows.is_empty() {
         return Ok(0);
     }
-    let messages: Vec<(String, String, String)> = rows
-        .iter()
-        .map(|row| {
-            let key = row.record.partner_id.clone().unwrap_or_else(|| "-".to_owned());
-            (key, audit_event(row, base_url).to_string(), row.id.to_string())
-        })
-        .collect();
-    let deliveries = messages.iter().map(|(key, value, id)| {
-        let headers = OwnedHeaders::new().insert(Header { key: "event_id", value: Some(id.as_str()) });
-        producer.send(FutureRecord::to(topic).key(key).payload(value).headers(headers), Duration::from_secs(30))
-    });
-    for result in futures::future::join_all(deliveries).await {
-        result.map_err(|(e, _)| anyhow::anyhow!("audit event not acknowledged: {e}"))?;
-    }
+    // Building the AuditEvents and handing them to the producer takes milliseconds for a full
+    // claim: off the request workers, so that no request waits behind it.
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let (producer_, topic_, base_url_) = (producer.clone(), topic.to_owned(), base_url.to_owned());
+    let deliveries = tokio::task::spawn_blocking(move || enqueue(&producer_, &topic_, &base_url_, &rows)).await??;
+    for result in futures::future::join_all(deliveries).await {
+        match result {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => anyhow::bail!("audit event not acknowledged: {e}"),
+            Err(_) => anyhow::bail!("audit event not acknowledged: the producer was dropped"),
+        }
+    }
     db::audit::mark_published(&mut tx, &ids).await?;
     tx.commit().await?;
-    Ok(rows.len())
+    Ok(ids.len())
+}
+
+/// Hands each row, as an AuditEvent, to the producer (waiting while its queue is full, for as
+/// long as a send may take); the futures resolve when the broker acknowledged them.
+fn enqueue(producer: &FutureProducer, topic: &str, base_url: &str, rows: &[AuditRow]) -> anyhow::Result<Vec<DeliveryFuture>> {
+    let deadline = std::time::Instant::now() + SEND_TIMEOUT;
+    let mut deliveries = Vec::with_capacity(rows.len());
+    for row in rows {
+        let key = row.record.partner_id.as_deref().unwrap_or("-");
+        let (value, id) = (audit_event(row, base_url).to_string(), row.id.to_string());
+        let headers = OwnedHeaders::new().insert(Header { key: "event_id", value: Some(id.as_str()) });
+        let mut record = FutureRecord::to(topic).key(key).payload(&value).headers(headers);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => break deliveries.push(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) if std::time::Instant::now() < deadline => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err((e, _)) => anyhow::bail!("audit event not accepted by the producer: {e}"),
+            }
+        }
+    }
+    Ok(deliveries)
 }
