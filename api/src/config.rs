@@ -50,8 +50,11 @@ pub struct Config {
     #[arg(long, env = "AUDIT_WRITERS", default_value_t = 2)]
     pub audit_writers: usize,
 
-    /// Tasks reading medication profiles: each serves all the reads waiting with one statement.
-    #[arg(long, env = "PROFILE_READERS", default_value_t = 2)]
+    /// Tasks reading medication profiles: each serves all the reads waiting with one statement,
+    /// which also records them on the audit trail and commits. One by default: the reads that
+    /// arrive during a commit then share the next one (and its WAL flush), where two tasks'
+    /// commits would each wait for a flush of their own.
+    #[arg(long, env = "PROFILE_READERS", default_value_t = 1)]
     pub profile_readers: usize,
 
     /// Memory, in MiB, for the bodies of medication profiles already served (by member and
