@@ -61,20 +61,38 @@ settle() {
   as_root runuser -u postgres -- psql -X -q -p 5432 -c CHECKPOINT || echo "(no CHECKPOINT: PostgreSQL's superuser is not reachable from here)"
 }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
+# The machine's CPU over a phase, from /proc/stat. On a shared VM the host's steal slows every
+# process here; runs are comparable only with it (and the busy share) in view.
+cpu_mark() { local _ user nice system idle iowait irq softirq steal; read -r _ user nice system idle iowait irq softirq steal _ </proc/stat
+  echo "$user $nice $system $idle $iowait $irq $softirq $steal"; }
+cpu_report() {
+  local a b d=() total=0 i
+  read -r -a a <<<"$1"; read -r -a b <<<"$(cpu_mark)"
+  for i in 0 1 2 3 4 5 6 7; do d[i]=$((b[i] - a[i])); total=$((total + d[i])); done
+  if [ "$total" -gt 0 ]; then echo "(CPU over the phase: $((100 * (total - d[3] - d[4]) / total))% busy, steal $((100 * d[7] / total))%)"; fi
+}
 echo "== warm-up"
 MEMBERS_FILE=$list wrk -t2 -c32 -d5s -s scripts/bench.d/profile.lua "http://127.0.0.1:$port" >/dev/null
 settle
 echo "== maximum throughput (64 connections, $duration)"
+mark=$(cpu_mark)
 MEMBERS_FILE=$list wrk -t2 -c64 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
+cpu_report "$mark"
 settle
 echo "== fixed rate 2,000 req/s (oha: one schedule, a request due every 0.5 ms on 24 connections; latency from when it was due, $duration)"
 sed "s|^|http://127.0.0.1:$port/fhir/Patient/|; s|\$|/\$medication-profile|" "$list" >"$list.urls"
+mark=$(cpu_mark)
 "$oha" --no-tui -z "$duration" -c 24 -q 2000 --latency-correction --urls-from-file "$list.urls" \
   -H "Authorization: Bearer $TOKEN" -H "Accept: application/fhir+json" | sed -n '/^Summary/,/Requests\/sec/p; /^Response time distribution/,/^$/p; /^Status code distribution/,/^$/p'
+cpu_report "$mark"
 settle
 echo "== lock-step bursts ~2,000 req/s (wrk: 24 connections x 1 request / 10 ms + response time, $duration)"
+mark=$(cpu_mark)
 MEMBERS_FILE=$list RATE_DELAY_MS=10 wrk -t2 -c24 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
+cpu_report "$mark"
 settle
 echo "== independent arrivals ~2,000 req/s (wrk: 24 connections x 1 request / exponential wait, mean 11 ms, + response time, $duration)"
+mark=$(cpu_mark)
 MEMBERS_FILE=$list RATE_DELAY_MS=11 RATE_POISSON=1 wrk -t2 -c24 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
+cpu_report "$mark"
 rm -f "$list" "$list.urls"
