@@ -88,16 +88,6 @@ fn classify(method: &Method, path: &str) -> (&'static str, Option<String>, Optio
     (operation, resource_type, member)
 }
 
-fn outcome(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        200..=399 => "success",
-        401 | 403 | 429 => "refused",
-        404 | 410 => "not-found",
-        400..=499 => "invalid",
-        _ => "error",
-    }
-}
-
 /// The audit record of one request.
 pub fn record_for(method: &Method, path: &str, partner_id: Option<String>, audited: Option<Audited>, status: StatusCode) -> AuditRecord {
     let (operation, resource_type, requested) = classify(method, path);
@@ -117,7 +107,7 @@ pub fn record_for(method: &Method, path: &str, partner_id: Option<String>, audit
         method: method.as_str().to_owned(),
         path,
         status: status.as_u16() as i16,
-        outcome: outcome(status).to_owned(),
+        outcome: db::audit::outcome(status.as_u16()).to_owned(),
         key_id: audited.key_id,
         decision: audited.decision.map(str::to_owned),
     }

@@ -1,6 +1,7 @@
 //! The append-only audit trail and its outbox towards `audit.events.v1`.
 
 use sqlx::{PgConnection, PgPool, Row};
+use std::sync::LazyLock;
 use time::OffsetDateTime;
 
 /// One access, as the API records it. Never holds names, tokens or keys: member ids at most.
@@ -17,6 +18,17 @@ pub struct AuditRecord {
     /// For $hashed-match: the PMM1 key id the partner named, and the decision.
     pub key_id: Option<String>,
     pub decision: Option<String>,
+}
+
+/// The outcome recorded for an HTTP status.
+pub fn outcome(status: u16) -> &'static str {
+    match status {
+        200..=399 => "success",
+        401 | 403 | 429 => "refused",
+        404 | 410 => "not-found",
+        400..=499 => "invalid",
+        _ => "error",
+    }
 }
 
 /// A stored audit event.
@@ -115,18 +127,22 @@ pub(crate) fn append_sql(records: &str, ids: &str) -> String {
     )
 }
 
-/// Appends records (and their outbox rows) in one statement, so one commit covers a group.
-pub async fn append(pool: &PgPool, records: &[AuditRecord]) -> crate::Result<()> {
-    let c = Columns::of(records.iter());
-    let sql = format!(
+/// The statement of `append`, composed once.
+static APPEND: LazyLock<String> = LazyLock::new(|| {
+    format!(
         "WITH r AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int2[], $7::text[], $8::text[], $9::text[],
                                          $10::int4[], $12::int4[])
                       AS r(partner_id, operation, resource_type, method, path, status, outcome, key_id, decision, first, count)),
          {}
          SELECT count(*) FROM outboxed",
         append_sql("r", "$11::text[]")
-    );
-    let appended: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+    )
+});
+
+/// Appends records (and their outbox rows) in one statement, so one commit covers a group.
+pub async fn append(pool: &PgPool, records: &[AuditRecord]) -> crate::Result<()> {
+    let c = Columns::of(records.iter());
+    let appended: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(APPEND.as_str()))
         .bind(&c.partner_id)
         .bind(&c.operation)
         .bind(&c.resource_type)

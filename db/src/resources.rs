@@ -1,8 +1,9 @@
 //! FHIR resources as the API serves them: current versions (from `components`), every version
 //! (`resource_history`), and composites.
 
-use crate::audit::{AuditRecord, Columns};
+use crate::audit::{AuditRecord, Columns, outcome};
 use sqlx::{PgPool, Row};
+use std::sync::LazyLock;
 use time::{Date, OffsetDateTime};
 
 /// Who reads: a partner sees only members attributed to it on the given day. Every query below
@@ -221,18 +222,9 @@ pub struct ServedRead {
     pub profile: Option<Profile>,
 }
 
-/// Serves several medication-profile reads at once, in one statement that also appends their
-/// accesses to the audit trail (so one commit records them all, and the outcome recorded is the
-/// one served): for each read, in order, the profile if the member is attributed to that
-/// partner on day `on`. Use a pool from `crate::connect_for_batches`.
-pub async fn medication_profiles(pool: &PgPool, on: Date, reads: &[ProfileRead]) -> crate::Result<Vec<ServedRead>> {
-    let members: Vec<&str> = reads.iter().map(|r| r.member_id.as_str()).collect();
-    let partners: Vec<&str> = reads.iter().map(|r| r.partner_id.as_str()).collect();
-    let known: Vec<Option<i64>> = reads.iter().map(|r| r.known_version).collect();
-    let if_none_match: Vec<Option<String>> = reads.iter().map(|r| r.if_none_match.as_ref().map(IfNoneMatch::as_sql)).collect();
-    let access = Columns::of(reads.iter().map(|r| &r.access));
-    // The outcomes are those of `api::audit::outcome` for the four statuses.
-    let sql = format!(
+/// The statement of `medication_profiles`, composed once.
+static PROFILE_READS: LazyLock<String> = LazyLock::new(|| {
+    format!(
         "WITH r AS MATERIALIZED (
            SELECT * FROM unnest($1::text[], $2::text[], $4::int8[], $5::text[],
                                 $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
@@ -253,14 +245,31 @@ pub async fn medication_profiles(pool: &PgPool, on: Date, reads: &[ProfileRead])
            FROM r LEFT JOIN current c ON c.i = r.i),
          accesses AS (
            SELECT access_partner_id AS partner_id, operation, resource_type, method, path, status,
-             CASE WHEN status IN (200, 304) THEN 'success' ELSE 'not-found' END AS outcome, key_id, decision, first, count
+             CASE status WHEN 200 THEN '{ok}' WHEN 304 THEN '{not_modified}' WHEN 404 THEN '{not_found}' WHEN 410 THEN '{gone}' END AS outcome,
+             key_id, decision, first, count
            FROM served ORDER BY i),
          {}
          SELECT i, status, version_id, last_updated, deleted, body FROM served",
         attributed_to("c.member_id", "r.partner_id", "$3"),
         crate::audit::append_sql("accesses", "$14::text[]"),
-    );
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        ok = outcome(200),
+        not_modified = outcome(304),
+        not_found = outcome(404),
+        gone = outcome(410),
+    )
+});
+
+/// Serves several medication-profile reads at once, in one statement that also appends their
+/// accesses to the audit trail (so one commit records them all, and the outcome recorded is the
+/// one served): for each read, in order, the profile if the member is attributed to that
+/// partner on day `on`. Use a pool from `crate::connect_for_batches`.
+pub async fn medication_profiles(pool: &PgPool, on: Date, reads: &[ProfileRead]) -> crate::Result<Vec<ServedRead>> {
+    let members: Vec<&str> = reads.iter().map(|r| r.member_id.as_str()).collect();
+    let partners: Vec<&str> = reads.iter().map(|r| r.partner_id.as_str()).collect();
+    let known: Vec<Option<i64>> = reads.iter().map(|r| r.known_version).collect();
+    let if_none_match: Vec<Option<String>> = reads.iter().map(|r| r.if_none_match.as_ref().map(IfNoneMatch::as_sql)).collect();
+    let access = Columns::of(reads.iter().map(|r| &r.access));
+    let rows = sqlx::query(sqlx::AssertSqlSafe(PROFILE_READS.as_str()))
         .bind(&members)
         .bind(&partners)
         .bind(on)
