@@ -241,7 +241,7 @@ pub fn spawn_relay(pool: db::Pool, kafka: platform::KafkaConfig, base_url: Strin
         {
             Ok(p) => p,
             Err(e) => {
-                tracing::error!(error = %e, "audit relay: cannot create a Kafka producer; audit events stay in the outbox");
+                tracing::error!(error = %e, "audit relay: cannot create a Kafka producer; audit events wait on the trail");
                 return;
             }
         };
@@ -295,13 +295,14 @@ const RELAY_CLAIM: usize = 500;
 
 async fn relay_once(pool: &db::Pool, producer: &FutureProducer, topic: &str, base_url: &str) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
-    let rows = db::audit::claim_unpublished(&mut tx, RELAY_CLAIM as i64).await?;
-    if rows.is_empty() {
+    let mut claim = db::audit::claim_unpublished(&mut tx, RELAY_CLAIM as i64).await?;
+    if claim.rows.is_empty() {
         return Ok(0);
     }
     // Building the AuditEvents and handing them to the producer takes milliseconds for a full
     // claim: off the request workers, so that no request waits behind it.
-    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let rows = std::mem::take(&mut claim.rows);
+    let published = rows.len();
     let (producer_, topic_, base_url_) = (producer.clone(), topic.to_owned(), base_url.to_owned());
     let deliveries = tokio::task::spawn_blocking(move || enqueue(&producer_, &topic_, &base_url_, &rows)).await??;
     for result in futures::future::join_all(deliveries).await {
@@ -311,9 +312,9 @@ async fn relay_once(pool: &db::Pool, producer: &FutureProducer, topic: &str, bas
             Err(_) => anyhow::bail!("audit event not acknowledged: the producer was dropped"),
         }
     }
-    db::audit::mark_published(&mut tx, &ids).await?;
+    db::audit::mark_published(&mut tx, &claim).await?;
     tx.commit().await?;
-    Ok(ids.len())
+    Ok(published)
 }
 
 /// Hands each row, as an AuditEvent, to the producer (waiting while its queue is full, for as

@@ -1,4 +1,4 @@
-//! The append-only audit trail and its outbox towards `audit.events.v1`.
+//! The append-only audit trail, and the audit relay's place on it towards `audit.events.v1`.
 
 use sqlx::{PgConnection, PgPool, Row};
 use std::sync::LazyLock;
@@ -114,16 +114,14 @@ impl<'a> Columns<'a> {
 
 /// SQL: the common table expressions that append the rows of `{records}` (columns partner_id,
 /// operation, resource_type, method, path, status, outcome, key_id, decision, first and count,
-/// as in `Columns`; member ids in `{ids}`) to the trail and to its outbox; `outboxed` returns
-/// the ids appended.
+/// as in `Columns`; member ids in `{ids}`) to the trail; `added` returns the ids appended.
 pub(crate) fn append_sql(records: &str, ids: &str) -> String {
     format!(
         "added AS (
            INSERT INTO audit_events (partner_id, operation, resource_type, member_ids, method, path, status, outcome, key_id, decision)
            SELECT partner_id, operation, resource_type, ({ids})[first + 1 : first + count], method, path, status, outcome, key_id, decision
            FROM {records}
-           RETURNING id),
-         outboxed AS (INSERT INTO audit_outbox (audit_id) SELECT id FROM added RETURNING audit_id)"
+           RETURNING id)"
     )
 }
 
@@ -134,12 +132,12 @@ static APPEND: LazyLock<String> = LazyLock::new(|| {
                                          $10::int4[], $12::int4[])
                       AS r(partner_id, operation, resource_type, method, path, status, outcome, key_id, decision, first, count)),
          {}
-         SELECT count(*) FROM outboxed",
+         SELECT count(*) FROM added",
         append_sql("r", "$11::text[]")
     )
 });
 
-/// Appends records (and their outbox rows) in one statement, so one commit covers a group.
+/// Appends records in one statement, so one commit covers a group.
 pub async fn append(pool: &PgPool, records: &[AuditRecord]) -> crate::Result<()> {
     let c = Columns::of(records.iter());
     let appended: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(APPEND.as_str()))
@@ -198,23 +196,46 @@ pub async fn get(pool: &PgPool, id: i64) -> crate::Result<Option<AuditRow>> {
     Ok(sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(pool).await?.map(audit_row))
 }
 
-/// Locks up to `limit` unpublished events (skipping those another relay holds), in id order.
-pub async fn claim_unpublished(tx: &mut PgConnection, limit: i64) -> crate::Result<Vec<AuditRow>> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM audit_events WHERE id = ANY(ARRAY(
-           SELECT audit_id FROM audit_outbox ORDER BY audit_id LIMIT $1 FOR UPDATE SKIP LOCKED))
-         ORDER BY id"
-    );
-    Ok(sqlx::query(sqlx::AssertSqlSafe(sql)).bind(limit).fetch_all(&mut *tx).await?.into_iter().map(audit_row).collect())
+/// Where the audit relay stands on the trail: the last event it published, in the order of
+/// (writing transaction, id). Events come to `audit.events.v1` in that order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    txid: i64,
+    id: i64,
 }
 
-/// Forgets outbox rows once the broker acknowledged their events.
-pub async fn mark_published(tx: &mut PgConnection, ids: &[i64]) -> crate::Result<()> {
-    sqlx::query("DELETE FROM audit_outbox WHERE audit_id = ANY($1)").bind(ids).execute(&mut *tx).await?;
+/// Events the relay may publish, and where it will stand once they are acknowledged.
+#[derive(Debug)]
+pub struct Claim {
+    pub rows: Vec<AuditRow>,
+    pub after: Cursor,
+}
+
+/// The events after the relay's cursor, oldest first, at most `limit`: only those written by
+/// transactions older than every transaction still running (`pg_snapshot_xmin`). An event of a
+/// transaction still running may hold a smaller id than one already committed, but never a
+/// smaller transaction id than the horizon, so no event commits behind the cursor. Takes the
+/// relay's lock (one relay at a time, for the rest of the transaction).
+pub async fn claim_unpublished(tx: &mut PgConnection, limit: i64) -> crate::Result<Claim> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('fhir-event-platform audit relay'))").execute(&mut *tx).await?;
+    let (txid, id): (i64, i64) = sqlx::query_as("SELECT txid::text::int8, id FROM audit_relay").fetch_one(&mut *tx).await?;
+    let sql = format!(
+        "SELECT {COLUMNS}, txid::text::int8 FROM audit_events e
+         WHERE (txid, id) > ($1::int8::text::xid8, $2) AND txid < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY e.txid, e.id LIMIT $3"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(txid).bind(id).bind(limit).fetch_all(&mut *tx).await?;
+    let after = rows.last().map_or(Cursor { txid, id }, |r| Cursor { txid: r.get(12), id: r.get(0) });
+    Ok(Claim { rows: rows.into_iter().map(audit_row).collect(), after })
+}
+
+/// Moves the relay past a claim once the broker acknowledged its events.
+pub async fn mark_published(tx: &mut PgConnection, claim: &Claim) -> crate::Result<()> {
+    sqlx::query("UPDATE audit_relay SET txid = $1::int8::text::xid8, id = $2").bind(claim.after.txid).bind(claim.after.id).execute(&mut *tx).await?;
     Ok(())
 }
 
 /// How many events still wait for the topic (tests, metrics).
 pub async fn unpublished(pool: &PgPool) -> crate::Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM audit_outbox").fetch_one(pool).await?)
+    Ok(sqlx::query_scalar("SELECT count(*) FROM audit_events e, audit_relay r WHERE (e.txid, e.id) > (r.txid, r.id)").fetch_one(pool).await?)
 }

@@ -52,7 +52,7 @@ echo "machine: $(nproc) cores; the load generator, API and PostgreSQL share them
 # audit relay has published every audit event of the previous phase (at most 5 minutes).
 settle() {
   local started=$SECONDS backlog
-  while backlog=$(psql -X -h 127.0.0.1 -U fhir -d "$run" -tAc "SELECT count(*) FROM audit_outbox") && [ "$backlog" -gt 0 ] \
+  while backlog=$(psql -X -h 127.0.0.1 -U fhir -d "$run" -tAc "SELECT count(*) FROM audit_events e, audit_relay r WHERE (e.txid, e.id) > (r.txid, r.id)") && [ "$backlog" -gt 0 ] \
     && [ $((SECONDS - started)) -lt 300 ]; do sleep 1; done
   echo "(audit relay caught up in $((SECONDS - started)) s; $backlog audit events still unpublished)"
   # Then a checkpoint, as pgbench takes before it measures: the phase writes its WAL into

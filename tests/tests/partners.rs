@@ -320,8 +320,10 @@ async fn partners_read_only_their_members_within_their_rate_and_everything_is_au
 
     // Every audit record reaches audit.events.v1, as an AuditEvent keyed by its partner.
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&pool).await?;
-    eventually(Duration::from_secs(30), "the audit outbox to drain", || async { Ok((db::audit::unpublished(&pool).await? == 0).then_some(())) })
-        .await?;
+    eventually(Duration::from_secs(30), "the audit relay to publish every event", || async {
+        Ok((db::audit::unpublished(&pool).await? == 0).then_some(()))
+    })
+    .await?;
     let topic = format!("{}.{}", api_topic_prefix(&url), platform::topics::AUDIT_EVENTS);
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", kafka_bootstrap())
@@ -347,8 +349,8 @@ async fn partners_read_only_their_members_within_their_rate_and_everything_is_au
     Ok(())
 }
 
-/// One group commit stores each record's own member ids (none, one, several), nullable fields
-/// as given, and one outbox row per record.
+/// One group commit stores each record's own member ids (none, one, several) and nullable fields
+/// as given, and each record then waits for the audit relay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_of_audit_records_is_stored_exactly() -> anyhow::Result<()> {
     let (_, pool) = fresh_database("audit_group", true).await?;
@@ -376,5 +378,70 @@ async fn a_group_of_audit_records_is_stored_exactly() -> anyhow::Result<()> {
     assert_eq!(total, 5);
     assert_eq!(rows.iter().map(|r| r.record.clone()).collect::<Vec<_>>(), records);
     assert_eq!(db::audit::unpublished(&pool).await?, 5);
+    Ok(())
+}
+
+/// The audit relay follows the trail in the order its transactions ended: an event whose
+/// transaction commits after later ones is neither skipped nor overtaken by the cursor, and
+/// each claim resumes exactly where the last one was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_relay_never_skips_an_event_that_commits_late() -> anyhow::Result<()> {
+    let (_, pool) = fresh_database("audit_late", true).await?;
+    let record = |path: &str| db::audit::AuditRecord {
+        partner_id: Some("pa".into()),
+        operation: "read".into(),
+        resource_type: Some("Patient".into()),
+        member_ids: vec!["M1".into()],
+        method: "GET".into(),
+        path: path.into(),
+        status: 200,
+        outcome: "success".into(),
+        key_id: None,
+        decision: None,
+    };
+    let claim = |limit: i64| {
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await?;
+            let claim = db::audit::claim_unpublished(&mut tx, limit).await?;
+            db::audit::mark_published(&mut tx, &claim).await?;
+            tx.commit().await?;
+            anyhow::Ok(claim.rows.into_iter().map(|r| r.record.path).collect::<Vec<_>>())
+        }
+    };
+    // A transaction writes an event (taking the smaller id) and is still running while a later
+    // one commits its own.
+    let mut late = pool.begin().await?;
+    sqlx::query("INSERT INTO audit_events (operation, method, path, status, outcome) VALUES ('read', 'GET', '/late', 200, 'success')")
+        .execute(&mut *late)
+        .await?;
+    db::audit::append(&pool, &[record("/early")]).await?;
+    assert_eq!(claim(100).await?, Vec::<String>::new(), "no event passes a transaction still running");
+    assert_eq!(db::audit::unpublished(&pool).await?, 1, "the committed event waits");
+    late.commit().await?;
+    db::audit::append(&pool, &[record("/after")]).await?;
+    // Transactions of other databases on the same server (other tests) may hold the horizon
+    // back for a moment: the relay waits, as it would behind any transaction still running.
+    let first = eventually(Duration::from_secs(30), "the late event to be claimable", || async {
+        let mut tx = pool.begin().await?;
+        let claim = db::audit::claim_unpublished(&mut tx, 2).await?;
+        if claim.rows.len() < 2 {
+            return Ok(None);
+        }
+        db::audit::mark_published(&mut tx, &claim).await?;
+        tx.commit().await?;
+        Ok(Some(claim.rows.into_iter().map(|r| r.record.path).collect::<Vec<_>>()))
+    })
+    .await?;
+    assert_eq!(first, ["/late", "/early"], "in the order of their transactions, the late one first");
+    assert_eq!(db::audit::unpublished(&pool).await?, 1);
+    let rest = eventually(Duration::from_secs(30), "the last event to be claimable", || async {
+        let paths = claim(100).await?;
+        Ok((!paths.is_empty()).then_some(paths))
+    })
+    .await?;
+    assert_eq!(rest, ["/after"], "each claim resumes after the last one acknowledged");
+    assert_eq!(db::audit::unpublished(&pool).await?, 0);
+    assert_eq!(claim(100).await?, Vec::<String>::new(), "nothing is published twice");
     Ok(())
 }
