@@ -59,6 +59,10 @@ settle() {
   # segments recycled by it, as in a server in service, rather than creating and zero-filling
   # new 16 MB segment files in the commit path (each stalled every commit for 30-50 ms).
   as_root runuser -u postgres -- psql -X -q -p 5432 -c CHECKPOINT || echo "(no CHECKPOINT: PostgreSQL's superuser is not reachable from here)"
+  # And the page cache written back: Kafka does not fsync its logs, so the kernel writes the
+  # earlier phases' (and the data load's) records back in bursts of 100+ MB every 30 s, and
+  # PostgreSQL's WAL fsyncs on the same disk waited behind them (commits of 90-200 ms).
+  sync
 }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
 # The machine's CPU over a phase, from /proc/stat. On a shared VM the host's steal slows every
