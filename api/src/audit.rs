@@ -406,13 +406,12 @@ const RELAY_CLAIM: usize = 500;
 
 async fn relay_once(pool: &db::Pool, producer: &FutureProducer, topic: &str, base_url: &str) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
-    let mut claim = db::audit::claim_unpublished(&mut tx, RELAY_CLAIM as i64).await?;
-    if claim.rows.is_empty() {
+    let db::audit::Claim { rows, after } = db::audit::claim_unpublished(&mut tx, RELAY_CLAIM as i64).await?;
+    if rows.is_empty() {
         return Ok(0);
     }
     // Building the AuditEvents and handing them to the producer takes milliseconds for a full
     // claim: off the request workers, so that no request waits behind it.
-    let rows = std::mem::take(&mut claim.rows);
     let published = rows.len();
     let (producer_, topic_, base_url_) = (producer.clone(), topic.to_owned(), base_url.to_owned());
     let deliveries = tokio::task::spawn_blocking(move || enqueue(&producer_, &topic_, &base_url_, &rows)).await??;
@@ -423,7 +422,7 @@ async fn relay_once(pool: &db::Pool, producer: &FutureProducer, topic: &str, bas
             Err(_) => anyhow::bail!("audit event not acknowledged: the producer was dropped"),
         }
     }
-    db::audit::mark_published(&mut tx, &claim).await?;
+    db::audit::mark_published(&mut tx, after).await?;
     tx.commit().await?;
     Ok(published)
 }

@@ -229,9 +229,9 @@ pub async fn claim_unpublished(tx: &mut PgConnection, limit: i64) -> crate::Resu
     Ok(Claim { rows: rows.into_iter().map(audit_row).collect(), after })
 }
 
-/// Moves the relay past a claim once the broker acknowledged its events.
-pub async fn mark_published(tx: &mut PgConnection, claim: &Claim) -> crate::Result<()> {
-    sqlx::query("UPDATE audit_relay SET txid = $1::int8::text::xid8, id = $2").bind(claim.after.txid).bind(claim.after.id).execute(&mut *tx).await?;
+/// Moves the relay to `after` (a claim's) once the broker acknowledged the claim's events.
+pub async fn mark_published(tx: &mut PgConnection, after: Cursor) -> crate::Result<()> {
+    sqlx::query("UPDATE audit_relay SET txid = $1::int8::text::xid8, id = $2").bind(after.txid).bind(after.id).execute(&mut *tx).await?;
     Ok(())
 }
 

@@ -404,7 +404,7 @@ async fn the_audit_relay_never_skips_an_event_that_commits_late() -> anyhow::Res
         async move {
             let mut tx = pool.begin().await?;
             let claim = db::audit::claim_unpublished(&mut tx, limit).await?;
-            db::audit::mark_published(&mut tx, &claim).await?;
+            db::audit::mark_published(&mut tx, claim.after).await?;
             tx.commit().await?;
             anyhow::Ok(claim.rows.into_iter().map(|r| r.record.path).collect::<Vec<_>>())
         }
@@ -428,7 +428,7 @@ async fn the_audit_relay_never_skips_an_event_that_commits_late() -> anyhow::Res
         if claim.rows.len() < 2 {
             return Ok(None);
         }
-        db::audit::mark_published(&mut tx, &claim).await?;
+        db::audit::mark_published(&mut tx, claim.after).await?;
         tx.commit().await?;
         Ok(Some(claim.rows.into_iter().map(|r| r.record.path).collect::<Vec<_>>()))
     })
