@@ -347,9 +347,9 @@ pub fn spawn_relay(pool: db::Pool, kafka: platform::KafkaConfig, base_url: Strin
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
-            // AuditEvents repeat most of their text: compressed, a relay batch is about a
-            // tenth of the bytes the broker writes (and the kernel later writes back, on the
-            // disk PostgreSQL's WAL may share). As the composer's relay does.
+            // AuditEvents repeat most of their text: compressed, the broker writes (and the
+            // kernel later writes back, on the disk PostgreSQL's WAL may share) about a
+            // fifteenth of the bytes. As the composer's relay does.
             .set("compression.type", "zstd")
             .set("log_level", "3")
             .create()
