@@ -5,7 +5,7 @@
 //! Records are written in groups (one statement and one commit for all the requests that
 //! arrived meanwhile), so auditing costs one durable commit per group, not per request.
 
-use crate::batch::Batcher;
+use crate::batch::{Batcher, Overlap};
 use crate::fhir;
 use axum::http::{Method, StatusCode};
 use db::audit::{AuditRecord, AuditRow};
@@ -127,7 +127,7 @@ impl Auditor {
     /// Starts `writers` writer tasks; while one commits, the next gathers, so commits overlap
     /// (and PostgreSQL flushes their WAL together).
     pub fn start(pool: db::Pool, writers: usize) -> Self {
-        let writer = Batcher::start(writers, GROUP, move |records: Vec<AuditRecord>| {
+        let writer = Batcher::start(writers, GROUP, Overlap::Immediate, move |records: Vec<AuditRecord>| {
             let pool = pool.clone();
             async move {
                 let written = match db::audit::append(&pool, &records).await {

@@ -50,12 +50,18 @@ pub struct Config {
     #[arg(long, env = "AUDIT_WRITERS", default_value_t = 2)]
     pub audit_writers: usize,
 
-    /// Tasks reading medication profiles: each serves all the reads waiting with one statement,
-    /// which also records them on the audit trail and commits. One by default: the reads that
-    /// arrive during a commit then share the next one (and its WAL flush), where two tasks'
-    /// commits would each wait for a flush of their own.
-    #[arg(long, env = "PROFILE_READERS", default_value_t = 1)]
+    /// Tasks reading medication profiles, each with its own connection: each serves all the
+    /// reads waiting with one statement, which also records them on the audit trail and
+    /// commits. The reads that arrive while a statement is in flight wait for it and share the
+    /// next one (and its WAL flush), unless it has run for PROFILE_READ_OVERLAP_MS: then another
+    /// reader takes them, so a statement that stalls holds back only its own reads.
+    #[arg(long, env = "PROFILE_READERS", default_value_t = 2)]
     pub profile_readers: usize,
+
+    /// How long, in milliseconds, a profile statement in flight holds back the reads that
+    /// arrive after it before another reader starts on them (0: at once).
+    #[arg(long, env = "PROFILE_READ_OVERLAP_MS", default_value_t = 5)]
+    pub profile_read_overlap_ms: u64,
 
     /// Memory, in MiB, for the bodies of medication profiles already served (by member and
     /// version, which never changes; every read still checks the current version and the

@@ -197,6 +197,7 @@ impl Application {
             profiles: http::profile::ProfileReads::start(
                 db::connect_for_batches(&config.common.database_url, config.profile_readers as u32)?,
                 config.profile_readers,
+                Duration::from_millis(config.profile_read_overlap_ms),
                 config.profile_cache_mib << 20,
             ),
             pool,

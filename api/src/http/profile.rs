@@ -3,7 +3,7 @@
 use crate::audit::{self, Audited, with_members};
 use crate::auth::Caller;
 use crate::auth::scope::Interaction;
-use crate::batch::Batcher;
+use crate::batch::{Batcher, Overlap};
 use crate::error::{ApiError, OperationOutcome};
 use crate::fhir;
 use crate::http::resources::{Bundle, FormatOnly};
@@ -16,6 +16,7 @@ use bytes::Bytes;
 use db::audit::AuditRecord;
 use db::resources::{IfNoneMatch, ProfileRead, ServedRead};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The resource types a medication profile holds: reading it needs read access to each.
 const PROFILE_TYPES: [&str; 4] = ["Patient", "MedicationStatement", "AllergyIntolerance", "Immunization"];
@@ -106,9 +107,11 @@ impl quick_cache::Weighter<String, (i64, Bytes)> for BodyWeight {
 const GROUP: usize = 256;
 
 impl ProfileReads {
-    /// `cache_bytes`: memory for bodies already served (0: none).
-    pub fn start(pool: db::Pool, workers: usize, cache_bytes: u64) -> Self {
-        let reads = Batcher::start(workers, GROUP, move |reads: Vec<ProfileRead>| {
+    /// `workers` readers, each with its own connection; a group starts while another's statement
+    /// is in flight only once that has run for `overlap_after`. `cache_bytes`: memory for
+    /// bodies already served (0: none).
+    pub fn start(pool: db::Pool, workers: usize, overlap_after: Duration, cache_bytes: u64) -> Self {
+        let reads = Batcher::start(workers, GROUP, Overlap::After(overlap_after), move |reads: Vec<ProfileRead>| {
             let pool = pool.clone();
             async move {
                 // Attribution is by calendar day, UTC, as for every read.
