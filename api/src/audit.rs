@@ -127,7 +127,7 @@ impl Auditor {
     /// Starts `writers` writer tasks; while one commits, the next gathers, so commits overlap
     /// (and PostgreSQL flushes their WAL together).
     pub fn start(pool: db::Pool, writers: usize) -> Self {
-        let writer = Batcher::start(writers, GROUP, Overlap::Immediate, move |records: Vec<AuditRecord>| {
+        let writer = Batcher::start(writers, GROUP, Overlap::Immediate, move |_, records: Vec<AuditRecord>| {
             let pool = pool.clone();
             async move {
                 let written = match db::audit::append(&pool, &records).await {

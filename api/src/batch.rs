@@ -38,62 +38,98 @@ impl<I, O> Clone for Batcher<I, O> {
     }
 }
 
-/// When each worker's statement in flight started (`None`: the worker is not serving), and a
-/// signal when one ends.
+/// When each worker's statement in flight started (`None`: the worker is not serving), and
+/// the signals the others wait on: a statement has run its overlap time, or one has ended.
+/// The first worker's short statements wake no other task.
 #[derive(Debug)]
 struct InFlight {
     started: std::sync::Mutex<Vec<Option<Instant>>>,
+    overdue: Notify,
     ended: Notify,
 }
 
 impl InFlight {
-    /// How long worker `me` must still hold its group under `overlap`: until the youngest other
-    /// statement in flight is `d` old. `None`: it may start now.
-    fn hold(&self, me: usize, overlap: Overlap) -> Option<Duration> {
-        let Overlap::After(d) = overlap else { return None };
+    /// Another statement in flight that has run less than `d`: worker `me`'s group waits for it.
+    fn held(&self, me: usize, d: Duration) -> bool {
         let started = self.started.lock().expect("in-flight table");
-        let youngest = started.iter().enumerate().filter(|(w, _)| *w != me).filter_map(|(_, s)| *s).max()?;
-        d.checked_sub(youngest.elapsed()).filter(|left| !left.is_zero())
+        started.iter().enumerate().any(|(w, s)| w != me && s.is_some_and(|s| s.elapsed() < d))
+    }
+
+    /// Spare worker `me` (not the first) gathers only while every worker before it has a
+    /// statement in flight that has run `d`.
+    fn engaged(&self, me: usize, d: Duration) -> bool {
+        let started = self.started.lock().expect("in-flight table");
+        started[..me].iter().all(|s| s.is_some_and(|s| s.elapsed() >= d))
     }
 
     fn mark(&self, worker: usize, started: Option<Instant>) {
         self.started.lock().expect("in-flight table")[worker] = started;
     }
+
+    /// Waits until `ready()`, asking again after each of the `signals`.
+    async fn wait(&self, signals: &[&Notify], mut ready: impl FnMut() -> bool) {
+        loop {
+            // Registered before asking, so a signal between the two is not missed.
+            let mut waiting: Vec<_> = signals.iter().map(|s| Box::pin(s.notified())).collect();
+            for w in &mut waiting {
+                w.as_mut().enable();
+            }
+            if ready() {
+                return;
+            }
+            futures::future::select_all(waiting).await;
+        }
+    }
 }
 
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
-    /// Starts `workers` tasks, each serving up to `max` items per call of `serve`, which must
-    /// return one output per input, in order. While one worker waits on the database, the next
-    /// gathers what arrives meanwhile, and starts on it as `overlap` says.
+    /// Starts `workers` tasks, each serving up to `max` items per call of `serve` (with the
+    /// worker's number, from 0, for what each keeps apart, such as its connection), which must
+    /// return one output per input, in order. Under `Overlap::Immediate`, while one worker
+    /// waits on the database the next gathers what arrives meanwhile and serves it. Under
+    /// `Overlap::After(d)`, the first worker serves everything while its statements take less
+    /// than `d`; the second gathers only while the first's statement in flight has run `d`
+    /// (the third while both have), and a group waits while another statement in flight has
+    /// run less than `d`, to share its successor.
     pub fn start<F, Fut>(workers: usize, max: usize, overlap: Overlap, serve: F) -> Self
     where
-        F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+        F: Fn(usize, Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<O>> + Send,
     {
         let workers = workers.max(1);
         let (queue, pending) = mpsc::channel::<Pending<I, O>>(4 * max);
         let pending = Arc::new(Mutex::new(pending));
         let serve = Arc::new(serve);
-        let in_flight = Arc::new(InFlight { started: std::sync::Mutex::new(vec![None; workers]), ended: Notify::new() });
+        let in_flight = Arc::new(InFlight { started: std::sync::Mutex::new(vec![None; workers]), overdue: Notify::new(), ended: Notify::new() });
         for me in 0..workers {
             let (pending, serve, in_flight) = (pending.clone(), serve.clone(), in_flight.clone());
+            let after = match overlap {
+                Overlap::After(d) => Some(d),
+                Overlap::Immediate => None,
+            };
             tokio::spawn(async move {
+                let (overdue, ended) = (&in_flight.overdue, &in_flight.ended);
+                let (on_overdue, on_ended, on_either) = ([overdue], [ended], [overdue, ended]);
                 let mut group: Vec<Pending<I, O>> = Vec::with_capacity(max);
                 loop {
+                    let spare = after.filter(|_| me > 0);
+                    if let Some(d) = spare {
+                        in_flight.wait(&on_overdue, || in_flight.engaged(me, d)).await;
+                    }
                     let mut gathering = pending.lock().await;
-                    if gathering.recv_many(&mut group, max).await == 0 {
+                    let received = match spare {
+                        None => gathering.recv_many(&mut group, max).await,
+                        // A spare stops gathering as soon as a worker before it is free again.
+                        Some(d) => tokio::select! {
+                            n = gathering.recv_many(&mut group, max) => n,
+                            _ = in_flight.wait(&on_ended, || !in_flight.engaged(me, d)) => continue,
+                        },
+                    };
+                    if received == 0 {
                         break;
                     }
-                    loop {
-                        // Registered before the check, so an end between the two is not missed.
-                        let ended = in_flight.ended.notified();
-                        tokio::pin!(ended);
-                        ended.as_mut().enable();
-                        let Some(left) = in_flight.hold(me, overlap) else { break };
-                        tokio::select! {
-                            _ = ended => {}
-                            _ = tokio::time::sleep(left) => {}
-                        }
+                    if let Some(d) = after {
+                        in_flight.wait(&on_either, || !in_flight.held(me, d)).await;
                     }
                     // What arrived while the group was held joins it.
                     while group.len() < max {
@@ -105,9 +141,24 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                     drop(gathering);
                     let (items, waiting): (Vec<I>, Vec<oneshot::Sender<O>>) = group.drain(..).unzip();
                     in_flight.mark(me, Some(Instant::now()));
-                    let outputs = serve(items).await;
+                    let serving = serve(me, items);
+                    let outputs = match after {
+                        None => serving.await,
+                        Some(d) => {
+                            tokio::pin!(serving);
+                            tokio::select! {
+                                outputs = &mut serving => outputs,
+                                _ = tokio::time::sleep(d) => {
+                                    overdue.notify_waiters();
+                                    serving.await
+                                }
+                            }
+                        }
+                    };
                     in_flight.mark(me, None);
-                    in_flight.ended.notify_waiters();
+                    if after.is_some() {
+                        ended.notify_waiters();
+                    }
                     debug_assert_eq!(outputs.len(), waiting.len());
                     for (done, output) in waiting.into_iter().zip(outputs) {
                         let _ = done.send(output);
@@ -135,7 +186,7 @@ mod tests {
     async fn every_caller_gets_its_own_output_and_waiting_items_share_a_call() {
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = calls.clone();
-        let batcher = Batcher::start(1, 64, Overlap::Immediate, move |items: Vec<u32>| {
+        let batcher = Batcher::start(1, 64, Overlap::Immediate, move |_, items: Vec<u32>| {
             counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             async move {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -154,22 +205,33 @@ mod tests {
         assert!((200 / 64..200).contains(&calls), "200 items took {calls} calls");
     }
 
-    /// Serves each group after `took(items)` of (virtual) time, recording how many groups were
-    /// in flight at once; returns the batcher and the most in flight.
-    fn timed(workers: usize, overlap: Overlap, took: fn(&[u32]) -> u64) -> (Batcher<u32, Instant>, Arc<std::sync::atomic::AtomicUsize>) {
-        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let seen = most.clone();
-        let batcher = Batcher::start(workers, 64, overlap, move |items: Vec<u32>| {
-            let (now, most) = (now.clone(), most.clone());
+    /// What `timed` saw: the most groups in flight at once, and the worker tasks that served.
+    #[derive(Default)]
+    struct Seen {
+        now: usize,
+        most: usize,
+        workers: std::collections::HashSet<tokio::task::Id>,
+    }
+
+    /// Serves each group after `took(items)` of (virtual) time, recording what it saw.
+    fn timed(workers: usize, overlap: Overlap, took: fn(&[u32]) -> u64) -> (Batcher<u32, Instant>, Arc<std::sync::Mutex<Seen>>) {
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        let shared = seen.clone();
+        let batcher = Batcher::start(workers, 64, overlap, move |_, items: Vec<u32>| {
+            let seen = seen.clone();
             async move {
-                most.fetch_max(now.fetch_add(1, SeqCst) + 1, SeqCst);
+                {
+                    let mut seen = seen.lock().unwrap();
+                    seen.now += 1;
+                    seen.most = seen.most.max(seen.now);
+                    seen.workers.insert(tokio::task::id());
+                }
                 tokio::time::sleep(Duration::from_millis(took(&items))).await;
-                now.fetch_sub(1, SeqCst);
+                seen.lock().unwrap().now -= 1;
                 vec![Instant::now(); items.len()]
             }
         });
-        (batcher, seen)
+        (batcher, shared)
     }
 
     /// Submits item `i` at `i` ms; returns when each was served, from the start.
@@ -188,27 +250,32 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn items_arriving_during_a_short_statement_wait_to_share_the_next() {
-        let (held, most) = timed(2, Overlap::After(Duration::from_millis(10)), |_| 3);
+        let (held, seen) = timed(2, Overlap::After(Duration::from_millis(10)), |_| 3);
         one_per_ms(&held, 50).await;
-        assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 1, "statements overlapped though none ran 10 ms");
+        {
+            let seen = seen.lock().unwrap();
+            assert_eq!(seen.most, 1, "statements overlapped though none ran 10 ms");
+            assert_eq!(seen.workers.len(), 1, "the spare served though the first worker was never held up");
+        }
         // Without the hold, the second worker starts on them at once.
-        let (free, most) = timed(2, Overlap::Immediate, |_| 3);
+        let (free, seen) = timed(2, Overlap::Immediate, |_| 3);
         one_per_ms(&free, 50).await;
-        assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let seen = seen.lock().unwrap();
+        assert_eq!((seen.most, seen.workers.len()), (2, 2));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_stalled_statement_holds_back_only_its_own_items() {
         // Item 0's statement stalls for a second; the others take 1 ms.
         let stalls = |items: &[u32]| if items.contains(&0) { 1_000 } else { 1 };
-        let (held, most) = timed(2, Overlap::After(Duration::from_millis(10)), stalls);
+        let (held, seen) = timed(2, Overlap::After(Duration::from_millis(10)), stalls);
         let served = one_per_ms(&held, 30).await;
         assert!(served[0] >= Duration::from_secs(1));
         // Items 1-9 waited until the stalled statement had run 10 ms, and no longer.
         for (i, at) in served.iter().enumerate().skip(1) {
             assert!(*at >= Duration::from_millis(10) && *at <= Duration::from_millis(i as u64 + 12), "item {i} served at {at:?}");
         }
-        assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(seen.lock().unwrap().most, 2);
         // One worker: every item waits for the stalled statement.
         let (alone, _) = timed(1, Overlap::After(Duration::from_millis(10)), stalls);
         assert!(one_per_ms(&alone, 30).await.iter().all(|at| *at >= Duration::from_secs(1)));

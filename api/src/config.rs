@@ -50,11 +50,12 @@ pub struct Config {
     #[arg(long, env = "AUDIT_WRITERS", default_value_t = 2)]
     pub audit_writers: usize,
 
-    /// Tasks reading medication profiles, each with its own connection: each serves all the
+    /// Tasks reading medication profiles, each with its own connection: a task serves all the
     /// reads waiting with one statement, which also records them on the audit trail and
-    /// commits. The reads that arrive while a statement is in flight wait for it and share the
-    /// next one (and its WAL flush), unless it has run for PROFILE_READ_OVERLAP_MS: then another
-    /// reader takes them, so a statement that stalls holds back only its own reads.
+    /// commits. The first serves every read while its statements take less than
+    /// PROFILE_READ_OVERLAP_MS, and the reads that arrive meanwhile share its next statement
+    /// (and WAL flush); the second starts on the waiting reads only once the first's statement
+    /// has run that long, so a statement that stalls holds back only its own reads.
     #[arg(long, env = "PROFILE_READERS", default_value_t = 2)]
     pub profile_readers: usize,
 

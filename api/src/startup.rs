@@ -195,8 +195,7 @@ impl Application {
         let state = AppState {
             auditor: Auditor::start(pool.clone(), config.audit_writers),
             profiles: http::profile::ProfileReads::start(
-                db::connect_for_batches(&config.common.database_url, config.profile_readers as u32)?,
-                config.profile_readers,
+                (0..config.profile_readers.max(1)).map(|_| db::connect_for_batches(&config.common.database_url, 1)).collect::<db::Result<_>>()?,
                 Duration::from_millis(config.profile_read_overlap_ms),
                 config.profile_cache_mib << 20,
             ),

@@ -107,12 +107,14 @@ impl quick_cache::Weighter<String, (i64, Bytes)> for BodyWeight {
 const GROUP: usize = 256;
 
 impl ProfileReads {
-    /// `workers` readers, each with its own connection; a group starts while another's statement
-    /// is in flight only once that has run for `overlap_after`. `cache_bytes`: memory for
-    /// bodies already served (0: none).
-    pub fn start(pool: db::Pool, workers: usize, overlap_after: Duration, cache_bytes: u64) -> Self {
-        let reads = Batcher::start(workers, GROUP, Overlap::After(overlap_after), move |reads: Vec<ProfileRead>| {
-            let pool = pool.clone();
+    /// A reader per pool (each with one connection, so that the first reader's statements all
+    /// go to one server process); a group starts while another's statement is in flight only
+    /// once that has run for `overlap_after`. `cache_bytes`: memory for bodies already served
+    /// (0: none).
+    pub fn start(pools: Vec<db::Pool>, overlap_after: Duration, cache_bytes: u64) -> Self {
+        let pools = Arc::new(pools);
+        let reads = Batcher::start(pools.len(), GROUP, Overlap::After(overlap_after), move |reader, reads: Vec<ProfileRead>| {
+            let pool = pools[reader].clone();
             async move {
                 // Attribution is by calendar day, UTC, as for every read.
                 let on = time::OffsetDateTime::now_utc().date();
