@@ -66,8 +66,12 @@ impl InFlight {
         self.started.lock().expect("in-flight table")[worker] = started;
     }
 
-    /// Waits until `ready()`, asking again after each of the `signals`.
-    async fn wait(&self, signals: &[&Notify], mut ready: impl FnMut() -> bool) {
+    /// Waits until `ready()`, asking again after each of the `signals`. Nothing is registered
+    /// when it is ready at once, as the first worker's check before each statement mostly is.
+    async fn wait(signals: &[&Notify], mut ready: impl FnMut() -> bool) {
+        if ready() {
+            return;
+        }
         loop {
             // Registered before asking, so a signal between the two is not missed.
             let mut waiting: Vec<_> = signals.iter().map(|s| Box::pin(s.notified())).collect();
@@ -101,12 +105,12 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         let pending = Arc::new(Mutex::new(pending));
         let serve = Arc::new(serve);
         let in_flight = Arc::new(InFlight { started: std::sync::Mutex::new(vec![None; workers]), overdue: Notify::new(), ended: Notify::new() });
+        let after = match overlap {
+            Overlap::After(d) => Some(d),
+            Overlap::Immediate => None,
+        };
         for me in 0..workers {
             let (pending, serve, in_flight) = (pending.clone(), serve.clone(), in_flight.clone());
-            let after = match overlap {
-                Overlap::After(d) => Some(d),
-                Overlap::Immediate => None,
-            };
             tokio::spawn(async move {
                 let (overdue, ended) = (&in_flight.overdue, &in_flight.ended);
                 let (on_overdue, on_ended, on_either) = ([overdue], [ended], [overdue, ended]);
@@ -114,7 +118,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                 loop {
                     let spare = after.filter(|_| me > 0);
                     if let Some(d) = spare {
-                        in_flight.wait(&on_overdue, || in_flight.engaged(me, d)).await;
+                        InFlight::wait(&on_overdue, || in_flight.engaged(me, d)).await;
                     }
                     let mut gathering = pending.lock().await;
                     let received = match spare {
@@ -122,14 +126,14 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                         // A spare stops gathering as soon as a worker before it is free again.
                         Some(d) => tokio::select! {
                             n = gathering.recv_many(&mut group, max) => n,
-                            _ = in_flight.wait(&on_ended, || !in_flight.engaged(me, d)) => continue,
+                            _ = InFlight::wait(&on_ended, || !in_flight.engaged(me, d)) => continue,
                         },
                     };
                     if received == 0 {
                         break;
                     }
                     if let Some(d) = after {
-                        in_flight.wait(&on_either, || !in_flight.held(me, d)).await;
+                        InFlight::wait(&on_either, || !in_flight.held(me, d)).await;
                     }
                     // What arrived while the group was held joins it.
                     while group.len() < max {
