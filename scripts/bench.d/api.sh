@@ -25,8 +25,19 @@ psql -X -q -h 127.0.0.1 -U fhir -d postgres -c "CREATE DATABASE $run"
 # Loopback without TLS, as the platform's default DATABASE_URL (BENCH_PG_SSLMODE=require measures TLS).
 export DATABASE_URL="postgres://fhir:fhir@127.0.0.1:5432/$run?sslmode=${BENCH_PG_SSLMODE:-disable}" KAFKA_TOPIC_PREFIX=$run. COMPOSER_GROUP_ID=$run \
   HTTP_BIND=127.0.0.1:$port FHIR_BASE_URL=http://127.0.0.1:$port/fhir LOG_LEVEL=warn
+# FORCE ends the sessions left behind, but not an autovacuum worker for a role that is not a
+# superuser ("must be a member of the role whose process is being terminated"), and the last
+# phase hands the audit trail back to autovacuum, which starts on it at once. A plain DROP ends
+# autovacuum workers itself, so it is the second try.
 cleanup() { kill "${api:-}" "${composer:-}" 2>/dev/null || true; wait 2>/dev/null || true
-  psql -X -q -h 127.0.0.1 -U fhir -d postgres -c "DROP DATABASE IF EXISTS $run WITH (FORCE)" || true; }
+  local try force
+  for try in 1 2 3 4 5; do
+    for force in " WITH (FORCE)" ""; do
+      psql -X -q -h 127.0.0.1 -U fhir -d postgres -c "DROP DATABASE IF EXISTS $run$force" 2>/dev/null && return
+    done
+    sleep 2
+  done
+  echo "could not drop database $run; drop it by hand" >&2; }
 trap cleanup EXIT
 
 published=$("$bin/generate" --members "$members" --seed 5 | tee /dev/stderr | awk '/published/ { print $2 }')
@@ -76,12 +87,19 @@ cpu_report() {
   for i in 0 1 2 3 4 5 6 7; do d[i]=$((b[i] - a[i])); total=$((total + d[i])); done
   if [ "$total" -gt 0 ]; then echo "(CPU over the phase: $((100 * (total - d[3] - d[4]) / total))% busy, steal $((100 * d[7] / total))%)"; fi
 }
+# wrk with the profile script; the run fails if any response was an error or a socket failed
+# (the script has no response callback: see profile.lua).
+wrk_profile() {
+  local out; out=$(MEMBERS_FILE=$list wrk -s scripts/bench.d/profile.lua "$@" "http://127.0.0.1:$port")
+  echo "$out"
+  if grep -qE "Non-2xx or 3xx responses|Socket errors" <<<"$out"; then echo "wrk: error responses or socket errors (above); the figures do not count" >&2; exit 1; fi
+}
 echo "== warm-up"
-MEMBERS_FILE=$list wrk -t2 -c32 -d5s -s scripts/bench.d/profile.lua "http://127.0.0.1:$port" >/dev/null
+wrk_profile -t2 -c32 -d5s >/dev/null
 settle
 echo "== maximum throughput (64 connections, $duration)"
 mark=$(cpu_mark)
-MEMBERS_FILE=$list wrk -t2 -c64 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
+wrk_profile -t2 -c64 -d"$duration" --latency
 cpu_report "$mark"
 settle
 echo "== fixed rate 2,000 req/s (oha: one schedule, a request due every 0.5 ms on 24 connections; latency from when it was due, $duration)"
@@ -96,12 +114,12 @@ fixed_rate
 settle
 echo "== lock-step bursts ~2,000 req/s (wrk: 24 connections x 1 request / 10 ms + response time, $duration)"
 mark=$(cpu_mark)
-MEMBERS_FILE=$list RATE_DELAY_MS=10 wrk -t2 -c24 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
+RATE_DELAY_MS=10 wrk_profile -t2 -c24 -d"$duration" --latency
 cpu_report "$mark"
 settle
 echo "== independent arrivals ~2,000 req/s (wrk: 24 connections x 1 request / exponential wait, mean 11 ms, + response time, $duration)"
 mark=$(cpu_mark)
-MEMBERS_FILE=$list RATE_DELAY_MS=11 RATE_POISSON=1 wrk -t2 -c24 -d"$duration" --latency -s scripts/bench.d/profile.lua "http://127.0.0.1:$port"
+RATE_DELAY_MS=11 RATE_POISSON=1 wrk_profile -t2 -c24 -d"$duration" --latency
 cpu_report "$mark"
 settle
 # The trail's member index (GIN) gathers new entries in a pending list, and the insert that fills
