@@ -15,8 +15,21 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
+/// What every handler shares, behind one `Arc`: axum clones the state for each extractor that
+/// takes it (twice per request, the guard's and the handler's), and a clone of the fields
+/// themselves took a dozen atomic increments and a copy of `base_url` each time.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub pool: db::Pool,
     /// A metadata-only client for readiness checks (never joins a group, never fetches).
     pub kafka: Arc<BaseConsumer>,
@@ -192,7 +205,7 @@ impl Application {
         audit::spawn_relay(pool.clone(), config.common.kafka.clone(), base_url.clone());
         let composites: Arc<Vec<Box<dyn composer::composite::Composite>>> =
             Arc::new(vec![Box::new(composer::composite::MedicationProfile { base_url: base_url.clone() })]);
-        let state = AppState {
+        let state = AppState(Arc::new(Shared {
             auditor: Auditor::start(pool.clone(), config.audit_writers),
             profiles: http::profile::ProfileReads::start(
                 (0..config.profile_readers.max(1)).map(|_| db::connect_for_batches(&config.common.database_url, 1)).collect::<db::Result<_>>()?,
@@ -207,7 +220,7 @@ impl Application {
             matcher,
             composites,
             subscription_limits: composer::subscriptions::Limits { allow_http: config.subscription_allow_http },
-        };
+        }));
         let (router, api) = router().split_for_parts();
         let router = router
             .merge(SwaggerUi::new("/docs").url("/openapi.json", api))

@@ -94,14 +94,20 @@ wrk_profile() {
   echo "$out"
   if grep -qE "Non-2xx or 3xx responses|Socket errors" <<<"$out"; then echo "wrk: error responses or socket errors (above); the figures do not count" >&2; exit 1; fi
 }
+# The host's speed now: a VM's neighbours slow it without showing as steal (here the same
+# loop took 0.8 s on a quiet host and up to 1.4 s on a busy one, and the phases' figures moved
+# with it), so each phase's figures are comparable only next to this.
+host_speed() { local TIMEFORMAT=%R t; t=$( { time awk 'BEGIN { for (i = 0; i < 3e7; i++) s += i }'; } 2>&1 ); echo "(host speed: a reference loop took $t s)"; }
 echo "== warm-up"
 wrk_profile -t2 -c32 -d5s >/dev/null
 settle
+host_speed
 echo "== maximum throughput (64 connections, $duration)"
 mark=$(cpu_mark)
 wrk_profile -t2 -c64 -d"$duration" --latency
 cpu_report "$mark"
 settle
+host_speed
 echo "== fixed rate 2,000 req/s (oha: one schedule, a request due every 0.5 ms on 24 connections; latency from when it was due, $duration)"
 sed "s|^|http://127.0.0.1:$port/fhir/Patient/|; s|\$|/\$medication-profile|" "$list" >"$list.urls"
 fixed_rate() {
@@ -142,6 +148,7 @@ if pg "CREATE EXTENSION IF NOT EXISTS pgstattuple" >/dev/null 2>&1; then
     "$oha" --no-tui -n "$fill" -c 64 --urls-from-file "$list.urls" -H "Authorization: Bearer $TOKEN" -H "Accept: application/fhir+json" >/dev/null
   fi
   settle
+  host_speed
   echo "(pending list before: $(pg "SELECT pending_pages || ' pages, ' || pending_tuples || ' entries' FROM pgstatginindex('audit_events_member')"); merged at $limit_pages pages)"
   fixed_rate
   echo "(pending list after: $(pg "SELECT pending_pages || ' pages, ' || pending_tuples || ' entries' FROM pgstatginindex('audit_events_member')"))"
