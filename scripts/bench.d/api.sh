@@ -95,8 +95,9 @@ wrk_profile() {
   if grep -qE "Non-2xx or 3xx responses|Socket errors" <<<"$out"; then echo "wrk: error responses or socket errors (above); the figures do not count" >&2; exit 1; fi
 }
 # The host's speed now: a VM's neighbours slow it without showing as steal (here the same
-# loop took 0.8 s on a quiet host and up to 1.4 s on a busy one, and the phases' figures moved
-# with it), so each phase's figures are comparable only next to this.
+# loop took 0.77-1.52 s within a day). The figures move with it, though not only with it: at a
+# loop of 0.82 s the maximum was 10,100 req/s in one run and 16,600 in another. The CPU's busy
+# share in a fixed-rate phase (the same load each run: 41-59 % that day) is the other sign.
 host_speed() { local TIMEFORMAT=%R t; t=$( { time awk 'BEGIN { for (i = 0; i < 3e7; i++) s += i }'; } 2>&1 ); echo "(host speed: a reference loop took $t s)"; }
 echo "== warm-up"
 wrk_profile -t2 -c32 -d5s >/dev/null
