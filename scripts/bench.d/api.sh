@@ -7,6 +7,7 @@
 # PROFILE_CACHE_MIB=0 measures it without its memory of profile bodies.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+source scripts/bench.d/lib.sh
 members=${BENCH_MEMBERS:-20000}
 port=${BENCH_PORT:-18181}
 duration=${BENCH_DURATION:-20s}
@@ -25,19 +26,7 @@ psql -X -q -h 127.0.0.1 -U fhir -d postgres -c "CREATE DATABASE $run"
 # Loopback without TLS, as the platform's default DATABASE_URL (BENCH_PG_SSLMODE=require measures TLS).
 export DATABASE_URL="postgres://fhir:fhir@127.0.0.1:5432/$run?sslmode=${BENCH_PG_SSLMODE:-disable}" KAFKA_TOPIC_PREFIX=$run. COMPOSER_GROUP_ID=$run \
   HTTP_BIND=127.0.0.1:$port FHIR_BASE_URL=http://127.0.0.1:$port/fhir LOG_LEVEL=warn
-# FORCE ends the sessions left behind, but not an autovacuum worker for a role that is not a
-# superuser ("must be a member of the role whose process is being terminated"), and the last
-# phase hands the audit trail back to autovacuum, which starts on it at once. A plain DROP ends
-# autovacuum workers itself, so it is the second try.
-cleanup() { kill "${api:-}" "${composer:-}" 2>/dev/null || true; wait 2>/dev/null || true
-  local try force
-  for try in 1 2 3 4 5; do
-    for force in " WITH (FORCE)" ""; do
-      psql -X -q -h 127.0.0.1 -U fhir -d postgres -c "DROP DATABASE IF EXISTS $run$force" 2>/dev/null && return
-    done
-    sleep 2
-  done
-  echo "could not drop database $run; drop it by hand" >&2; }
+cleanup() { kill "${api:-}" "${composer:-}" 2>/dev/null || true; wait 2>/dev/null || true; drop_database "$run"; }
 trap cleanup EXIT
 
 published=$("$bin/generate" --members "$members" --seed 5 | tee /dev/stderr | awk '/published/ { print $2 }')

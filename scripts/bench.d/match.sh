@@ -4,6 +4,7 @@
 # costs) and with the default floor. Release builds; production durability for the load.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+source scripts/bench.d/lib.sh
 members=${BENCH_MEMBERS:-1000000}
 port=${BENCH_PORT:-18182}
 duration=${BENCH_DURATION:-20s}
@@ -15,8 +16,7 @@ requests=$(mktemp)
 # Fresh secrets for this run only.
 PMM1_MASTER_SECRET=$(openssl rand -hex 32) PMM1_PEPPER=$(openssl rand -hex 32)
 export PMM1_MASTER_SECRET PMM1_PEPPER PGPASSWORD=fhir
-cleanup() { kill "${api:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -f "$requests"
-  psql -X -q -h 127.0.0.1 -U fhir -d postgres -c "DROP DATABASE IF EXISTS $run WITH (FORCE)" || true; }
+cleanup() { kill "${api:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -f "$requests"; drop_database "$run"; }
 trap cleanup EXIT
 
 "$bin/match-bench" --database "$run" --members "$members" --requests-out "$requests"
