@@ -1,4 +1,5 @@
-//! Creates the platform's topics with the configuration they need, when they do not exist.
+//! Kafka clients and topics: one place that says how the platform's producers are configured
+//! and how the topics it creates are, so that the size limits agree everywhere.
 
 use platform::{KafkaConfig, topics};
 use rdkafka::ClientConfig;
@@ -17,23 +18,61 @@ pub fn client(bootstrap_servers: &str) -> ClientConfig {
     config
 }
 
-/// An idempotent producer (acks=all) that sends what it is given within a millisecond: the
-/// composer's dead letters, or a system of record sending each change as it happens.
-pub fn prompt_producer(bootstrap_servers: &str) -> anyhow::Result<FutureProducer> {
-    Ok(client(bootstrap_servers).set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "1").set("log_level", "4").create()?)
+/// An idempotent producer's configuration (acks=all) whose largest record is the deployment's
+/// `KAFKA_MESSAGE_MAX_BYTES`: a larger one fails at once (`MessageSizeTooLarge`), before it
+/// reaches a broker, so the caller can tell that record apart from a broker that is down.
+pub fn producer(kafka: &KafkaConfig) -> ClientConfig {
+    let mut config = client(&kafka.bootstrap_servers);
+    config.set("enable.idempotence", "true").set("acks", "all").set("message.max.bytes", kafka.message_max_bytes.to_string());
+    config
 }
 
-/// `sor.*` and the DLQ keep history (delete policy); published composites are compacted.
-pub async fn ensure(kafka: &KafkaConfig, partitions: i32) -> anyhow::Result<()> {
+/// A producer that sends what it is given within a millisecond: the composer's dead letters,
+/// or a system of record sending each change as it happens.
+pub fn prompt_producer(kafka: &KafkaConfig) -> anyhow::Result<FutureProducer> {
+    Ok(producer(kafka).set("linger.ms", "1").set("log_level", "4").create()?)
+}
+
+/// How a topic the platform creates keeps its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Deleted by age (the broker's default, or this many milliseconds).
+    Delete(Option<u64>),
+    /// The latest record per key is kept (composites, per member).
+    Compact,
+}
+
+/// Creates `names` (full topic names) with `partitions` each and the platform's size limit,
+/// unless they exist.
+pub async fn create(kafka: &KafkaConfig, partitions: i32, names: &[(String, Retention)]) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = client(&kafka.bootstrap_servers).set("log_level", "4").create()?;
-    let mut wanted: Vec<(String, Vec<(&str, &str)>)> =
-        topics::SOR_TOPICS.iter().map(|t| (kafka.topic(t), vec![("cleanup.policy", "delete")])).collect();
-    wanted.push((kafka.topic(topics::DLQ), vec![("cleanup.policy", "delete"), ("retention.ms", "2592000000")]));
-    wanted.push((kafka.topic(topics::MEDICATION_PROFILE), vec![("cleanup.policy", "compact"), ("min.compaction.lag.ms", "60000")]));
-    wanted.push((kafka.topic(topics::PARTNER_INBOUND), vec![("cleanup.policy", "delete")]));
-    let new_topics: Vec<NewTopic<'_>> = wanted
+    create_with(&admin, kafka, partitions, names).await
+}
+
+/// As [`create`], with an admin client the caller keeps.
+pub async fn create_with(
+    admin: &AdminClient<DefaultClientContext>,
+    kafka: &KafkaConfig,
+    partitions: i32,
+    names: &[(String, Retention)],
+) -> anyhow::Result<()> {
+    let max = kafka.topic_max_message_bytes().to_string();
+    let retention: Vec<Option<String>> =
+        names.iter().map(|(_, r)| if let Retention::Delete(Some(ms)) = r { Some(ms.to_string()) } else { None }).collect();
+    let new_topics: Vec<NewTopic<'_>> = names
         .iter()
-        .map(|(name, config)| config.iter().fold(NewTopic::new(name, partitions, TopicReplication::Fixed(1)), |t, (k, v)| t.set(k, v)))
+        .zip(&retention)
+        .map(|((name, kind), ms)| {
+            let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1)).set("max.message.bytes", &max);
+            let topic = match kind {
+                Retention::Compact => topic.set("cleanup.policy", "compact").set("min.compaction.lag.ms", "60000"),
+                Retention::Delete(_) => topic.set("cleanup.policy", "delete"),
+            };
+            match ms {
+                Some(ms) => topic.set("retention.ms", ms),
+                None => topic,
+            }
+        })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(15)));
     for result in admin.create_topics(new_topics.iter(), &options).await? {
@@ -44,6 +83,16 @@ pub async fn ensure(kafka: &KafkaConfig, partitions: i32) -> anyhow::Result<()> 
         }
     }
     Ok(())
+}
+
+/// The topics every deployment has: `sor.*` and the DLQ keep history (delete policy; dead
+/// letters for 30 days); published composites are compacted.
+pub async fn ensure(kafka: &KafkaConfig, partitions: i32) -> anyhow::Result<()> {
+    let mut wanted: Vec<(String, Retention)> = topics::SOR_TOPICS.iter().map(|t| (kafka.topic(t), Retention::Delete(None))).collect();
+    wanted.push((kafka.topic(topics::DLQ), Retention::Delete(Some(30 * 24 * 3600 * 1000))));
+    wanted.push((kafka.topic(topics::MEDICATION_PROFILE), Retention::Compact));
+    wanted.push((kafka.topic(topics::PARTNER_INBOUND), Retention::Delete(None)));
+    create(kafka, partitions, &wanted).await
 }
 
 /// Deletes every topic of `kafka`'s namespace (its non-empty topic prefix): benchmarks remove

@@ -34,6 +34,10 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// A pooled connection idle this long is pinged before it is handed out.
 const IDLE_BEFORE_PING: Duration = Duration::from_secs(30);
 
+/// The statement timeout of pools made by [`connect`] (tests, benchmarks, tools);
+/// the components take theirs from `DATABASE_STATEMENT_TIMEOUT_MS` ([`connect_configured`]).
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A pool for `url`. Statement logging is off: bound values can carry PHI.
 ///
 /// Statements keep the plans PostgreSQL caches for them. A generic plan made while a table was
@@ -42,20 +46,36 @@ const IDLE_BEFORE_PING: Duration = Duration::from_secs(30);
 /// `services/postgresql.conf`). Planning every statement anew instead (`plan_cache_mode =
 /// force_custom_plan`) took a quarter of PostgreSQL's CPU at 1,000 events/s, and renewing
 /// connections to renew their plans stalled every statement behind the new backend for ~100 ms.
+///
+/// Every statement has a timeout ([`DEFAULT_STATEMENT_TIMEOUT`] here): one that runs longer is
+/// cancelled and fails, so no request or batch waits on PostgreSQL without end.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
-    Ok(pool_options(max_connections).connect_with(connect_options(url, &[])?).await?)
+    Ok(pool_options(max_connections).connect_with(connect_options(url, DEFAULT_STATEMENT_TIMEOUT, &[])?).await?)
+}
+
+/// As [`connect`], with the component's configured URL and statement timeout.
+pub async fn connect_configured(common: &platform::CommonConfig, max_connections: u32) -> Result<PgPool> {
+    Ok(pool_options(max_connections).connect_with(connect_options(&common.database_url, common.statement_timeout(), &[])?).await?)
+}
+
+/// As [`connect_configured`], connecting when first used.
+pub fn connect_lazy(common: &platform::CommonConfig, max_connections: u32) -> Result<PgPool> {
+    Ok(pool_options(max_connections).connect_lazy_with(connect_options(&common.database_url, common.statement_timeout(), &[])?))
 }
 
 /// A pool for the statements that serve many requests at once (`resources::medication_profiles`),
 /// which are planned once, generically: each call binds arrays of another length, and
 /// PostgreSQL, seeing a cheaper custom plan for every length, would otherwise plan every call
 /// anew, which costs more than running it. It connects when first used.
-pub fn connect_for_batches(url: &str, max_connections: u32) -> Result<PgPool> {
-    Ok(pool_options(max_connections).connect_lazy_with(connect_options(url, &[("plan_cache_mode", "force_generic_plan")])?))
+pub fn connect_for_batches(common: &platform::CommonConfig, max_connections: u32) -> Result<PgPool> {
+    let options = connect_options(&common.database_url, common.statement_timeout(), &[("plan_cache_mode", "force_generic_plan")])?;
+    Ok(pool_options(max_connections).connect_lazy_with(options))
 }
 
-fn connect_options(url: &str, settings: &[(&str, &str)]) -> Result<PgConnectOptions> {
-    Ok(PgConnectOptions::from_str(url)?.disable_statement_logging().options(settings.iter().copied()))
+fn connect_options(url: &str, statement_timeout: Duration, settings: &[(&str, &str)]) -> Result<PgConnectOptions> {
+    let timeout = statement_timeout.as_millis().to_string();
+    let settings = settings.iter().copied().chain([("statement_timeout", timeout.as_str())]);
+    Ok(PgConnectOptions::from_str(url)?.disable_statement_logging().options(settings))
 }
 
 fn pool_options(max_connections: u32) -> PgPoolOptions {
@@ -82,9 +102,14 @@ pub fn url_with_database(url: &str, name: &str) -> Result<String> {
     Ok(if query.is_empty() { format!("{prefix}/{name}") } else { format!("{prefix}/{name}?{query}") })
 }
 
-/// Applies every migration not yet applied (idempotent).
+/// Applies every migration not yet applied (idempotent), without the statement timeout: a
+/// migration may rewrite a large table.
 pub async fn migrate(pool: &PgPool) -> Result<()> {
-    MIGRATOR.run(pool).await?;
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SET statement_timeout = 0").execute(&mut *conn).await?;
+    let result = MIGRATOR.run(&mut *conn).await;
+    sqlx::query("RESET statement_timeout").execute(&mut *conn).await?;
+    result?;
     Ok(())
 }
 

@@ -16,12 +16,23 @@ pub struct CommonConfig {
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub database_max_connections: u32,
 
+    /// Longest a statement may run, in milliseconds, before PostgreSQL cancels it (0: no limit).
+    #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub database_statement_timeout_ms: u64,
+
     #[command(flatten)]
     pub kafka: KafkaConfig,
 
     /// Public base URL of the FHIR API (`fullUrl`s and paging links point there).
     #[arg(long, env = "FHIR_BASE_URL", default_value = "http://127.0.0.1:8080/fhir")]
     pub fhir_base_url: String,
+
+    /// The largest composite (a member's medication profile, as JSON) the platform keeps, in
+    /// bytes: a change that would make one larger is dead-lettered (from a system of record) or
+    /// refused (a partner's write-back). Must leave room for headers under
+    /// KAFKA_MESSAGE_MAX_BYTES.
+    #[arg(long, env = "COMPOSITE_MAX_BYTES", default_value_t = 524_288)]
+    pub composite_max_bytes: usize,
 
     /// Log filter in `tracing` syntax (e.g. `info`, `composer=debug,info`).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
@@ -36,7 +47,27 @@ pub struct CommonConfig {
     pub log_file: Option<std::path::PathBuf>,
 }
 
+/// Room a published record needs beyond its composite: key and headers.
+pub const RECORD_OVERHEAD_BYTES: usize = 16 * 1024;
+
 impl CommonConfig {
+    pub fn statement_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.database_statement_timeout_ms)
+    }
+
+    /// Refuses limits that cannot hold together: a composite the platform keeps must fit in a
+    /// record it can publish.
+    pub fn check_limits(&self) -> Result<(), String> {
+        let room = self.kafka.message_max_bytes.saturating_sub(RECORD_OVERHEAD_BYTES);
+        if self.composite_max_bytes > room {
+            return Err(format!(
+                "COMPOSITE_MAX_BYTES ({}) must be at most KAFKA_MESSAGE_MAX_BYTES ({}) minus {RECORD_OVERHEAD_BYTES} for headers",
+                self.composite_max_bytes, self.kafka.message_max_bytes
+            ));
+        }
+        Ok(())
+    }
+
     /// Sets up logging as configured (stderr, and `LOG_FILE` when given).
     pub fn init_logs(&self) {
         crate::telemetry::init_to(&self.log_level, self.log_format, self.log_file.as_deref().map(|p| (p, self.log_level.as_str())));
@@ -54,9 +85,21 @@ pub struct KafkaConfig {
     /// contract; tests set it so that runs on one broker never see each other's messages.
     #[arg(long = "kafka-topic-prefix", env = "KAFKA_TOPIC_PREFIX", default_value = "")]
     pub topic_prefix: String,
+
+    /// The largest record (key, value and headers) the platform produces, in bytes: every
+    /// producer's `message.max.bytes`, and (plus batch framing) the `max.message.bytes` of the
+    /// topics the platform creates.
+    #[arg(long = "kafka-message-max-bytes", env = "KAFKA_MESSAGE_MAX_BYTES", default_value_t = 1_048_576)]
+    pub message_max_bytes: usize,
 }
 
 impl KafkaConfig {
+    /// `max.message.bytes` of the topics the platform creates: a record of
+    /// `message_max_bytes` with its batch's framing.
+    pub fn topic_max_message_bytes(&self) -> usize {
+        self.message_max_bytes + 1024
+    }
+
     /// The full name of a contract topic in this deployment's namespace.
     pub fn topic(&self, name: &str) -> String {
         format!("{}{}", self.topic_prefix, name)
@@ -174,7 +217,7 @@ mod tests {
 
     #[test]
     fn prefix_namespaces_topics_both_ways() {
-        let kafka = KafkaConfig { bootstrap_servers: String::new(), topic_prefix: "t1.".into() };
+        let kafka = KafkaConfig { bootstrap_servers: String::new(), topic_prefix: "t1.".into(), message_max_bytes: 1_048_576 };
         assert_eq!(kafka.topic("sor.dlq.v1"), "t1.sor.dlq.v1");
         assert_eq!(kafka.contract_name("t1.sor.dlq.v1"), Some("sor.dlq.v1"));
         assert_eq!(kafka.contract_name("sor.dlq.v1"), None);

@@ -130,7 +130,7 @@ pub async fn wait_applied(pool: &db::Pool, group: &str, total: usize, timeout: D
 
 /// The contract topic names in a test namespace, as a composer with that prefix sees them.
 pub fn kafka_config(prefix: &str) -> platform::KafkaConfig {
-    platform::KafkaConfig { bootstrap_servers: kafka_bootstrap(), topic_prefix: prefix.to_owned() }
+    platform::KafkaConfig { bootstrap_servers: kafka_bootstrap(), topic_prefix: prefix.to_owned(), message_max_bytes: 1_048_576 }
 }
 
 /// A composite's content: the Bundle without `meta` and `timestamp` (the time of the change).

@@ -93,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", identity::PartnerKey::derive(master.bytes(), key_id).to_hex());
         return Ok(());
     }
-    let pool = db::connect(&cli.common.database_url, 2).await?;
+    let pool = db::connect_configured(&cli.common, 2).await?;
     db::migrate(&pool).await?;
     match cli.command {
         Command::Pmm1Key { .. } => {}

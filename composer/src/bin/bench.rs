@@ -28,7 +28,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     platform::telemetry::init("warn", platform::LogFormat::Text);
     let run = format!("bench_{}", std::process::id());
-    let kafka = platform::KafkaConfig { bootstrap_servers: cli.common.kafka.bootstrap_servers.clone(), topic_prefix: format!("{run}.") };
+    let kafka = platform::KafkaConfig { topic_prefix: format!("{run}."), ..cli.common.kafka.clone() };
 
     let admin = db::connect(&cli.common.database_url, 1).await?;
     let settings = db::bench::durability(&admin).await?;

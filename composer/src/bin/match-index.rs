@@ -22,7 +22,7 @@ async fn main() -> anyhow::Result<()> {
     cli.common.init_logs();
     let indexer = composer::matching::MatchIndexer::from_config(&cli.pmm1)?
         .ok_or_else(|| anyhow::anyhow!("set PMM1_KEY_IDS (with the key id), PMM1_MASTER_SECRET_FILE and PMM1_PEPPER_FILE"))?;
-    let pool = db::connect(&cli.common.database_url, 2).await?;
+    let pool = db::connect_configured(&cli.common, 2).await?;
     db::migrate(&pool).await?;
     let started = std::time::Instant::now();
     let (members, rows) = composer::matching::rebuild(&pool, &indexer, &cli.key_id).await?;

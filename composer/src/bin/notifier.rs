@@ -8,7 +8,7 @@ use composer::notifier::{Notifier, NotifierConfig};
 async fn main() -> anyhow::Result<()> {
     let config = NotifierConfig::parse();
     config.common.init_logs();
-    let pool = db::connect(&config.common.database_url, (config.concurrency as u32 / 4).clamp(4, 16)).await?;
+    let pool = db::connect_configured(&config.common, (config.concurrency as u32 / 4).clamp(4, 16)).await?;
     db::migrate(&pool).await?;
     let stop = composer::stop_on_signal("notifier");
     Notifier::new(config, pool)?.run(stop).await

@@ -8,7 +8,7 @@ use composer::relay::{Relay, RelayConfig};
 async fn main() -> anyhow::Result<()> {
     let config = RelayConfig::parse();
     config.common.init_logs();
-    let pool = db::connect(&config.common.database_url, 2).await?;
+    let pool = db::connect_configured(&config.common, 2).await?;
     db::migrate(&pool).await?;
     let stop = composer::stop_on_signal("relay");
     Relay::new(config, pool)?.run(&stop).await

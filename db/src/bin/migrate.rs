@@ -13,7 +13,7 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     cli.common.init_logs();
-    let pool = db::connect(&cli.common.database_url, 2).await?;
+    let pool = db::connect_configured(&cli.common, 2).await?;
     db::migrate(&pool).await?;
     let applied = db::MIGRATOR.iter().count();
     tracing::info!(migrations = applied, "database migrated");
