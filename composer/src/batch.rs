@@ -9,6 +9,7 @@ use crate::fhir::{self, MappedResource};
 use db::composer::{self as q, ComponentKey, ComponentWrite, CompositeVersion, StoredOffset};
 use platform::MemberId;
 use schemas::{Change, Event, RecordKind, Rejection};
+use std::borrow::Borrow;
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use time::OffsetDateTime;
@@ -35,13 +36,21 @@ pub enum Outcome {
     Rejected(Rejection),
 }
 
-/// Parse → validate → map, for one message value of a contract topic.
-pub fn prepare(contracts: &schemas::Contracts, kind: RecordKind, value: Option<&[u8]>) -> Outcome {
+/// Size → parse → validate → key → map, for one message of a contract topic. A message over
+/// `max_bytes` is rejected unread.
+pub fn prepare(contracts: &schemas::Contracts, kind: RecordKind, key: Option<&[u8]>, value: Option<&[u8]>, max_bytes: usize) -> Outcome {
+    let size = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len);
+    if size > max_bytes {
+        return Outcome::Rejected(Rejection::TooLarge { size, limit: max_bytes });
+    }
     let event = match contracts.parse(kind, value) {
         Ok(Some(event)) => event,
         Ok(None) => return Outcome::Nothing,
         Err(rejection) => return Outcome::Rejected(rejection),
     };
+    if let Err(rejection) = schemas::check_key(key, &event.member_id) {
+        return Outcome::Rejected(rejection);
+    }
     match &event.change {
         Change::Delete => Outcome::Change { event, body: None, resource: None },
         Change::Upsert(data) => match fhir::map_record(&event, data) {
@@ -70,6 +79,74 @@ pub enum BatchError {
     Db(#[from] db::Error),
     #[error("lost partition ownership while applying a batch")]
     Fenced,
+    /// A new version of `member_id`'s composite would be `size` bytes, over `limit`.
+    #[error("the composite of member {member_id} would be {size} bytes, over the limit of {limit}")]
+    CompositeTooLarge { member_id: String, size: usize, limit: usize },
+}
+
+impl BatchError {
+    /// Whether the failure says nothing about the batch's content: the database is down, busy,
+    /// restarting or out of a resource, or a transaction lost a race. Such a batch is retried as
+    /// it is; any other failure may be one record's doing (see `consumer`'s isolation).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BatchError::Db(db::Error::Sqlx(e)) => match e {
+                sqlx::Error::Database(d) => {
+                    // SQLSTATE classes: 08 connection, 40 transaction rollback (serialization,
+                    // deadlock), 53 insufficient resources, 55 object not in prerequisite
+                    // state (lock not available), 57 operator intervention (shutdown, statement
+                    // timeout), 58 system error.
+                    let code = d.code().unwrap_or_default();
+                    ["08", "40", "53", "55", "57", "58"].iter().any(|class| code.starts_with(class))
+                }
+                sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
+                sqlx::Error::Protocol(_) => true,
+                _ => false,
+            },
+            BatchError::Db(db::Error::Migrate(_)) => true,
+            BatchError::Fenced | BatchError::CompositeTooLarge { .. } => false,
+        }
+    }
+
+    /// What a dead letter says of a record this failure was isolated to: for PostgreSQL, the
+    /// SQLSTATE and the table and constraint it names, never a value.
+    pub fn rejection(&self) -> Rejection {
+        match self {
+            BatchError::CompositeTooLarge { member_id, size, limit } => {
+                Rejection::CompositeTooLarge { member_id: member_id.clone(), size: *size, limit: *limit }
+            }
+            BatchError::Db(db::Error::Sqlx(sqlx::Error::Database(d))) => {
+                let mut what = format!("SQLSTATE {}", d.code().unwrap_or_default());
+                if let Some(table) = d.table() {
+                    what.push_str(&format!(" on table {table}"));
+                }
+                if let Some(constraint) = d.constraint() {
+                    what.push_str(&format!(", constraint {constraint}"));
+                }
+                Rejection::Refused(what)
+            }
+            other => Rejection::Refused(other.kind()),
+        }
+    }
+
+    fn kind(&self) -> String {
+        match self {
+            BatchError::Db(db::Error::Sqlx(e)) => format!("{}", sqlx_kind(e)),
+            BatchError::Db(db::Error::Migrate(_)) => "migrations".into(),
+            BatchError::Fenced => "fenced".into(),
+            BatchError::CompositeTooLarge { .. } => "composite too large".into(),
+        }
+    }
+}
+
+/// A name for a sqlx error without its text (which can quote values).
+fn sqlx_kind(e: &sqlx::Error) -> &'static str {
+    match e {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => "a stored value could not be decoded",
+        sqlx::Error::Encode(_) => "a value could not be encoded",
+        sqlx::Error::RowNotFound => "row not found",
+        _ => "database error",
+    }
 }
 
 impl From<sqlx::Error> for BatchError {
@@ -102,15 +179,38 @@ pub async fn apply(
     group: &str,
     composites: &[Box<dyn Composite>],
     indexer: Option<&crate::matching::MatchIndexer>,
-    consumed: &[Consumed],
+    consumed: &[impl Borrow<Consumed>],
     offsets: &[(StoredOffset, Option<i64>)],
+) -> Result<Applied, BatchError> {
+    run(pool, group, composites, indexer, consumed, offsets, true).await
+}
+
+/// Whether [`apply`] would succeed for `consumed`, without moving offsets: the same work, rolled
+/// back. Used to find the record a failing batch fails on.
+pub async fn try_apply(
+    pool: &db::Pool,
+    composites: &[Box<dyn Composite>],
+    indexer: Option<&crate::matching::MatchIndexer>,
+    consumed: &[impl Borrow<Consumed>],
+) -> Result<Applied, BatchError> {
+    run(pool, "", composites, indexer, consumed, &[], false).await
+}
+
+async fn run(
+    pool: &db::Pool,
+    group: &str,
+    composites: &[Box<dyn Composite>],
+    indexer: Option<&crate::matching::MatchIndexer>,
+    consumed: &[impl Borrow<Consumed>],
+    offsets: &[(StoredOffset, Option<i64>)],
+    commit: bool,
 ) -> Result<Applied, BatchError> {
     let mut applied = Applied { messages: consumed.len(), ..Applied::default() };
     // Redeliveries inside the batch: keep the first occurrence of an event id.
     let mut seen = HashSet::new();
     let mut events: Vec<(&Event, &Option<String>, &Option<MappedResource>)> = Vec::new();
     for c in consumed {
-        match &c.outcome {
+        match &c.borrow().outcome {
             Outcome::Change { event, body, resource } => {
                 if seen.insert(event.event_id) {
                     events.push((event, body, resource));
@@ -248,19 +348,24 @@ pub async fn apply(
         tx.rollback().await?;
         return Err(BatchError::Fenced);
     }
-    tx.commit().await?;
+    if commit {
+        tx.commit().await?;
+    } else {
+        tx.rollback().await?;
+    }
     Ok(applied)
 }
 
 /// New composite versions for `members` whose content changed (or that appeared or went).
 /// Runs inside the transaction that changed their components, with the members locked
 /// ([`q::lock_members`]); the caller stores the versions with [`q::write_composites`].
+/// A version larger than its composite's `max_bytes` fails the whole rebuild.
 pub async fn rebuild(
     tx: &mut sqlx::PgConnection,
     composites: &[Box<dyn Composite>],
     members: &[String],
     now_text: &str,
-) -> db::Result<Vec<CompositeVersion>> {
+) -> Result<Vec<CompositeVersion>, BatchError> {
     if members.is_empty() {
         return Ok(Vec::new());
     }
@@ -297,10 +402,14 @@ pub async fn rebuild(
             let event_id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{}|{member}|{next}", composite.topic()).as_bytes());
             match (content, state) {
                 (Some(content), s) if s.is_none_or(|s| s.deleted || s.content_hash != content.hash) => {
+                    let body = composite.render(&member_id, &content, next, now_text);
+                    if body.len() > composite.max_bytes() {
+                        return Err(BatchError::CompositeTooLarge { member_id: member.clone(), size: body.len(), limit: composite.max_bytes() });
+                    }
                     versions.push(CompositeVersion {
                         member_id: member.clone(),
                         version_id: next,
-                        body: Some(composite.render(&member_id, &content, next, now_text)),
+                        body: Some(body),
                         content_hash: content.hash,
                         topic: composite.topic().to_owned(),
                         event_id,

@@ -180,6 +180,9 @@ pub trait Composite: Send + Sync {
     fn assemble(&self, member: &MemberId, components: &[Component]) -> Option<Content>;
     /// The stored and served JSON of one version.
     fn render(&self, member: &MemberId, content: &Content, version_id: i64, last_updated: &str) -> String;
+    /// The largest rendered version kept (`COMPOSITE_MAX_BYTES`): every version must fit in a
+    /// record the relay can publish.
+    fn max_bytes(&self) -> usize;
 }
 
 /// The member's medication profile: a `collection` Bundle with the member's Patient and every
@@ -188,6 +191,7 @@ pub trait Composite: Send + Sync {
 pub struct MedicationProfile {
     /// Base of `fullUrl`s: `{base}/{type}/{id}`, where the API serves each entry.
     pub base_url: String,
+    pub max_bytes: usize,
 }
 
 const ENTRY_ORDER: [&str; 4] = ["Patient", "MedicationStatement", "AllergyIntolerance", "Immunization"];
@@ -199,6 +203,10 @@ impl Composite for MedicationProfile {
 
     fn inputs(&self) -> &'static [RecordKind] {
         &[RecordKind::Demographics, RecordKind::Medication, RecordKind::Allergy, RecordKind::Immunization]
+    }
+
+    fn max_bytes(&self) -> usize {
+        self.max_bytes
     }
 
     fn assemble(&self, member: &MemberId, components: &[Component]) -> Option<Content> {
@@ -264,7 +272,7 @@ mod tests {
     }
 
     fn profile() -> MedicationProfile {
-        MedicationProfile { base_url: "http://h/fhir".into() }
+        MedicationProfile { base_url: "http://h/fhir".into(), max_bytes: 524_288 }
     }
 
     fn coded(source: &str, id: &str, code: &str, status: &str, at: i64) -> Component {

@@ -30,6 +30,12 @@ pub struct ComposerConfig {
     #[arg(long, env = "COMPOSER_APPLIERS", default_value_t = 1)]
     pub appliers: usize,
 
+    /// The largest system-of-record message the composer reads, in bytes: a larger one is
+    /// dead-lettered unread (its payload replaced by a reference when it does not fit the
+    /// dead-letter topic). Records of the contract are a few kilobytes.
+    #[arg(long, env = "COMPOSER_MAX_MESSAGE_BYTES", default_value_t = 262_144)]
+    pub max_message_bytes: usize,
+
     /// Partitions of the topics the platform creates when they do not exist.
     #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,

@@ -22,7 +22,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use schemas::{Contracts, RecordKind};
+use schemas::{Contracts, RecordKind, Rejection};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
@@ -129,13 +129,28 @@ pub struct Metrics {
     pub stale: AtomicU64,
     pub composite_versions: AtomicU64,
     pub batches: AtomicU64,
+    /// Records a failing batch was isolated to and dead-lettered (counted in `dead_letters` too).
+    pub isolated: AtomicU64,
+}
+
+impl Metrics {
+    fn count(&self, applied: &batch::Applied) {
+        self.messages.fetch_add(applied.messages as u64, Ordering::Relaxed);
+        self.dead_letters.fetch_add(applied.dead_letters as u64, Ordering::Relaxed);
+        self.duplicates.fetch_add(applied.duplicates as u64, Ordering::Relaxed);
+        self.stale.fetch_add(applied.stale as u64, Ordering::Relaxed);
+        self.composite_versions.fetch_add(applied.composite_versions as u64, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// A polled message after parsing, validation and mapping.
 struct Prepared {
     consumed: Consumed,
-    /// The message itself, kept only when it goes to the dead-letter topic.
+    /// The message itself, for its dead letter if it is rejected now or isolated later.
     original: Option<OwnedMessage>,
+    /// Its dead letter was acknowledged (a retried batch does not send it again).
+    dead_lettered: bool,
 }
 
 /// Prepared messages of one assignment generation, from the consumer thread to the applier.
@@ -251,7 +266,7 @@ impl Composer {
         consumer.subscribe(&topic_refs)?;
         tracing::info!(group = %self.config.group_id, "composer consuming");
 
-        let dlq = crate::topics::prompt_producer(&kafka.bootstrap_servers)?;
+        let dlq = crate::topics::prompt_producer(kafka)?;
         let (committed, positions) = std::sync::mpsc::channel::<Vec<StoredOffset>>();
         std::thread::scope(|scope| {
             let mut lanes = Vec::new();
@@ -324,13 +339,12 @@ impl Composer {
             match message {
                 Some(Ok(m)) => {
                     let outcome = match kinds.get(m.topic()) {
-                        Some(kind) => batch::prepare(&self.contracts, *kind, m.payload()),
+                        Some(kind) => batch::prepare(&self.contracts, *kind, m.key(), m.payload(), self.config.max_message_bytes),
                         None => Outcome::Nothing,
                     };
-                    let original = matches!(outcome, Outcome::Rejected(_)).then(|| m.detach());
                     let consumed = Consumed { topic: m.topic().to_owned(), partition: m.partition(), offset: m.offset(), outcome };
                     let hand = &mut hands[m.partition().unsigned_abs() as usize % lanes.len()];
-                    hand.push(Prepared { consumed, original }, generation, wait, self.config.batch_size);
+                    hand.push(Prepared { consumed, original: Some(m.detach()), dead_lettered: false }, generation, wait, self.config.batch_size);
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                 None => {}
@@ -354,7 +368,11 @@ impl Composer {
     }
 
     /// An applier thread: applies each chunk the consumer thread hands over to `lane`, one
-    /// transaction each, until the consumer thread hangs up.
+    /// transaction each, until the consumer thread hangs up. A chunk that fails is retried with
+    /// backoff; between attempts the applier takes what the consumer thread prepared meanwhile
+    /// into it, and, when the failure may be one record's doing, isolates that record
+    /// ([`Composer::isolate`]): it is dead-lettered and the rest applied.
+    #[allow(clippy::too_many_arguments)]
     fn apply_loop(
         &self,
         lane: usize,
@@ -365,75 +383,34 @@ impl Composer {
         committed: std::sync::mpsc::Sender<Vec<StoredOffset>>,
         stop: &AtomicBool,
     ) -> anyhow::Result<()> {
-        let dlq_topic = self.config.common.kafka.topic(platform::topics::DLQ);
         while let Ok(chunk) = waiting.recv() {
-            let _applying = locked(&shared.applying[lane]);
-            let (consumed, originals, offsets) = {
-                let state = locked(&shared.assignment);
-                if chunk.generation != state.generation {
-                    continue;
-                }
-                let items = chunk.items.into_iter();
-                // Messages below the stored position were applied before (a redelivery after
-                // a restart or rebalance).
-                let items = items.filter(|p| {
-                    let c = &p.consumed;
-                    state.stored.get(&(c.topic.clone(), c.partition)).is_some_and(|stored| stored.is_none_or(|s| c.offset >= s))
-                });
-                let (consumed, originals): (Vec<Consumed>, Vec<Option<OwnedMessage>>) = items.map(|p| (p.consumed, p.original)).unzip();
-                let offsets = next_offsets(&consumed, &state.stored);
-                (consumed, originals, offsets)
-            };
-            if consumed.is_empty() {
-                continue;
-            }
-            let mut attempt = 0u32;
-            let mut dead_lettered = false;
+            let mut work = chunk;
+            let mut attempts = 0u32;
             loop {
-                let result = runtime.block_on(async {
-                    // Once acknowledged, dead letters are not produced again when the
-                    // transaction is retried.
-                    if !dead_lettered {
-                        self.dead_letter(dlq, &dlq_topic, &originals, &consumed).await?;
-                        dead_lettered = true;
+                let error = match self.attempt(lane, runtime, shared, dlq, &mut work, &committed, attempts) {
+                    Attempt::Done => break,
+                    Attempt::Again => {
+                        attempts = 0;
+                        continue;
                     }
-                    batch::apply(&self.pool, &self.config.group_id, &self.composites, self.indexer.as_ref(), &consumed, &offsets)
-                        .await
-                        .map_err(anyhow::Error::from)
-                });
-                match result {
-                    Ok(applied) => {
-                        let m = &self.metrics;
-                        m.messages.fetch_add(applied.messages as u64, Ordering::Relaxed);
-                        m.dead_letters.fetch_add(applied.dead_letters as u64, Ordering::Relaxed);
-                        m.duplicates.fetch_add(applied.duplicates as u64, Ordering::Relaxed);
-                        m.stale.fetch_add(applied.stale as u64, Ordering::Relaxed);
-                        m.composite_versions.fetch_add(applied.composite_versions as u64, Ordering::Relaxed);
-                        m.batches.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(?applied, "batch applied");
-                        let mut state = locked(&shared.assignment);
-                        for (o, _) in &offsets {
-                            if let Some(slot) = state.stored.get_mut(&(o.topic.clone(), o.partition)) {
-                                *slot = Some(o.next_offset);
-                            }
-                        }
-                        let _ = committed.send(offsets.into_iter().map(|(o, _)| o).collect());
-                        break;
-                    }
-                    Err(e) if e.downcast_ref::<batch::BatchError>().is_some_and(|b| matches!(b, batch::BatchError::Fenced)) => {
-                        tracing::warn!("another consumer owns a partition of this batch; dropping it");
-                        break;
-                    }
-                    Err(e) => {
-                        attempt += 1;
-                        let wait = Duration::from_millis(100 * 2u64.pow(attempt.min(6)));
-                        tracing::error!(error = %e, attempt, "batch failed; retrying in {wait:?}");
-                        if stop.load(Ordering::Relaxed) {
-                            return Err(e);
-                        }
-                        // Meanwhile the consumer thread keeps polling (and so its group
-                        // membership), and what it prepares waits for this batch.
-                        std::thread::sleep(wait);
+                    Attempt::Failed(e) => e,
+                };
+                attempts += 1;
+                let wait = Duration::from_millis(100 * 2u64.pow(attempts.min(6)));
+                tracing::error!(error = %error, attempt = attempts, "batch failed; retrying in {wait:?}");
+                if stop.load(Ordering::Relaxed) {
+                    return Err(error.into());
+                }
+                // Meanwhile the consumer thread keeps polling (and so its group membership),
+                // and what it prepares for this applier joins the batch being retried.
+                let until = Instant::now() + wait;
+                while let Some(left) = until.checked_duration_since(Instant::now()) {
+                    match waiting.recv_timeout(left) {
+                        Ok(more) if more.generation == work.generation => work.items.extend(more.items),
+                        // A rebalance: what was polled before it comes again from the stored positions.
+                        Ok(newer) => work = newer,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(error.into()),
                     }
                 }
             }
@@ -441,45 +418,297 @@ impl Composer {
         Ok(())
     }
 
-    /// Produces the batch's dead letters and waits for the broker's acknowledgement (acks=all).
-    async fn dead_letter(
+    /// One attempt at `work`, holding the applier's lock (so a rebalance waits for it).
+    #[allow(clippy::too_many_arguments)]
+    fn attempt(
         &self,
-        producer: &FutureProducer,
-        topic: &str,
-        originals: &[Option<OwnedMessage>],
-        consumed: &[Consumed],
-    ) -> anyhow::Result<()> {
-        let mut pending = Vec::new();
-        for (m, c) in originals.iter().zip(consumed) {
-            let (Outcome::Rejected(rejection), Some(m)) = (&c.outcome, m) else { continue };
-            let mut headers = OwnedHeaders::new();
-            if let Some(original) = m.headers() {
-                for h in original.iter() {
-                    headers = headers.insert(Header { key: h.key, value: h.value });
+        lane: usize,
+        runtime: &Handle,
+        shared: &Shared,
+        dlq: &FutureProducer,
+        work: &mut Chunk,
+        committed: &std::sync::mpsc::Sender<Vec<StoredOffset>>,
+        attempts: u32,
+    ) -> Attempt {
+        let _applying = locked(&shared.applying[lane]);
+        let offsets = {
+            let state = locked(&shared.assignment);
+            if work.generation != state.generation {
+                return Attempt::Done;
+            }
+            // Messages below the stored position were applied before (a redelivery after a
+            // restart or rebalance).
+            work.items.retain(|p| {
+                let c = &p.consumed;
+                state.stored.get(&(c.topic.clone(), c.partition)).is_some_and(|stored| stored.is_none_or(|s| c.offset >= s))
+            });
+            let consumed: Vec<&Consumed> = work.items.iter().map(|p| &p.consumed).collect();
+            next_offsets(&consumed, &state.stored)
+        };
+        if work.items.is_empty() {
+            return Attempt::Done;
+        }
+        let result = runtime.block_on(async {
+            // Once acknowledged, dead letters are not produced again when the batch is retried.
+            self.dead_letter(dlq, &mut work.items).await.map_err(Failure::Kafka)?;
+            let consumed: Vec<&Consumed> = work.items.iter().map(|p| &p.consumed).collect();
+            batch::apply(&self.pool, &self.config.group_id, &self.composites, self.indexer.as_ref(), &consumed, &offsets)
+                .await
+                .map_err(Failure::Batch)
+        });
+        let error = match result {
+            Ok(applied) => {
+                self.metrics.count(&applied);
+                tracing::debug!(?applied, "batch applied");
+                let mut state = locked(&shared.assignment);
+                for (o, _) in &offsets {
+                    if let Some(slot) = state.stored.get_mut(&(o.topic.clone(), o.partition)) {
+                        *slot = Some(o.next_offset);
+                    }
+                }
+                let _ = committed.send(offsets.into_iter().map(|(o, _)| o).collect());
+                return Attempt::Done;
+            }
+            Err(Failure::Batch(batch::BatchError::Fenced)) => {
+                tracing::warn!("another consumer owns a partition of this batch; dropping it");
+                return Attempt::Done;
+            }
+            Err(Failure::Kafka(e)) => return Attempt::Failed(Failure::Kafka(e)),
+            Err(Failure::Batch(e)) => e,
+        };
+        // A transient failure is retried as it is, a few times, before it is suspected.
+        if error.is_transient() && attempts < ISOLATE_AFTER {
+            return Attempt::Failed(Failure::Batch(error));
+        }
+        match runtime.block_on(self.isolate(&work.items)) {
+            Ok(Some(Isolated { index, rejection })) => {
+                let item = &mut work.items[index];
+                let c = &item.consumed;
+                tracing::warn!(topic = self.config.common.kafka.contract_name(&c.topic).unwrap_or(&c.topic), partition = c.partition,
+                    offset = c.offset, reason = rejection.class(), %rejection, "a record fails on its own while the others apply; dead-lettering it");
+                item.consumed.outcome = Outcome::Rejected(rejection);
+                item.dead_lettered = false;
+                self.metrics.isolated.fetch_add(1, Ordering::Relaxed);
+                Attempt::Again
+            }
+            Ok(None) => Attempt::Failed(Failure::Batch(error)),
+            Err(e) => Attempt::Failed(Failure::Batch(e)),
+        }
+    }
+
+    /// Finds the record a failing batch fails on, by applying prefixes of it and rolling them
+    /// back (a binary search: about log2(n) trial transactions). That record is the poison only
+    /// when the failure is its own: it makes a composite too large, or other records of the
+    /// batch apply while it does not. When every record fails alike (PostgreSQL refuses all
+    /// writes, say), nothing is isolated (`None`) and the batch waits, retried, for the cause to
+    /// go. `Err`: a trial failed transiently (the database went away); retry later.
+    async fn isolate(&self, items: &[Prepared]) -> Result<Option<Isolated>, batch::BatchError> {
+        let consumed: Vec<&Consumed> = items.iter().map(|p| &p.consumed).collect();
+        let trial = |range: std::ops::Range<usize>| batch::try_apply(&self.pool, &self.composites, self.indexer.as_ref(), &consumed[range]);
+        // items[..ok] applies, items[..failing] does not.
+        let (mut ok, mut failing) = (0, items.len());
+        while failing - ok > 1 {
+            let mid = ok + (failing - ok) / 2;
+            match trial(0..mid).await {
+                Ok(_) => ok = mid,
+                Err(e) if e.is_transient() => return Err(e),
+                Err(_) => failing = mid,
+            }
+        }
+        let index = failing - 1;
+        let error = match trial(index..index + 1).await {
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => e,
+            // It fails only together with records before it (e.g. two records that together
+            // make a composite too large): the one that tips it over is the one isolated.
+            Ok(_) => match trial(0..index + 1).await {
+                Ok(_) => return Ok(None), // it all applies now
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => e,
+            },
+        };
+        if let batch::BatchError::CompositeTooLarge { member_id, .. } = &error {
+            // The member's records together are too large; which one arrived last across topics
+            // is chance. Its demographics are what the composite exists for: a record that adds
+            // to it goes first (the last one polled).
+            let index = (0..=index).rev().find(|&i| adds_to(&consumed[i].outcome, member_id)).unwrap_or(index);
+            return Ok(Some(Isolated { index, rejection: error.rejection() }));
+        }
+        let is_change = |i: &usize| matches!(consumed[*i].outcome, Outcome::Change { .. });
+        let others_apply = if (0..index).any(|i| is_change(&i)) {
+            true // items[..index] applied in the search
+        } else {
+            // A few of the later changes, each on its own.
+            let later: Vec<usize> = (index + 1..items.len()).filter(is_change).collect();
+            let step = (later.len() / EVIDENCE_SAMPLES).max(1);
+            let mut applies = false;
+            for i in later.into_iter().step_by(step).take(EVIDENCE_SAMPLES) {
+                match trial(i..i + 1).await {
+                    Ok(_) => {
+                        applies = true;
+                        break;
+                    }
+                    Err(e) if e.is_transient() => return Err(e),
+                    Err(_) => {}
                 }
             }
-            let (partition, offset, error) = (m.partition().to_string(), m.offset().to_string(), rejection.to_string());
+            applies
+        };
+        Ok(others_apply.then(|| Isolated { index, rejection: error.rejection() }))
+    }
+
+    /// Produces the dead letters of `items` not yet sent and waits for the broker's
+    /// acknowledgement (acks=all); each is then marked sent.
+    async fn dead_letter(&self, producer: &FutureProducer, items: &mut [Prepared]) -> anyhow::Result<()> {
+        let topic = self.config.common.kafka.topic(platform::topics::DLQ);
+        let limit = self.config.common.kafka.message_max_bytes;
+        let mut pending = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let (Outcome::Rejected(rejection), Some(m), false) = (&item.consumed.outcome, &item.original, item.dead_lettered) else { continue };
             let contract = self.config.common.kafka.contract_name(m.topic()).unwrap_or(m.topic());
-            headers = headers
-                .insert(Header { key: "dlq.reason", value: Some(rejection.class()) })
-                .insert(Header { key: "dlq.error", value: Some(&error) })
-                .insert(Header { key: "dlq.source.topic", value: Some(contract) })
-                .insert(Header { key: "dlq.source.partition", value: Some(&partition) })
-                .insert(Header { key: "dlq.source.offset", value: Some(&offset) });
-            tracing::warn!(topic = contract, partition = m.partition(), offset = m.offset(), reason = rejection.class(), "dead letter");
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
-            if let Some(key) = m.key() {
+            let letter = DeadLetter::of(m, contract, rejection, limit);
+            tracing::warn!(
+                topic = contract,
+                partition = m.partition(),
+                offset = m.offset(),
+                reason = rejection.class(),
+                reference = letter.reference,
+                "dead letter"
+            );
+            let mut headers = OwnedHeaders::new();
+            for (key, value) in &letter.headers {
+                headers = headers.insert(Header { key, value: Some(value.as_slice()) });
+            }
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(headers);
+            if let Some(key) = &letter.key {
                 record = record.key(key);
             }
-            if let Some(payload) = m.payload() {
+            if let Some(payload) = &letter.payload {
                 record = record.payload(payload);
             }
-            pending.push(producer.send_result(record).map_err(|(e, _)| e)?);
+            pending.push((i, producer.send_result(record).map_err(|(e, _)| e)?));
         }
-        for delivery in pending {
-            delivery.await?.map_err(|(e, _)| e)?;
+        let mut result = Ok(());
+        for (i, delivery) in pending {
+            match delivery.await {
+                Ok(Ok(_)) => items[i].dead_lettered = true,
+                Ok(Err((e, _))) => result = Err(e.into()),
+                Err(_) => result = Err(anyhow::anyhow!("the dead-letter producer went away")),
+            }
         }
-        Ok(())
+        result
+    }
+}
+
+/// Whether `outcome` is a change of `member`'s records other than its demographics.
+fn adds_to(outcome: &Outcome, member: &str) -> bool {
+    matches!(outcome, Outcome::Change { event, .. } if event.member_id.as_str() == member && event.kind != RecordKind::Demographics)
+}
+
+/// How many times a transient failure is retried before the batch is searched for a poison.
+const ISOLATE_AFTER: u32 = 3;
+
+/// Later records tried on their own, at most, for evidence that the database takes changes.
+const EVIDENCE_SAMPLES: usize = 8;
+
+/// The record a failing batch was isolated to.
+struct Isolated {
+    index: usize,
+    rejection: Rejection,
+}
+
+enum Failure {
+    Kafka(anyhow::Error),
+    Batch(batch::BatchError),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Kafka(e) => write!(f, "dead letters not acknowledged: {e}"),
+            Failure::Batch(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<Failure> for anyhow::Error {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Kafka(e) => e,
+            Failure::Batch(e) => e.into(),
+        }
+    }
+}
+
+enum Attempt {
+    Done,
+    /// A record was isolated: try again at once.
+    Again,
+    Failed(Failure),
+}
+
+/// A dead letter as produced: the original key, value and headers with `dlq.*` headers naming
+/// the reason, error, source topic, partition and offset. One too large for the topic carries,
+/// instead of what did not fit, a reference to the original in its source topic (size and
+/// SHA-256 of the value; the key's SHA-256; how many headers were left out).
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Whether the payload was replaced by a reference.
+    pub reference: bool,
+}
+
+/// The largest key a dead letter carries as received; a longer one is replaced by its hash.
+const DEAD_LETTER_KEY_BYTES: usize = 1024;
+
+impl DeadLetter {
+    pub fn of(m: &OwnedMessage, contract_topic: &str, rejection: &Rejection, limit: usize) -> DeadLetter {
+        let hex = |bytes: &[u8]| {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(bytes))
+        };
+        let mut headers: Vec<(String, Vec<u8>)> = vec![
+            ("dlq.reason".into(), rejection.class().as_bytes().to_vec()),
+            ("dlq.error".into(), rejection.to_string().into_bytes()),
+            ("dlq.source.topic".into(), contract_topic.as_bytes().to_vec()),
+            ("dlq.source.partition".into(), m.partition().to_string().into_bytes()),
+            ("dlq.source.offset".into(), m.offset().to_string().into_bytes()),
+        ];
+        // Room for framing and the headers added below.
+        let budget = limit.saturating_sub(4096);
+        let ours: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let mut key = m.key().map(<[u8]>::to_vec);
+        if let Some(k) = key.as_ref().filter(|k| k.len() > DEAD_LETTER_KEY_BYTES) {
+            headers.push(("dlq.key.sha256".into(), hex(k).into_bytes()));
+            key = None;
+        }
+        let original: Vec<(String, Vec<u8>)> =
+            m.headers().map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect()).unwrap_or_default();
+        let original_size: usize = original.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let key_size = key.as_ref().map_or(0, Vec::len);
+        let mut payload = m.payload().map(<[u8]>::to_vec);
+        let payload_size = payload.as_ref().map_or(0, Vec::len);
+        let mut reference = false;
+        // The payload is kept when it fits (without the original headers, if need be); else a
+        // reference takes its place.
+        if ours + key_size + payload_size > budget
+            && let Some(p) = payload.take()
+        {
+            let pointer = serde_json::json!({ "dlq_reference": {
+                "topic": contract_topic, "partition": m.partition(), "offset": m.offset(), "size": p.len(), "sha256": hex(&p),
+            }});
+            headers.push(("dlq.payload".into(), b"reference".to_vec()));
+            payload = Some(pointer.to_string().into_bytes());
+            reference = true;
+        }
+        if ours + key_size + original_size + payload.as_ref().map_or(0, Vec::len) > budget {
+            headers.push(("dlq.headers.omitted".into(), original.len().to_string().into_bytes()));
+        } else {
+            headers.splice(0..0, original);
+        }
+        DeadLetter { key, payload, headers, reference }
     }
 }
 
@@ -500,7 +729,7 @@ fn hint(consumer: &BaseConsumer<ComposerContext>, offsets: &[StoredOffset]) {
 
 /// The position after the batch for each partition it read, with the stored position it
 /// moves from.
-fn next_offsets(consumed: &[Consumed], stored: &HashMap<(String, i32), Option<i64>>) -> Vec<(StoredOffset, Option<i64>)> {
+fn next_offsets(consumed: &[&Consumed], stored: &HashMap<(String, i32), Option<i64>>) -> Vec<(StoredOffset, Option<i64>)> {
     let mut next: HashMap<(String, i32), i64> = HashMap::new();
     for c in consumed {
         let slot = next.entry((c.topic.clone(), c.partition)).or_insert(c.offset + 1);
@@ -522,11 +751,68 @@ mod tests {
     use super::*;
 
     fn item(offset: i64) -> Prepared {
-        Prepared { consumed: Consumed { topic: "t".into(), partition: 0, offset, outcome: Outcome::Nothing }, original: None }
+        Prepared { consumed: Consumed { topic: "t".into(), partition: 0, offset, outcome: Outcome::Nothing }, original: None, dead_lettered: false }
     }
 
     fn offsets(chunk: &Chunk) -> Vec<i64> {
         chunk.items.iter().map(|p| p.consumed.offset).collect()
+    }
+
+    fn message(key: &[u8], payload: &[u8], header: &[u8]) -> OwnedMessage {
+        let headers = OwnedHeaders::new().insert(Header { key: "trace", value: Some(header) });
+        OwnedMessage::new(
+            Some(payload.to_vec()),
+            Some(key.to_vec()),
+            "t.sor.member.demographics.v1".into(),
+            rdkafka::Timestamp::NotAvailable,
+            2,
+            41,
+            Some(headers),
+        )
+    }
+
+    fn header<'a>(letter: &'a DeadLetter, name: &str) -> Option<&'a str> {
+        letter.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
+    #[test]
+    fn a_dead_letter_carries_the_original_and_says_why() {
+        let rejection = Rejection::InvalidJson { line: 1, column: 2 };
+        let letter = DeadLetter::of(&message(b"M1", b"{oops", b"abc"), "sor.member.demographics.v1", &rejection, 1_048_576);
+        assert_eq!((letter.key.as_deref(), letter.payload.as_deref(), letter.reference), (Some(&b"M1"[..]), Some(&b"{oops"[..]), false));
+        assert_eq!(header(&letter, "trace"), Some("abc"), "the original headers are kept");
+        assert_eq!(header(&letter, "dlq.reason"), Some("invalid-json"));
+        assert_eq!(header(&letter, "dlq.source.topic"), Some("sor.member.demographics.v1"));
+        assert_eq!((header(&letter, "dlq.source.partition"), header(&letter, "dlq.source.offset")), (Some("2"), Some("41")));
+    }
+
+    #[test]
+    fn a_dead_letter_too_large_for_the_topic_refers_to_the_original() {
+        let payload = vec![b'x'; 1_048_000];
+        let rejection = Rejection::TooLarge { size: payload.len(), limit: 262_144 };
+        let letter = DeadLetter::of(&message(b"M1", &payload, b"abc"), "sor.member.demographics.v1", &rejection, 1_048_576);
+        assert!(letter.reference);
+        assert_eq!(header(&letter, "dlq.payload"), Some("reference"));
+        let pointer: serde_json::Value = serde_json::from_slice(letter.payload.as_deref().unwrap()).unwrap();
+        use sha2::Digest;
+        assert_eq!(
+            pointer["dlq_reference"],
+            serde_json::json!({ "topic": "sor.member.demographics.v1", "partition": 2, "offset": 41, "size": 1_048_000,
+                "sha256": hex::encode(sha2::Sha256::digest(&payload)) })
+        );
+        assert_eq!(header(&letter, "trace"), Some("abc"));
+        let size: usize = letter.key.as_ref().map_or(0, Vec::len)
+            + letter.payload.as_ref().map_or(0, Vec::len)
+            + letter.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        assert!(size < 4096, "{size} bytes");
+
+        // A key or headers too large to carry: hashed, and left out.
+        let letter =
+            DeadLetter::of(&message(&vec![b'k'; 600_000], b"{}", &vec![b'h'; 1_100_000]), "sor.member.demographics.v1", &rejection, 1_048_576);
+        assert_eq!(letter.key, None);
+        assert_eq!(header(&letter, "dlq.key.sha256").map(str::len), Some(64));
+        assert_eq!(header(&letter, "dlq.headers.omitted"), Some("1"));
+        assert_eq!(letter.payload.as_deref(), Some(&b"{}"[..]), "a small payload stays as it was");
     }
 
     #[test]

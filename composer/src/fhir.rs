@@ -105,6 +105,9 @@ fn date(data: &Map<String, Value>, key: &str) -> Result<Option<Date>> {
         return Ok(None);
     };
     match Date::from_str(raw) {
+        // Year 0 parses here but is not a FHIR date, and PostgreSQL refuses it: a stored
+        // attribution with it would fail every query that reads its period.
+        Ok(Date::Date(d)) if d.year() < 1 => Err(MappingError(format!("/{key}: the year must be 0001 or later"))),
         Ok(d @ Date::Date(_)) => Ok(Some(d)),
         _ => Err(MappingError(format!("/{key}: not a calendar date (YYYY-MM-DD)"))),
     }

@@ -366,7 +366,7 @@ mod tests {
         let cfg = GeneratorConfig { members: 200, malformed: 0, ..GeneratorConfig::default() };
         for m in generate(&cfg) {
             let kind = schemas::RecordKind::for_topic(m.topic).unwrap();
-            match crate::batch::prepare(&contracts, kind, m.value.as_deref()) {
+            match crate::batch::prepare(&contracts, kind, Some(m.key.as_bytes()), m.value.as_deref(), 262_144) {
                 crate::batch::Outcome::Rejected(r) => panic!("{}: {r}", m.topic),
                 _ => {}
             }

@@ -83,14 +83,40 @@ pub(crate) fn invalid_in(resource_type: &str, element: &str, message: impl Into<
     Invalid { expression, message: message.into() }
 }
 
+/// What one element of a partner's resource may hold: a resource is a few kilobytes of clinical
+/// data, and each element is kept in every version of the member's composite.
+pub const MAX_STRING_CHARS: usize = 4096;
+/// Entries one repeating element may have.
+pub const MAX_ARRAY_ITEMS: usize = 100;
+/// How deep elements may nest (FHIR's own resources stay well within it).
+pub const MAX_DEPTH: usize = 16;
+
+/// The first element over the limits above (or holding U+0000, which PostgreSQL cannot store),
+/// as a FHIRPath-like expression, and what is wrong with it.
+fn check_elements(value: &Value, path: &str, depth: usize) -> Result<(), (String, String)> {
+    if depth > MAX_DEPTH {
+        return Err((path.to_owned(), format!("elements nest more than {MAX_DEPTH} deep")));
+    }
+    let child = |name: &str| if path.is_empty() { name.to_owned() } else { format!("{path}.{name}") };
+    match value {
+        Value::String(s) if s.chars().count() > MAX_STRING_CHARS => Err((path.to_owned(), format!("longer than {MAX_STRING_CHARS} characters"))),
+        Value::String(s) if s.contains('\0') => Err((path.to_owned(), schemas::NUL_RULE.to_owned())),
+        Value::Array(items) if items.len() > MAX_ARRAY_ITEMS => Err((path.to_owned(), format!("more than {MAX_ARRAY_ITEMS} entries"))),
+        Value::Array(items) => items.iter().enumerate().try_for_each(|(i, v)| check_elements(v, &format!("{path}[{i}]"), depth + 1)),
+        Value::Object(map) => map.iter().try_for_each(|(k, v)| check_elements(v, &child(k), depth + 1)),
+        _ => Ok(()),
+    }
+}
+
 /// `object` parsed by fhir-sdk as `T` (a resource of type `resource_type`) and serialized back:
 /// the failing element is named, and so is any element fhir-sdk does not know (it would
-/// otherwise be dropped without a word).
+/// otherwise be dropped without a word). Elements over this server's limits are refused first.
 pub(crate) fn parse_strict<T: serde::de::DeserializeOwned + serde::Serialize>(
     resource_type: &str,
     object: &Map<String, Value>,
 ) -> Result<Map<String, Value>, Invalid> {
     let input = Value::Object(object.clone());
+    check_elements(&input, "", 0).map_err(|(path, why)| invalid_in(resource_type, &path, why))?;
     let parsed = serde_json::to_value(strict::<T>(resource_type, &input.to_string())?).map_err(|e| invalid_in(resource_type, "", e.to_string()))?;
     if let Some(path) = first_dropped(&input, &parsed, String::new()) {
         return Err(invalid_in(resource_type, &path, "not an element of this resource type in FHIR R4B"));
@@ -313,6 +339,9 @@ pub enum WriteError {
     VersionConflict { expected: i64, current: i64 },
     #[error(transparent)]
     Invalid(#[from] Invalid),
+    /// The member's composite would grow past `COMPOSITE_MAX_BYTES` with this report.
+    #[error("with this report the member's medication profile would be {size} bytes, over the limit of {limit}; nothing was stored")]
+    CompositeTooLarge { size: usize, limit: usize },
     #[error(transparent)]
     Db(#[from] db::Error),
 }
@@ -320,6 +349,16 @@ pub enum WriteError {
 impl From<sqlx::Error> for WriteError {
     fn from(e: sqlx::Error) -> Self {
         WriteError::Db(db::Error::Sqlx(e))
+    }
+}
+
+impl From<crate::batch::BatchError> for WriteError {
+    fn from(e: crate::batch::BatchError) -> Self {
+        match e {
+            crate::batch::BatchError::Db(e) => WriteError::Db(e),
+            crate::batch::BatchError::CompositeTooLarge { size, limit, .. } => WriteError::CompositeTooLarge { size, limit },
+            crate::batch::BatchError::Fenced => WriteError::Db(db::Error::Sqlx(sqlx::Error::Protocol("fenced".into()))),
+        }
     }
 }
 

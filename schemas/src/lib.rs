@@ -121,6 +121,19 @@ pub enum Rejection {
     Schema { schema: &'static str, path: String, rule: String },
     #[error("cannot map: {0}")]
     Unmappable(String),
+    /// Larger than any record of the contract can be (`COMPOSER_MAX_MESSAGE_BYTES`).
+    #[error("the message is {size} bytes, over the limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
+    /// The message key is not the event's `member_id` (every `sor.*` topic is keyed by member).
+    #[error("the message key {0}")]
+    Key(&'static str),
+    /// Applying the change would make the member's composite larger than `COMPOSITE_MAX_BYTES`.
+    #[error("the change would make the composite of member {member_id} {size} bytes, over the limit of {limit}")]
+    CompositeTooLarge { member_id: String, size: usize, limit: usize },
+    /// PostgreSQL refused this change while it accepted the messages around it: the SQLSTATE and
+    /// what it names (constraint, table), never the values.
+    #[error("PostgreSQL refused the change: {0}")]
+    Refused(String),
 }
 
 impl Rejection {
@@ -131,7 +144,31 @@ impl Rejection {
             Rejection::InvalidJson { .. } => "invalid-json",
             Rejection::Schema { .. } => "schema",
             Rejection::Unmappable(_) => "mapping",
+            Rejection::TooLarge { .. } => "too-large",
+            Rejection::Key(_) => "key",
+            Rejection::CompositeTooLarge { .. } => "composite-too-large",
+            Rejection::Refused(_) => "refused",
         }
+    }
+}
+
+/// Checks a message's key against its event: every `sor.*` topic is keyed by `member_id`, as
+/// the member id itself, or (as Debezium writes keys) a JSON object whose `member_id` it is,
+/// bare or inside `payload`. Messages of one member then share a partition on every topic,
+/// which the composer's ordering relies on.
+pub fn check_key(key: Option<&[u8]>, member_id: &MemberId) -> Result<(), Rejection> {
+    let Some(key) = key else { return Err(Rejection::Key("is missing; it must be the member_id")) };
+    if key == member_id.as_str().as_bytes() {
+        return Ok(());
+    }
+    let from_json = || {
+        let v: Value = serde_json::from_slice(key).ok()?;
+        let row = v.get("payload").filter(|p| p.is_object()).unwrap_or(&v);
+        row.get("member_id")?.as_str().map(|m| m == member_id.as_str())
+    };
+    match from_json() {
+        Some(true) => Ok(()),
+        _ => Err(Rejection::Key("is not the event's member_id")),
     }
 }
 
@@ -193,6 +230,9 @@ impl Contracts {
             return Err(Rejection::Empty);
         }
         let value: Value = serde_json::from_slice(bytes).map_err(|e| Rejection::InvalidJson { line: e.line(), column: e.column() })?;
+        if let Some(path) = nul_path(&value, String::new()) {
+            return Err(Rejection::Schema { schema: "envelope", path, rule: NUL_RULE.into() });
+        }
         let Value::Object(object) = value else {
             return Err(Rejection::Schema { schema: "envelope", path: "".into(), rule: "the message must be a JSON object".into() });
         };
@@ -269,6 +309,23 @@ impl Contracts {
         })?;
         let Value::Object(data) = value else { unreachable!("built above") };
         Ok(data)
+    }
+}
+
+/// Why a string with U+0000 is refused: PostgreSQL stores no NUL character, in text or JSON
+/// that it reads (one such record fails every query that reads its row).
+pub const NUL_RULE: &str = "must not contain the character U+0000";
+
+/// The JSON path of the first string (or key) that holds U+0000, if any.
+pub fn nul_path(value: &Value, at: String) -> Option<String> {
+    match value {
+        Value::String(s) if s.contains('\0') => Some(at),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, v)| nul_path(v, format!("{at}/{i}"))),
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            let here = format!("{at}/{}", k.replace('~', "~0").replace('/', "~1").replace('\0', "\\u0000"));
+            if k.contains('\0') { Some(here) } else { nul_path(v, here) }
+        }),
+        _ => None,
     }
 }
 

@@ -159,3 +159,26 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn messages_are_keyed_by_their_member() {
+    let member = platform::MemberId::parse("M0001234").unwrap();
+    assert_eq!(check_key(Some(b"M0001234"), &member), Ok(()));
+    assert_eq!(check_key(Some(br#"{"member_id":"M0001234"}"#), &member), Ok(()), "a Debezium key on member_id");
+    assert_eq!(check_key(Some(br#"{"schema":{"type":"struct"},"payload":{"member_id":"M0001234"}}"#), &member), Ok(()));
+    for bad in [&b"M0001235"[..], b"", b"m0001234", br#"{"member_id":"M9"}"#, br#"{"id":1}"#, b"\xff\xfe", br#"{"payload":"M0001234"}"#] {
+        let err = check_key(Some(bad), &member).unwrap_err();
+        assert_eq!(err.class(), "key");
+        assert!(!err.to_string().contains("M0001234"), "the key is not quoted: {err}");
+    }
+    assert_eq!(check_key(None, &member).unwrap_err().class(), "key");
+}
+
+#[test]
+fn a_nul_character_anywhere_is_refused_with_its_path() {
+    let bytes = native("upsert", Some(json!({ "rxnorm_code": "860975", "display": "met\u{0}formin" })));
+    let err = contracts().parse(RecordKind::Medication, Some(&bytes)).unwrap_err();
+    assert_eq!(err, Rejection::Schema { schema: "envelope", path: "/data/display".into(), rule: NUL_RULE.into() });
+    assert_eq!(nul_path(&json!({ "a": [1, { "b\u{0}": 2 }] }), String::new()).as_deref(), Some("/a/1/b\\u0000"));
+    assert_eq!(nul_path(&json!({ "a": ["x", "y"] }), String::new()), None);
+}

@@ -293,12 +293,12 @@ async fn a_reused_event_id_changes_nothing_and_the_next_newest_event_wins() -> a
     use schemas::RecordKind;
     let (url, pool) = fresh_database("reusedid", true).await?;
     let config = composer_config(&url, "unused.", "reusedid");
-    let composites = composer::composites(&config);
+    let composites = composer::composites(&config.common);
     let contracts = schemas::Contracts::load()?;
     let event = |id: Uuid, kind: RecordKind, source: &str, version: i64, record: &str, data: Value| {
         let v = json!({ "event_id": id.to_string(), "op": "upsert", "source": source, "occurred_at": "2026-11-20T10:15:00Z",
             "version": version, "member_id": "M7", "record_id": record, "data": data });
-        let outcome = batch::prepare(&contracts, kind, Some(&serde_json::to_vec(&v).unwrap()));
+        let outcome = batch::prepare(&contracts, kind, Some(b"M7"), Some(&serde_json::to_vec(&v).unwrap()), 262_144);
         Consumed { topic: "t".into(), partition: 0, offset: 0, outcome }
     };
     let person = |name: &str| json!({ "given_name": name, "sex": "other" });

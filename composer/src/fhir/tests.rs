@@ -82,6 +82,11 @@ fn impossible_dates_are_mapping_errors_that_name_the_field() {
     assert!(map_record(&e, &d).is_err());
     let (e, d) = event(RecordKind::Attribution, json!({ "partner_id": "p1", "period_start": "2026-01-01" }));
     assert!(map_record(&e, &d).unwrap().is_none());
+    // Year 0: PostgreSQL refuses it as a date, so every query reading this period would fail.
+    let (e, d) = event(RecordKind::Attribution, json!({ "partner_id": "p1", "period_start": "0000-01-01" }));
+    assert!(map_record(&e, &d).unwrap_err().to_string().contains("/period_start"));
+    let (e, d) = event(RecordKind::Attribution, json!({ "partner_id": "p1", "period_start": "0001-01-01" }));
+    assert!(map_record(&e, &d).unwrap().is_none());
 }
 
 #[test]

@@ -112,3 +112,33 @@ fn allergies_take_rxnorm_or_snomed_and_need_a_clinical_status() {
     v["subject"] = json!({ "reference": "Patient/M1" });
     assert_eq!(refused(rt, v).expression, "AllergyIntolerance.subject");
 }
+
+#[test]
+fn elements_over_the_limits_are_refused_by_name() {
+    let mut long = statement();
+    long["note"][0]["text"] = json!("x".repeat(MAX_STRING_CHARS + 1));
+    let i = refused(Writable::MedicationStatement, long);
+    assert_eq!(i.expression, "MedicationStatement.note[0].text");
+    assert!(i.message.contains("4096"), "{}", i.message);
+
+    let mut many = statement();
+    many["note"] = json!(vec![json!({ "text": "n" }); MAX_ARRAY_ITEMS + 1]);
+    assert_eq!(refused(Writable::MedicationStatement, many).expression, "MedicationStatement.note");
+
+    let mut nul = statement();
+    nul["note"][0]["text"] = json!("a\u{0}b");
+    let i = refused(Writable::MedicationStatement, nul);
+    assert_eq!((i.expression.as_str(), i.message.as_str()), ("MedicationStatement.note[0].text", schemas::NUL_RULE));
+
+    let mut deep = json!("leaf");
+    for _ in 0..MAX_DEPTH + 2 {
+        deep = json!({ "extension": [deep] });
+    }
+    let mut nested = statement();
+    nested["note"][0]["extension"] = deep;
+    assert!(refused(Writable::MedicationStatement, nested).message.contains("nest"));
+
+    let mut fits = statement();
+    fits["note"][0]["text"] = json!("x".repeat(MAX_STRING_CHARS));
+    assert!(validate(Writable::MedicationStatement, fits, today()).is_ok());
+}
