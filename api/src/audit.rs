@@ -9,7 +9,6 @@ use crate::batch::{Batcher, Overlap};
 use crate::fhir;
 use axum::http::{Method, StatusCode};
 use db::audit::{AuditRecord, AuditRow};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -111,6 +110,30 @@ pub fn record_for(method: &Method, path: &str, partner_id: Option<String>, audit
         outcome: db::audit::outcome(status.as_u16()).to_owned(),
         key_id: audited.key_id,
         decision: audited.decision.map(str::to_owned),
+    }
+}
+
+/// The audit record of a request whose caller did not prove who it is (no valid token, or a
+/// token request refused before its signature was verified): no partner, no member, and the
+/// route template instead of the path, which can name a member. What the caller claimed is
+/// not evidence of anything.
+pub fn anonymous_record_for(method: &Method, path: &str, route: Option<&str>, audited: Option<Audited>, status: StatusCode) -> AuditRecord {
+    let (operation, resource_type, _) = classify(method, path);
+    let path = match route {
+        Some(template) => template.chars().take(512).collect(),
+        None => "(no such route)".to_owned(),
+    };
+    AuditRecord {
+        partner_id: None,
+        operation: audited.and_then(|a| a.operation).unwrap_or(operation).to_owned(),
+        resource_type,
+        member_ids: Vec::new(),
+        method: method.as_str().to_owned(),
+        path,
+        status: status.as_u16() as i16,
+        outcome: db::audit::outcome(status.as_u16()).to_owned(),
+        key_id: None,
+        decision: None,
     }
 }
 
@@ -343,9 +366,7 @@ impl<'a> AuditEvent<'a> {
 pub fn spawn_relay(pool: db::Pool, kafka: platform::KafkaConfig, base_url: String) {
     tokio::spawn(async move {
         let topic = kafka.topic(platform::topics::AUDIT_EVENTS);
-        let producer: FutureProducer = match composer::topics::client(&kafka.bootstrap_servers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
+        let producer: FutureProducer = match composer::topics::producer(&kafka)
             .set("linger.ms", "5")
             // AuditEvents repeat most of their text: compressed, the broker writes (and the
             // kernel later writes back, on the disk PostgreSQL's WAL may share) about a
@@ -363,7 +384,13 @@ pub fn spawn_relay(pool: db::Pool, kafka: platform::KafkaConfig, base_url: Strin
         let mut topic_ready = false;
         loop {
             if !topic_ready {
-                topic_ready = ensure_topic(&kafka.bootstrap_servers, &topic).await;
+                topic_ready = match composer::topics::create(&kafka, 3, &[(topic.clone(), composer::topics::Retention::Delete(None))]).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "audit relay: cannot create the audit topic");
+                        false
+                    }
+                };
             }
             // A full claim means more are waiting; otherwise let the next group gather: at
             // 2,000 requests/s, relaying whatever was there at once took ~140 transactions
@@ -380,26 +407,6 @@ pub fn spawn_relay(pool: db::Pool, kafka: platform::KafkaConfig, base_url: Strin
             tokio::time::sleep(pause).await;
         }
     });
-}
-
-async fn ensure_topic(bootstrap: &str, topic: &str) -> bool {
-    let Ok(admin) = composer::topics::client(bootstrap).create::<AdminClient<_>>() else { return false };
-    let new = NewTopic::new(topic, 3, TopicReplication::Fixed(1));
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    match admin.create_topics([&new], &options).await {
-        Ok(results) => results.into_iter().all(|r| match r {
-            Ok(_) => true,
-            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => true,
-            Err((t, e)) => {
-                tracing::warn!(topic = %t, error = %e, "audit relay: cannot create the audit topic");
-                false
-            }
-        }),
-        Err(e) => {
-            tracing::warn!(error = %e, "audit relay: cannot reach Kafka to create the audit topic");
-            false
-        }
-    }
 }
 
 /// How long the relay waits for the producer to take (and the broker to acknowledge) an event.

@@ -36,6 +36,9 @@ pub enum ApiError {
     /// 422: a resource that is well-formed JSON but not acceptable; `expression` names the element.
     #[error("{diagnostics}")]
     Unprocessable { expression: String, diagnostics: String },
+    /// 422 for a rule of this server rather than of FHIR (e.g. a composite's size limit).
+    #[error("{0}")]
+    BusinessRule(String),
     /// 412: `If-Match` does not name the current version.
     #[error("{0}")]
     PreconditionFailed(String),
@@ -48,6 +51,15 @@ pub enum ApiError {
     /// 503: a dependency or a capability is not available.
     #[error("{0}")]
     Unavailable(String),
+    /// 413: the body is larger than this route takes.
+    #[error("the request body is larger than the {limit} bytes this endpoint takes")]
+    PayloadTooLarge { limit: usize },
+    /// 408: the body, or the whole request, took too long.
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// 500: a handler failed in a way it did not expect (a panic); nothing more is said.
+    #[error("the server failed to handle this request; it has been recorded")]
+    Internal,
     #[error("database error")]
     Database(#[from] db::Error),
     /// The access could not be put on record, so nothing is returned.
@@ -132,6 +144,10 @@ impl IntoResponse for ApiError {
             ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "not-supported"),
             ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not-supported"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "transient"),
+            ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-long"),
+            ApiError::BusinessRule(_) => (StatusCode::UNPROCESSABLE_ENTITY, "business-rule"),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
+            ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "exception"),
             ApiError::PreconditionFailed(_) => (StatusCode::PRECONDITION_FAILED, "conflict"),
             ApiError::PreconditionRequired(_) => (StatusCode::PRECONDITION_REQUIRED, "required"),
             ApiError::NotPermitted(_) => (StatusCode::FORBIDDEN, "forbidden"),

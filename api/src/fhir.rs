@@ -206,17 +206,25 @@ pub fn parse_date_param(name: &str, raw: &str) -> Result<(Option<OffsetDateTime>
     };
     let (start, end) =
         date_interval(value).ok_or_else(|| ApiError::BadRequest(format!("{name}: expected [prefix]YYYY, YYYY-MM, YYYY-MM-DD or an instant")))?;
+    // Where the interval's end is needed and lies past what this server represents.
+    let end =
+        || end.ok_or_else(|| ApiError::BadRequest(format!("{name}: {value} ends past the last instant this server represents ({LAST_INSTANT})")));
     Ok(match prefix {
-        "eq" => (Some(start), Some(end)),
-        "gt" | "sa" => (Some(end), None),
+        "eq" => (Some(start), Some(end()?)),
+        "gt" | "sa" => (Some(end()?), None),
         "ge" => (Some(start), None),
         "lt" | "eb" => (None, Some(start)),
-        _ => (None, Some(end)), // le
+        _ => (None, Some(end()?)), // le
     })
 }
 
-/// The interval a FHIR date or dateTime value covers at its precision.
-fn date_interval(v: &str) -> Option<(OffsetDateTime, OffsetDateTime)> {
+/// The latest instant dates are compared with: the `time` crate (and so this server) stops at
+/// the end of year 9999.
+const LAST_INSTANT: &str = "9999-12-31T23:59:59.999Z";
+
+/// The interval a FHIR date or dateTime value covers at its precision; its end is `None` when
+/// it lies past [`LAST_INSTANT`].
+fn date_interval(v: &str) -> Option<(OffsetDateTime, Option<OffsetDateTime>)> {
     use time::format_description::well_known::Rfc3339;
     use time::{Date, Month};
     let bytes = v.as_bytes();
@@ -225,21 +233,21 @@ fn date_interval(v: &str) -> Option<(OffsetDateTime, OffsetDateTime)> {
     match bytes.len() {
         4 => {
             let y = num(0..4)?;
-            Some((day(y, 1, 1)?, day(y + 1, 1, 1)?))
+            Some((day(y, 1, 1)?, day(y + 1, 1, 1)))
         }
         7 if bytes[4] == b'-' => {
             let (y, m) = (num(0..4)?, num(5..7)?);
             let start = day(y, m, 1)?;
-            let end = if m == 12 { day(y + 1, 1, 1)? } else { day(y, m + 1, 1)? };
+            let end = if m == 12 { day(y + 1, 1, 1) } else { day(y, m + 1, 1) };
             Some((start, end))
         }
         10 if bytes[4] == b'-' && bytes[7] == b'-' => {
             let start = day(num(0..4)?, num(5..7)?, num(8..10)?)?;
-            Some((start, start + Duration::days(1)))
+            Some((start, start.checked_add(Duration::days(1))))
         }
         _ => {
             let t = OffsetDateTime::parse(v, &Rfc3339).ok()?;
-            Some((t, t + Duration::milliseconds(1)))
+            Some((t, t.checked_add(Duration::milliseconds(1))))
         }
     }
 }
@@ -461,6 +469,15 @@ mod tests {
         assert_eq!(instant(hi.unwrap()), "2026-11-21T00:00:00.000Z");
         assert_eq!(parse_date_param("_lastUpdated", "gt2026-11").unwrap(), (date_interval("2026-12").map(|d| d.0), None));
         assert_eq!(parse_date_param("_lastUpdated", "lt2026").unwrap().1, date_interval("2026").map(|d| d.0));
+        // The last day, month and year this server represents have no end it can represent:
+        // refused, not a panic.
+        for last in ["9999-12-31", "gt9999-12", "le9999", "9999-12-31T23:59:59.999Z"] {
+            assert!(matches!(parse_date_param("_lastUpdated", last), Err(ApiError::BadRequest(_))), "{last}");
+        }
+        // Their start is enough for these.
+        for fine in ["9999-12-30", "ge9999-12-31", "lt9999"] {
+            assert!(parse_date_param("_lastUpdated", fine).is_ok(), "{fine}");
+        }
         assert!(parse_date_param("_lastUpdated", "ge2026-11-20T10:00:00Z").unwrap().0.is_some());
         for bad in ["2026-13-01", "2026-02-30", "yesterday", "ne2026", "gt", "2026-1-1"] {
             assert!(parse_date_param("_lastUpdated", bad).is_err(), "{bad}");
@@ -502,6 +519,13 @@ mod tests {
                 let m = if_none_match_of(&format!("W/\"{other}\", {tag}")).unwrap();
                 prop_assert!(m.matches(v));
                 prop_assert_eq!(m.matches(other + 1), other + 1 == v);
+            }
+        }
+
+        #[test]
+        fn no_calendar_date_panics(y in 0..=9999i32, m in 0..=13u8, d in 0..=32u8, prefix in "(|eq|gt|ge|lt|le|sa|eb)") {
+            for value in [format!("{y:04}"), format!("{y:04}-{m:02}"), format!("{y:04}-{m:02}-{d:02}"), format!("{y:04}-{m:02}-{d:02}T23:59:59.999Z")] {
+                let _ = parse_date_param("_lastUpdated", &format!("{prefix}{value}"));
             }
         }
 

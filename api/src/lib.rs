@@ -8,6 +8,8 @@ pub mod config;
 pub mod error;
 pub mod fhir;
 pub mod http;
+pub mod limits;
+pub mod server;
 pub mod startup;
 
 pub use config::Config;

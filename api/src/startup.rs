@@ -46,11 +46,16 @@ pub struct Shared {
     pub composites: Arc<Vec<Box<dyn composer::composite::Composite>>>,
     /// What Subscriptions may ask for.
     pub subscription_limits: composer::subscriptions::Limits,
+    pub subscription_max_per_partner: i64,
+    /// Which addresses rest-hook endpoints may have.
+    pub egress: composer::egress::EgressPolicy,
+    /// The limits a client meets, for the CapabilityStatement.
+    pub limits_text: String,
 }
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "FHIR interoperability event platform", description = "FHIR R4B REST API over the composites the platform builds from the plan's systems of record."),
+    info(title = "FHIR interoperability event platform", description = "FHIR R4B REST API over the composites the platform builds from the plan's systems of record. Besides the answers listed per operation, any request may get 408 (its headers, body or whole request took too long), 429 (its client address sent too many requests without a valid token), 500 (an unexpected failure, recorded) or 503 (a dependency is unavailable), each with an OperationOutcome; GET /fhir/metadata states the limits this deployment sets."),
     tags(
         (name = "operations", description = "Liveness and readiness"),
         (name = "conformance", description = "What this FHIR server supports"),
@@ -171,13 +176,15 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub struct Application {
     listener: TcpListener,
     router: Router,
+    limits: crate::server::ServerLimits,
 }
 
 impl Application {
     /// Connects to PostgreSQL (running migrations when `migrate` is set), prepares the Kafka
     /// client and binds the listener. Fails if PostgreSQL cannot be reached at start.
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
-        let pool = db::connect(&config.common.database_url, config.common.database_max_connections).await?;
+        config.common.check_limits().map_err(anyhow::Error::msg)?;
+        let pool = db::connect_configured(&config.common, config.common.database_max_connections).await?;
         db::migrate(&pool).await?;
         Self::build_with_pool(config, pool).await
     }
@@ -195,6 +202,8 @@ impl Application {
             token_lifetime: Duration::from_secs(config.auth_token_lifetime_secs),
             default_limit: Limit { rate: config.rate_limit_per_second, burst: f64::from(config.rate_limit_burst) },
             limiter: Default::default(),
+            address_limit: Limit { rate: config.address_rate_limit_per_second, burst: f64::from(config.address_rate_limit_burst) },
+            address_limiter: Default::default(),
             grants: Default::default(),
         };
         auth.grants.follow(pool.clone());
@@ -202,13 +211,15 @@ impl Application {
             let limit = Limit { rate: config.match_rate_limit_per_second, burst: f64::from(config.match_rate_limit_burst) };
             Arc::new(http::matching::Matcher::new(pepper.bytes(), Duration::from_millis(config.match_latency_floor_ms), limit))
         });
-        audit::spawn_relay(pool.clone(), config.common.kafka.clone(), base_url.clone());
-        let composites: Arc<Vec<Box<dyn composer::composite::Composite>>> =
-            Arc::new(vec![Box::new(composer::composite::MedicationProfile { base_url: base_url.clone() })]);
+        // The audit trail has connections of its own: requests that hold the request pool's
+        // connections (or wait for them) cannot keep accesses from being recorded.
+        let audit_pool = db::connect_lazy(&config.common, u32::try_from(config.audit_writers.max(1) + 1).unwrap_or(4))?;
+        audit::spawn_relay(audit_pool.clone(), config.common.kafka.clone(), base_url.clone());
+        let composites: Arc<Vec<Box<dyn composer::composite::Composite>>> = Arc::new(composer::composites(&config.common));
         let state = AppState(Arc::new(Shared {
-            auditor: Auditor::start(pool.clone(), config.audit_writers),
+            auditor: Auditor::start(audit_pool, config.audit_writers),
             profiles: http::profile::ProfileReads::start(
-                (0..config.profile_readers.max(1)).map(|_| db::connect_for_batches(&config.common.database_url, 1)).collect::<db::Result<_>>()?,
+                (0..config.profile_readers.max(1)).map(|_| db::connect_for_batches(&config.common, 1)).collect::<db::Result<_>>()?,
                 Duration::from_millis(config.profile_read_overlap_ms),
                 config.profile_cache_mib << 20,
             ),
@@ -219,17 +230,26 @@ impl Application {
             auth: Arc::new(auth),
             matcher,
             composites,
-            subscription_limits: composer::subscriptions::Limits { allow_http: config.subscription_allow_http },
+            subscription_limits: composer::subscriptions::Limits {
+                allow_http: config.subscription_allow_http,
+                min_heartbeat_secs: config.subscription_min_heartbeat_secs,
+            },
+            subscription_max_per_partner: config.subscription_max_per_partner,
+            egress: composer::egress::EgressPolicy::new(&config.subscription_allowed_networks).map_err(anyhow::Error::msg)?,
+            limits_text: config.limits_text(),
         }));
         let (router, api) = router().split_for_parts();
+        let request_limits = config.request_limits();
         let router = router
             .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
+            // Inside the guard, so that what the limits refuse (and a panic) is audited too.
+            .layer(axum::middleware::from_fn(move |request, next| crate::limits::enforce(request_limits, request, next)))
             .layer(axum::middleware::from_fn_with_state(state.clone(), auth::guard))
             .with_state(state);
         let listener = TcpListener::bind(config.http_bind).await?;
-        Ok(Self { listener, router })
+        Ok(Self { listener, router, limits: config.server_limits() })
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -238,7 +258,7 @@ impl Application {
 
     /// Serves until ctrl-c / SIGTERM.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown_signal()).await
+        crate::server::serve(self.listener, self.router, self.limits, shutdown_signal()).await
     }
 }
 

@@ -11,7 +11,7 @@ pub mod token;
 use crate::audit::{self, Audited};
 use crate::error::ApiError;
 use crate::startup::AppState;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -19,6 +19,7 @@ use db::resources::Viewer;
 use rate::{Limit, RateLimiter};
 use scope::{Interaction, Scopes};
 use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
 use std::time::Duration;
 use time::OffsetDateTime;
 
@@ -31,6 +32,10 @@ pub struct Auth {
     pub default_limit: Limit,
     pub limiter: RateLimiter,
     pub grants: std::sync::Arc<cache::GrantCache>,
+    /// What one client address may send without a valid token (refused attempts, token
+    /// requests), checked before authentication.
+    pub address_limit: Limit,
+    pub address_limiter: RateLimiter,
 }
 
 /// An authenticated partner, as the guard hands it to the handlers.
@@ -118,6 +123,12 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, A
 /// In front of every route: protected routes need a valid token within the partner's rate;
 /// every access to a protected route or the token endpoint is audited before its response is
 /// returned (if the audit cannot be written, the caller gets 503 and no data).
+///
+/// Before any of that, a client address that has used up its allowance of unauthenticated
+/// requests (token requests, and requests refused for their token) is refused with 429: a
+/// flood of bad tokens or assertions costs this server a hash-map lookup, not a database query.
+/// Such refusals, and every request that did not authenticate, are recorded without a partner
+/// or member: a caller that has not proven who it is cannot write names onto the trail.
 pub async fn guard(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
@@ -125,11 +136,19 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
     if !is_protected(&path) && !is_token_endpoint {
         return next.run(request).await;
     }
+    let route = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
+    let address = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
+    let address_limit = state.auth.address_limit;
     let mut partner_id = None;
-    let response = if is_token_endpoint {
-        next.run(request).await
-    } else {
-        match authenticate(&state, request.headers()).await {
+    let response = match address.as_deref().map(|a| state.auth.address_limiter.check(a, address_limit)) {
+        Some(Err(retry_after)) => ApiError::TooManyRequests(retry_after).into_response(),
+        _ if is_token_endpoint => {
+            if let Some(a) = &address {
+                let _ = state.auth.address_limiter.take(a, address_limit);
+            }
+            next.run(request).await
+        }
+        _ => match authenticate(&state, request.headers()).await {
             Ok(caller) => {
                 partner_id = Some(caller.partner_id.clone());
                 match state.auth.limiter.take(&caller.partner_id, caller.limit) {
@@ -140,8 +159,13 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
                     Err(retry_after) => ApiError::TooManyRequests(retry_after).into_response(),
                 }
             }
-            Err(refused) => refused.into_response(),
-        }
+            Err(refused) => {
+                if let Some(a) = &address {
+                    let _ = state.auth.address_limiter.take(a, address_limit);
+                }
+                refused.into_response()
+            }
+        },
     };
     if let Some(audit::Recorded(status)) = response.extensions().get::<audit::Recorded>().copied() {
         if status == response.status() {
@@ -154,7 +178,10 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
         partner_id = audited.as_ref().and_then(|a| a.partner_id.clone());
     }
     tracing::debug!(partner = partner_id.as_deref().unwrap_or("-"), %method, %path, status = response.status().as_u16(), "request");
-    let record = audit::record_for(&method, &path, partner_id, audited, response.status());
+    let record = match &partner_id {
+        Some(_) => audit::record_for(&method, &path, partner_id, audited, response.status()),
+        None => audit::anonymous_record_for(&method, &path, route.as_deref(), audited, response.status()),
+    };
     match state.auditor.record(record).await {
         Ok(()) => response,
         Err(()) => ApiError::AuditUnavailable.into_response(),

@@ -4,9 +4,9 @@
 use super::scope::Scope;
 use crate::audit::Audited;
 use crate::error::{ApiError, OperationOutcome};
+use crate::limits::RequestBody;
 use crate::startup::AppState;
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -112,8 +112,11 @@ fn invalid_client(description: impl Into<String>) -> ApiError {
         (status = 200, description = "An access token", body = TokenResponse, content_type = "application/json"),
         (status = 400, description = "Malformed request, unsupported grant type or scope (OAuth error code in issue.details)", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 401, description = "The client could not be authenticated (OAuth error code in issue.details)", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 415, description = "The body is not a form", body = OperationOutcome, content_type = "application/fhir+json")))]
-pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+        (status = 408, description = "The body did not arrive in time", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 413, description = "The body is over 16 KiB", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 415, description = "The body is not a form", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 429, description = "This client address sent too many token requests or unauthenticated requests (ADDRESS_RATE_LIMIT_*); see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")))]
+pub async fn token(State(state): State<AppState>, headers: HeaderMap, RequestBody(body): RequestBody) -> Response {
     // The registered partner, once known, goes on the audit record of this request.
     let mut audited = Audited::operation("token");
     let result = issue(&state, &headers, &body, &mut audited).await;
@@ -166,8 +169,9 @@ async fn issue(state: &AppState, headers: &HeaderMap, body: &[u8], audited: &mut
     if partner.disabled_at.is_some() {
         return Err(invalid_client("this client is disabled"));
     }
-    audited.partner_id = Some(partner.partner_id.clone());
     let claims = verify(assertion, &header, &partner, &state.auth.token_url)?;
+    // Signed with one of its keys: from here on the partner is known, and recorded.
+    audited.partner_id = Some(partner.partner_id.clone());
     let now = OffsetDateTime::now_utc();
     if claims.exp > now.unix_timestamp() + MAX_ASSERTION_LIFETIME_SECS + CLOCK_SKEW_SECS as i64 {
         return Err(invalid_client("client_assertion exp must be at most 5 minutes ahead"));

@@ -10,9 +10,9 @@ use crate::auth::rate::Limit;
 use crate::auth::scope::Interaction;
 use crate::error::{ApiError, OperationOutcome, fhir_json};
 use crate::http::resources::Bundle;
+use crate::limits::RequestBody;
 use crate::startup::AppState;
 use axum::Extension;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -93,12 +93,19 @@ fn no_match() -> Response {
         (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 403, description = "The token lacks Patient search and Task read", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 408, description = "The body did not arrive in time", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 413, description = "The body is over 16 KiB", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 415, description = "The body is not FHIR JSON", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 422, description = "No single member matches (the same answer for every reason)", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 429, description = "Match rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 503, description = "Matching is not configured, or the database is unavailable", body = OperationOutcome, content_type = "application/fhir+json")),
     security(("smart_backend" = [])))]
-pub async fn hashed_match(State(state): State<AppState>, Extension(caller): Extension<Caller>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn hashed_match(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    RequestBody(body): RequestBody,
+) -> Response {
     let mut audited = Audited::operation("match");
     let response = match &state.matcher {
         None => ApiError::Unavailable("hashed-identity matching is not configured on this server".into()).into_response(),

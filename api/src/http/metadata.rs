@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 /// How partner write-back works and how reports show in the medication profile.
 const WRITE_BACK: &str = "Partner write-back (scope system/<Type>.write), for attributed members only: POST creates (If-None-Exist: identifier=<system>|<value> makes retries create nothing; the resource must carry that identifier); PUT updates the partner's own reports and requires If-Match: W/\"<versionId>\" (412 when stale, 428 when missing). The subject/patient must be Patient/<member id> of an attributed member (otherwise 404, as for a member that does not exist); medications are coded with RxNorm, allergies with RxNorm or SNOMED CT; dates lie between 1900 and tomorrow. A refused resource gets 422 with the element in OperationOutcome.issue.expression, and nothing is stored. Each accepted write is stored with meta.source urn:partner:<id>, a Provenance, the member's new $medication-profile version and a partner.inbound.v1 message, all in one transaction. In $medication-profile, one entry per code: a system of record's record (an active one first) is the entry, and each partner report of that code is shown on it as extension urn:fhir-event-platform:extension:partner-report (assessment confirmed when the statuses agree, contradicted when they differ and the system of record has not changed since the report; partner; reported; status; report). When the system of record changes after a contradicting report, the report is superseded and leaves the entry (it stays readable). A code only partners reported is listed as the oldest report, with the others on it. Other records of the systems of record with the same code are named by urn:fhir-event-platform:extension:same-code-record.";
 
-pub fn capability_statement(base_url: &str, token_url: &str) -> Value {
+pub fn capability_statement(base_url: &str, token_url: &str, limits: &str) -> Value {
     let mut resources: Vec<Value> = ResourceType::ALL
         .iter()
         .map(|rt| {
@@ -94,7 +94,7 @@ pub fn capability_statement(base_url: &str, token_url: &str) -> Value {
         "format": ["json", "application/fhir+json"],
         "rest": [{
             "mode": "server",
-            "documentation": "FHIR R4B over composites built from the plan's systems of record, with partner write-back of MedicationStatement and AllergyIntolerance. Search results are paged by keyset (_count, then the next link); total is exact.",
+            "documentation": format!("FHIR R4B over composites built from the plan's systems of record, with partner write-back of MedicationStatement and AllergyIntolerance. Search results are paged by keyset (_count, then the next link); total is exact. Limits: {limits}"),
             "security": {
                 "cors": false,
                 "service": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR" }] }],
@@ -120,5 +120,5 @@ pub async fn metadata(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     fhir::no_parameters(&fhir::query_pairs(&headers, query.as_deref())?)?;
-    Ok(fhir::bundle_response(capability_statement(&state.base_url, &state.auth.token_url).to_string()))
+    Ok(fhir::bundle_response(capability_statement(&state.base_url, &state.auth.token_url, &state.limits_text).to_string()))
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The resource types a medication profile holds: reading it needs read access to each.
-const PROFILE_TYPES: [&str; 4] = ["Patient", "MedicationStatement", "AllergyIntolerance", "Immunization"];
+pub(crate) const PROFILE_TYPES: [&str; 4] = ["Patient", "MedicationStatement", "AllergyIntolerance", "Immunization"];
 
 /// The member's medication profile: a `collection` Bundle with the Patient and every current
 /// MedicationStatement, AllergyIntolerance and Immunization. `ETag: W/"<versionId>"`;

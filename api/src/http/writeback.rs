@@ -9,9 +9,9 @@ use crate::auth::scope::Interaction;
 use crate::error::{ApiError, OperationOutcome};
 use crate::fhir;
 use crate::http::resources::Resource;
+use crate::limits::RequestBody;
 use crate::startup::AppState;
 use axum::Extension;
-use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
@@ -27,7 +27,7 @@ pub(crate) fn content_is_json(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// The body as a JSON value (400 when it is not JSON at all).
-pub(crate) fn json_body(body: &Bytes) -> Result<serde_json::Value, ApiError> {
+pub(crate) fn json_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("the body is not JSON: line {}, column {}", e.line(), e.column())))
 }
 
@@ -69,6 +69,7 @@ impl From<WriteError> for ApiError {
             WriteError::NotOwner(_) => ApiError::NotPermitted(e.to_string()),
             WriteError::VersionConflict { .. } => ApiError::PreconditionFailed(e.to_string()),
             WriteError::Invalid(i) => ApiError::Unprocessable { expression: i.expression, diagnostics: i.message },
+            WriteError::CompositeTooLarge { .. } => ApiError::BusinessRule(e.to_string()),
             WriteError::Db(e) => ApiError::Database(e),
         }
     }
@@ -80,7 +81,7 @@ async fn write(
     rt: Writable,
     headers: &HeaderMap,
     query: Option<&str>,
-    body: &Bytes,
+    body: &[u8],
     update_id: Option<&str>,
 ) -> Result<Response, ApiError> {
     let interaction = if update_id.is_some() { Interaction::Update } else { Interaction::Create };
@@ -140,20 +141,22 @@ macro_rules! write_endpoints {
             #[utoipa::path(post, path = $create, tag = $tag, operation_id = concat!("create", $tag),
                 params(("If-None-Exist" = Option<String>, Header, description = "identifier=<system>|<value>: create only if this partner has no resource with that identifier"),
                        crate::http::resources::FormatOnly),
-                request_body(content = Resource, content_type = "application/fhir+json", description = concat!("The ", $tag)),
+                request_body(content = Resource, content_type = "application/fhir+json", description = concat!("The ", $tag, " (at most REQUEST_BODY_MAX_BYTES, 64 KiB by default)")),
                 responses(
                     (status = 201, description = "Created; Location names the new version", body = Resource, content_type = "application/fhir+json"),
                     (status = 200, description = "If-None-Exist matched: nothing was created; the matching resource", body = Resource, content_type = "application/fhir+json"),
                     (status = 400, description = "Not JSON, a malformed parameter or header", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 404, description = "The member is not known", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 408, description = "The body did not arrive in time", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 413, description = "The body is larger than REQUEST_BODY_MAX_BYTES (64 KiB by default)", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 415, description = "The body is not application/fhir+json", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 422, description = "Not an acceptable resource; expression names the element", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 422, description = "Not an acceptable resource (expression names the element: a string over 4,096 characters, more than 100 entries, nesting over 16 deep, U+0000), or the member's medication profile would grow past COMPOSITE_MAX_BYTES (code business-rule)", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
                 security(("smart_backend" = [])))]
-            pub async fn create(State(s): State<AppState>, Extension(caller): Extension<Caller>, headers: HeaderMap, RawQuery(q): RawQuery, body: Bytes) -> Result<Response, ApiError> {
+            pub async fn create(State(s): State<AppState>, Extension(caller): Extension<Caller>, headers: HeaderMap, RawQuery(q): RawQuery, RequestBody(body): RequestBody) -> Result<Response, ApiError> {
                 super::write(&s, &caller, $rt, &headers, q.as_deref(), &body, None).await
             }
 
@@ -162,7 +165,7 @@ macro_rules! write_endpoints {
                 params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"),
                        ("If-Match" = String, Header, description = "W/\"<versionId>\" of the version this one replaces"),
                        crate::http::resources::FormatOnly),
-                request_body(content = Resource, content_type = "application/fhir+json", description = concat!("The ", $tag, ", with the id of the URL")),
+                request_body(content = Resource, content_type = "application/fhir+json", description = concat!("The ", $tag, ", with the id of the URL (at most REQUEST_BODY_MAX_BYTES, 64 KiB by default)")),
                 responses(
                     (status = 200, description = "Updated", body = Resource, content_type = "application/fhir+json"),
                     (status = 400, description = "Not JSON, a malformed id, parameter or header, or an id that differs from the URL's", body = OperationOutcome, content_type = "application/fhir+json"),
@@ -170,13 +173,15 @@ macro_rules! write_endpoints {
                     (status = 404, description = "Not known", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 412, description = "If-Match does not name the current version", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 408, description = "The body did not arrive in time", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 413, description = "The body is larger than REQUEST_BODY_MAX_BYTES (64 KiB by default)", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 415, description = "The body is not application/fhir+json", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 422, description = "Not an acceptable resource; expression names the element", body = OperationOutcome, content_type = "application/fhir+json"),
+                    (status = 422, description = "Not an acceptable resource (expression names the element: a string over 4,096 characters, more than 100 entries, nesting over 16 deep, U+0000), or the member's medication profile would grow past COMPOSITE_MAX_BYTES (code business-rule)", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 428, description = "If-Match is missing", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
                 security(("smart_backend" = [])))]
-            pub async fn update(State(s): State<AppState>, Extension(caller): Extension<Caller>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery, body: Bytes) -> Result<Response, ApiError> {
+            pub async fn update(State(s): State<AppState>, Extension(caller): Extension<Caller>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery, RequestBody(body): RequestBody) -> Result<Response, ApiError> {
                 super::write(&s, &caller, $rt, &headers, q.as_deref(), &body, Some(&id)).await
             }
         }
