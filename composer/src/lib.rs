@@ -9,6 +9,7 @@ pub mod batch;
 pub mod composite;
 pub mod config;
 pub mod consumer;
+pub mod egress;
 pub mod fhir;
 pub mod generator;
 pub mod matching;
@@ -23,9 +24,10 @@ pub use config::ComposerConfig;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-/// The composites this deployment builds.
-pub fn composites(config: &ComposerConfig) -> Vec<Box<dyn composite::Composite>> {
-    vec![Box::new(composite::MedicationProfile { base_url: config.common.fhir_base_url.trim_end_matches('/').to_owned() })]
+/// The composites this deployment builds (the composer's, and the API's for write-back).
+pub fn composites(common: &platform::CommonConfig) -> Vec<Box<dyn composite::Composite>> {
+    let base_url = common.fhir_base_url.trim_end_matches('/').to_owned();
+    vec![Box::new(composite::MedicationProfile { base_url, max_bytes: common.composite_max_bytes })]
 }
 
 /// Starts a composer on its own thread (connects, migrates, creates topics first). Returns the
@@ -33,11 +35,12 @@ pub fn composites(config: &ComposerConfig) -> Vec<Box<dyn composite::Composite>>
 pub async fn spawn(
     mut config: ComposerConfig,
 ) -> anyhow::Result<(Arc<AtomicBool>, Arc<consumer::Metrics>, std::thread::JoinHandle<anyhow::Result<()>>)> {
-    let pool = db::connect(&config.common.database_url, config.common.database_max_connections).await?;
+    config.common.check_limits().map_err(anyhow::Error::msg)?;
+    let pool = db::connect_configured(&config.common, config.common.database_max_connections).await?;
     db::migrate(&pool).await?;
     topics::ensure(&config.common.kafka, config.topic_partitions).await?;
     config.batch_size = fit_batch_size(config.batch_size, config.appliers, db::composer::lock_capacity(&pool).await?);
-    let composer = consumer::Composer::new(config.clone(), pool, composites(&config))?;
+    let composer = consumer::Composer::new(config.clone(), pool, composites(&config.common))?;
     let metrics = composer.metrics.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let runtime = tokio::runtime::Handle::current();

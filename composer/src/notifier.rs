@@ -12,17 +12,17 @@
 //!   order holds and nothing is skipped; after `SUBSCRIPTION_RETRY_FOR_SECS` of failing, the
 //!   subscription goes to `error` and keeps its queue (`$events` replays it).
 
+use crate::egress::EgressPolicy;
 use crate::subscriptions::{self as subs, Kind, SIGNATURE_HEADER};
 use clap::Parser;
 use db::subscriptions::{self as q, Subscription};
 use platform::KafkaConfig;
 use rand::Rng;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
-use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -60,6 +60,16 @@ pub struct NotifierConfig {
     #[arg(long, env = "NOTIFIER_CONCURRENCY", default_value_t = 64)]
     pub concurrency: usize,
 
+    /// Most deliveries in flight at once for one partner: a partner whose endpoints are slow or
+    /// never answer holds only this share of NOTIFIER_CONCURRENCY, never the others'.
+    #[arg(long, env = "NOTIFIER_PARTNER_CONCURRENCY", default_value_t = 8)]
+    pub partner_concurrency: usize,
+
+    /// Networks (CIDR, comma-separated) rest-hook endpoints may be in although they are not
+    /// public (as the API's SUBSCRIPTION_ALLOWED_NETWORKS): local tests and demos only.
+    #[arg(long, env = "SUBSCRIPTION_ALLOWED_NETWORKS", value_delimiter = ',')]
+    pub allowed_networks: Vec<String>,
+
     /// Partitions of the Kafka channel topics the notifier creates.
     #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
@@ -73,23 +83,26 @@ pub struct Notifier {
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
     known_topics: Mutex<HashSet<String>>,
-    /// Subscriptions this notifier is delivering now.
-    in_flight: Mutex<HashSet<String>>,
+    /// Subscriptions this notifier is delivering now, with their partners.
+    in_flight: Mutex<HashMap<String, String>>,
+    egress: EgressPolicy,
 }
 
 impl Notifier {
     pub fn new(config: NotifierConfig, pool: db::Pool) -> anyhow::Result<Arc<Self>> {
         let kafka = &config.common.kafka;
-        let producer: FutureProducer = crate::topics::client(&kafka.bootstrap_servers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "0")
-            .set("message.timeout.ms", "30000")
-            .set("log_level", "4")
-            .create()?;
+        let producer: FutureProducer =
+            crate::topics::producer(kafka).set("linger.ms", "0").set("message.timeout.ms", "30000").set("log_level", "4").create()?;
         let admin = crate::topics::client(&kafka.bootstrap_servers).set("log_level", "4").create()?;
-        // Redirects are not followed: a notification goes to the registered endpoint only.
-        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
+        let egress = EgressPolicy::new(&config.allowed_networks).map_err(anyhow::Error::msg)?;
+        // Redirects are not followed: a notification goes to the registered endpoint only. No
+        // proxy either: the connection goes to the address the resolver checked.
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .dns_resolver(egress.resolver())
+            .connect_timeout(Duration::from_secs(10))
+            .build()?;
         Ok(Arc::new(Notifier {
             base_url: config.common.fhir_base_url.trim_end_matches('/').to_owned(),
             config,
@@ -99,6 +112,7 @@ impl Notifier {
             admin,
             known_topics: Mutex::default(),
             in_flight: Mutex::default(),
+            egress,
         }))
     }
 
@@ -123,7 +137,8 @@ impl Notifier {
             let claimed = if free == 0 {
                 Vec::new()
             } else {
-                q::claim_due(&self.pool, 5, free as i64).await.unwrap_or_else(|e| {
+                let busy = self.busy_partners();
+                q::claim_due(&self.pool, 5, free as i64, self.config.partner_concurrency.max(1) as i64, &busy).await.unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "notifier: could not claim subscriptions");
                     Vec::new()
                 })
@@ -132,7 +147,7 @@ impl Notifier {
             // once would only find nothing, at a statement's cost).
             let idle = claimed.len() < free.max(1);
             for s in claimed {
-                if !self.in_flight.lock().map(|mut f| f.insert(s.id.clone())).unwrap_or(false) {
+                if !self.in_flight.lock().map(|mut f| f.insert(s.id.clone(), s.partner_id.clone()).is_none()).unwrap_or(false) {
                     // Only when a delivery outlived its lease (stuck beyond its timeout): leave
                     // it; the lease taken now expires and the queue is sent again.
                     tracing::warn!(subscription = %s.id, "notifier: a delivery outlived its lease");
@@ -192,7 +207,8 @@ impl Notifier {
         let (kind, events) = if s.status == "requested" {
             (Kind::Handshake, Vec::new())
         } else {
-            let events = q::pending(&self.pool, &s.id, i64::from(s.max_count), s.content == "full-resource").await?;
+            let today = OffsetDateTime::now_utc().date();
+            let events = q::pending(&self.pool, &s.id, &s.partner_id, today, i64::from(s.max_count), s.content == "full-resource").await?;
             let heartbeat_due = s
                 .heartbeat_secs
                 .is_some_and(|h| s.last_sent_at.unwrap_or(s.created_at) + time::Duration::seconds(i64::from(h)) <= OffsetDateTime::now_utc());
@@ -236,6 +252,17 @@ impl Notifier {
         Ok(())
     }
 
+    /// Deliveries in flight per partner.
+    fn busy_partners(&self) -> Vec<(String, i64)> {
+        let mut busy: HashMap<String, i64> = HashMap::new();
+        if let Ok(f) = self.in_flight.lock() {
+            for partner in f.values() {
+                *busy.entry(partner.clone()).or_default() += 1;
+            }
+        }
+        busy.into_iter().collect()
+    }
+
     fn done(&self, id: &str) {
         if let Ok(mut f) = self.in_flight.lock() {
             f.remove(id);
@@ -252,6 +279,12 @@ impl Notifier {
 
     async fn post(&self, s: &Subscription, body: String) -> Result<(), String> {
         let endpoint = s.endpoint.as_deref().ok_or("no endpoint")?;
+        // Names are checked by the client's resolver as they are resolved; an address written
+        // into the URL is checked here.
+        let url = reqwest::Url::parse(endpoint).map_err(|_| "the endpoint is not a URL".to_owned())?;
+        if matches!(url.host(), Some(url::Host::Ipv4(_) | url::Host::Ipv6(_)) | None) {
+            self.egress.check(&url).await.map_err(|e| e.to_string())?;
+        }
         let at = OffsetDateTime::now_utc().unix_timestamp();
         let mut request = self
             .http
@@ -270,6 +303,7 @@ impl Notifier {
             Ok(r) if r.status().is_success() => Ok(()),
             Ok(r) => Err(format!("the endpoint answered {}", r.status().as_u16())),
             Err(e) if e.is_timeout() => Err(format!("no answer within {} s", s.timeout_secs)),
+            Err(e) if refusal(&e).is_some() => Err(refusal(&e).map(|r| r.to_string()).unwrap_or_default()),
             Err(e) if e.is_connect() => Err("could not connect to the endpoint".to_owned()),
             Err(_) => Err("the request to the endpoint failed".to_owned()),
         }
@@ -295,15 +329,8 @@ impl Notifier {
         if self.known_topics.lock().map(|k| k.contains(topic)).unwrap_or(false) {
             return Ok(());
         }
-        let new = NewTopic::new(topic, self.config.topic_partitions, TopicReplication::Fixed(1)).set("cleanup.policy", "delete");
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(15)));
-        for result in self.admin.create_topics([&new], &options).await? {
-            match result {
-                Ok(name) => tracing::info!(topic = %name, "created topic"),
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((name, e)) => anyhow::bail!("creating topic {name}: {e}"),
-            }
-        }
+        let wanted = [(topic.to_owned(), crate::topics::Retention::Delete(None))];
+        crate::topics::create_with(&self.admin, self.kafka(), self.config.topic_partitions, &wanted).await?;
         if let Ok(mut k) = self.known_topics.lock() {
             k.insert(topic.to_owned());
         }
@@ -311,9 +338,22 @@ impl Notifier {
     }
 }
 
+/// The resolver's refusal, when the client failed because no address of the endpoint may be
+/// connected to.
+fn refusal(e: &reqwest::Error) -> Option<crate::egress::Refusal> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<crate::egress::Refusal>() {
+            return Some(r.clone());
+        }
+        source = s.source();
+    }
+    None
+}
+
 /// Starts a notifier task (connects, migrates first); returns its stop flag and handle.
 pub async fn spawn(config: NotifierConfig) -> anyhow::Result<(Arc<AtomicBool>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
-    let pool = db::connect(&config.common.database_url, (config.concurrency as u32 / 4).clamp(4, 16)).await?;
+    let pool = db::connect_configured(&config.common, (config.concurrency as u32 / 4).clamp(4, 16)).await?;
     db::migrate(&pool).await?;
     let notifier = Notifier::new(config, pool)?;
     let stop = Arc::new(AtomicBool::new(false));

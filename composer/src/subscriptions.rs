@@ -57,7 +57,33 @@ pub fn topic_resource() -> Value {
 pub struct Limits {
     /// Whether rest-hook endpoints may be plain `http://` (tests, local demos); else HTTPS only.
     pub allow_http: bool,
+    /// The shortest heartbeat period, in seconds.
+    pub min_heartbeat_secs: i64,
 }
+
+/// Headers a subscription may not set on its notifications: the request's own framing and
+/// routing (which would let a partner aim the notifier at another host or smuggle a request),
+/// what the notifier sets itself, and the signature.
+const RESERVED_HEADERS: [&str; 14] = [
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "content-type",
+    "expect",
+    "forwarded",
+];
+
+/// Most headers a subscription may set, and the longest each may be (name and value).
+const MAX_HEADERS: usize = 10;
+const MAX_HEADER_BYTES: usize = 1024;
 
 fn ext<'a>(extensions: Option<&'a Value>, url: &str) -> Option<&'a Value> {
     extensions.and_then(Value::as_array).into_iter().flatten().find(|e| e["url"] == url)
@@ -119,6 +145,9 @@ pub fn accept(value: Value, partner_id: &str, limits: Limits, now: OffsetDateTim
         if parsed.scheme() != "https" && !(limits.allow_http && parsed.scheme() == "http") {
             return Err(invalid_in(T, "channel.endpoint", "must be an https:// URL"));
         }
+        if parsed.host().is_none() || url.len() > 2048 {
+            return Err(invalid_in(T, "channel.endpoint", "must name a host, in at most 2048 characters"));
+        }
         endpoint = Some(url.to_owned());
         let hex_secret = ext(channel.get("extension"), EXT_SIGNING_SECRET).and_then(|e| e["valueString"].as_str()).unwrap_or_default();
         match hex::decode(hex_secret) {
@@ -152,8 +181,9 @@ pub fn accept(value: Value, partner_id: &str, limits: Limits, now: OffsetDateTim
     let heartbeat = number("backport-heartbeat-period", "valueUnsignedInt");
     let timeout = number("backport-timeout", "valueUnsignedInt").unwrap_or(10);
     let max_count = number("backport-max-count", "valuePositiveInt").unwrap_or(20);
-    if heartbeat.is_some_and(|h| !(1..=86_400).contains(&h)) {
-        return Err(invalid_in(T, "channel.extension", "backport-heartbeat-period must be 1 to 86400 seconds"));
+    let min_heartbeat = limits.min_heartbeat_secs.clamp(1, 86_400);
+    if heartbeat.is_some_and(|h| !(min_heartbeat..=86_400).contains(&h)) {
+        return Err(invalid_in(T, "channel.extension", format!("backport-heartbeat-period must be {min_heartbeat} to 86400 seconds")));
     }
     if !(1..=60).contains(&timeout) {
         return Err(invalid_in(T, "channel.extension", "backport-timeout must be 1 to 60 seconds"));
@@ -162,12 +192,26 @@ pub fn accept(value: Value, partner_id: &str, limits: Limits, now: OffsetDateTim
         return Err(invalid_in(T, "channel.extension", "backport-max-count must be 1 to 100"));
     }
     let headers: Vec<String> = channel["header"].as_array().into_iter().flatten().filter_map(|h| h.as_str().map(str::to_owned)).collect();
+    if headers.len() > MAX_HEADERS {
+        return Err(invalid_in(T, "channel.header", format!("at most {MAX_HEADERS} headers")));
+    }
     for h in &headers {
-        match h.split_once(':') {
+        let name = match h.split_once(':') {
             Some((name, value))
-                if reqwest::header::HeaderName::from_bytes(name.trim().as_bytes()).is_ok()
-                    && reqwest::header::HeaderValue::from_str(value.trim()).is_ok() => {}
-            _ => return Err(invalid_in(T, "channel.header", "each header must be 'Name: value'")),
+                if h.len() <= MAX_HEADER_BYTES
+                    && reqwest::header::HeaderName::from_bytes(name.trim().as_bytes()).is_ok()
+                    && reqwest::header::HeaderValue::from_str(value.trim()).is_ok() =>
+            {
+                name.trim().to_ascii_lowercase()
+            }
+            _ => return Err(invalid_in(T, "channel.header", format!("each header must be 'Name: value', at most {MAX_HEADER_BYTES} bytes"))),
+        };
+        if RESERVED_HEADERS.contains(&name.as_str()) || name.starts_with("proxy-") || name == SIGNATURE_HEADER.to_ascii_lowercase() {
+            return Err(invalid_in(
+                T,
+                "channel.header",
+                format!("'{name}' is set by the notifier (or names the connection itself); it cannot be set here"),
+            ));
         }
     }
     let end_at = match elements.get("end").and_then(Value::as_str) {
@@ -274,7 +318,9 @@ pub fn status_resource(base_url: &str, s: &Subscription, kind: Kind, events: &[E
             .iter()
             .map(|e| {
                 let mut n = json!({ "eventNumber": e.event_number.to_string(), "timestamp": crate::composite::instant(e.occurred_at) });
-                if s.content != "empty" {
+                // An event of a member no longer attributed to the partner keeps its number (so
+                // the subscriber sees no gap) and says nothing else.
+                if s.content != "empty" && e.attributed {
                     n["focus"] = json!({ "reference": format!("{base_url}/{}", focus(&e.member_id)), "type": "Bundle" });
                 }
                 n
@@ -291,7 +337,8 @@ pub fn status_resource(base_url: &str, s: &Subscription, kind: Kind, events: &[E
 /// `subscription-notification` Bundle type): a `history` Bundle whose first entry is the
 /// SubscriptionStatus, then one entry per event as the payload content asks (none for `empty`;
 /// the reference for `id-only`; also the composite, unless the member was deleted, for
-/// `full-resource`). Every entry has `request` and `response`, as history Bundles must.
+/// `full-resource`). Every entry has `request` and `response`, as history Bundles must. Events
+/// of members no longer attributed to the partner have no entry.
 pub fn notification(base_url: &str, s: &Subscription, kind: Kind, events: &[Event]) -> Value {
     let status = status_resource(base_url, s, kind, events);
     let mut entries = vec![json!({
@@ -301,7 +348,7 @@ pub fn notification(base_url: &str, s: &Subscription, kind: Kind, events: &[Even
         "response": { "status": "200" },
     })];
     if s.content != "empty" {
-        for e in events {
+        for e in events.iter().filter(|e| e.attributed) {
             let url = focus(&e.member_id);
             let (method, outcome) = if e.deleted {
                 ("DELETE", "204")

@@ -65,7 +65,28 @@ fn subscription(r: PgRow) -> Subscription {
     }
 }
 
-pub async fn create(pool: &PgPool, s: &Subscription) -> crate::Result<()> {
+/// Stores `s` unless its partner already holds `max_per_partner` subscriptions (other than
+/// `off`); returns whether it was stored. Creations of one partner are serialized, so the
+/// count holds.
+pub async fn create(pool: &PgPool, s: &Subscription, max_per_partner: i64) -> crate::Result<bool> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('fhir-event-platform subscriptions of ' || $1))")
+        .bind(&s.partner_id)
+        .execute(&mut *tx)
+        .await?;
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM subscriptions WHERE partner_id = $1 AND status <> 'off'")
+        .bind(&s.partner_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if held >= max_per_partner {
+        return Ok(false);
+    }
+    insert(&mut tx, s).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+async fn insert(tx: &mut PgConnection, s: &Subscription) -> crate::Result<()> {
     sqlx::query(
         "INSERT INTO subscriptions (id, partner_id, topic, member_id, channel, endpoint, secret, headers, content, heartbeat_secs,
                                     timeout_secs, max_count, status, body, created_at, end_at)
@@ -87,7 +108,7 @@ pub async fn create(pool: &PgPool, s: &Subscription) -> crate::Result<()> {
     .bind(&s.body)
     .bind(s.created_at)
     .bind(s.end_at)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
     Ok(())
 }
@@ -165,21 +186,43 @@ pub async fn fan_out(pool: &PgPool, day: Date, limit: i64) -> crate::Result<(usi
 /// Claims up to `limit` subscriptions that have something to send now (a handshake, events, or
 /// a heartbeat), for `lease` seconds: the claimant delivers, then calls [`delivered`] or
 /// [`failed`]. A crashed claimant's lease runs out and another notifier takes over.
-pub async fn claim_due(pool: &PgPool, lease_secs: i32, limit: i64) -> crate::Result<Vec<Subscription>> {
+///
+/// A partner gets at most `per_partner` deliveries in flight: `busy` says how many each partner
+/// has in flight already (on this notifier), so one partner's slow or dead endpoints hold only
+/// its own share of the slots. Subscriptions of a disabled partner are not delivered.
+pub async fn claim_due(pool: &PgPool, lease_secs: i32, limit: i64, per_partner: i64, busy: &[(String, i64)]) -> crate::Result<Vec<Subscription>> {
+    let (partners, counts): (Vec<&str>, Vec<i64>) = busy.iter().map(|(p, n)| (p.as_str(), *n)).unzip();
     let sql = format!(
         "UPDATE subscriptions s SET leased_until = now() + make_interval(secs => $1 + s.timeout_secs)
-         WHERE s.id IN (
-           SELECT id FROM subscriptions t
-           WHERE t.status IN ('requested', 'active') AND t.next_attempt_at <= now()
-             AND (t.leased_until IS NULL OR t.leased_until < now())
-             AND (t.status = 'requested'
-                  OR EXISTS (SELECT 1 FROM subscription_events e WHERE e.subscription_id = t.id AND e.delivered_at IS NULL)
-                  OR (t.heartbeat_secs IS NOT NULL AND coalesce(t.last_sent_at, t.created_at) + make_interval(secs => t.heartbeat_secs) <= now()))
-           ORDER BY t.next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+         FROM (
+           SELECT r.id FROM (
+             SELECT t.id, t.partner_id, t.next_attempt_at, row_number() OVER (PARTITION BY t.partner_id ORDER BY t.next_attempt_at) AS n
+             FROM subscriptions t
+             WHERE t.status IN ('requested', 'active') AND t.next_attempt_at <= now()
+               AND (t.leased_until IS NULL OR t.leased_until < now())
+               AND (t.status = 'requested'
+                    OR EXISTS (SELECT 1 FROM subscription_events e WHERE e.subscription_id = t.id AND e.delivered_at IS NULL)
+                    OR (t.heartbeat_secs IS NOT NULL AND coalesce(t.last_sent_at, t.created_at) + make_interval(secs => t.heartbeat_secs) <= now()))
+               AND NOT EXISTS (SELECT 1 FROM partners p WHERE p.partner_id = t.partner_id AND p.disabled_at IS NOT NULL)
+           ) r LEFT JOIN unnest($3::text[], $4::int8[]) AS busy(partner_id, n) ON busy.partner_id = r.partner_id
+           WHERE r.n <= $5 - coalesce(busy.n, 0)
+           ORDER BY r.next_attempt_at LIMIT $2
+         ) chosen
+         WHERE s.id = chosen.id AND (s.leased_until IS NULL OR s.leased_until < now())
          RETURNING {}",
         COLUMNS.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ")
     );
-    Ok(sqlx::query(sqlx::AssertSqlSafe(sql)).bind(lease_secs).bind(limit).fetch_all(pool).await?.into_iter().map(subscription).collect())
+    Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(lease_secs)
+        .bind(limit)
+        .bind(&partners)
+        .bind(&counts)
+        .bind(per_partner)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(subscription)
+        .collect())
 }
 
 /// One event of a subscription's queue, with the composite version it is about.
@@ -190,44 +233,74 @@ pub struct Event {
     pub version_id: i64,
     pub deleted: bool,
     pub occurred_at: OffsetDateTime,
-    /// The composite (when asked for and not deleted).
+    /// The composite (when asked for, not deleted, and the member still attributed).
     pub body: Option<String>,
+    /// Whether the member is attributed to the subscription's partner now (when the event is
+    /// sent or replayed, not only when it was queued): if not, the event says nothing about it.
+    pub attributed: bool,
 }
 
 fn event(r: PgRow) -> Event {
-    Event { event_number: r.get(0), member_id: r.get(1), version_id: r.get(2), deleted: r.get(3), occurred_at: r.get(4), body: r.get(5) }
+    Event {
+        event_number: r.get(0),
+        member_id: r.get(1),
+        version_id: r.get(2),
+        deleted: r.get(3),
+        occurred_at: r.get(4),
+        body: r.get(5),
+        attributed: r.get(6),
+    }
 }
 
 /// Events chosen by `selection` (a condition, order and limit on `subscription_events`), each
-/// with its composite's body when `with_bodies` (a parameter) is true, looked up by its key.
-fn event_query(with_bodies: &str, selection: &str) -> sqlx::AssertSqlSafe<String> {
+/// with whether its member is attributed to `$partner` on `$day` and, when `with_bodies` (a
+/// parameter) is true and it is, its composite's body, looked up by its key.
+fn event_query(partner: &str, day: &str, with_bodies: &str, selection: &str) -> sqlx::AssertSqlSafe<String> {
+    let attributed = crate::resources::attributed_to("e.member_id", partner, day);
     sqlx::AssertSqlSafe(format!(
         "SELECT e.event_number, e.member_id, e.version_id, e.deleted, e.occurred_at,
-                CASE WHEN {with_bodies} THEN (SELECT h.body::text FROM composite_history h
-                                              WHERE h.member_id = e.member_id AND h.version_id = e.version_id) END
-         FROM (SELECT * FROM subscription_events WHERE {selection}) e ORDER BY e.event_number"
+                CASE WHEN {with_bodies} AND e.attributed THEN (SELECT h.body::text FROM composite_history h
+                                                             WHERE h.member_id = e.member_id AND h.version_id = e.version_id) END,
+                e.attributed
+         FROM (SELECT e.*, {attributed} AS attributed FROM (SELECT * FROM subscription_events WHERE {selection}) e) e
+         ORDER BY e.event_number"
     ))
 }
 
-/// The oldest undelivered events of a subscription, in order, at most `limit`.
-pub async fn pending(pool: &PgPool, id: &str, limit: i64, with_bodies: bool) -> crate::Result<Vec<Event>> {
-    let rows = sqlx::query(event_query("$3", "subscription_id = $1 AND delivered_at IS NULL ORDER BY event_number LIMIT $2"))
+/// The oldest undelivered events of a subscription of `partner`, in order, at most `limit`.
+pub async fn pending(pool: &PgPool, id: &str, partner: &str, day: Date, limit: i64, with_bodies: bool) -> crate::Result<Vec<Event>> {
+    let rows = sqlx::query(event_query("$4", "$5", "$3", "subscription_id = $1 AND delivered_at IS NULL ORDER BY event_number LIMIT $2"))
         .bind(id)
         .bind(limit)
         .bind(with_bodies)
+        .bind(partner)
+        .bind(day)
         .fetch_all(pool)
         .await?;
     Ok(rows.into_iter().map(event).collect())
 }
 
-/// Events `since..=until` of a subscription (delivered or not), at most `limit` ($events).
-pub async fn events(pool: &PgPool, id: &str, since: i64, until: i64, limit: i64, with_bodies: bool) -> crate::Result<Vec<Event>> {
-    let rows = sqlx::query(event_query("$5", "subscription_id = $1 AND event_number BETWEEN $2 AND $3 ORDER BY event_number LIMIT $4"))
+/// Events `since..=until` of a subscription of `partner` (delivered or not), at most `limit`
+/// ($events).
+#[allow(clippy::too_many_arguments)]
+pub async fn events(
+    pool: &PgPool,
+    id: &str,
+    partner: &str,
+    day: Date,
+    since: i64,
+    until: i64,
+    limit: i64,
+    with_bodies: bool,
+) -> crate::Result<Vec<Event>> {
+    let rows = sqlx::query(event_query("$6", "$7", "$5", "subscription_id = $1 AND event_number BETWEEN $2 AND $3 ORDER BY event_number LIMIT $4"))
         .bind(id)
         .bind(since)
         .bind(until)
         .bind(limit)
         .bind(with_bodies)
+        .bind(partner)
+        .bind(day)
         .fetch_all(pool)
         .await?;
     Ok(rows.into_iter().map(event).collect())
@@ -293,6 +366,8 @@ pub struct Metrics {
     pub outbox_unpublished: i64,
     /// Age in seconds of the oldest of them (0 when none).
     pub outbox_oldest_unpublished_secs: f64,
+    /// Rows the relay could not publish and parked, for an operator (`fhirctl outbox`).
+    pub outbox_parked: i64,
     /// Composite versions not yet turned into subscription events.
     pub outbox_unnotified: i64,
     /// (subscription id, partner id, status, undelivered events, delivery failures so far).
@@ -300,9 +375,14 @@ pub struct Metrics {
 }
 
 pub async fn metrics(pool: &PgPool) -> crate::Result<Metrics> {
-    let row = sqlx::query("SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at))::float8, 0) FROM outbox WHERE published_at IS NULL")
-        .fetch_one(pool)
-        .await?;
+    let row = sqlx::query(
+        "SELECT count(*) FILTER (WHERE parked_at IS NULL),
+                coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE parked_at IS NULL))::float8, 0),
+                count(*) FILTER (WHERE parked_at IS NOT NULL)
+         FROM outbox WHERE published_at IS NULL",
+    )
+    .fetch_one(pool)
+    .await?;
     let unnotified: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE notified_at IS NULL AND payload IS NULL").fetch_one(pool).await?;
     let subscriptions = sqlx::query(
         "SELECT s.id, s.partner_id, s.status,
@@ -315,5 +395,11 @@ pub async fn metrics(pool: &PgPool) -> crate::Result<Metrics> {
     .into_iter()
     .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
     .collect();
-    Ok(Metrics { outbox_unpublished: row.get(0), outbox_oldest_unpublished_secs: row.get(1), outbox_unnotified: unnotified, subscriptions })
+    Ok(Metrics {
+        outbox_unpublished: row.get(0),
+        outbox_oldest_unpublished_secs: row.get(1),
+        outbox_parked: row.get(2),
+        outbox_unnotified: unnotified,
+        subscriptions,
+    })
 }

@@ -218,6 +218,9 @@ async fn subscribers_get_every_notification_in_order_through_an_outage() -> anyh
         "500",
         "--retry-max-ms",
         "4000",
+        // The subscribers below listen on loopback, which a deployment refuses.
+        "--allowed-networks",
+        "127.0.0.0/8",
     ]);
     let (notifier_stop, notifier) = composer::notifier::spawn(notifier_config).await?;
     let producer = generator::producer(&kafka)?;
@@ -234,7 +237,13 @@ async fn subscribers_get_every_notification_in_order_through_an_outage() -> anyh
     generator::publish(&producer, &kafka, &stream).await?;
     wait_applied(&pool, "subs", stream.len(), Duration::from_secs(60)).await?;
 
-    let origin = start_api_with(&url, "127.0.0.1:0", "http://fhir.test/fhir", &["--subscription-allow-http"]).await?;
+    let origin = start_api_with(
+        &url,
+        "127.0.0.1:0",
+        "http://fhir.test/fhir",
+        &["--subscription-allow-http", "--subscription-allowed-networks", "127.0.0.0/8", "--subscription-min-heartbeat-secs", "1"],
+    )
+    .await?;
     let fhir = format!("{origin}/fhir");
     let pa = bearer_client(&register_partner(&pool, "pa", SCOPES, KeyKind::Es384, None).await?.token_with(&origin, SCOPES).await?)?;
 

@@ -9,9 +9,9 @@ use crate::error::{ApiError, OperationOutcome};
 use crate::fhir;
 use crate::http::resources::{Bundle, FormatOnly, Resource};
 use crate::http::writeback::{content_is_json, json_body};
+use crate::limits::RequestBody;
 use crate::startup::AppState;
 use axum::Extension;
-use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -36,6 +36,16 @@ fn searchset(base: &str, self_url: &str, entries: Vec<(String, Value)>) -> Value
         "link": [{ "relation": "self", "url": self_url }],
         "entry": entries.into_iter().map(|(path, r)| json!({ "fullUrl": format!("{base}/{path}"), "resource": r, "search": { "mode": "match" } })).collect::<Vec<_>>(),
     })
+}
+
+/// What a notification carries needs the scopes that reading it would: the composite itself
+/// (`full-resource`) those of `$medication-profile`, the reference to it (`id-only`) Patient's.
+fn require_content_scopes(caller: &Caller, content: &str) -> Result<(), ApiError> {
+    match content {
+        "full-resource" => caller.require(&crate::http::profile::PROFILE_TYPES, Interaction::Read),
+        "id-only" => caller.require(&["Patient"], Interaction::Read),
+        _ => Ok(()),
+    }
 }
 
 async fn own(state: &AppState, caller: &Caller, id: &str) -> Result<db::subscriptions::Subscription, ApiError> {
@@ -102,8 +112,10 @@ pub async fn topic(
         (status = 201, description = "Created (status requested)", body = Resource, content_type = "application/fhir+json"),
         (status = 400, description = "Not JSON, or a malformed parameter", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 408, description = "The body did not arrive in time", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 413, description = "The body is larger than REQUEST_BODY_MAX_BYTES (64 KiB by default)", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 415, description = "The body is not application/fhir+json", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 422, description = "Not an acceptable Subscription; expression names the element", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 422, description = "Not an acceptable Subscription (expression names the element: an endpoint that is not a public address, a reserved header, a heartbeat under the minimum), or the partner holds the most subscriptions it may", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
@@ -113,7 +125,7 @@ pub async fn create(
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     RawQuery(q): RawQuery,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     caller.require(&[SUBSCRIPTION], Interaction::Create)?;
     fhir::no_parameters(&fhir::query_pairs(&headers, q.as_deref())?)?;
@@ -121,7 +133,20 @@ pub async fn create(
     let value = json_body(&body)?;
     let subscription = subs::accept(value, &caller.partner_id, s.subscription_limits, time::OffsetDateTime::now_utc())
         .map_err(|i| ApiError::Unprocessable { expression: i.expression, diagnostics: i.message })?;
-    db::subscriptions::create(&s.pool, &subscription).await?;
+    require_content_scopes(&caller, &subscription.content)?;
+    if let Some(endpoint) = subscription.endpoint.as_deref().and_then(|e| reqwest::Url::parse(e).ok()) {
+        // Checked again by the notifier at every connection; refused here so the partner knows.
+        s.egress
+            .check(&endpoint)
+            .await
+            .map_err(|refusal| ApiError::Unprocessable { expression: "Subscription.channel.endpoint".into(), diagnostics: refusal.to_string() })?;
+    }
+    if !db::subscriptions::create(&s.pool, &subscription, s.subscription_max_per_partner).await? {
+        return Err(ApiError::BusinessRule(format!(
+            "this partner holds {} subscriptions, the most it may; delete one it no longer needs first",
+            s.subscription_max_per_partner
+        )));
+    }
     tracing::info!(partner = %caller.partner_id, subscription = %subscription.id, channel = %subscription.channel, "subscription created");
     let mut response = json_response(StatusCode::CREATED, &subs::render(&subscription));
     if let Ok(v) = HeaderValue::from_str(&format!("{}/{SUBSCRIPTION}/{}", s.base_url, subscription.id)) {
@@ -323,9 +348,12 @@ pub async fn events(
     if let Some(c) = content {
         subscription.content = c;
     }
+    require_content_scopes(&caller, &subscription.content)?;
     let until = until.unwrap_or(i64::MAX).min(since.saturating_add(EVENTS_PAGE - 1));
-    let found = db::subscriptions::events(&s.pool, &subscription.id, since, until, EVENTS_PAGE, subscription.content == "full-resource").await?;
-    let mut members: Vec<String> = found.iter().map(|e| e.member_id.clone()).collect();
+    let viewer = caller.viewer();
+    let with_bodies = subscription.content == "full-resource";
+    let found = db::subscriptions::events(&s.pool, &subscription.id, viewer.partner_id, viewer.on, since, until, EVENTS_PAGE, with_bodies).await?;
+    let mut members: Vec<String> = found.iter().filter(|e| e.attributed).map(|e| e.member_id.clone()).collect();
     members.sort();
     members.dedup();
     let bundle = subs::notification(&s.base_url, &subscription, Kind::QueryEvent, &found);

@@ -42,7 +42,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     platform::telemetry::init("warn", platform::LogFormat::Text);
     let run = format!("bench_fresh_{}", std::process::id());
-    let kafka = platform::KafkaConfig { bootstrap_servers: cli.common.kafka.bootstrap_servers.clone(), topic_prefix: format!("{run}.") };
+    let kafka = platform::KafkaConfig { topic_prefix: format!("{run}."), ..cli.common.kafka.clone() };
     let admin = db::connect(&cli.common.database_url, 1).await?;
     println!("PostgreSQL durability: {}", db::bench::durability(&admin).await?);
     db::create_database(&admin, &run).await?;
@@ -55,7 +55,8 @@ async fn main() -> anyhow::Result<()> {
     let mut relay_config = composer::relay::RelayConfig::parse_from(["relay", "--database-url", &url]);
     relay_config.common.kafka = kafka.clone();
     let (relay_stop, relay) = composer::relay::spawn(relay_config).await?;
-    let mut notifier_config = composer::notifier::NotifierConfig::parse_from(["notifier", "--database-url", &url]);
+    let mut notifier_config =
+        composer::notifier::NotifierConfig::parse_from(["notifier", "--database-url", &url, "--allowed-networks", "127.0.0.0/8"]);
     notifier_config.common.kafka = kafka.clone();
     let (notifier_stop, notifier) = composer::notifier::spawn(notifier_config).await?;
     let total = (cli.rate * cli.seconds) as usize;
@@ -78,10 +79,10 @@ async fn main() -> anyhow::Result<()> {
                 { "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-max-count", "valuePositiveInt": 100 }
             ] }
     });
-    let limits = composer::subscriptions::Limits { allow_http: true };
+    let limits = composer::subscriptions::Limits { allow_http: true, min_heartbeat_secs: 1 };
     let subscription =
         composer::subscriptions::accept(subscription, "bench", limits, time::OffsetDateTime::now_utc()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    db::subscriptions::create(&pool, &subscription).await?;
+    db::subscriptions::create(&pool, &subscription, i64::MAX).await?;
     let attribution = kafka.topic(platform::topics::ATTRIBUTION);
     let mut acks = Vec::with_capacity(warmup + total);
     for i in 0..warmup + total {
@@ -162,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // The system of record's producer sends each change as it happens (acks=all, idempotent):
     // linger.ms=1, not the bulk loader's 10 ms.
-    let producer = composer::topics::prompt_producer(&kafka.bootstrap_servers)?;
+    let producer = composer::topics::prompt_producer(&kafka)?;
 
     let topic = kafka.topic(platform::topics::DEMOGRAPHICS);
     let mut started = Instant::now();
