@@ -14,7 +14,7 @@
 use clap::Parser;
 use db::relay::{self as q, OutboxRow};
 use platform::{KafkaConfig, topics};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -81,10 +81,9 @@ const ATTRIBUTION_CHANGES_PER_STEP: i64 = 100;
 
 impl Relay {
     pub fn new(config: RelayConfig, pool: db::Pool) -> anyhow::Result<Self> {
+        config.common.check_limits().map_err(anyhow::Error::msg)?;
         let kafka = &config.common.kafka;
-        let producer: FutureProducer = crate::topics::client(&kafka.bootstrap_servers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
+        let producer: FutureProducer = crate::topics::producer(kafka)
             // A batch is enqueued at once and awaited: no need to linger for more.
             .set("linger.ms", "1")
             .set("compression.type", "zstd")
@@ -155,9 +154,13 @@ impl Relay {
         for (member, partner) in q::partners_of(&mut tx, &members, today).await? {
             partners.entry(member).or_default().push(partner);
         }
-        let (mut records, mut added, mut removed) = (Vec::new(), Vec::new(), Vec::new());
-        for row in &rows {
+        // Each record with the row it publishes and, for a partner topic, the (partner, member)
+        // pair it adds or removes there.
+        let mut records = Vec::new();
+        let mut owners: Vec<(usize, Option<(bool, (String, String))>)> = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
             records.push(self.main_record(row));
+            owners.push((i, None));
             // Only composite versions go to partner topics (not partner write-backs).
             if row.topic != topics::MEDICATION_PROFILE {
                 continue;
@@ -171,13 +174,34 @@ impl Relay {
                     event_id: Uuid::new_v5(&row.event_id, partner.as_bytes()),
                     headers: Vec::new(),
                 });
-                let pair = (partner.clone(), row.member_id.clone());
-                if row.body.is_some() { added.push(pair) } else { removed.push(pair) }
+                owners.push((i, Some((row.body.is_some(), (partner.clone(), row.member_id.clone())))));
             }
         }
-        self.send(&records).await?;
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        q::mark_published(&mut tx, &ids).await?;
+        let refusals = self.send(&records).await?;
+        // A row the broker refused any of its records for is parked with the reasons; the rest
+        // are published. (A refused row's other records may have been published: its retry
+        // sends them again, with the same event ids.)
+        let mut reasons: HashMap<usize, Vec<String>> = HashMap::new();
+        for ((row, _), refusal) in owners.iter().zip(&refusals) {
+            if let Some(why) = refusal {
+                reasons.entry(*row).or_default().push(why.clone());
+            }
+        }
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        for ((row, pair), refusal) in owners.into_iter().zip(&refusals) {
+            if let (Some((live, pair)), None, false) = (pair, refusal, reasons.contains_key(&row)) {
+                if live { added.push(pair) } else { removed.push(pair) }
+            }
+        }
+        let published: Vec<i64> = rows.iter().enumerate().filter(|(i, _)| !reasons.contains_key(i)).map(|(_, r)| r.id).collect();
+        let parked: Vec<(i64, String)> = reasons.into_iter().map(|(i, why)| (rows[i].id, why.join("; "))).collect();
+        for (id, why) in &parked {
+            let row = rows.iter().find(|r| r.id == *id);
+            tracing::error!(outbox_id = id, member = row.map_or("", |r| r.member_id.as_str()), topic = row.map_or("", |r| r.topic.as_str()),
+                reason = %why, "relay: the broker refused a record; parked it (fhirctl outbox list) and went on");
+        }
+        q::mark_published(&mut tx, &published).await?;
+        q::park(&mut tx, &parked).await?;
         q::carried(&mut tx, &added, &removed).await?;
         tx.commit().await?;
         Ok(records.len())
@@ -229,7 +253,21 @@ impl Relay {
                 headers: Vec::new(),
             });
         }
-        self.send(&records).await?;
+        let refusals = self.send(&records).await?;
+        // A composite the broker refuses for a partner topic is parked as an outbox row of that
+        // topic (an operator retries or drops it) and counts as carried, so that reconciling
+        // does not send it again and again. A tombstone cannot be too large: its refusal is the
+        // broker's trouble, and the step is retried.
+        for ((partner, member, version, _), refusal) in started.iter().zip(&refusals) {
+            if let Some(why) = refusal {
+                let topic = partner_topic(partner);
+                tracing::error!(partner = %partner, member = %member, reason = %why, "relay: the broker refused a partner topic's record; parked it");
+                q::park_partner_record(tx, &topic, member, *version, event_id("attributed", partner, member, *version), why).await?;
+            }
+        }
+        if let Some(why) = refusals[started.len()..].iter().flatten().next() {
+            anyhow::bail!("a tombstone was refused: {why}");
+        }
         let added: Vec<(String, String)> = started.iter().map(|(p, m, _, _)| (p.clone(), m.clone())).collect();
         let removed: Vec<(String, String)> = ended.iter().map(|(p, m, _)| (p.clone(), m.clone())).collect();
         q::carried(tx, &added, &removed).await?;
@@ -238,8 +276,11 @@ impl Relay {
     }
 
     /// Enqueues every record in order (so per-partition order is the outbox's), then waits for
-    /// the broker to acknowledge all of them.
-    async fn send(&mut self, records: &[Out]) -> anyhow::Result<()> {
+    /// the broker to acknowledge all of them. Returns, per record, why the broker (or the
+    /// producer, before sending) refused it for what it is (too large, an invalid topic): such
+    /// a record would be refused again. `Err`: the broker is not reachable or did not answer in
+    /// time, and the whole batch is to be sent again.
+    async fn send(&mut self, records: &[Out]) -> anyhow::Result<Vec<Option<String>>> {
         self.ensure_topics(records).await?;
         let mut deliveries = Vec::with_capacity(records.len());
         for r in records {
@@ -258,25 +299,39 @@ impl Relay {
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
-                        deliveries.push(delivery);
+                        deliveries.push(Ok(delivery));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         record = back;
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    Err((e, _)) => return Err(e.into()),
+                    Err((e, _)) => match refused(&e, r) {
+                        Some(why) => {
+                            deliveries.push(Err(why));
+                            break;
+                        }
+                        None => return Err(e.into()),
+                    },
                 }
             }
         }
-        for delivery in deliveries {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(anyhow::anyhow!("not acknowledged: {e}")),
-                Err(_) => return Err(anyhow::anyhow!("the producer went away")),
-            }
+        let mut refusals = Vec::with_capacity(records.len());
+        for (delivery, r) in deliveries.into_iter().zip(records) {
+            let refusal = match delivery {
+                Err(why) => Some(why),
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err((e, _))) => match refused(&e, r) {
+                        Some(why) => Some(why),
+                        None => return Err(anyhow::anyhow!("not acknowledged: {e}")),
+                    },
+                    Err(_) => return Err(anyhow::anyhow!("the producer went away")),
+                },
+            };
+            refusals.push(refusal);
         }
-        Ok(())
+        Ok(refusals)
     }
 
     /// Creates partner topics (compacted) the first time they are needed.
@@ -285,30 +340,29 @@ impl Relay {
         if missing.is_empty() {
             return Ok(());
         }
-        let new: Vec<NewTopic<'_>> = missing
-            .iter()
-            .map(|t| {
-                NewTopic::new(t, self.config.topic_partitions, TopicReplication::Fixed(1))
-                    .set("cleanup.policy", "compact")
-                    .set("min.compaction.lag.ms", "60000")
-            })
-            .collect();
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(15)));
-        for result in self.admin.create_topics(new.iter(), &options).await? {
-            match result {
-                Ok(name) => tracing::info!(topic = %name, "created topic"),
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((name, e)) => anyhow::bail!("creating topic {name}: {e}"),
-            }
-        }
+        let wanted: Vec<(String, crate::topics::Retention)> = missing.iter().map(|t| ((*t).to_owned(), crate::topics::Retention::Compact)).collect();
+        crate::topics::create_with(&self.admin, self.kafka(), self.config.topic_partitions, &wanted).await?;
         self.known_topics.extend(missing.into_iter().map(str::to_owned));
         Ok(())
     }
 }
 
+/// Why the broker (or the producer) refused `record` for what it is, if that is why `e` came:
+/// sent again unchanged, it would be refused again.
+fn refused(e: &KafkaError, record: &Out) -> Option<String> {
+    use RDKafkaErrorCode::*;
+    let code = e.rdkafka_error_code()?;
+    let size = record.payload.as_ref().map_or(0, String::len) + record.key.len();
+    match code {
+        MessageSizeTooLarge | InvalidMessageSize | MessageBatchTooLarge => Some(format!("{size} bytes is more than {} takes ({code})", record.topic)),
+        InvalidMessage | InvalidRecord | InvalidTopic | PolicyViolation => Some(format!("{} refused it ({code})", record.topic)),
+        _ => None,
+    }
+}
+
 /// Starts a relay task (connects, migrates first); returns its stop flag and handle.
 pub async fn spawn(config: RelayConfig) -> anyhow::Result<(Arc<AtomicBool>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
-    let pool = db::connect(&config.common.database_url, 2).await?;
+    let pool = db::connect_configured(&config.common, 2).await?;
     db::migrate(&pool).await?;
     let relay = Relay::new(config, pool)?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -38,7 +38,7 @@ pub async fn unpublished(tx: &mut PgConnection, limit: i64) -> crate::Result<Vec
                 coalesce(o.payload::text, (SELECT h.body::text FROM composite_history h
                                            WHERE o.payload IS NULL AND h.member_id = o.member_id AND h.version_id = o.version_id)),
                 o.headers::text
-         FROM (SELECT * FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1) o ORDER BY o.id",
+         FROM (SELECT * FROM outbox WHERE published_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT $1) o ORDER BY o.id",
     )
     .bind(limit)
     .fetch_all(&mut *tx)
@@ -65,6 +65,112 @@ pub async fn unpublished(tx: &mut PgConnection, limit: i64) -> crate::Result<Vec
 pub async fn mark_published(tx: &mut PgConnection, ids: &[i64]) -> crate::Result<()> {
     sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)").bind(ids).execute(&mut *tx).await?;
     Ok(())
+}
+
+/// Parks outbox rows the broker refused for what they are: (id, reason).
+pub async fn park(tx: &mut PgConnection, rows: &[(i64, String)]) -> crate::Result<()> {
+    let (ids, reasons): (Vec<i64>, Vec<&str>) = rows.iter().map(|(id, r)| (*id, r.as_str())).unzip();
+    sqlx::query(
+        "UPDATE outbox o SET parked_at = now(), park_reason = r.reason FROM unnest($1::int8[], $2::text[]) AS r(id, reason) WHERE o.id = r.id",
+    )
+    .bind(&ids)
+    .bind(&reasons)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Parks a record for a partner topic that the relay could not publish while it reconciled
+/// attribution (a new outbox row, already parked, already past the subscriptions' fan-out):
+/// retried, it is published to that topic alone.
+pub async fn park_partner_record(
+    tx: &mut PgConnection,
+    topic: &str,
+    member_id: &str,
+    version_id: i64,
+    event_id: Uuid,
+    reason: &str,
+) -> crate::Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox (topic, message_key, event_id, member_id, version_id, notified_at, parked_at, park_reason)
+         VALUES ($1, $2, $3, $2, $4, now(), now(), $5)",
+    )
+    .bind(topic)
+    .bind(member_id)
+    .bind(event_id)
+    .bind(version_id)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// A parked outbox row, for operators.
+#[derive(Debug, Clone)]
+pub struct ParkedRow {
+    pub id: i64,
+    pub topic: String,
+    pub member_id: String,
+    pub version_id: i64,
+    pub parked_at: time::OffsetDateTime,
+    pub reason: String,
+    /// Bytes of the record's value.
+    pub size: Option<i64>,
+}
+
+/// Parked rows (those of `ids` only, when given), oldest first.
+pub async fn parked(pool: &sqlx::PgPool, ids: Option<&[i64]>) -> crate::Result<Vec<ParkedRow>> {
+    let rows = sqlx::query(
+        "SELECT o.id, o.topic, o.member_id, o.version_id, o.parked_at, coalesce(o.park_reason, ''),
+                coalesce(octet_length(o.payload::text), (SELECT octet_length(h.body) FROM composite_history h
+                                                         WHERE h.member_id = o.member_id AND h.version_id = o.version_id))::int8
+         FROM outbox o WHERE o.published_at IS NULL AND o.parked_at IS NOT NULL AND ($1::int8[] IS NULL OR o.id = ANY($1)) ORDER BY o.id",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ParkedRow {
+            id: r.get(0),
+            topic: r.get(1),
+            member_id: r.get(2),
+            version_id: r.get(3),
+            parked_at: r.get(4),
+            reason: r.get(5),
+            size: r.get(6),
+        })
+        .collect())
+}
+
+/// Hands parked rows back to the relay (all when `ids` is `None`), and wakes it; returns how
+/// many. The relay publishes them in id order with the rest.
+pub async fn unpark(pool: &sqlx::PgPool, ids: Option<&[i64]>) -> crate::Result<u64> {
+    let mut tx = pool.begin().await?;
+    let n = sqlx::query(
+        "UPDATE outbox SET parked_at = NULL WHERE published_at IS NULL AND parked_at IS NOT NULL AND ($1::int8[] IS NULL OR id = ANY($1))",
+    )
+    .bind(ids)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    crate::notify(&mut tx, crate::channels::OUTBOX).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// Gives parked rows up (marks them published without publishing), noting `why` after the
+/// reason they were parked for; returns how many.
+pub async fn drop_parked(pool: &sqlx::PgPool, ids: &[i64], why: &str) -> crate::Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE outbox SET published_at = now(), park_reason = coalesce(park_reason, '') || ' (dropped by an operator: ' || $2 || ')'
+         WHERE published_at IS NULL AND parked_at IS NOT NULL AND id = ANY($1)",
+    )
+    .bind(ids)
+    .bind(why)
+    .execute(pool)
+    .await?
+    .rows_affected())
 }
 
 /// (member, partner) for every partner `members` are attributed to on `day`.
@@ -191,7 +297,8 @@ pub async fn no_longer_attributed(
 /// members to remove from them (tests and metrics).
 pub async fn backlog(pool: &sqlx::PgPool, day: Date) -> crate::Result<(i64, usize, usize)> {
     let mut tx = pool.begin().await?;
-    let unpublished: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetch_one(&mut *tx).await?;
+    let unpublished: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL").fetch_one(&mut *tx).await?;
     let added = newly_attributed(&mut tx, day, 1_000_000, None).await?.len();
     let removed = no_longer_attributed(&mut tx, day, 1_000_000, None).await?.len();
     tx.rollback().await?;

@@ -121,6 +121,8 @@ pub async fn metrics(
         "# TYPE fhir_outbox_oldest_unpublished_seconds gauge\nfhir_outbox_oldest_unpublished_seconds {:.3}",
         m.outbox_oldest_unpublished_secs
     );
+    let _ = writeln!(out, "# HELP fhir_outbox_parked Outbox rows the relay could not publish and parked for an operator (fhirctl outbox).");
+    let _ = writeln!(out, "# TYPE fhir_outbox_parked gauge\nfhir_outbox_parked {}", m.outbox_parked);
     let _ = writeln!(out, "# HELP fhir_outbox_unnotified Composite versions not yet turned into subscription events.");
     let _ = writeln!(out, "# TYPE fhir_outbox_unnotified gauge\nfhir_outbox_unnotified {}", m.outbox_unnotified);
     let _ = writeln!(out, "# HELP fhir_subscription_queue_depth Events of a subscription not yet delivered.");
