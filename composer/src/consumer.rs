@@ -402,9 +402,15 @@ impl Composer {
                     return Err(error.into());
                 }
                 // Meanwhile the consumer thread keeps polling (and so its group membership),
-                // and what it prepares for this applier joins the batch being retried.
+                // and what it prepares for this applier joins the batch being retried, up to a
+                // batch's size (beyond it, Kafka keeps the rest: a batch must fit in
+                // PostgreSQL's lock table, and an outage must not fill memory).
                 let until = Instant::now() + wait;
                 while let Some(left) = until.checked_duration_since(Instant::now()) {
+                    if work.items.len() >= self.config.batch_size {
+                        std::thread::sleep(left);
+                        break;
+                    }
                     match waiting.recv_timeout(left) {
                         Ok(more) if more.generation == work.generation => work.items.extend(more.items),
                         // A rebalance: what was polled before it comes again from the stored positions.
