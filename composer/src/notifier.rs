@@ -70,6 +70,11 @@ pub struct NotifierConfig {
     #[arg(long, env = "SUBSCRIPTION_ALLOWED_NETWORKS", value_delimiter = ',')]
     pub allowed_networks: Vec<String>,
 
+    /// A PEM file of certificate authorities to trust for rest-hook endpoints besides the
+    /// public ones (Mozilla's list): a plan that accepts endpoints its own CA certified.
+    #[arg(long, env = "SUBSCRIPTION_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+
     /// Partitions of the Kafka channel topics the notifier creates.
     #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
@@ -97,12 +102,18 @@ impl Notifier {
         let egress = EgressPolicy::new(&config.allowed_networks).map_err(anyhow::Error::msg)?;
         // Redirects are not followed: a notification goes to the registered endpoint only. No
         // proxy either: the connection goes to the address the resolver checked.
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .dns_resolver(egress.resolver())
-            .connect_timeout(Duration::from_secs(10))
-            .build()?;
+            .connect_timeout(Duration::from_secs(10));
+        if let Some(file) = &config.ca_file {
+            let pem = std::fs::read(file).map_err(|e| anyhow::anyhow!("reading SUBSCRIPTION_CA_FILE {}: {e}", file.display()))?;
+            for ca in reqwest::Certificate::from_pem_bundle(&pem)? {
+                http = http.add_root_certificate(ca);
+            }
+        }
+        let http = http.build()?;
         Ok(Arc::new(Notifier {
             base_url: config.common.fhir_base_url.trim_end_matches('/').to_owned(),
             config,

@@ -455,3 +455,175 @@ async fn subscribers_get_every_notification_in_order_through_an_outage() -> anyh
     notifier.await??;
     composer::stop(&stop, thread).await
 }
+
+/// Files of a test PKI made with `openssl`: a CA, and a server certificate for `localhost` that
+/// the CA signed; and a self-signed certificate for `localhost` that nobody trusts.
+struct Pki {
+    dir: std::path::PathBuf,
+}
+
+impl Pki {
+    fn make() -> anyhow::Result<Pki> {
+        let dir = std::env::temp_dir().join(unique("pki"));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n")?;
+        let run = |args: &[&str]| -> anyhow::Result<()> {
+            let out = std::process::Command::new("openssl").args(args).current_dir(&dir).output()?;
+            anyhow::ensure!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            Ok(())
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        run(&[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=Partner test CA"]].concat())?;
+        run(&[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]].concat())?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ])?;
+        run(&[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "stranger.key", "-out", "stranger.pem", "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+        ]
+        .concat())?;
+        Ok(Pki { dir })
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// An HTTPS endpoint serving `cert`/`key`: answers every request 200 and keeps the notification
+/// types it received (a minimal HTTP/1.1 reader: one request per connection).
+async fn https_endpoint(cert: &std::path::Path, key: &std::path::Path, received: Arc<Mutex<Vec<String>>>) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(&std::fs::read(cert)?).collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(&std::fs::read(key)?)?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, received) = (acceptor.clone(), received.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let mut request = Vec::new();
+                let mut buf = [0u8; 16384];
+                loop {
+                    let Ok(n) = tls.read(&mut buf).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request);
+                    let Some((head, body)) = text.split_once("\r\n\r\n") else { continue };
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").and_then(|v| v.trim().parse::<usize>().ok()));
+                    if body.len() < length.unwrap_or(0) {
+                        continue;
+                    }
+                    let kind = serde_json::from_str::<Value>(body).ok().and_then(|v| v["entry"][0]["resource"]["type"].as_str().map(str::to_owned));
+                    received.lock().unwrap().push(kind.unwrap_or_default());
+                    let _ = tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                    let _ = tls.shutdown().await;
+                    return;
+                }
+            });
+        }
+    });
+    Ok(port)
+}
+
+/// Rest-hook endpoints are HTTPS: one whose certificate chains to a CA the notifier trusts
+/// (here the partner's own, through SUBSCRIPTION_CA_FILE) gets its handshake and notifications;
+/// one whose certificate nobody vouches for gets nothing, and the subscription says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_go_over_https_only_to_endpoints_whose_certificate_is_trusted() -> anyhow::Result<()> {
+    let pki = Pki::make()?;
+    let (trusted, untrusted) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+    let good_port = https_endpoint(&pki.path("server.pem"), &pki.path("server.key"), trusted.clone()).await?;
+    let bad_port = https_endpoint(&pki.path("stranger.pem"), &pki.path("stranger.key"), untrusted.clone()).await?;
+    let (url, pool) = fresh_database("tls", true).await?;
+    let prefix = format!("{}.", unique("tls"));
+    let kafka = kafka_config(&prefix);
+    let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "tls")).await?;
+    use clap::Parser;
+    let ca = pki.path("ca.pem").display().to_string();
+    let notifier_config = composer::notifier::NotifierConfig::parse_from([
+        "notifier",
+        "--database-url",
+        &url,
+        "--kafka-bootstrap-servers",
+        &kafka_bootstrap(),
+        "--kafka-topic-prefix",
+        &prefix,
+        "--allowed-networks",
+        "127.0.0.0/8,::1/128",
+        "--ca-file",
+        &ca,
+    ]);
+    let (notifier_stop, notifier) = composer::notifier::spawn(notifier_config).await?;
+    let producer = generator::producer(&kafka)?;
+    let setup = [demographics("T1", json!({ "given_name": "Tal", "sex": "other" })), attribution("T1", "pa")];
+    generator::publish(&producer, &kafka, &setup).await?;
+    wait_applied(&pool, "tls", setup.len(), Duration::from_secs(30)).await?;
+    let origin = start_api_with(&url, "127.0.0.1:0", "http://fhir.test/fhir", &["--subscription-allowed-networks", "127.0.0.0/8,::1/128"]).await?;
+    let pa = bearer_client(&register_partner(&pool, "pa", SCOPES, KeyKind::Es384, None).await?.token_with(&origin, SCOPES).await?)?;
+    let mut ids = Vec::new();
+    for port in [good_port, bad_port] {
+        let s = subscription(Some(&format!("https://localhost:{port}/hook")), "id-only", &"cd".repeat(32), &[], None);
+        let r = pa.post(format!("{origin}/fhir/Subscription")).header("content-type", "application/fhir+json").json(&s).send().await?;
+        assert_eq!(r.status(), 201);
+        ids.push(r.json::<Value>().await?["id"].as_str().unwrap_or_default().to_owned());
+    }
+    let status = |id: String| {
+        let pool = pool.clone();
+        async move {
+            let row: (String, Option<String>) =
+                sqlx::query_as("SELECT status, error FROM subscriptions WHERE id = $1").bind(id).fetch_one(&pool).await?;
+            Ok::<_, anyhow::Error>(row)
+        }
+    };
+    eventually(Duration::from_secs(30), "the trusted endpoint's handshake", || async {
+        Ok((status(ids[0].clone()).await?.0 == "active").then_some(()))
+    })
+    .await?;
+    generator::publish(&producer, &kafka, &[medication("T1", "RX-T1", 1, "860975", "active")]).await?;
+    eventually(Duration::from_secs(30), "a notification over HTTPS", || async {
+        Ok(trusted.lock().unwrap().iter().any(|k| k == "event-notification").then_some(()))
+    })
+    .await?;
+    let (bad_status, bad_error) = eventually(Duration::from_secs(30), "the untrusted endpoint refused", || async {
+        let (s, e) = status(ids[1].clone()).await?;
+        Ok(e.map(|e| (s, e)))
+    })
+    .await?;
+    assert_eq!(bad_status, "requested", "no handshake with an endpoint whose certificate is not trusted");
+    assert!(bad_error.contains("could not connect"), "{bad_error}");
+    assert!(untrusted.lock().unwrap().is_empty(), "nothing was sent to it");
+    notifier_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    notifier.await??;
+    std::fs::remove_dir_all(&pki.dir)?;
+    composer::stop(&stop, thread).await
+}
