@@ -6,7 +6,7 @@
 //! arrived meanwhile), so auditing costs one durable commit per group, not per request.
 
 use crate::batch::{Batcher, Overlap};
-use crate::fhir;
+use crate::rest;
 use axum::http::{Method, StatusCode};
 use db::audit::{AuditRecord, AuditRow};
 use rdkafka::error::KafkaError;
@@ -82,7 +82,7 @@ fn classify(method: &Method, path: &str) -> (&'static str, Option<String>, Optio
         _ => "other",
     };
     let member = match segments.as_slice() {
-        ["Patient", id, ..] if !id.starts_with('$') && fhir::parse_id(id).is_ok() => Some((*id).to_owned()),
+        ["Patient", id, ..] if !id.starts_with('$') && rest::parse_id(id).is_ok() => Some((*id).to_owned()),
         _ => None,
     };
     (operation, resource_type, member)
@@ -287,7 +287,7 @@ struct Entity<'a> {
 impl<'a> AuditEvent<'a> {
     fn of(row: &'a AuditRow, base_url: &'a str) -> AuditEvent<'a> {
         let r = &row.record;
-        let recorded = fhir::instant(row.recorded_at);
+        let recorded = rest::instant(row.recorded_at);
         let rest = match r.operation.as_str() {
             "read" => Some("read"),
             "vread" => Some("vread"),
@@ -366,7 +366,7 @@ impl<'a> AuditEvent<'a> {
 pub fn spawn_relay(pool: db::Pool, kafka: platform::KafkaConfig, base_url: String) {
     tokio::spawn(async move {
         let topic = kafka.topic(platform::topics::AUDIT_EVENTS);
-        let producer: FutureProducer = match composer::topics::producer(&kafka)
+        let producer: FutureProducer = match platform::kafka::producer(&kafka)
             .set("linger.ms", "5")
             // AuditEvents repeat most of their text: compressed, the broker writes (and the
             // kernel later writes back, on the disk PostgreSQL's WAL may share) about a
@@ -384,7 +384,7 @@ pub fn spawn_relay(pool: db::Pool, kafka: platform::KafkaConfig, base_url: Strin
         let mut topic_ready = false;
         loop {
             if !topic_ready {
-                topic_ready = match composer::topics::create(&kafka, 3, &[(topic.clone(), composer::topics::Retention::Delete(None))]).await {
+                topic_ready = match platform::kafka::create(&kafka, &[(topic.clone(), platform::kafka::Retention::Delete(None))]).await {
                     Ok(()) => true,
                     Err(e) => {
                         tracing::warn!(error = %e, "audit relay: cannot create the audit topic");

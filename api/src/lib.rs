@@ -6,9 +6,9 @@ pub mod auth;
 pub mod batch;
 pub mod config;
 pub mod error;
-pub mod fhir;
 pub mod http;
 pub mod limits;
+pub mod rest;
 pub mod server;
 pub mod startup;
 

@@ -43,12 +43,12 @@ pub struct Shared {
     /// PMM1 matching, when a pepper is configured.
     pub matcher: Option<Arc<http::matching::Matcher>>,
     /// The composites a partner's write-back updates (in the write's transaction).
-    pub composites: Arc<Vec<Box<dyn composer::composite::Composite>>>,
+    pub composites: Arc<Vec<Box<dyn fhir::composite::Composite>>>,
     /// What Subscriptions may ask for.
-    pub subscription_limits: composer::subscriptions::Limits,
+    pub subscription_limits: fhir::subscriptions::Limits,
     pub subscription_max_per_partner: i64,
     /// Which addresses rest-hook endpoints may have.
-    pub egress: composer::egress::EgressPolicy,
+    pub egress: platform::egress::EgressPolicy,
     /// The limits a client meets, for the CapabilityStatement.
     pub limits_text: String,
 }
@@ -156,7 +156,7 @@ fn router() -> OpenApiRouter<AppState> {
 async fn not_found(uri: axum::http::Uri) -> crate::error::ApiError {
     let path = uri.path();
     let what = match path.strip_prefix("/fhir/").and_then(|p| p.split('/').next()) {
-        Some(t) if !t.is_empty() && crate::fhir::ResourceType::ALL.iter().all(|rt| rt.name() != t) && !t.starts_with('$') => {
+        Some(t) if !t.is_empty() && crate::rest::ResourceType::ALL.iter().all(|rt| rt.name() != t) && !t.starts_with('$') => {
             format!("resource type '{t}' is not supported; see /fhir/metadata")
         }
         _ => "no such path; see /fhir/metadata and /openapi.json".to_owned(),
@@ -191,7 +191,7 @@ impl Application {
 
     /// As `build`, with an existing pool (which may point at a database that is down).
     pub async fn build_with_pool(config: &Config, pool: db::Pool) -> anyhow::Result<Self> {
-        let kafka: BaseConsumer = composer::topics::client(&config.common.kafka.bootstrap_servers)
+        let kafka: BaseConsumer = platform::kafka::client(&config.common.kafka.bootstrap_servers)
             .set("client.id", "fhir-api-ready")
             .set("socket.timeout.ms", "3000")
             .set("log_level", "3")
@@ -215,7 +215,7 @@ impl Application {
         // connections (or wait for them) cannot keep accesses from being recorded.
         let audit_pool = db::connect_lazy(&config.common, u32::try_from(config.audit_writers.max(1) + 1).unwrap_or(4))?;
         audit::spawn_relay(audit_pool.clone(), config.common.kafka.clone(), base_url.clone());
-        let composites: Arc<Vec<Box<dyn composer::composite::Composite>>> = Arc::new(composer::composites(&config.common));
+        let composites: Arc<Vec<Box<dyn fhir::composite::Composite>>> = Arc::new(fhir::composites(&config.common));
         let state = AppState(Arc::new(Shared {
             auditor: Auditor::start(audit_pool, config.audit_writers),
             profiles: http::profile::ProfileReads::start(
@@ -230,12 +230,12 @@ impl Application {
             auth: Arc::new(auth),
             matcher,
             composites,
-            subscription_limits: composer::subscriptions::Limits {
+            subscription_limits: fhir::subscriptions::Limits {
                 allow_http: config.subscription_allow_http,
                 min_heartbeat_secs: config.subscription_min_heartbeat_secs,
             },
             subscription_max_per_partner: config.subscription_max_per_partner,
-            egress: composer::egress::EgressPolicy::new(&config.subscription_allowed_networks).map_err(anyhow::Error::msg)?,
+            egress: platform::egress::EgressPolicy::new(&config.subscription_allowed_networks).map_err(anyhow::Error::msg)?,
             limits_text: config.limits_text(),
         }));
         let (router, api) = router().split_for_parts();
@@ -258,24 +258,6 @@ impl Application {
 
     /// Serves until ctrl-c / SIGTERM.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        crate::server::serve(self.listener, self.router, self.limits, shutdown_signal()).await
+        crate::server::serve(self.listener, self.router, self.limits, platform::shutdown::signal()).await
     }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
 }

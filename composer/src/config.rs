@@ -36,10 +36,6 @@ pub struct ComposerConfig {
     #[arg(long, env = "COMPOSER_MAX_MESSAGE_BYTES", default_value_t = 262_144)]
     pub max_message_bytes: usize,
 
-    /// Partitions of the topics the platform creates when they do not exist.
-    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
-    pub topic_partitions: i32,
-
     #[command(flatten)]
     pub pmm1: platform::Pmm1Config,
 }

@@ -1,5 +1,5 @@
 //! The composer's Kafka side: a consumer group over the six `sor.*` topics whose positions live
-//! in PostgreSQL (sought on every assignment), batches applied by [`crate::batch::apply`], and
+//! in PostgreSQL (sought on every assignment), batches applied by [`crate::apply::apply`], and
 //! dead letters produced (and acknowledged) before a batch commits.
 //!
 //! Threads form a pipeline: the consumer thread polls and prepares (parse, validate, map)
@@ -12,10 +12,10 @@
 //! instead of waiting on a timer: `batch_wait_ms` only bounds how long a message waits for
 //! others when its applier is idle.
 
-use crate::batch::{self, Consumed, Outcome};
-use crate::composite::Composite;
+use crate::apply::{self as batch, Consumed, Outcome};
 use crate::config::ComposerConfig;
 use db::composer::StoredOffset;
+use fhir::composite::Composite;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
@@ -249,7 +249,7 @@ impl Composer {
         let shared = Arc::new(Shared { assignment: Mutex::default(), applying: (0..appliers).map(|_| Mutex::new(())).collect() });
         let context =
             ComposerContext { pool: self.pool.clone(), group: self.config.group_id.clone(), runtime: runtime.clone(), shared: shared.clone() };
-        let consumer: BaseConsumer<ComposerContext> = crate::topics::client(&kafka.bootstrap_servers)
+        let consumer: BaseConsumer<ComposerContext> = platform::kafka::client(&kafka.bootstrap_servers)
             .set("group.id", &self.config.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -266,7 +266,7 @@ impl Composer {
         consumer.subscribe(&topic_refs)?;
         tracing::info!(group = %self.config.group_id, "composer consuming");
 
-        let dlq = crate::topics::prompt_producer(kafka)?;
+        let dlq = platform::kafka::prompt_producer(kafka)?;
         let (committed, positions) = std::sync::mpsc::channel::<Vec<StoredOffset>>();
         std::thread::scope(|scope| {
             let mut lanes = Vec::new();

@@ -1,34 +1,21 @@
-//! The composer: consume the systems-of-record topics, validate, map to FHIR, join per member
-//! into composites, store them with their history and outbox, exactly once in effect.
+//! The composer: consumes the systems-of-record topics, validates and maps each event, joins
+//! them per member into composites, and stores components, composite versions, history, the
+//! outbox and its consumer offsets, exactly once in effect. It never publishes composites
+//! (the `relay` does) and never serves HTTP.
 //!
-//! Data flow: [`consumer`] (Kafka, positions in PostgreSQL) → [`batch::prepare`] (schemas,
-//! [`fhir`] mapping) → [`batch::apply`] (one transaction: components, [`composite`] versions,
-//! outbox, offsets).
+//! Data flow: [`consumer`] (Kafka, positions in PostgreSQL) → [`apply::prepare`] (schemas,
+//! `fhir::mapping`) → [`apply::apply`] (one transaction: components, composite versions built
+//! by `fhir::composite`, outbox, offsets; the PMM1 [`matching`] index alongside).
 
-pub mod batch;
-pub mod composite;
+pub mod apply;
 pub mod config;
 pub mod consumer;
-pub mod egress;
-pub mod fhir;
-pub mod generator;
 pub mod matching;
-pub mod notifier;
-pub mod relay;
-pub mod subscriptions;
-pub mod topics;
-pub mod writeback;
 
 pub use config::ComposerConfig;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-
-/// The composites this deployment builds (the composer's, and the API's for write-back).
-pub fn composites(common: &platform::CommonConfig) -> Vec<Box<dyn composite::Composite>> {
-    let base_url = common.fhir_base_url.trim_end_matches('/').to_owned();
-    vec![Box::new(composite::MedicationProfile { base_url, max_bytes: common.composite_max_bytes })]
-}
 
 /// Starts a composer on its own thread (connects, migrates, creates topics first). Returns the
 /// stop flag and the thread; used by `main` and by the end-to-end tests.
@@ -38,9 +25,9 @@ pub async fn spawn(
     config.common.check_limits().map_err(anyhow::Error::msg)?;
     let pool = db::connect_configured(&config.common, config.common.database_max_connections).await?;
     db::migrate(&pool).await?;
-    topics::ensure(&config.common.kafka, config.topic_partitions).await?;
+    platform::kafka::ensure(&config.common.kafka).await?;
     config.batch_size = fit_batch_size(config.batch_size, config.appliers, db::composer::lock_capacity(&pool).await?);
-    let composer = consumer::Composer::new(config.clone(), pool, composites(&config.common))?;
+    let composer = consumer::Composer::new(config.clone(), pool, fhir::composites(&config.common))?;
     let metrics = composer.metrics.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let runtime = tokio::runtime::Handle::current();
@@ -73,22 +60,6 @@ pub fn fit_batch_size(batch_size: usize, appliers: usize, capacity: i64) -> usiz
 pub async fn stop(flag: &AtomicBool, thread: std::thread::JoinHandle<anyhow::Result<()>>) -> anyhow::Result<()> {
     flag.store(true, std::sync::atomic::Ordering::Relaxed);
     tokio::task::spawn_blocking(move || thread.join()).await?.map_err(|_| anyhow::anyhow!("composer thread panicked"))?
-}
-
-/// A stop flag that SIGTERM or ctrl-c sets, for the long-running binaries (`relay`, `notifier`).
-pub fn stop_on_signal(name: &'static str) -> Arc<AtomicBool> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
-        }
-        tracing::info!("stopping {name}");
-        flag.store(true, std::sync::atomic::Ordering::Relaxed);
-    });
-    stop
 }
 
 #[cfg(test)]

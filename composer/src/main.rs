@@ -9,10 +9,8 @@ async fn main() -> anyhow::Result<()> {
     let (stop, _metrics, thread) = composer::spawn(config).await?;
     let waiter = tokio::task::spawn_blocking(move || thread.join());
     tokio::pin!(waiter);
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+        _ = platform::shutdown::signal() => {}
         joined = &mut waiter => {
             return joined?.map_err(|_| anyhow::anyhow!("composer thread panicked"))?;
         }

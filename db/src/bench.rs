@@ -80,3 +80,18 @@ pub async fn analyze(pool: &PgPool, table: &str) -> crate::Result<()> {
     sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {table}"))).execute(pool).await?;
     Ok(())
 }
+
+/// The tables the composer, relay and notifier plan against.
+pub const PIPELINE_TABLES: [&str; 8] =
+    ["components", "composites", "composite_history", "outbox", "resource_history", "applied_events", "attribution_changes", "partner_topic_members"];
+
+/// Refreshes the statistics of [`PIPELINE_TABLES`] (a benchmark, once its data is in).
+pub async fn analyze_pipeline(pool: &PgPool) -> crate::Result<()> {
+    sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {}", PIPELINE_TABLES.join(", ")))).execute(pool).await?;
+    Ok(())
+}
+
+/// How many members have a composite (live or deleted).
+pub async fn composites(pool: &PgPool) -> crate::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM composites").fetch_one(pool).await?)
+}

@@ -2,8 +2,10 @@
 //! crate uses. No SQL lives outside this crate.
 
 pub mod audit;
+#[cfg(feature = "test-support")]
 pub mod bench;
 pub mod composer;
+#[cfg(feature = "test-support")]
 pub mod heartbeat;
 pub mod matching;
 pub mod partners;

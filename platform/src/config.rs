@@ -91,6 +91,14 @@ pub struct KafkaConfig {
     /// topics the platform creates.
     #[arg(long = "kafka-message-max-bytes", env = "KAFKA_MESSAGE_MAX_BYTES", default_value_t = 1_048_576)]
     pub message_max_bytes: usize,
+
+    /// Partitions of the topics the platform creates (those that exist are left as they are).
+    #[arg(long = "kafka-topic-partitions", env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
+    pub topic_partitions: i32,
+
+    /// Replicas of each partition of the topics the platform creates (1 for a single broker).
+    #[arg(long = "kafka-replication-factor", env = "KAFKA_REPLICATION_FACTOR", default_value_t = 1)]
+    pub replication_factor: i32,
 }
 
 impl KafkaConfig {
@@ -217,7 +225,13 @@ mod tests {
 
     #[test]
     fn prefix_namespaces_topics_both_ways() {
-        let kafka = KafkaConfig { bootstrap_servers: String::new(), topic_prefix: "t1.".into(), message_max_bytes: 1_048_576 };
+        let kafka = KafkaConfig {
+            bootstrap_servers: String::new(),
+            topic_prefix: "t1.".into(),
+            message_max_bytes: 1_048_576,
+            topic_partitions: 3,
+            replication_factor: 1,
+        };
         assert_eq!(kafka.topic("sor.dlq.v1"), "t1.sor.dlq.v1");
         assert_eq!(kafka.contract_name("t1.sor.dlq.v1"), Some("sor.dlq.v1"));
         assert_eq!(kafka.contract_name("sor.dlq.v1"), None);

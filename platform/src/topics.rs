@@ -15,3 +15,13 @@ pub const AUDIT_EVENTS: &str = "audit.events.v1";
 
 /// Every inbound system-of-record topic.
 pub const SOR_TOPICS: [&str; 6] = [DEMOGRAPHICS, MEDICATIONS, ALLERGIES, IMMUNIZATIONS, CARE_TASKS, ATTRIBUTION];
+
+/// The topic of `partner_id`'s members' composites (created on first use; compacted).
+pub fn partner_profile(partner_id: &str) -> String {
+    format!("fhir.partner.{partner_id}.medication-profile.v1")
+}
+
+/// The Kafka channel of `partner_id`'s Subscriptions: notification Bundles.
+pub fn partner_notifications(partner_id: &str) -> String {
+    format!("fhir.partner.{partner_id}.subscription-notifications.v1")
+}

@@ -18,7 +18,7 @@ command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteract
 tools=${PLATFORM_STATE_DIR:-$HOME/.cache/fhir-platform}/tools
 oha=$tools/bin/oha
 [ -x "$oha" ] || env -u CARGO_TARGET_DIR cargo install -q --locked --no-default-features --features native-tls --version 1.16.0 --root "$tools" oha
-cargo build --release --locked -q -p composer -p api --bins
+cargo build --release --locked -q --workspace --bins
 bin=${CARGO_TARGET_DIR:-target}/release
 run=bench_api_$$
 export PGPASSWORD=fhir

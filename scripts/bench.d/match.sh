@@ -9,7 +9,7 @@ members=${BENCH_MEMBERS:-1000000}
 port=${BENCH_PORT:-18182}
 duration=${BENCH_DURATION:-20s}
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
-cargo build --release --locked -q -p composer -p api --bins
+cargo build --release --locked -q --workspace --bins
 bin=${CARGO_TARGET_DIR:-target}/release
 run=bench_match_$$
 requests=$(mktemp)

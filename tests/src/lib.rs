@@ -130,7 +130,13 @@ pub async fn wait_applied(pool: &db::Pool, group: &str, total: usize, timeout: D
 
 /// The contract topic names in a test namespace, as a composer with that prefix sees them.
 pub fn kafka_config(prefix: &str) -> platform::KafkaConfig {
-    platform::KafkaConfig { bootstrap_servers: kafka_bootstrap(), topic_prefix: prefix.to_owned(), message_max_bytes: 1_048_576 }
+    platform::KafkaConfig {
+        bootstrap_servers: kafka_bootstrap(),
+        topic_prefix: prefix.to_owned(),
+        message_max_bytes: 1_048_576,
+        topic_partitions: 3,
+        replication_factor: 1,
+    }
 }
 
 /// A composite's content: the Bundle without `meta` and `timestamp` (the time of the change).
@@ -208,11 +214,11 @@ pub async fn check_composite_invariants(pool: &db::Pool) -> anyhow::Result<usize
 
 fn check_bundle(member: &str, version: i64, body: &str) -> anyhow::Result<()> {
     use anyhow::ensure;
-    let bundle = composer::fhir::parse_bundle(body).map_err(|e| anyhow::anyhow!("{member} v{version}: not an R4B Bundle: {e}"))?;
+    let bundle = fhir::mapping::parse_bundle(body).map_err(|e| anyhow::anyhow!("{member} v{version}: not an R4B Bundle: {e}"))?;
     ensure!(bundle.id.as_deref() == Some(member), "{member}: bundle id {:?}", bundle.id);
     let version_id = bundle.meta.as_ref().and_then(|m| m.version_id.clone());
     ensure!(version_id == Some(version.to_string()), "{member} v{version}: meta.versionId {version_id:?}");
-    let (patients, links) = composer::fhir::bundle_patient_links(&bundle);
+    let (patients, links) = fhir::mapping::bundle_patient_links(&bundle);
     ensure!(patients == [member], "{member} v{version}: Patient entries {patients:?}");
     for (kind, id, reference) in links {
         ensure!(reference == format!("Patient/{member}"), "{member} v{version}: {kind}/{id} references {reference:?}");
@@ -421,8 +427,8 @@ pub fn bearer_client(token: &str) -> anyhow::Result<reqwest::Client> {
 }
 
 /// An attribution event: `member` is served by `partner` from 2026-01-01, open-ended.
-pub fn attribution(member: &str, partner: &str) -> composer::generator::SorMessage {
-    composer::generator::SorMessage {
+pub fn attribution(member: &str, partner: &str) -> devtools::generator::SorMessage {
+    devtools::generator::SorMessage {
         topic: platform::topics::ATTRIBUTION,
         key: member.to_owned(),
         value: Some(native_event(
@@ -452,7 +458,7 @@ pub async fn start_relay(
     prefix: &str,
 ) -> anyhow::Result<(std::sync::Arc<std::sync::atomic::AtomicBool>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     use clap::Parser;
-    let config = composer::relay::RelayConfig::parse_from([
+    let config = relay::RelayConfig::parse_from([
         "relay",
         "--database-url",
         database_url,
@@ -461,7 +467,7 @@ pub async fn start_relay(
         "--kafka-topic-prefix",
         prefix,
     ]);
-    composer::relay::spawn(config).await
+    relay::spawn(config).await
 }
 
 /// A record read back from a topic.
@@ -518,8 +524,8 @@ pub fn upsert(
     member: &str,
     record: &str,
     data: serde_json::Value,
-) -> composer::generator::SorMessage {
-    composer::generator::SorMessage {
+) -> devtools::generator::SorMessage {
+    devtools::generator::SorMessage {
         topic,
         key: member.to_owned(),
         value: Some(native_event("upsert", source, version, member, record, Some(data))),
@@ -527,11 +533,11 @@ pub fn upsert(
 }
 
 /// A member's demographics from `enrollment`, version 1 (the record id is the member id).
-pub fn demographics(member: &str, data: serde_json::Value) -> composer::generator::SorMessage {
+pub fn demographics(member: &str, data: serde_json::Value) -> devtools::generator::SorMessage {
     upsert(platform::topics::DEMOGRAPHICS, "enrollment", 1, member, member, data)
 }
 
 /// A pharmacy claim (`rx-claims`) for `record` of the member.
-pub fn medication(member: &str, record: &str, version: i64, rxnorm_code: &str, status: &str) -> composer::generator::SorMessage {
+pub fn medication(member: &str, record: &str, version: i64, rxnorm_code: &str, status: &str) -> devtools::generator::SorMessage {
     upsert(platform::topics::MEDICATIONS, "rx-claims", version, member, record, serde_json::json!({ "rxnorm_code": rxnorm_code, "status": status }))
 }

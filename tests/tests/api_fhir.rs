@@ -2,7 +2,7 @@
 //! `$medication-profile`, read, vread, history and search with keyset paging — and every error
 //! is an OperationOutcome with a fitting status.
 
-use composer::generator::{self, SorMessage};
+use devtools::generator::{self, SorMessage};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::time::Duration;

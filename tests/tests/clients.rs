@@ -3,7 +3,7 @@
 //! Python and TypeScript clients generated from `openapi/openapi.json`, and the Python
 //! `fhirclient` FHIR library. `scripts/test` installs the tools and generates the clients.
 
-use composer::generator::{self, GeneratorConfig};
+use devtools::generator::{self, GeneratorConfig};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;

@@ -9,7 +9,7 @@
 //! is its last version, and the outbox holds exactly one row per version in order — nothing
 //! lost, duplicated or skipped (`check_composite_invariants`).
 
-use composer::generator::{self, GeneratorConfig};
+use devtools::generator::{self, GeneratorConfig};
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -50,7 +50,7 @@ async fn snapshot(pool: &db::Pool) -> anyhow::Result<Snapshot> {
 async fn sigkill_at_three_points_changes_nothing() -> anyhow::Result<()> {
     let prefix = format!("{}.", unique("crash"));
     let kafka = kafka_config(&prefix);
-    composer::topics::ensure(&kafka, 3).await?;
+    platform::kafka::ensure(&kafka).await?;
     let cfg = GeneratorConfig { members: 8_600, seed: 7, malformed: 20, ..GeneratorConfig::default() };
     let stream = generator::generate(&cfg);
     let total = stream.len();
@@ -110,7 +110,7 @@ async fn sigkill_at_three_points_changes_nothing() -> anyhow::Result<()> {
 async fn events_polled_while_a_failed_batch_waits_are_not_lost() -> anyhow::Result<()> {
     let prefix = format!("{}.", unique("outage"));
     let kafka = kafka_config(&prefix);
-    composer::topics::ensure(&kafka, 3).await?;
+    platform::kafka::ensure(&kafka).await?;
     let (url, pool) = fresh_database("outage", true).await?;
     let producer = generator::producer(&kafka)?;
     let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "outage")).await?;

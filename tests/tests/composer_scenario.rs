@@ -258,7 +258,7 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
 /// composer retried that batch forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_demographics_sources_share_one_patient_history() -> anyhow::Result<()> {
-    use composer::generator::{self, SorMessage};
+    use devtools::generator::{self, SorMessage};
     let (url, pool) = fresh_database("twosources", true).await?;
     let prefix = format!("{}.", unique("twosources"));
     let kafka = kafka_config(&prefix);
@@ -289,11 +289,11 @@ async fn two_demographics_sources_share_one_patient_history() -> anyhow::Result<
 /// in the same batch wins instead. Batches are applied directly, so that these events share one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_event_id_changes_nothing_and_the_next_newest_event_wins() -> anyhow::Result<()> {
-    use composer::batch::{self, Consumed};
+    use composer::apply::{self as batch, Consumed};
     use schemas::RecordKind;
     let (url, pool) = fresh_database("reusedid", true).await?;
     let config = composer_config(&url, "unused.", "reusedid");
-    let composites = composer::composites(&config.common);
+    let composites = fhir::composites(&config.common);
     let contracts = schemas::Contracts::load()?;
     let event = |id: Uuid, kind: RecordKind, source: &str, version: i64, record: &str, data: Value| {
         let v = json!({ "event_id": id.to_string(), "op": "upsert", "source": source, "occurred_at": "2026-11-20T10:15:00Z",

@@ -4,7 +4,7 @@
 //! sentinel: a fresh system-of-record event still reaches the API and
 //! `fhir.medication-profile.v1` within seconds, with no manual step.
 
-use composer::generator::{self, SorMessage};
+use devtools::generator::{self, SorMessage};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
@@ -53,7 +53,7 @@ async fn relay_with(url: &str, prefix: &str, extra: &[&str]) -> anyhow::Result<T
     use clap::Parser;
     let bootstrap = kafka_bootstrap();
     let base = ["relay", "--database-url", url, "--kafka-bootstrap-servers", &bootstrap, "--kafka-topic-prefix", prefix];
-    composer::relay::spawn(composer::relay::RelayConfig::parse_from(base.iter().copied().chain(extra.iter().copied()))).await
+    relay::spawn(relay::RelayConfig::parse_from(base.iter().copied().chain(extra.iter().copied()))).await
 }
 
 impl Platform {
@@ -823,10 +823,10 @@ async fn a_stuck_statement_times_out_and_auditing_goes_on() -> anyhow::Result<()
 fn subscription(endpoint: Option<&str>, content: &str, extra: &[Value]) -> Value {
     let mut channel = match endpoint {
         Some(url) => json!({ "type": "rest-hook", "endpoint": url,
-            "extension": [{ "url": composer::subscriptions::EXT_SIGNING_SECRET, "valueString": "ab".repeat(32) }] }),
+            "extension": [{ "url": fhir::subscriptions::EXT_SIGNING_SECRET, "valueString": "ab".repeat(32) }] }),
         None => json!({ "type": "message",
             "_type": { "extension": [{ "url": format!("{BACKPORT}backport-channel-type"),
-                "valueCoding": { "system": composer::subscriptions::CHANNEL_TYPES, "code": "kafka" } }] } }),
+                "valueCoding": { "system": fhir::subscriptions::CHANNEL_TYPES, "code": "kafka" } }] } }),
     };
     channel["payload"] = json!("application/fhir+json");
     channel["_payload"] = json!({ "extension": [{ "url": format!("{BACKPORT}backport-payload-content"), "valueCode": content }] });
@@ -835,7 +835,7 @@ fn subscription(endpoint: Option<&str>, content: &str, extra: &[Value]) -> Value
         channel["extension"] = Value::Array(list.into_iter().chain(extra.iter().cloned()).collect());
     }
     json!({ "resourceType": "Subscription", "status": "requested", "reason": "hostile test",
-        "criteria": composer::subscriptions::TOPIC_URL, "channel": channel })
+        "criteria": fhir::subscriptions::TOPIC_URL, "channel": channel })
 }
 
 async fn subscribe(client: &reqwest::Client, p: &Platform, s: &Value) -> anyhow::Result<(u16, Value)> {
@@ -861,7 +861,7 @@ async fn start_notifier(p: &Platform, extra: &[&str]) -> anyhow::Result<TaskHand
         "--retry-max-ms",
         "2000",
     ];
-    composer::notifier::spawn(composer::notifier::NotifierConfig::parse_from(base.iter().copied().chain(extra.iter().copied()))).await
+    notifier::spawn(notifier::NotifierConfig::parse_from(base.iter().copied().chain(extra.iter().copied()))).await
 }
 
 /// Rest-hook endpoints that reach the platform's own network, in any spelling, are refused at

@@ -2,7 +2,7 @@
 //! from `sor.care.tasks.v1`; a partner tokenizes with the Python reference tokenizer, using
 //! the key the operator's command prints, and calls `$hashed-match`.
 
-use composer::generator::{self, SorMessage};
+use devtools::generator::{self, SorMessage};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::io::Write;

@@ -2,7 +2,7 @@
 //! assertions), read only the members attributed to them, are rate limited one by one, and
 //! every access is audited (table, AuditEvent resources, `audit.events.v1`).
 
-use composer::generator::{self, SorMessage};
+use devtools::generator::{self, SorMessage};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use reqwest::header::HeaderMap;

@@ -3,7 +3,7 @@
 //! beginning reproduces exactly the current composites; partner topics carry only that
 //! partner's attributed members, and a tombstone when an attribution ends.
 
-use composer::generator::{self, GeneratorConfig, SorMessage};
+use devtools::generator::{self, GeneratorConfig, SorMessage};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -128,7 +128,7 @@ async fn composites_reach_the_topics_and_partner_topics_follow_attribution() -> 
     // Partner topics: only that partner's attributed members, with their current composite.
     let mut seen_members = BTreeSet::new();
     for partner in ["partner-1", "partner-2", "partner-3", "pa", "pb"] {
-        let topic = format!("{prefix}{}", composer::relay::partner_topic(partner));
+        let topic = format!("{prefix}{}", platform::topics::partner_profile(partner));
         let records = read_all(&topic, 1).await?;
         in_order(&records)?;
         let state = compacted(&records);

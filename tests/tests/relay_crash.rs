@@ -4,7 +4,7 @@
 //! event id and versionId. Ignored by default because it restarts the shared broker;
 //! `scripts/test` runs it alone.
 
-use composer::generator::{self, SorMessage};
+use devtools::generator::{self, SorMessage};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;

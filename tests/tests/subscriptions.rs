@@ -10,7 +10,7 @@
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
-use composer::generator::{self, SorMessage};
+use devtools::generator::{self, SorMessage};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use serde_json::{Value, json};
@@ -171,7 +171,7 @@ fn subscription(endpoint: Option<&str>, content: &str, secret: &str, extra: &[Va
         "resourceType": "Subscription",
         "status": "requested",
         "reason": "keep the medication list current at home visits",
-        "criteria": composer::subscriptions::TOPIC_URL,
+        "criteria": fhir::subscriptions::TOPIC_URL,
         "channel": channel,
     });
     if let Some(member) = filter {
@@ -204,7 +204,7 @@ async fn subscribers_get_every_notification_in_order_through_an_outage() -> anyh
     let kafka = kafka_config(&prefix);
     let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "subs")).await?;
     use clap::Parser;
-    let notifier_config = composer::notifier::NotifierConfig::parse_from([
+    let notifier_config = notifier::NotifierConfig::parse_from([
         "notifier",
         "--database-url",
         &url,
@@ -222,7 +222,7 @@ async fn subscribers_get_every_notification_in_order_through_an_outage() -> anyh
         "--allowed-networks",
         "127.0.0.0/8",
     ]);
-    let (notifier_stop, notifier) = composer::notifier::spawn(notifier_config).await?;
+    let (notifier_stop, notifier) = notifier::spawn(notifier_config).await?;
     let producer = generator::producer(&kafka)?;
 
     // 20 members served by pa; X1 is pb's.
@@ -406,7 +406,7 @@ async fn subscribers_get_every_notification_in_order_through_an_outage() -> anyh
     assert_eq!((a.state.lock().unwrap().bad_signatures, b.state.lock().unwrap().bad_signatures), (0, 0));
 
     // The Kafka channel: every event on the partner's notification topic.
-    let topic = format!("{prefix}{}", composer::subscriptions::kafka_topic("pa"));
+    let topic = format!("{prefix}{}", fhir::subscriptions::kafka_topic("pa"));
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", kafka_bootstrap())
         .set("group.id", unique("subs-reader"))
@@ -570,7 +570,7 @@ async fn notifications_go_over_https_only_to_endpoints_whose_certificate_is_trus
     let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "tls")).await?;
     use clap::Parser;
     let ca = pki.path("ca.pem").display().to_string();
-    let notifier_config = composer::notifier::NotifierConfig::parse_from([
+    let notifier_config = notifier::NotifierConfig::parse_from([
         "notifier",
         "--database-url",
         &url,
@@ -583,7 +583,7 @@ async fn notifications_go_over_https_only_to_endpoints_whose_certificate_is_trus
         "--ca-file",
         &ca,
     ]);
-    let (notifier_stop, notifier) = composer::notifier::spawn(notifier_config).await?;
+    let (notifier_stop, notifier) = notifier::spawn(notifier_config).await?;
     let producer = generator::producer(&kafka)?;
     let setup = [demographics("T1", json!({ "given_name": "Tal", "sex": "other" })), attribution("T1", "pa")];
     generator::publish(&producer, &kafka, &setup).await?;

@@ -5,7 +5,7 @@
 //! member answers as one that does not exist, invalid resources get 422 naming the element,
 //! and a later system-of-record event resolves the contradiction.
 
-use composer::generator;
+use devtools::generator;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -173,7 +173,7 @@ async fn partners_write_back_confirmations_new_reports_and_contradictions_exactl
         profile["entry"].as_array().into_iter().flatten().filter(|e| e["resource"]["resourceType"] == "AllergyIntolerance").collect();
     assert_eq!(allergies.len(), 1);
     assert_eq!(allergies[0]["resource"]["id"], id_allergy.as_str());
-    let parsed = composer::fhir::parse_bundle(&profile.to_string()).map_err(anyhow::Error::msg)?;
+    let parsed = fhir::mapping::parse_bundle(&profile.to_string()).map_err(anyhow::Error::msg)?;
     assert_eq!(parsed.entry.len(), 6);
 
     // Its history: one version per write, each adding exactly its report.

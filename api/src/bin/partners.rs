@@ -88,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     cli.common.init_logs();
     if let Command::Pmm1Key { key_id } = &cli.command {
-        anyhow::ensure!(api::fhir::parse_id(key_id).is_ok(), "a key id is 1 to 64 characters of A-Z, a-z, 0-9, '-' or '.'");
+        anyhow::ensure!(api::rest::parse_id(key_id).is_ok(), "a key id is 1 to 64 characters of A-Z, a-z, 0-9, '-' or '.'");
         let master = cli.pmm1.master().map_err(anyhow::Error::msg)?.ok_or_else(|| anyhow::anyhow!("set PMM1_MASTER_SECRET_FILE"))?;
         println!("{}", identity::PartnerKey::derive(master.bytes(), key_id).to_hex());
         return Ok(());
@@ -153,7 +153,7 @@ fn parse_scopes(raw: &str) -> anyhow::Result<Vec<String>> {
 }
 
 async fn register(pool: &db::Pool, id: &str, name: &str, jwks: &str, scopes: &[String], limits: &Limits) -> anyhow::Result<()> {
-    anyhow::ensure!(api::fhir::parse_id(id).is_ok(), "the partner id must be 1 to 64 characters of A-Z, a-z, 0-9, '-' or '.'");
+    anyhow::ensure!(api::rest::parse_id(id).is_ok(), "the partner id must be 1 to 64 characters of A-Z, a-z, 0-9, '-' or '.'");
     let registration = db::partners::Registration {
         partner_id: id,
         name,

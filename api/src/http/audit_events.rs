@@ -5,8 +5,8 @@ use crate::audit::audit_event;
 use crate::auth::Caller;
 use crate::auth::scope::{ADMIN_TYPE, Interaction};
 use crate::error::{ApiError, OperationOutcome};
-use crate::fhir;
 use crate::http::resources::{Bundle, FormatOnly, Resource};
+use crate::rest;
 use crate::startup::AppState;
 use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
@@ -73,9 +73,9 @@ pub async fn search(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     caller.require(&[ADMIN_TYPE], Interaction::Search)?;
-    let pairs = fhir::query_pairs(&headers, q.as_deref())?;
+    let pairs = rest::query_pairs(&headers, q.as_deref())?;
     let mut criteria = db::audit::Criteria::default();
-    let (mut count, mut cursor) = (fhir::DEFAULT_COUNT, None);
+    let (mut count, mut cursor) = (rest::DEFAULT_COUNT, None);
     let mut link_params = Vec::new();
     for (name, value) in pairs {
         if value.is_empty() {
@@ -87,16 +87,16 @@ pub async fn search(
         match name.as_str() {
             "agent" => {
                 let id = value.strip_prefix(crate::audit::PARTNER_SYSTEM).and_then(|v| v.strip_prefix('|')).unwrap_or(&value);
-                criteria.partner_id = Some(fhir::parse_id(id).map_err(|_| ApiError::BadRequest("agent must be a partner id".into()))?.to_owned());
+                criteria.partner_id = Some(rest::parse_id(id).map_err(|_| ApiError::BadRequest("agent must be a partner id".into()))?.to_owned());
             }
             "patient" => {
                 let id = value.strip_prefix("Patient/").unwrap_or(&value);
                 criteria.member_id =
-                    Some(fhir::parse_id(id).map_err(|_| ApiError::BadRequest("patient must be an id or Patient/<id>".into()))?.to_owned());
+                    Some(rest::parse_id(id).map_err(|_| ApiError::BadRequest("patient must be an id or Patient/<id>".into()))?.to_owned());
             }
             "subtype" => criteria.operation = Some(operation_code(&value)?.to_owned()),
             "date" => {
-                let (lo, hi) = fhir::parse_date_param("date", &value)?;
+                let (lo, hi) = rest::parse_date_param("date", &value)?;
                 if let Some(lo) = lo {
                     criteria.from = Some(criteria.from.map_or(lo, |f| f.max(lo)));
                 }
@@ -108,8 +108,8 @@ pub async fn search(
                 count = value
                     .parse()
                     .ok()
-                    .filter(|c| (1..=fhir::MAX_COUNT).contains(c))
-                    .ok_or_else(|| ApiError::BadRequest(format!("_count must be an integer from 1 to {}", fhir::MAX_COUNT)))?
+                    .filter(|c| (1..=rest::MAX_COUNT).contains(c))
+                    .ok_or_else(|| ApiError::BadRequest(format!("_count must be an integer from 1 to {}", rest::MAX_COUNT)))?
             }
             "_cursor" => cursor = Some(value.parse::<i64>().map_err(|_| ApiError::BadRequest("_cursor is not valid".into()))?),
             other => {
@@ -125,20 +125,20 @@ pub async fn search(
     if let Some(c) = cursor {
         self_params.push(("_cursor".into(), c.to_string()));
     }
-    let mut links = vec![json!({ "relation": "self", "url": fhir::link(base, "AuditEvent", &self_params) })];
+    let mut links = vec![json!({ "relation": "self", "url": rest::link(base, "AuditEvent", &self_params) })];
     if rows.len() as i64 == count
         && let Some(last) = rows.last()
     {
         let mut params = link_params;
         params.push(("_cursor".into(), last.id.to_string()));
-        links.push(json!({ "relation": "next", "url": fhir::link(base, "AuditEvent", &params) }));
+        links.push(json!({ "relation": "next", "url": rest::link(base, "AuditEvent", &params) }));
     }
     let entries: Vec<Value> = rows
         .iter()
         .map(|r| json!({ "fullUrl": format!("{base}/AuditEvent/{}", r.id), "resource": audit_event(r, base), "search": { "mode": "match" } }))
         .collect();
     let bundle = json!({ "resourceType": "Bundle", "type": "searchset", "total": total, "link": links, "entry": entries });
-    Ok(fhir::bundle_response(bundle.to_string()))
+    Ok(rest::bundle_response(bundle.to_string()))
 }
 
 /// Read one AuditEvent.
@@ -161,11 +161,11 @@ pub async fn read(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     caller.require(&[ADMIN_TYPE], Interaction::Read)?;
-    fhir::no_parameters(&fhir::query_pairs(&headers, q.as_deref())?)?;
-    let id = fhir::parse_id(&id)?;
+    rest::no_parameters(&rest::query_pairs(&headers, q.as_deref())?)?;
+    let id = rest::parse_id(&id)?;
     let not_found = || ApiError::NotFound(format!("AuditEvent/{id} is not known"));
     let n: i64 = id.parse().map_err(|_| not_found())?;
     let row = db::audit::get(&state.pool, n).await?.ok_or_else(not_found)?;
     let body = audit_event(&row, &state.base_url);
-    Ok(fhir::versioned_response(&headers, 1, row.recorded_at, body.to_string()))
+    Ok(rest::versioned_response(&headers, 1, row.recorded_at, body.to_string()))
 }

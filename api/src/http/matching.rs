@@ -135,7 +135,7 @@ async fn decide(
 ) -> Result<Response, ApiError> {
     caller.require(&["Patient"], Interaction::Search)?;
     caller.require(&["Task"], Interaction::Read)?;
-    crate::fhir::negotiate(headers, None)?;
+    crate::rest::negotiate(headers, None)?;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_ascii_lowercase();
     if !(content_type.starts_with("application/fhir+json") || content_type.starts_with("application/json")) {
         return Err(ApiError::UnsupportedMediaType("the body must be a FHIR Parameters resource (application/fhir+json)".into()));
@@ -201,7 +201,7 @@ fn parse(body: &[u8]) -> Result<(String, Vec<[u8; 32]>), ApiError> {
         match p.name.as_str() {
             "keyId" if key_id.is_none() => {
                 key_id =
-                    Some(crate::fhir::parse_id(value).map_err(|_| bad("keyId must be 1 to 64 characters of A-Z, a-z, 0-9, '-' or '.'"))?.to_owned())
+                    Some(crate::rest::parse_id(value).map_err(|_| bad("keyId must be 1 to 64 characters of A-Z, a-z, 0-9, '-' or '.'"))?.to_owned())
             }
             "keyId" => return Err(bad("keyId is given more than once")),
             "token" => tokens.push(token_bytes(value).ok_or_else(|| bad("a token is 64 hexadecimal digits"))?),

@@ -1,8 +1,8 @@
 //! `GET /fhir/metadata`: the CapabilityStatement, stating exactly what is supported.
 
 use crate::error::ApiError;
-use crate::fhir::{self, ResourceType};
 use crate::http::resources::{FormatOnly, Resource};
+use crate::rest::{self, ResourceType};
 use axum::extract::RawQuery;
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -66,7 +66,7 @@ pub fn capability_statement(base_url: &str, token_url: &str, limits: &str) -> Va
     }));
     resources.push(json!({
         "type": "SubscriptionTopic",
-        "documentation": format!("One topic: {} (a member's $medication-profile has a new version; filter: patient).", composer::subscriptions::TOPIC_URL),
+        "documentation": format!("One topic: {} (a member's $medication-profile has a new version; filter: patient).", fhir::subscriptions::TOPIC_URL),
         "interaction": [{ "code": "read" }, { "code": "search-type" }],
         "versioning": "no-version",
     }));
@@ -119,6 +119,6 @@ pub async fn metadata(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    fhir::no_parameters(&fhir::query_pairs(&headers, query.as_deref())?)?;
-    Ok(fhir::bundle_response(capability_statement(&state.base_url, &state.auth.token_url, &state.limits_text).to_string()))
+    rest::no_parameters(&rest::query_pairs(&headers, query.as_deref())?)?;
+    Ok(rest::bundle_response(capability_statement(&state.base_url, &state.auth.token_url, &state.limits_text).to_string()))
 }

@@ -5,8 +5,8 @@ use crate::auth::Caller;
 use crate::auth::scope::Interaction;
 use crate::batch::{Batcher, Overlap};
 use crate::error::{ApiError, OperationOutcome};
-use crate::fhir;
 use crate::http::resources::{Bundle, FormatOnly};
+use crate::rest;
 use crate::startup::AppState;
 use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
@@ -47,11 +47,11 @@ pub async fn medication_profile(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     caller.require(&PROFILE_TYPES, Interaction::Read)?;
-    fhir::no_parameters(&fhir::query_pairs(&headers, query.as_deref())?)?;
-    let id = fhir::parse_id(&id)?;
+    rest::no_parameters(&rest::query_pairs(&headers, query.as_deref())?)?;
+    let id = rest::parse_id(&id)?;
     // Recorded with the status the statement decides, by the statement that reads the profile.
     let access = audit::record_for(&method, uri.path(), Some(caller.partner_id.clone()), Some(Audited::members(vec![id.to_owned()])), StatusCode::OK);
-    let served = state.profiles.read(id, &caller.partner_id, fhir::if_none_match(&headers), access).await?;
+    let served = state.profiles.read(id, &caller.partner_id, rest::if_none_match(&headers), access).await?;
     let status = served.status;
     let response = match served.profile {
         None => ApiError::NotFound(format!("no medication profile for Patient/{id}")).into_response(),
@@ -59,7 +59,7 @@ pub async fn medication_profile(
             ApiError::Gone(format!("Patient/{id} was deleted (profile version {version_id})")).into_response()
         }
         Some(ServedProfile { version_id, last_updated, body: Some(body) }) => {
-            fhir::version_response(status == StatusCode::NOT_MODIFIED, version_id, last_updated, body)
+            rest::version_response(status == StatusCode::NOT_MODIFIED, version_id, last_updated, body)
         }
     };
     Ok(audit::recorded(with_members(response, vec![id.to_owned()]), status))

@@ -6,7 +6,7 @@ use crate::audit::with_members;
 use crate::auth::Caller;
 use crate::auth::scope::Interaction;
 use crate::error::{ApiError, OperationOutcome};
-use crate::fhir::{self, ResourceType};
+use crate::rest::{self, ResourceType};
 use crate::startup::AppState;
 use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
@@ -165,13 +165,13 @@ pub async fn read(
     query: Option<&str>,
 ) -> Result<Response, ApiError> {
     caller.require(&[rt.name()], Interaction::Read)?;
-    fhir::no_parameters(&fhir::query_pairs(headers, query)?)?;
-    let id = fhir::parse_id(id)?;
+    rest::no_parameters(&rest::query_pairs(headers, query)?)?;
+    let id = rest::parse_id(id)?;
     let v = db::resources::latest(&state.pool, caller.viewer(), rt.name(), id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("{}/{id} is not known", rt.name())))?;
     let member = v.member_id.clone();
-    Ok(with_members(fhir::resource_response(headers, rt, v)?, vec![member]))
+    Ok(with_members(rest::resource_response(headers, rt, v)?, vec![member]))
 }
 
 pub async fn vread(
@@ -184,14 +184,14 @@ pub async fn vread(
     query: Option<&str>,
 ) -> Result<Response, ApiError> {
     caller.require(&[rt.name()], Interaction::Read)?;
-    fhir::no_parameters(&fhir::query_pairs(headers, query)?)?;
-    let id = fhir::parse_id(id)?;
-    let vid = fhir::parse_version(vid)?;
+    rest::no_parameters(&rest::query_pairs(headers, query)?)?;
+    let id = rest::parse_id(id)?;
+    let vid = rest::parse_version(vid)?;
     let v = db::resources::version_of(&state.pool, caller.viewer(), rt.name(), id, vid)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("{}/{id} has no version {vid}", rt.name())))?;
     let member = v.member_id.clone();
-    Ok(with_members(fhir::resource_response(headers, rt, v)?, vec![member]))
+    Ok(with_members(rest::resource_response(headers, rt, v)?, vec![member]))
 }
 
 pub async fn history(
@@ -203,36 +203,36 @@ pub async fn history(
     query: Option<&str>,
 ) -> Result<Response, ApiError> {
     caller.require(&[rt.name()], Interaction::Read)?;
-    let pairs = fhir::query_pairs(headers, query)?;
-    let mut count = fhir::MAX_COUNT;
+    let pairs = rest::query_pairs(headers, query)?;
+    let mut count = rest::MAX_COUNT;
     for (k, v) in &pairs {
         match k.as_str() {
             "_count" => {
                 count = v
                     .parse()
                     .ok()
-                    .filter(|c| (1..=fhir::MAX_COUNT).contains(c))
-                    .ok_or_else(|| ApiError::BadRequest(format!("_count must be an integer from 1 to {}", fhir::MAX_COUNT)))?
+                    .filter(|c| (1..=rest::MAX_COUNT).contains(c))
+                    .ok_or_else(|| ApiError::BadRequest(format!("_count must be an integer from 1 to {}", rest::MAX_COUNT)))?
             }
             other => {
                 return Err(ApiError::BadRequest(format!("unknown parameter '{other}' for _history; supported: _count, _format")));
             }
         }
     }
-    let id = fhir::parse_id(id)?;
+    let id = rest::parse_id(id)?;
     let (total, versions) = db::resources::history(&state.pool, caller.viewer(), rt.name(), id, count).await?;
     if total == 0 {
         return Err(ApiError::NotFound(format!("{}/{id} is not known", rt.name())));
     }
     let members = distinct_members(&versions);
     let base = &state.base_url;
-    let self_url = fhir::link(base, &format!("{}/{id}/_history", rt.name()), &pairs);
-    Ok(with_members(fhir::bundle_response(fhir::history_bundle(base, rt, id, total, &versions, &self_url)), members))
+    let self_url = rest::link(base, &format!("{}/{id}/_history", rt.name()), &pairs);
+    Ok(with_members(rest::bundle_response(rest::history_bundle(base, rt, id, total, &versions, &self_url)), members))
 }
 
 pub async fn search(state: &AppState, caller: &Caller, rt: ResourceType, headers: &HeaderMap, query: Option<&str>) -> Result<Response, ApiError> {
     caller.require(&[rt.name()], Interaction::Search)?;
-    let search = fhir::parse_search(rt, fhir::query_pairs(headers, query)?)?;
+    let search = rest::parse_search(rt, rest::query_pairs(headers, query)?)?;
     let (total, page) =
         db::resources::search(&state.pool, caller.viewer(), rt.name(), &search.criteria, search.cursor.as_deref(), search.count).await?;
     let base = &state.base_url;
@@ -240,11 +240,11 @@ pub async fn search(state: &AppState, caller: &Caller, rt: ResourceType, headers
     if let Some(c) = &search.cursor {
         self_params.push(("_cursor".into(), c.clone()));
     }
-    let self_url = fhir::link(base, rt.name(), &self_params);
+    let self_url = rest::link(base, rt.name(), &self_params);
     let next = (page.len() as i64 == search.count).then(|| page.last()).flatten().map(|last| {
         let mut params = search.link_params.clone();
         params.push(("_cursor".into(), last.resource_id.clone()));
-        fhir::link(base, rt.name(), &params)
+        rest::link(base, rt.name(), &params)
     });
     // The audit names the members in the page, and the one asked about even if none matched.
     let mut members = distinct_members(&page);
@@ -254,7 +254,7 @@ pub async fn search(state: &AppState, caller: &Caller, rt: ResourceType, headers
     {
         members.push(asked.clone());
     }
-    Ok(with_members(fhir::bundle_response(fhir::searchset(base, rt, total, &page, &self_url, next.as_deref())), members))
+    Ok(with_members(rest::bundle_response(rest::searchset(base, rt, total, &page, &self_url, next.as_deref())), members))
 }
 
 fn distinct_members(versions: &[db::resources::ResourceVersion]) -> Vec<String> {

@@ -1,21 +1,21 @@
 //! FHIR topic-based Subscriptions (R4B + Subscriptions R5 Backport): the SubscriptionTopic,
 //! a partner's own Subscriptions (create, read, search, delete), `$status` and `$events`.
-//! The notifier (`composer::notifier`) delivers; this module only manages and answers.
+//! The notifier (the `notifier` crate) delivers; this module only manages and answers.
 
 use crate::audit::with_members;
 use crate::auth::Caller;
 use crate::auth::scope::Interaction;
 use crate::error::{ApiError, OperationOutcome};
-use crate::fhir;
 use crate::http::resources::{Bundle, FormatOnly, Resource};
 use crate::http::writeback::{content_is_json, json_body};
 use crate::limits::RequestBody;
+use crate::rest;
 use crate::startup::AppState;
 use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use composer::subscriptions::{self as subs, Kind};
+use fhir::subscriptions::{self as subs, Kind};
 use serde_json::{Value, json};
 use utoipa::IntoParams;
 
@@ -23,7 +23,7 @@ const SUBSCRIPTION: &str = "Subscription";
 const TOPIC: &str = "SubscriptionTopic";
 
 fn json_response(status: StatusCode, body: &Value) -> Response {
-    let mut r = fhir::bundle_response(body.to_string());
+    let mut r = rest::bundle_response(body.to_string());
     *r.status_mut() = status;
     r
 }
@@ -49,7 +49,7 @@ fn require_content_scopes(caller: &Caller, content: &str) -> Result<(), ApiError
 }
 
 async fn own(state: &AppState, caller: &Caller, id: &str) -> Result<db::subscriptions::Subscription, ApiError> {
-    let id = fhir::parse_id(id)?;
+    let id = rest::parse_id(id)?;
     db::subscriptions::get(&state.pool, &caller.partner_id, id).await?.ok_or_else(|| ApiError::NotFound(format!("Subscription/{id} is not known")))
 }
 
@@ -71,7 +71,7 @@ pub async fn topics(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     caller.require(&[TOPIC], Interaction::Search)?;
-    fhir::no_parameters(&fhir::query_pairs(&headers, q.as_deref())?)?;
+    rest::no_parameters(&rest::query_pairs(&headers, q.as_deref())?)?;
     let self_url = format!("{}/{TOPIC}", s.base_url);
     Ok(json_response(StatusCode::OK, &searchset(&s.base_url, &self_url, vec![(format!("{TOPIC}/{}", subs::TOPIC_ID), subs::topic_resource())])))
 }
@@ -95,8 +95,8 @@ pub async fn topic(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     caller.require(&[TOPIC], Interaction::Read)?;
-    fhir::no_parameters(&fhir::query_pairs(&headers, q.as_deref())?)?;
-    let id = fhir::parse_id(&id)?;
+    rest::no_parameters(&rest::query_pairs(&headers, q.as_deref())?)?;
+    let id = rest::parse_id(&id)?;
     if id != subs::TOPIC_ID {
         return Err(ApiError::NotFound(format!("SubscriptionTopic/{id} is not known; see GET /fhir/SubscriptionTopic")));
     }
@@ -128,7 +128,7 @@ pub async fn create(
     RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     caller.require(&[SUBSCRIPTION], Interaction::Create)?;
-    fhir::no_parameters(&fhir::query_pairs(&headers, q.as_deref())?)?;
+    rest::no_parameters(&rest::query_pairs(&headers, q.as_deref())?)?;
     content_is_json(&headers)?;
     let value = json_body(&body)?;
     let subscription = subs::accept(value, &caller.partner_id, s.subscription_limits, time::OffsetDateTime::now_utc())
@@ -185,7 +185,7 @@ pub async fn search(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     caller.require(&[SUBSCRIPTION], Interaction::Search)?;
-    let pairs = fhir::query_pairs(&headers, q.as_deref())?;
+    let pairs = rest::query_pairs(&headers, q.as_deref())?;
     let mut status = None;
     for (k, v) in &pairs {
         match (k.as_str(), v.as_str()) {
@@ -197,7 +197,7 @@ pub async fn search(
         }
     }
     let found = db::subscriptions::list(&s.pool, &caller.partner_id, status.as_deref()).await?;
-    let self_url = fhir::link(&s.base_url, SUBSCRIPTION, &pairs);
+    let self_url = rest::link(&s.base_url, SUBSCRIPTION, &pairs);
     let entries = found.iter().map(|x| (format!("{SUBSCRIPTION}/{}", x.id), subs::render(x))).collect();
     Ok(json_response(StatusCode::OK, &searchset(&s.base_url, &self_url, entries)))
 }
@@ -222,7 +222,7 @@ pub async fn read(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     caller.require(&[SUBSCRIPTION], Interaction::Read)?;
-    fhir::no_parameters(&fhir::query_pairs(&headers, q.as_deref())?)?;
+    rest::no_parameters(&rest::query_pairs(&headers, q.as_deref())?)?;
     let subscription = own(&s, &caller, &id).await?;
     Ok(json_response(StatusCode::OK, &subs::render(&subscription)))
 }
@@ -247,8 +247,8 @@ pub async fn delete(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     caller.require(&[SUBSCRIPTION], Interaction::Delete)?;
-    fhir::no_parameters(&fhir::query_pairs(&headers, q.as_deref())?)?;
-    let id = fhir::parse_id(&id)?;
+    rest::no_parameters(&rest::query_pairs(&headers, q.as_deref())?)?;
+    let id = rest::parse_id(&id)?;
     if !db::subscriptions::delete(&s.pool, &caller.partner_id, id).await? {
         return Err(ApiError::NotFound(format!("Subscription/{id} is not known")));
     }
@@ -276,7 +276,7 @@ pub async fn status(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     caller.require(&[SUBSCRIPTION], Interaction::Read)?;
-    fhir::no_parameters(&fhir::query_pairs(&headers, q.as_deref())?)?;
+    rest::no_parameters(&rest::query_pairs(&headers, q.as_deref())?)?;
     let subscription = own(&s, &caller, &id).await?;
     let status = subs::status_resource(&s.base_url, &subscription, Kind::QueryStatus, &[]);
     let self_url = format!("{}/{SUBSCRIPTION}/{}/$status", s.base_url, subscription.id);
@@ -326,7 +326,7 @@ pub async fn events(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     caller.require(&[SUBSCRIPTION], Interaction::Read)?;
-    let pairs = fhir::query_pairs(&headers, q.as_deref())?;
+    let pairs = rest::query_pairs(&headers, q.as_deref())?;
     let mut subscription = own(&s, &caller, &id).await?;
     let (mut since, mut until, mut content) = (1i64, None, None);
     let number = |name: &str, v: &str| {

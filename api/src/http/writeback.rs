@@ -1,21 +1,21 @@
 //! Partner write-back: `POST` (with optional `If-None-Exist`) and `PUT` (with `If-Match`) of
 //! MedicationStatement and AllergyIntolerance for members attributed to the partner. The
-//! validation and the one transaction of a write are `composer::writeback`'s; this module is
+//! validation and the one transaction of a write are `fhir::writeback`'s; this module is
 //! the HTTP around them.
 
 use crate::audit::with_members;
 use crate::auth::Caller;
 use crate::auth::scope::Interaction;
 use crate::error::{ApiError, OperationOutcome};
-use crate::fhir;
 use crate::http::resources::Resource;
 use crate::limits::RequestBody;
+use crate::rest;
 use crate::startup::AppState;
 use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
-use composer::writeback::{self as wb, Author, Effect, Mode, Writable, WriteError};
+use fhir::writeback::{self as wb, Author, Effect, Mode, Writable, WriteError};
 
 pub(crate) fn content_is_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_ascii_lowercase();
@@ -58,7 +58,7 @@ fn if_match(headers: &HeaderMap) -> Result<i64, ApiError> {
     raw.to_str()
         .ok()
         .map(|v| v.trim().trim_start_matches("W/").trim_matches('"'))
-        .and_then(|v| fhir::parse_version(v).ok())
+        .and_then(|v| rest::parse_version(v).ok())
         .ok_or_else(|| ApiError::BadRequest("If-Match must be W/\"<versionId>\"".into()))
 }
 
@@ -86,12 +86,12 @@ async fn write(
 ) -> Result<Response, ApiError> {
     let interaction = if update_id.is_some() { Interaction::Update } else { Interaction::Create };
     caller.require(&[rt.name()], interaction)?;
-    fhir::no_parameters(&fhir::query_pairs(headers, query)?)?;
+    rest::no_parameters(&rest::query_pairs(headers, query)?)?;
     content_is_json(headers)?;
     let value = json_body(body)?;
     let mode = match update_id {
         Some(id) => {
-            let id = fhir::parse_id(id)?;
+            let id = rest::parse_id(id)?;
             match value.get("id").and_then(|v| v.as_str()) {
                 Some(body_id) if body_id == id => {}
                 _ => {
@@ -119,9 +119,9 @@ async fn write(
             return Ok(with_members(axum::response::IntoResponse::into_response(ApiError::from(e)), vec![member]));
         }
     };
-    let body = fhir::with_meta(&written.body, written.version_id, written.last_updated);
+    let body = rest::with_meta(&written.body, written.version_id, written.last_updated);
     let status = if written.effect == Effect::Created { StatusCode::CREATED } else { StatusCode::OK };
-    let mut response = fhir::versioned_response(&HeaderMap::new(), written.version_id, written.last_updated, body);
+    let mut response = rest::versioned_response(&HeaderMap::new(), written.version_id, written.last_updated, body);
     *response.status_mut() = status;
     if written.effect != Effect::Updated {
         let location = format!("{}/{}/{}/_history/{}", state.base_url, rt.name(), written.id, written.version_id);

@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for i in 0..cli.members {
         let member = format!("B{i:08}");
-        let identity = identity_of(&composer::generator::person(&mut rng));
+        let identity = identity_of(&devtools::generator::person(&mut rng));
         rows.extend(indexer.rows_of(&member, &identity));
         if i % every == 0 {
             writeln!(out, "{}", request_body(&key, &cli.key_id, &identity))?;
@@ -90,7 +90,7 @@ async fn main() -> anyhow::Result<()> {
     }
     db::matching::append(&pool, &rows).await?;
     for _ in 0..cli.samples {
-        let stranger = identity_of(&composer::generator::person(&mut rng));
+        let stranger = identity_of(&devtools::generator::person(&mut rng));
         writeln!(out, "{}", request_body(&key, &cli.key_id, &stranger))?;
     }
     out.flush()?;

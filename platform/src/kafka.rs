@@ -1,7 +1,8 @@
-//! Kafka clients and topics: one place that says how the platform's producers are configured
-//! and how the topics it creates are, so that the size limits agree everywhere.
+//! Kafka clients and topics: the one place that says how the platform's clients and producers
+//! are configured and how the topics it creates are (partitions, replication, retention, size
+//! limit), so that every component agrees.
 
-use platform::{KafkaConfig, topics};
+use crate::{KafkaConfig, topics};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -42,20 +43,20 @@ pub enum Retention {
     Compact,
 }
 
-/// Creates `names` (full topic names) with `partitions` each and the platform's size limit,
-/// unless they exist.
-pub async fn create(kafka: &KafkaConfig, partitions: i32, names: &[(String, Retention)]) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = client(&kafka.bootstrap_servers).set("log_level", "4").create()?;
-    create_with(&admin, kafka, partitions, names).await
+/// An admin client (topic creation), quiet but for errors.
+pub fn admin(kafka: &KafkaConfig) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+    Ok(client(&kafka.bootstrap_servers).set("log_level", "4").create()?)
+}
+
+/// Creates `names` (full topic names) as the deployment configures topics (partitions,
+/// replication, the size limit), unless they exist.
+pub async fn create(kafka: &KafkaConfig, names: &[(String, Retention)]) -> anyhow::Result<()> {
+    create_with(&admin(kafka)?, kafka, names).await
 }
 
 /// As [`create`], with an admin client the caller keeps.
-pub async fn create_with(
-    admin: &AdminClient<DefaultClientContext>,
-    kafka: &KafkaConfig,
-    partitions: i32,
-    names: &[(String, Retention)],
-) -> anyhow::Result<()> {
+pub async fn create_with(admin: &AdminClient<DefaultClientContext>, kafka: &KafkaConfig, names: &[(String, Retention)]) -> anyhow::Result<()> {
+    let (partitions, replication) = (kafka.topic_partitions, kafka.replication_factor);
     let max = kafka.topic_max_message_bytes().to_string();
     let retention: Vec<Option<String>> =
         names.iter().map(|(_, r)| if let Retention::Delete(Some(ms)) = r { Some(ms.to_string()) } else { None }).collect();
@@ -63,7 +64,7 @@ pub async fn create_with(
         .iter()
         .zip(&retention)
         .map(|((name, kind), ms)| {
-            let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1)).set("max.message.bytes", &max);
+            let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(replication)).set("max.message.bytes", &max);
             let topic = match kind {
                 Retention::Compact => topic.set("cleanup.policy", "compact").set("min.compaction.lag.ms", "60000"),
                 Retention::Delete(_) => topic.set("cleanup.policy", "delete"),
@@ -87,12 +88,12 @@ pub async fn create_with(
 
 /// The topics every deployment has: `sor.*` and the DLQ keep history (delete policy; dead
 /// letters for 30 days); published composites are compacted.
-pub async fn ensure(kafka: &KafkaConfig, partitions: i32) -> anyhow::Result<()> {
+pub async fn ensure(kafka: &KafkaConfig) -> anyhow::Result<()> {
     let mut wanted: Vec<(String, Retention)> = topics::SOR_TOPICS.iter().map(|t| (kafka.topic(t), Retention::Delete(None))).collect();
     wanted.push((kafka.topic(topics::DLQ), Retention::Delete(Some(30 * 24 * 3600 * 1000))));
     wanted.push((kafka.topic(topics::MEDICATION_PROFILE), Retention::Compact));
     wanted.push((kafka.topic(topics::PARTNER_INBOUND), Retention::Delete(None)));
-    create(kafka, partitions, &wanted).await
+    create(kafka, &wanted).await
 }
 
 /// Deletes every topic of `kafka`'s namespace (its non-empty topic prefix): benchmarks remove
@@ -100,7 +101,7 @@ pub async fn ensure(kafka: &KafkaConfig, partitions: i32) -> anyhow::Result<()> 
 /// measurement. Refuses an empty prefix (that would be the deployment's own topics).
 pub async fn delete_namespace(kafka: &KafkaConfig) -> anyhow::Result<usize> {
     anyhow::ensure!(!kafka.topic_prefix.is_empty(), "refusing to delete topics without a namespace prefix");
-    let admin: AdminClient<DefaultClientContext> = client(&kafka.bootstrap_servers).set("log_level", "4").create()?;
+    let admin = admin(kafka)?;
     let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
     let names: Vec<String> = metadata.topics().iter().map(|t| t.name().to_owned()).filter(|n| n.starts_with(&kafka.topic_prefix)).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();

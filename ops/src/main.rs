@@ -126,7 +126,7 @@ async fn outbox(cli: &Cli, command: &OutboxCommand) -> anyhow::Result<()> {
         OutboxCommand::List => {
             let rows = db::relay::parked(&pool, None).await?;
             for r in &rows {
-                let parked = composer::composite::instant(r.parked_at);
+                let parked = platform::time::instant(r.parked_at);
                 if cli.json {
                     let line = json!({ "id": r.id, "topic": r.topic, "member_id": r.member_id, "version_id": r.version_id,
                         "parked_at": parked, "size": r.size, "reason": r.reason });
@@ -156,7 +156,7 @@ async fn outbox(cli: &Cli, command: &OutboxCommand) -> anyhow::Result<()> {
 
 /// A reader of the dead-letter topic that never joins a group or commits.
 fn reader(cli: &Cli) -> anyhow::Result<BaseConsumer> {
-    Ok(composer::topics::client(&cli.common.kafka.bootstrap_servers)
+    Ok(platform::kafka::client(&cli.common.kafka.bootstrap_servers)
         .set("group.id", "fhirctl")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -249,7 +249,7 @@ async fn dlq(cli: &Cli, command: &DlqCommand) -> anyhow::Result<()> {
             println!("{}", if cli.json { shown.to_string() } else { serde_json::to_string_pretty(&shown)? });
         }
         DlqCommand::Redrive { at } => {
-            let producer = composer::topics::prompt_producer(kafka)?;
+            let producer = platform::kafka::prompt_producer(kafka)?;
             for position in at {
                 let letter = fetch(&consumer, &topic, position.partition, position.offset)?
                     .ok_or_else(|| anyhow::anyhow!("no dead letter at {}:{}", position.partition, position.offset))?;

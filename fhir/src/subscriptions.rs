@@ -24,7 +24,7 @@ pub const SIGNATURE_HEADER: &str = "X-Fhir-Event-Signature";
 
 /// The topic's Kafka channel: notification Bundles for a partner's `kafka` subscriptions.
 pub fn kafka_topic(partner_id: &str) -> String {
-    format!("fhir.partner.{partner_id}.subscription-notifications.v1")
+    platform::topics::partner_notifications(partner_id)
 }
 
 /// The SubscriptionTopic resource.
@@ -140,8 +140,7 @@ pub fn accept(value: Value, partner_id: &str, limits: Limits, now: OffsetDateTim
     let mut secret = None;
     if kind == "rest-hook" {
         let url = channel["endpoint"].as_str().unwrap_or_default();
-        let parsed =
-            reqwest::Url::parse(url).map_err(|_| invalid_in(T, "channel.endpoint", "required: the absolute URL of the partner's endpoint"))?;
+        let parsed = url::Url::parse(url).map_err(|_| invalid_in(T, "channel.endpoint", "required: the absolute URL of the partner's endpoint"))?;
         if parsed.scheme() != "https" && !(limits.allow_http && parsed.scheme() == "http") {
             return Err(invalid_in(T, "channel.endpoint", "must be an https:// URL"));
         }
@@ -199,8 +198,8 @@ pub fn accept(value: Value, partner_id: &str, limits: Limits, now: OffsetDateTim
         let name = match h.split_once(':') {
             Some((name, value))
                 if h.len() <= MAX_HEADER_BYTES
-                    && reqwest::header::HeaderName::from_bytes(name.trim().as_bytes()).is_ok()
-                    && reqwest::header::HeaderValue::from_str(value.trim()).is_ok() =>
+                    && http::header::HeaderName::from_bytes(name.trim().as_bytes()).is_ok()
+                    && http::header::HeaderValue::from_str(value.trim()).is_ok() =>
             {
                 name.trim().to_ascii_lowercase()
             }
@@ -317,7 +316,7 @@ pub fn status_resource(base_url: &str, s: &Subscription, kind: Kind, events: &[E
         status["notificationEvent"] = events
             .iter()
             .map(|e| {
-                let mut n = json!({ "eventNumber": e.event_number.to_string(), "timestamp": crate::composite::instant(e.occurred_at) });
+                let mut n = json!({ "eventNumber": e.event_number.to_string(), "timestamp": platform::time::instant(e.occurred_at) });
                 // An event of a member no longer attributed to the partner keeps its number (so
                 // the subscriber sees no gap) and says nothing else.
                 if s.content != "empty" && e.attributed {
@@ -374,7 +373,7 @@ pub fn notification(base_url: &str, s: &Subscription, kind: Kind, events: &[Even
         "resourceType": "Bundle",
         "id": Uuid::new_v4().to_string(),
         "type": "history",
-        "timestamp": crate::composite::instant(OffsetDateTime::now_utc()),
+        "timestamp": platform::time::instant(OffsetDateTime::now_utc()),
         "entry": entries,
     })
 }

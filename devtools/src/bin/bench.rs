@@ -4,7 +4,7 @@
 //! events/s next to this PostgreSQL's batched-upsert ceiling. Run: `scripts/bench composer`.
 
 use clap::Parser;
-use composer::generator::{self, GeneratorConfig};
+use devtools::generator::{self, GeneratorConfig};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -36,7 +36,7 @@ async fn main() -> anyhow::Result<()> {
     db::create_database(&admin, &run).await?;
     let url = db::url_with_database(&cli.common.database_url, &run)?;
 
-    composer::topics::ensure(&kafka, 3).await?;
+    platform::kafka::ensure(&kafka).await?;
     let started = Instant::now();
     let stream = generator::generate(&GeneratorConfig { members: cli.members, seed: 1, ..GeneratorConfig::default() });
     let total = stream.len();
@@ -90,6 +90,6 @@ async fn main() -> anyhow::Result<()> {
     println!("composer / ceiling = {:.2}", rate / ceiling_rate);
     pool.close().await;
     db::bench::drop_database(&admin, &run).await?;
-    composer::topics::delete_namespace(&kafka).await?;
+    platform::kafka::delete_namespace(&kafka).await?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Publishes synthetic systems-of-record events for N members to the `sor.*` topics.
 
 use clap::Parser;
-use composer::generator::{self, GeneratorConfig};
+use devtools::generator::{self, GeneratorConfig};
 
 #[derive(Parser)]
 #[command(about = "Publish synthetic systems-of-record events to the sor.* topics")]
@@ -19,16 +19,13 @@ struct Cli {
     /// Malformed messages to mix in (they go to sor.dlq.v1).
     #[arg(long, default_value_t = 0)]
     malformed: usize,
-    /// Partitions for topics that do not exist yet.
-    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
-    partitions: i32,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     platform::telemetry::init("info", platform::LogFormat::Text);
-    composer::topics::ensure(&cli.kafka, cli.partitions).await?;
+    platform::kafka::ensure(&cli.kafka).await?;
     let cfg = GeneratorConfig {
         members: cli.members,
         first_member: cli.first_member,

@@ -2,7 +2,7 @@
 //! channels) from the per-subscription queues, until SIGTERM or ctrl-c.
 
 use clap::Parser;
-use composer::notifier::{Notifier, NotifierConfig};
+use notifier::{Notifier, NotifierConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -10,6 +10,6 @@ async fn main() -> anyhow::Result<()> {
     config.common.init_logs();
     let pool = db::connect_configured(&config.common, (config.concurrency as u32 / 4).clamp(4, 16)).await?;
     db::migrate(&pool).await?;
-    let stop = composer::stop_on_signal("notifier");
+    let stop = platform::shutdown::flag_on_signal("notifier");
     Notifier::new(config, pool)?.run(stop).await
 }

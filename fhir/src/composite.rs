@@ -1,14 +1,18 @@
 //! Composites: FHIR resources assembled from a member's components. A composite is one
 //! implementation of [`Composite`]; the medication profile is the first.
 
+use db::composer::{self as q, CompositeVersion};
 use platform::MemberId;
+use platform::time::instant;
 use schemas::RecordKind;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fmt::Write;
 use time::OffsetDateTime;
+use uuid::Uuid;
 
 /// One live component of a member, as stored: its FHIR resource JSON and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +35,7 @@ pub struct Component {
 impl Component {
     /// The partner that reported it, if a partner did.
     pub fn partner(&self) -> Option<&str> {
-        crate::fhir::partner_of_source(&self.source)
+        crate::mapping::partner_of_source(&self.source)
     }
 }
 
@@ -86,12 +90,6 @@ pub fn entry_order(group: &mut [&Component]) {
         (by_partner, inactive, reported, c.resource_id.as_str())
     }
     group.sort_by(|a, b| key(a).cmp(&key(b)));
-}
-
-/// FHIR instant text, millisecond precision, UTC.
-pub fn instant(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z", t.year(), t.month() as u8, t.day(), t.hour(), t.minute(), t.second(), t.millisecond())
 }
 
 /// One entry per code among MedicationStatements and AllergyIntolerances: the first of each
@@ -250,6 +248,90 @@ impl Composite for MedicationProfile {
             content.entries
         )
     }
+}
+
+/// Why composites could not be rebuilt.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error(transparent)]
+    Db(#[from] db::Error),
+    /// A new version of `member_id`'s composite would be `size` bytes, over `limit`.
+    #[error("the composite of member {member_id} would be {size} bytes, over the limit of {limit}")]
+    TooLarge { member_id: String, size: usize, limit: usize },
+}
+
+/// New composite versions for `members` whose content changed (or that appeared or went).
+/// Runs inside the transaction that changed their components, with the members locked
+/// ([`q::lock_members`]); the caller stores the versions with [`q::write_composites`].
+/// A version larger than its composite's `max_bytes` fails the whole rebuild.
+pub async fn rebuild(
+    tx: &mut sqlx::PgConnection,
+    composites: &[Box<dyn Composite>],
+    members: &[String],
+    now_text: &str,
+) -> Result<Vec<CompositeVersion>, RebuildError> {
+    if members.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut versions = Vec::new();
+    for composite in composites {
+        let kinds: Vec<&str> = composite.inputs().iter().map(|k| k.as_str()).collect();
+        let mut by_member: HashMap<String, Vec<Component>> = HashMap::new();
+        for row in q::live_components(tx, members, &kinds).await? {
+            let Some(kind) = RecordKind::parse(&row.kind) else {
+                continue;
+            };
+            by_member.entry(row.member_id).or_default().push(Component {
+                kind,
+                source: row.source,
+                record_id: row.record_id,
+                version: row.version,
+                resource_type: row.resource_type,
+                resource_id: row.resource_id,
+                json: row.body,
+                code: row.code_system.zip(row.code),
+                status: row.status,
+                updated_at: row.updated_at,
+            });
+        }
+        let states: HashMap<String, q::CompositeState> =
+            q::composite_states(tx, members).await?.into_iter().map(|s| (s.member_id.clone(), s)).collect();
+        for member in members {
+            let Ok(member_id) = MemberId::parse(member) else {
+                continue;
+            };
+            let content = composite.assemble(&member_id, by_member.get(member).map(Vec::as_slice).unwrap_or_default());
+            let state = states.get(member);
+            let next = state.map_or(1, |s| s.version_id + 1);
+            let event_id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{}|{member}|{next}", composite.topic()).as_bytes());
+            match (content, state) {
+                (Some(content), s) if s.is_none_or(|s| s.deleted || s.content_hash != content.hash) => {
+                    let body = composite.render(&member_id, &content, next, now_text);
+                    if body.len() > composite.max_bytes() {
+                        return Err(RebuildError::TooLarge { member_id: member.clone(), size: body.len(), limit: composite.max_bytes() });
+                    }
+                    versions.push(CompositeVersion {
+                        member_id: member.clone(),
+                        version_id: next,
+                        body: Some(body),
+                        content_hash: content.hash,
+                        topic: composite.topic().to_owned(),
+                        event_id,
+                    });
+                }
+                (None, Some(s)) if !s.deleted => versions.push(CompositeVersion {
+                    member_id: member.clone(),
+                    version_id: next,
+                    body: None,
+                    content_hash: Vec::new(),
+                    topic: composite.topic().to_owned(),
+                    event_id,
+                }),
+                _ => {}
+            }
+        }
+    }
+    Ok(versions)
 }
 
 #[cfg(test)]

@@ -18,10 +18,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The tables the composer, relay and notifier plan against, analyzed before the clock starts.
-const ANALYZE: &str = "ANALYZE components, composites, composite_history, outbox, resource_history, applied_events, \
-                       attribution_changes, partner_topic_members";
-
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
@@ -52,19 +48,18 @@ async fn main() -> anyhow::Result<()> {
     config.common.kafka = kafka.clone();
     config.group_id = run.clone();
     let (stop, _metrics, thread) = composer::spawn(config).await?;
-    let mut relay_config = composer::relay::RelayConfig::parse_from(["relay", "--database-url", &url]);
+    let mut relay_config = relay::RelayConfig::parse_from(["relay", "--database-url", &url]);
     relay_config.common.kafka = kafka.clone();
-    let (relay_stop, relay) = composer::relay::spawn(relay_config).await?;
-    let mut notifier_config =
-        composer::notifier::NotifierConfig::parse_from(["notifier", "--database-url", &url, "--allowed-networks", "127.0.0.0/8"]);
+    let (relay_stop, relay) = relay::spawn(relay_config).await?;
+    let mut notifier_config = notifier::NotifierConfig::parse_from(["notifier", "--database-url", &url, "--allowed-networks", "127.0.0.0/8"]);
     notifier_config.common.kafka = kafka.clone();
-    let (notifier_stop, notifier) = composer::notifier::spawn(notifier_config).await?;
+    let (notifier_stop, notifier) = notifier::spawn(notifier_config).await?;
     let total = (cli.rate * cli.seconds) as usize;
     // The warm-up's events are sent the same way but not measured: they pay for what happens
     // once (the partner topic's creation, first statements on new connections, the broker's
     // JIT compiling its hot paths when it was just started).
     let warmup = (cli.rate * cli.warmup_seconds) as usize;
-    let producer = composer::generator::producer(&kafka)?;
+    let producer = devtools::generator::producer(&kafka)?;
     let pool = db::connect(&url, 2).await?;
 
     // The partner's members and its rest-hook subscription, before the clock starts.
@@ -72,16 +67,16 @@ async fn main() -> anyhow::Result<()> {
     let (endpoint, hook_latencies) = rest_hook(hooked.clone(), total).await?;
     let subscription = serde_json::json!({
         "resourceType": "Subscription", "status": "requested", "reason": "freshness benchmark",
-        "criteria": composer::subscriptions::TOPIC_URL,
+        "criteria": fhir::subscriptions::TOPIC_URL,
         "channel": { "type": "rest-hook", "endpoint": endpoint, "payload": "application/fhir+json",
             "extension": [
-                { "url": composer::subscriptions::EXT_SIGNING_SECRET, "valueString": "ab".repeat(32) },
+                { "url": fhir::subscriptions::EXT_SIGNING_SECRET, "valueString": "ab".repeat(32) },
                 { "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-max-count", "valuePositiveInt": 100 }
             ] }
     });
-    let limits = composer::subscriptions::Limits { allow_http: true, min_heartbeat_secs: 1 };
+    let limits = fhir::subscriptions::Limits { allow_http: true, min_heartbeat_secs: 1 };
     let subscription =
-        composer::subscriptions::accept(subscription, "bench", limits, time::OffsetDateTime::now_utc()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        fhir::subscriptions::accept(subscription, "bench", limits, time::OffsetDateTime::now_utc()).map_err(|e| anyhow::anyhow!("{e}"))?;
     db::subscriptions::create(&pool, &subscription, i64::MAX).await?;
     let attribution = kafka.topic(platform::topics::ATTRIBUTION);
     let mut acks = Vec::with_capacity(warmup + total);
@@ -117,14 +112,14 @@ async fn main() -> anyhow::Result<()> {
     while db::relay::backlog(&pool, time::OffsetDateTime::now_utc().date()).await? != (0, 0, 0) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    sqlx::query(ANALYZE).execute(&pool).await?;
+    db::bench::analyze_pipeline(&pool).await?;
     while db::subscriptions::get(&pool, "bench", &subscription.id).await?.is_none_or(|s| s.status != "active") {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     let sent_at: Arc<Mutex<HashMap<String, (Instant, time::OffsetDateTime)>>> = Arc::default();
     let consumer: Arc<StreamConsumer> = Arc::new(
-        composer::topics::client(&kafka.bootstrap_servers)
+        platform::kafka::client(&kafka.bootstrap_servers)
             .set("group.id", &run)
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "5")
@@ -163,7 +158,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // The system of record's producer sends each change as it happens (acks=all, idempotent):
     // linger.ms=1, not the bulk loader's 10 ms.
-    let producer = composer::topics::prompt_producer(&kafka)?;
+    let producer = platform::kafka::prompt_producer(&kafka)?;
 
     let topic = kafka.topic(platform::topics::DEMOGRAPHICS);
     let mut started = Instant::now();
@@ -174,10 +169,10 @@ async fn main() -> anyhow::Result<()> {
             // autovacuum does in a database in service. Analyzed while they were still empty,
             // the composer's cached plans scanned `composites` whole for every transaction
             // until autovacuum's next pass, which most runs ended before.
-            while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM composites").fetch_one(&pool).await? < warmup as i64 {
+            while db::bench::composites(&pool).await? < warmup as i64 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            sqlx::query(ANALYZE).execute(&pool).await?;
+            db::bench::analyze_pipeline(&pool).await?;
             ticker.reset();
             started = Instant::now();
         }
@@ -244,7 +239,7 @@ async fn main() -> anyhow::Result<()> {
     );
     pool.close().await;
     db::bench::drop_database(&admin, &run).await?;
-    composer::topics::delete_namespace(&kafka).await?;
+    platform::kafka::delete_namespace(&kafka).await?;
     Ok(())
 }
 

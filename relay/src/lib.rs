@@ -13,6 +13,7 @@
 
 use clap::Parser;
 use db::relay::{self as q, OutboxRow};
+use platform::kafka::Retention;
 use platform::{KafkaConfig, topics};
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
@@ -40,15 +41,6 @@ pub struct RelayConfig {
     /// notifies it first (LISTEN fhir_outbox).
     #[arg(long, env = "RELAY_POLL_MS", default_value_t = 200)]
     pub poll_ms: u64,
-
-    /// Partitions of the topics the relay creates (partner topics).
-    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
-    pub topic_partitions: i32,
-}
-
-/// The partner topic of `partner_id`, as a contract name.
-pub fn partner_topic(partner_id: &str) -> String {
-    format!("fhir.partner.{partner_id}.medication-profile.v1")
 }
 
 /// One record to produce.
@@ -83,7 +75,7 @@ impl Relay {
     pub fn new(config: RelayConfig, pool: db::Pool) -> anyhow::Result<Self> {
         config.common.check_limits().map_err(anyhow::Error::msg)?;
         let kafka = &config.common.kafka;
-        let producer: FutureProducer = crate::topics::producer(kafka)
+        let producer: FutureProducer = platform::kafka::producer(kafka)
             // A batch is enqueued at once and awaited: no need to linger for more.
             .set("linger.ms", "1")
             .set("compression.type", "zstd")
@@ -91,7 +83,7 @@ impl Relay {
             .set("message.timeout.ms", "300000")
             .set("log_level", "4")
             .create()?;
-        let admin = crate::topics::client(&kafka.bootstrap_servers).set("log_level", "4").create()?;
+        let admin = platform::kafka::admin(kafka)?;
         Ok(Relay { config, pool, producer, admin, known_topics: HashSet::new(), reconciled_on: None })
     }
 
@@ -101,7 +93,7 @@ impl Relay {
 
     /// Publishes until `stop` is set; failures are retried (nothing is marked until acknowledged).
     pub async fn run(mut self, stop: &AtomicBool) -> anyhow::Result<()> {
-        crate::topics::ensure(self.kafka(), self.config.topic_partitions).await?;
+        platform::kafka::ensure(self.kafka()).await?;
         tracing::info!("relay publishing");
         let mut wakeup = db::Wakeup::new(&self.pool, &[db::channels::OUTBOX]).await;
         while !stop.load(Ordering::Relaxed) {
@@ -167,7 +159,7 @@ impl Relay {
             }
             for partner in partners.get(&row.member_id).into_iter().flatten() {
                 records.push(Out {
-                    topic: self.kafka().topic(&partner_topic(partner)),
+                    topic: self.kafka().topic(&topics::partner_profile(partner)),
                     key: row.key.clone(),
                     payload: row.body.clone(),
                     version_id: row.version_id,
@@ -235,7 +227,7 @@ impl Relay {
         let mut records = Vec::new();
         for (partner, member, version, body) in &started {
             records.push(Out {
-                topic: self.kafka().topic(&partner_topic(partner)),
+                topic: self.kafka().topic(&topics::partner_profile(partner)),
                 key: member.clone(),
                 payload: Some(body.clone()),
                 version_id: *version,
@@ -245,7 +237,7 @@ impl Relay {
         }
         for (partner, member, version) in &ended {
             records.push(Out {
-                topic: self.kafka().topic(&partner_topic(partner)),
+                topic: self.kafka().topic(&topics::partner_profile(partner)),
                 key: member.clone(),
                 payload: None,
                 version_id: *version,
@@ -260,7 +252,7 @@ impl Relay {
         // broker's trouble, and the step is retried.
         for ((partner, member, version, _), refusal) in started.iter().zip(&refusals) {
             if let Some(why) = refusal {
-                let topic = partner_topic(partner);
+                let topic = topics::partner_profile(partner);
                 tracing::error!(partner = %partner, member = %member, reason = %why, "relay: the broker refused a partner topic's record; parked it");
                 q::park_partner_record(tx, &topic, member, *version, event_id("attributed", partner, member, *version), why).await?;
             }
@@ -340,8 +332,8 @@ impl Relay {
         if missing.is_empty() {
             return Ok(());
         }
-        let wanted: Vec<(String, crate::topics::Retention)> = missing.iter().map(|t| ((*t).to_owned(), crate::topics::Retention::Compact)).collect();
-        crate::topics::create_with(&self.admin, self.kafka(), self.config.topic_partitions, &wanted).await?;
+        let wanted: Vec<(String, Retention)> = missing.iter().map(|t| ((*t).to_owned(), Retention::Compact)).collect();
+        platform::kafka::create_with(&self.admin, self.kafka(), &wanted).await?;
         self.known_topics.extend(missing.into_iter().map(str::to_owned));
         Ok(())
     }

@@ -6,10 +6,11 @@
 //! that a name which later resolves elsewhere (DNS rebinding) gains nothing.
 //!
 //! `SUBSCRIPTION_ALLOWED_NETWORKS` lists networks to allow anyway, for local tests and demos.
+//! The notifier's HTTP client resolves names through [`EgressPolicy::resolve`], so it connects
+//! only to addresses checked here.
 
 use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
 
 /// Which addresses the platform connects to for partners.
 #[derive(Debug, Clone, Default)]
@@ -74,30 +75,6 @@ impl EgressPolicy {
             return Err(Refusal::Unresolvable);
         }
         if all.iter().all(|a| self.permits(a.ip())) { Ok(()) } else { Err(Refusal::NotPublic) }
-    }
-
-    /// A resolver for an HTTP client that connects only to permitted addresses.
-    pub fn resolver(&self) -> Arc<CheckedResolver> {
-        Arc::new(CheckedResolver { policy: self.clone() })
-    }
-}
-
-/// Resolves names for the notifier's HTTP client and keeps only permitted addresses, so the
-/// connection goes to an address that was checked. (IP-literal URLs do not pass through a
-/// resolver: the notifier checks those itself before it sends.)
-#[derive(Debug)]
-pub struct CheckedResolver {
-    policy: EgressPolicy,
-}
-
-impl reqwest::dns::Resolve for CheckedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = self.policy.clone();
-        Box::pin(async move {
-            let host = url::Host::Domain(name.as_str());
-            let addrs = policy.resolve(&host, 0).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
-            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
-        })
     }
 }
 

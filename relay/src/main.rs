@@ -2,7 +2,7 @@
 //! `fhir.medication-profile.v1` and the partner topics, until SIGTERM or ctrl-c.
 
 use clap::Parser;
-use composer::relay::{Relay, RelayConfig};
+use relay::{Relay, RelayConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -10,6 +10,6 @@ async fn main() -> anyhow::Result<()> {
     config.common.init_logs();
     let pool = db::connect_configured(&config.common, 2).await?;
     db::migrate(&pool).await?;
-    let stop = composer::stop_on_signal("relay");
+    let stop = platform::shutdown::flag_on_signal("relay");
     Relay::new(config, pool)?.run(&stop).await
 }

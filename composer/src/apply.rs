@@ -4,15 +4,13 @@
 //! rebuild the composites of the members they touch, write new versions + history + outbox,
 //! and move the consumer offsets. Dead letters are acknowledged by Kafka before it commits.
 
-use crate::composite::{Component, Composite};
-use crate::fhir::{self, MappedResource};
-use db::composer::{self as q, ComponentKey, ComponentWrite, CompositeVersion, StoredOffset};
-use platform::MemberId;
+use db::composer::{self as q, ComponentKey, ComponentWrite, StoredOffset};
+use fhir::composite::{Composite, RebuildError, rebuild};
+use fhir::mapping::{self, MappedResource};
 use schemas::{Change, Event, RecordKind, Rejection};
 use std::borrow::Borrow;
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use time::OffsetDateTime;
 use uuid::Uuid;
 
 /// One consumed message, after parsing and mapping (done before the transaction).
@@ -53,7 +51,7 @@ pub fn prepare(contracts: &schemas::Contracts, kind: RecordKind, key: Option<&[u
     }
     match &event.change {
         Change::Delete => Outcome::Change { event, body: None, resource: None },
-        Change::Upsert(data) => match fhir::map_record(&event, data) {
+        Change::Upsert(data) => match mapping::map_record(&event, data) {
             Ok(Some(resource)) => Outcome::Change { body: Some(resource.json.clone()), resource: Some(resource), event },
             // Attribution: stored as the record itself (access data).
             Ok(None) => Outcome::Change { body: Some(serde_json::Value::Object(data.clone()).to_string()), resource: None, event },
@@ -149,27 +147,19 @@ fn sqlx_kind(e: &sqlx::Error) -> &'static str {
     }
 }
 
+impl From<RebuildError> for BatchError {
+    fn from(e: RebuildError) -> Self {
+        match e {
+            RebuildError::Db(e) => BatchError::Db(e),
+            RebuildError::TooLarge { member_id, size, limit } => BatchError::CompositeTooLarge { member_id, size, limit },
+        }
+    }
+}
+
 impl From<sqlx::Error> for BatchError {
     fn from(e: sqlx::Error) -> Self {
         BatchError::Db(db::Error::Sqlx(e))
     }
-}
-
-/// The time of a change as stored and served: millisecond precision, UTC.
-pub fn change_time() -> (OffsetDateTime, String) {
-    let now = OffsetDateTime::now_utc();
-    let now = now.replace_nanosecond(now.millisecond() as u32 * 1_000_000).unwrap_or(now);
-    let text = format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        now.year(),
-        now.month() as u8,
-        now.day(),
-        now.hour(),
-        now.minute(),
-        now.second(),
-        now.millisecond()
-    );
-    (now, text)
 }
 
 /// Applies the changes of a batch (dead letters are already acknowledged) and moves the
@@ -223,7 +213,7 @@ async fn run(
         }
     }
 
-    let (now, now_text) = change_time();
+    let (now, now_text) = platform::time::now_in_millis();
     let mut tx = pool.begin().await?;
     let mut members: Vec<String> = events.iter().map(|(e, _, _)| e.member_id.as_str().to_owned()).collect();
     members.sort();
@@ -289,7 +279,7 @@ async fn run(
                 moved_from.push(p.member_id.clone());
             }
         }
-        let identity = fhir::identity(event.kind, event.member_id.as_str(), event.source.as_str(), event.record_id.as_str());
+        let identity = mapping::identity(event.kind, event.member_id.as_str(), event.source.as_str(), event.record_id.as_str());
         let code = resource.as_ref().and_then(|r| r.code.clone());
         writes.push(ComponentWrite {
             key: key.clone(),
@@ -354,80 +344,6 @@ async fn run(
         tx.rollback().await?;
     }
     Ok(applied)
-}
-
-/// New composite versions for `members` whose content changed (or that appeared or went).
-/// Runs inside the transaction that changed their components, with the members locked
-/// ([`q::lock_members`]); the caller stores the versions with [`q::write_composites`].
-/// A version larger than its composite's `max_bytes` fails the whole rebuild.
-pub async fn rebuild(
-    tx: &mut sqlx::PgConnection,
-    composites: &[Box<dyn Composite>],
-    members: &[String],
-    now_text: &str,
-) -> Result<Vec<CompositeVersion>, BatchError> {
-    if members.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut versions = Vec::new();
-    for composite in composites {
-        let kinds: Vec<&str> = composite.inputs().iter().map(|k| k.as_str()).collect();
-        let mut by_member: HashMap<String, Vec<Component>> = HashMap::new();
-        for row in q::live_components(tx, members, &kinds).await? {
-            let Some(kind) = RecordKind::parse(&row.kind) else {
-                continue;
-            };
-            by_member.entry(row.member_id).or_default().push(Component {
-                kind,
-                source: row.source,
-                record_id: row.record_id,
-                version: row.version,
-                resource_type: row.resource_type,
-                resource_id: row.resource_id,
-                json: row.body,
-                code: row.code_system.zip(row.code),
-                status: row.status,
-                updated_at: row.updated_at,
-            });
-        }
-        let states: HashMap<String, q::CompositeState> =
-            q::composite_states(tx, members).await?.into_iter().map(|s| (s.member_id.clone(), s)).collect();
-        for member in members {
-            let Ok(member_id) = MemberId::parse(member) else {
-                continue;
-            };
-            let content = composite.assemble(&member_id, by_member.get(member).map(Vec::as_slice).unwrap_or_default());
-            let state = states.get(member);
-            let next = state.map_or(1, |s| s.version_id + 1);
-            let event_id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{}|{member}|{next}", composite.topic()).as_bytes());
-            match (content, state) {
-                (Some(content), s) if s.is_none_or(|s| s.deleted || s.content_hash != content.hash) => {
-                    let body = composite.render(&member_id, &content, next, now_text);
-                    if body.len() > composite.max_bytes() {
-                        return Err(BatchError::CompositeTooLarge { member_id: member.clone(), size: body.len(), limit: composite.max_bytes() });
-                    }
-                    versions.push(CompositeVersion {
-                        member_id: member.clone(),
-                        version_id: next,
-                        body: Some(body),
-                        content_hash: content.hash,
-                        topic: composite.topic().to_owned(),
-                        event_id,
-                    });
-                }
-                (None, Some(s)) if !s.deleted => versions.push(CompositeVersion {
-                    member_id: member.clone(),
-                    version_id: next,
-                    body: None,
-                    content_hash: Vec::new(),
-                    topic: composite.topic().to_owned(),
-                    event_id,
-                }),
-                _ => {}
-            }
-        }
-    }
-    Ok(versions)
 }
 
 fn component_key(event: &Event) -> ComponentKey {

@@ -10,9 +10,8 @@
 //!
 //! Validation comes first ([`validate`]), and nothing is stored unless all of it passes.
 
-use crate::batch::{change_time, rebuild};
-use crate::composite::{Assessment, Component, Composite, PARTNER_ID_SYSTEM};
-use crate::fhir::{self, ALLERGY_CLINICAL, RXNORM, SNOMED};
+use crate::composite::{Assessment, Component, Composite, PARTNER_ID_SYSTEM, RebuildError, rebuild};
+use crate::mapping::{self, ALLERGY_CLINICAL, RXNORM, SNOMED};
 use db::composer::{self as q, ComponentKey, ComponentWrite};
 use db::writeback as w;
 use fhir_sdk::r4b::resources::{AllergyIntolerance, MedicationStatement};
@@ -352,12 +351,11 @@ impl From<sqlx::Error> for WriteError {
     }
 }
 
-impl From<crate::batch::BatchError> for WriteError {
-    fn from(e: crate::batch::BatchError) -> Self {
+impl From<RebuildError> for WriteError {
+    fn from(e: RebuildError) -> Self {
         match e {
-            crate::batch::BatchError::Db(e) => WriteError::Db(e),
-            crate::batch::BatchError::CompositeTooLarge { size, limit, .. } => WriteError::CompositeTooLarge { size, limit },
-            crate::batch::BatchError::Fenced => WriteError::Db(db::Error::Sqlx(sqlx::Error::Protocol("fenced".into()))),
+            RebuildError::Db(e) => WriteError::Db(e),
+            RebuildError::TooLarge { size, limit, .. } => WriteError::CompositeTooLarge { size, limit },
         }
     }
 }
@@ -379,9 +377,9 @@ pub async fn write(
     mode: Mode,
 ) -> Result<Written, WriteError> {
     let rt = report.resource_type;
-    let source = fhir::partner_source(author.partner_id);
+    let source = mapping::partner_source(author.partner_id);
     let member = report.member_id.clone();
-    let (now, now_text) = change_time();
+    let (now, now_text) = platform::time::now_in_millis();
     let mut tx = pool.begin().await?;
     q::lock_members(&mut tx, std::slice::from_ref(&member)).await?;
 
@@ -417,13 +415,13 @@ pub async fn write(
         }
     };
 
-    let body = stored_body(rt, &id, &fhir::source_uri(&source), &report.elements);
+    let body = stored_body(rt, &id, &mapping::source_uri(&source), &report.elements);
     let provenance_id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("provenance|{}|{id}|{version}", rt.name()).as_bytes()).to_string();
     let activity = if effect == Effect::Created { ("CREATE", "create") } else { ("UPDATE", "update") };
     let provenance = json!({
         "resourceType": "Provenance",
         "id": provenance_id,
-        "meta": { "source": fhir::source_uri(&source) },
+        "meta": { "source": mapping::source_uri(&source) },
         "target": [{ "reference": format!("{}/{id}/_history/{version}", rt.name()) }],
         "recorded": now_text,
         "activity": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": activity.0, "display": activity.1 }] },
@@ -572,13 +570,13 @@ async fn reconciliation(tx: &mut sqlx::PgConnection, report: &Report, source: &s
     let reported = as_component(source.to_owned(), String::new(), String::new(), Some(report.status.clone()), now);
     let mut out = Vec::new();
     for row in rows {
-        if fhir::partner_of_source(&row.source).is_some()
+        if mapping::partner_of_source(&row.source).is_some()
             || row.code_system.as_ref() != Some(&report.code.0)
             || row.code.as_ref() != Some(&report.code.1)
         {
             continue;
         }
-        let resource_id = fhir::resource_id(report.resource_type.name(), &row.source, &row.record_id);
+        let resource_id = mapping::resource_id(report.resource_type.name(), &row.source, &row.record_id);
         let record = as_component(row.source.clone(), row.record_id.clone(), resource_id.clone(), row.status.clone(), row.updated_at);
         let assessment = Assessment::of(&record, &reported).unwrap_or(Assessment::Contradicted);
         out.push(json!({

@@ -286,7 +286,7 @@ pub fn generate(cfg: &GeneratorConfig) -> Vec<SorMessage> {
 
 /// A producer as the systems of record would use for a bulk load: idempotent, acks=all.
 pub fn producer(kafka: &KafkaConfig) -> anyhow::Result<FutureProducer> {
-    Ok(crate::topics::client(&kafka.bootstrap_servers)
+    Ok(platform::kafka::client(&kafka.bootstrap_servers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "10")
@@ -366,8 +366,8 @@ mod tests {
         let cfg = GeneratorConfig { members: 200, malformed: 0, ..GeneratorConfig::default() };
         for m in generate(&cfg) {
             let kind = schemas::RecordKind::for_topic(m.topic).unwrap();
-            match crate::batch::prepare(&contracts, kind, Some(m.key.as_bytes()), m.value.as_deref(), 262_144) {
-                crate::batch::Outcome::Rejected(r) => panic!("{}: {r}", m.topic),
+            match composer::apply::prepare(&contracts, kind, Some(m.key.as_bytes()), m.value.as_deref(), 262_144) {
+                composer::apply::Outcome::Rejected(r) => panic!("{}: {r}", m.topic),
                 _ => {}
             }
         }

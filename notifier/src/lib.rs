@@ -12,11 +12,11 @@
 //!   order holds and nothing is skipped; after `SUBSCRIPTION_RETRY_FOR_SECS` of failing, the
 //!   subscription goes to `error` and keeps its queue (`$events` replays it).
 
-use crate::egress::EgressPolicy;
-use crate::subscriptions::{self as subs, Kind, SIGNATURE_HEADER};
 use clap::Parser;
 use db::subscriptions::{self as q, Subscription};
+use fhir::subscriptions::{self as subs, Kind, SIGNATURE_HEADER};
 use platform::KafkaConfig;
+use platform::egress::EgressPolicy;
 use rand::Rng;
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
@@ -74,10 +74,6 @@ pub struct NotifierConfig {
     /// public ones (Mozilla's list): a plan that accepts endpoints its own CA certified.
     #[arg(long, env = "SUBSCRIPTION_CA_FILE")]
     pub ca_file: Option<std::path::PathBuf>,
-
-    /// Partitions of the Kafka channel topics the notifier creates.
-    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
-    pub topic_partitions: i32,
 }
 
 pub struct Notifier {
@@ -97,15 +93,15 @@ impl Notifier {
     pub fn new(config: NotifierConfig, pool: db::Pool) -> anyhow::Result<Arc<Self>> {
         let kafka = &config.common.kafka;
         let producer: FutureProducer =
-            crate::topics::producer(kafka).set("linger.ms", "0").set("message.timeout.ms", "30000").set("log_level", "4").create()?;
-        let admin = crate::topics::client(&kafka.bootstrap_servers).set("log_level", "4").create()?;
+            platform::kafka::producer(kafka).set("linger.ms", "0").set("message.timeout.ms", "30000").set("log_level", "4").create()?;
+        let admin = platform::kafka::admin(kafka)?;
         let egress = EgressPolicy::new(&config.allowed_networks).map_err(anyhow::Error::msg)?;
         // Redirects are not followed: a notification goes to the registered endpoint only. No
         // proxy either: the connection goes to the address the resolver checked.
         let mut http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
-            .dns_resolver(egress.resolver())
+            .dns_resolver(Arc::new(CheckedResolver { policy: egress.clone() }))
             .connect_timeout(Duration::from_secs(10));
         if let Some(file) = &config.ca_file {
             let pem = std::fs::read(file).map_err(|e| anyhow::anyhow!("reading SUBSCRIPTION_CA_FILE {}: {e}", file.display()))?;
@@ -340,8 +336,8 @@ impl Notifier {
         if self.known_topics.lock().map(|k| k.contains(topic)).unwrap_or(false) {
             return Ok(());
         }
-        let wanted = [(topic.to_owned(), crate::topics::Retention::Delete(None))];
-        crate::topics::create_with(&self.admin, self.kafka(), self.config.topic_partitions, &wanted).await?;
+        let wanted = [(topic.to_owned(), platform::kafka::Retention::Delete(None))];
+        platform::kafka::create_with(&self.admin, self.kafka(), &wanted).await?;
         if let Ok(mut k) = self.known_topics.lock() {
             k.insert(topic.to_owned());
         }
@@ -349,12 +345,30 @@ impl Notifier {
     }
 }
 
+/// Resolves names for the notifier's HTTP client and keeps only the addresses the egress policy
+/// permits, so that a connection goes to an address that was checked. (IP-literal URLs do not
+/// pass through a resolver: [`Notifier::post`] checks those itself.)
+struct CheckedResolver {
+    policy: EgressPolicy,
+}
+
+impl reqwest::dns::Resolve for CheckedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            let host = url::Host::Domain(name.as_str());
+            let addrs = policy.resolve(&host, 0).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 /// The resolver's refusal, when the client failed because no address of the endpoint may be
 /// connected to.
-fn refusal(e: &reqwest::Error) -> Option<crate::egress::Refusal> {
+fn refusal(e: &reqwest::Error) -> Option<platform::egress::Refusal> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
-        if let Some(r) = s.downcast_ref::<crate::egress::Refusal>() {
+        if let Some(r) = s.downcast_ref::<platform::egress::Refusal>() {
             return Some(r.clone());
         }
         source = s.source();
