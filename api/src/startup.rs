@@ -16,8 +16,8 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
 /// What every handler shares, behind one `Arc`: axum clones the state for each extractor that
-/// takes it (twice per request, the guard's and the handler's), and a clone of the fields
-/// themselves took a dozen atomic increments and a copy of `base_url` each time.
+/// takes it (twice per request), and cloning the fields themselves cost a dozen atomic
+/// increments and a copy of `base_url` each time.
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);
 

@@ -24,9 +24,8 @@ pub struct ComposerConfig {
     pub batch_wait_ms: u64,
 
     /// Threads applying batches concurrently, each in its own transaction; partition `p` of
-    /// every topic goes to applier `p % appliers`. More appliers load faster (bulk loads, a
-    /// backlog) but make more, smaller transactions at a steady rate, which on a 2-core host
-    /// left the relay and notifier short of CPU (see the README's benchmarks).
+    /// every topic goes to applier `p % appliers`. More load a backlog faster, but make more,
+    /// smaller transactions at a steady rate (docs/benchmarks.md).
     #[arg(long, env = "COMPOSER_APPLIERS", default_value_t = 1)]
     pub appliers: usize,
 

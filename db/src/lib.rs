@@ -46,8 +46,8 @@ pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// nearly empty (sequential scans at an estimated cost of 0) lasts until autovacuum analyzes the
 /// table, which invalidates it: within `autovacuum_naptime` once the table has grown (10 s in
 /// `services/postgresql.conf`). Planning every statement anew instead (`plan_cache_mode =
-/// force_custom_plan`) took a quarter of PostgreSQL's CPU at 1,000 events/s, and renewing
-/// connections to renew their plans stalled every statement behind the new backend for ~100 ms.
+/// force_custom_plan`) cost more CPU than it saved, and renewing connections to renew their
+/// plans stalled every statement behind the new backend (docs/benchmarks.md).
 ///
 /// Every statement has a timeout ([`DEFAULT_STATEMENT_TIMEOUT`] here): one that runs longer is
 /// cancelled and fails, so no request or batch waits on PostgreSQL without end.

@@ -7,8 +7,8 @@ use clap::{Args, ValueEnum};
 #[derive(Debug, Clone, Args)]
 pub struct CommonConfig {
     /// PostgreSQL connection URL. The default is the local database over loopback, where TLS
-    /// protects nothing and halved the composer's throughput; use `sslmode=require` (or
-    /// `verify-full`) for a database on another host.
+    /// protects nothing (and costs throughput: docs/benchmarks.md); use `sslmode=verify-full`
+    /// for a database on another host.
     #[arg(long, env = "DATABASE_URL", default_value = "postgres://fhir:fhir@127.0.0.1:5432/fhir?sslmode=disable")]
     pub database_url: String,
 

@@ -67,8 +67,7 @@ pub struct Relay {
 }
 
 /// Members whose attribution changed, reconciled per step. The outbox waits while a step runs
-/// (it goes first only between steps): 1,000 at once took 50-1,000 ms, and composites committed
-/// meanwhile reached the topic that much later; 100 bound the wait to a few milliseconds.
+/// (it goes first only between steps), so a step is kept to a few milliseconds.
 const ATTRIBUTION_CHANGES_PER_STEP: i64 = 100;
 
 impl Relay {
