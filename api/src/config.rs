@@ -179,7 +179,7 @@ impl Config {
             Some(url) => url.clone(),
             None => {
                 let base = self.common.fhir_base_url.trim_end_matches('/');
-                format!("{}{}", base.strip_suffix("/fhir").unwrap_or(base), crate::auth::token::PATH)
+                format!("{}{}", base.strip_suffix("/fhir").unwrap_or(base), crate::routes::TOKEN)
             }
         }
     }

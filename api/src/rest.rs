@@ -253,10 +253,7 @@ fn date_interval(v: &str) -> Option<(OffsetDateTime, Option<OffsetDateTime>)> {
 }
 
 /// FHIR instant with milliseconds, UTC.
-pub fn instant(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z", t.year(), t.month() as u8, t.day(), t.hour(), t.minute(), t.second(), t.millisecond())
-}
+pub use platform::time::instant;
 
 /// HTTP-date (IMF-fixdate) for `Last-Modified`.
 pub fn http_date(t: OffsetDateTime) -> String {

@@ -4,7 +4,8 @@
 //! rebuild the composites of the members they touch, write new versions + history + outbox,
 //! and move the consumer offsets. Dead letters are acknowledged by Kafka before it commits.
 
-use db::composer::{self as q, ComponentKey, ComponentWrite, StoredOffset};
+use db::components::{self as q, ComponentKey, ComponentWrite};
+use db::offsets::StoredOffset;
 use fhir::composite::{Composite, RebuildError, rebuild};
 use fhir::mapping::{self, MappedResource};
 use schemas::{Change, Event, RecordKind, Rejection};
@@ -331,10 +332,10 @@ async fn run(
     }
 
     let versions = rebuild(&mut tx, composites, &dirty.into_iter().collect::<Vec<_>>(), &now_text).await?;
-    q::write_composites(&mut tx, &versions, now).await?;
+    db::composites::write_composites(&mut tx, &versions, now).await?;
     applied.composite_versions = versions.len();
 
-    if !offsets.is_empty() && !q::advance_offsets(&mut tx, group, offsets).await? {
+    if !offsets.is_empty() && !db::offsets::advance_offsets(&mut tx, group, offsets).await? {
         tx.rollback().await?;
         return Err(BatchError::Fenced);
     }

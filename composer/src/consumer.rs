@@ -14,7 +14,7 @@
 
 use crate::apply::{self as batch, Consumed, Outcome};
 use crate::config::ComposerConfig;
-use db::composer::StoredOffset;
+use db::offsets::StoredOffset;
 use fhir::composite::Composite;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
@@ -74,7 +74,7 @@ impl ConsumerContext for ComposerContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let topics: Vec<String> = tpl.elements().iter().map(|e| e.topic().to_owned()).collect();
-                let stored = self.runtime.block_on(db::composer::load_offsets(&self.pool, &self.group, &topics));
+                let stored = self.runtime.block_on(db::offsets::load_offsets(&self.pool, &self.group, &topics));
                 let stored: HashMap<(String, i32), i64> = match stored {
                     Ok(rows) => rows.into_iter().map(|o| ((o.topic, o.partition), o.next_offset)).collect(),
                     Err(e) => {

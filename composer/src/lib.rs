@@ -26,7 +26,7 @@ pub async fn spawn(
     let pool = db::connect_configured(&config.common, config.common.database_max_connections).await?;
     db::migrate(&pool).await?;
     platform::kafka::ensure(&config.common.kafka).await?;
-    config.batch_size = fit_batch_size(config.batch_size, config.appliers, db::composer::lock_capacity(&pool).await?);
+    config.batch_size = fit_batch_size(config.batch_size, config.appliers, db::components::lock_capacity(&pool).await?);
     let composer = consumer::Composer::new(config.clone(), pool, fhir::composites(&config.common))?;
     let metrics = composer.metrics.clone();
     let stop = Arc::new(AtomicBool::new(false));

@@ -1,11 +1,11 @@
 //! The append-only audit trail, and the audit relay's place on it towards `audit.events.v1`.
 
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 use std::sync::LazyLock;
 use time::OffsetDateTime;
 
 /// One access, as the API records it. Never holds names, tokens or keys: member ids at most.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct AuditRecord {
     pub partner_id: Option<String>,
     pub operation: String,
@@ -32,33 +32,23 @@ pub fn outcome(status: u16) -> &'static str {
 }
 
 /// A stored audit event.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct AuditRow {
     pub id: i64,
     pub recorded_at: OffsetDateTime,
+    #[sqlx(flatten)]
     pub record: AuditRecord,
 }
 
-const COLUMNS: &str = "id, recorded_at, partner_id, operation, resource_type, member_ids, method, path, status, outcome, key_id, decision";
-
-fn audit_row(r: sqlx::postgres::PgRow) -> AuditRow {
-    AuditRow {
-        id: r.get(0),
-        recorded_at: r.get(1),
-        record: AuditRecord {
-            partner_id: r.get(2),
-            operation: r.get(3),
-            resource_type: r.get(4),
-            member_ids: r.get(5),
-            method: r.get(6),
-            path: r.get(7),
-            status: r.get(8),
-            outcome: r.get(9),
-            key_id: r.get(10),
-            decision: r.get(11),
-        },
-    }
+/// An audit event with the transaction that wrote it (the relay's order).
+#[derive(Debug, sqlx::FromRow)]
+struct ClaimedRow {
+    #[sqlx(flatten)]
+    row: AuditRow,
+    txid: i64,
 }
+
+const COLUMNS: &str = "id, recorded_at, partner_id, operation, resource_type, member_ids, method, path, status, outcome, key_id, decision";
 
 /// Records as one array per column, for statements that unnest them. A record's member ids are
 /// the slice `ids[first + 1 .. first + count]` of all the records' ids.
@@ -176,24 +166,24 @@ const WHERE: &str = "($1::text IS NULL OR partner_id = $1)
     AND ($3::text IS NULL OR operation = $3)
     AND ($4::timestamptz IS NULL OR recorded_at >= $4) AND ($5::timestamptz IS NULL OR recorded_at < $5)";
 
-type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+type PgQueryAs<'q, T> = sqlx::query::QueryAs<'q, sqlx::Postgres, T, sqlx::postgres::PgArguments>;
 
-fn bind<'q>(q: PgQuery<'q>, c: &'q Criteria) -> PgQuery<'q> {
+fn bind<'q, T>(q: PgQueryAs<'q, T>, c: &'q Criteria) -> PgQueryAs<'q, T> {
     q.bind(&c.partner_id).bind(&c.member_id).bind(&c.operation).bind(c.from).bind(c.to)
 }
 
 /// A page of matching events and the total.
 pub async fn search(pool: &PgPool, c: &Criteria, after_id: Option<i64>, count: i64) -> crate::Result<(i64, Vec<AuditRow>)> {
     let page = format!("SELECT {COLUMNS} FROM audit_events WHERE {WHERE} AND ($6::bigint IS NULL OR id > $6) ORDER BY id LIMIT $7");
-    let rows = bind(sqlx::query(sqlx::AssertSqlSafe(page)), c).bind(after_id).bind(count).fetch_all(pool).await?;
+    let rows = bind(sqlx::query_as(sqlx::AssertSqlSafe(page)), c).bind(after_id).bind(count).fetch_all(pool).await?;
     let total = format!("SELECT count(*) FROM audit_events WHERE {WHERE}");
-    let total: i64 = bind(sqlx::query(sqlx::AssertSqlSafe(total)), c).fetch_one(pool).await?.get(0);
-    Ok((total, rows.into_iter().map(audit_row).collect()))
+    let (total,): (i64,) = bind(sqlx::query_as(sqlx::AssertSqlSafe(total)), c).fetch_one(pool).await?;
+    Ok((total, rows))
 }
 
 pub async fn get(pool: &PgPool, id: i64) -> crate::Result<Option<AuditRow>> {
     let sql = format!("SELECT {COLUMNS} FROM audit_events WHERE id = $1");
-    Ok(sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(pool).await?.map(audit_row))
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(pool).await?)
 }
 
 /// Where the audit relay stands on the trail: the last event it published, in the order of
@@ -220,13 +210,13 @@ pub async fn claim_unpublished(tx: &mut PgConnection, limit: i64) -> crate::Resu
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('fhir-event-platform audit relay'))").execute(&mut *tx).await?;
     let (txid, id): (i64, i64) = sqlx::query_as("SELECT txid::text::int8, id FROM audit_relay").fetch_one(&mut *tx).await?;
     let sql = format!(
-        "SELECT {COLUMNS}, txid::text::int8 FROM audit_events e
+        "SELECT {COLUMNS}, txid::text::int8 AS txid FROM audit_events e
          WHERE (txid, id) > ($1::int8::text::xid8, $2) AND txid < pg_snapshot_xmin(pg_current_snapshot())
          ORDER BY e.txid, e.id LIMIT $3"
     );
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(txid).bind(id).bind(limit).fetch_all(&mut *tx).await?;
-    let after = rows.last().map_or(Cursor { txid, id }, |r| Cursor { txid: r.get(12), id: r.get(0) });
-    Ok(Claim { rows: rows.into_iter().map(audit_row).collect(), after })
+    let rows: Vec<ClaimedRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(txid).bind(id).bind(limit).fetch_all(&mut *tx).await?;
+    let after = rows.last().map_or(Cursor { txid, id }, |r| Cursor { txid: r.txid, id: r.row.id });
+    Ok(Claim { rows: rows.into_iter().map(|r| r.row).collect(), after })
 }
 
 /// Moves the relay to `after` (a claim's) once the broker acknowledged the claim's events.

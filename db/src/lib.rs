@@ -1,15 +1,20 @@
 //! PostgreSQL: the numbered migrations in `db/migrations` and the named queries every other
-//! crate uses. No SQL lives outside this crate.
+//! crate uses, one module per family of tables; rows are read into named structs. No SQL lives
+//! outside this crate. Queries only tests and benchmarks run are behind the `test-support`
+//! feature, out of the components' builds.
 
 pub mod audit;
 #[cfg(feature = "test-support")]
 pub mod bench;
-pub mod composer;
+pub mod components;
+pub mod composites;
 #[cfg(feature = "test-support")]
 pub mod heartbeat;
 pub mod matching;
+pub mod offsets;
+pub mod outbox;
+pub mod partner_topics;
 pub mod partners;
-pub mod relay;
 pub mod resources;
 pub mod subscriptions;
 pub mod writeback;

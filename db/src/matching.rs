@@ -1,6 +1,6 @@
 //! The PMM1 match index: stored values (peppered token digests) per key id and member.
 
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 
 /// One stored value of one member's token for one key id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,28 +60,26 @@ pub async fn append(pool: &PgPool, rows: &[IndexRow]) -> crate::Result<()> {
 /// The unambiguous hits among `stored` values for `key_id`: (token type, member id). A value
 /// that more than one member holds is left out.
 pub async fn lookup(pool: &PgPool, key_id: &str, stored: &[Vec<u8>]) -> crate::Result<Vec<(i16, String)>> {
-    let rows = sqlx::query(
+    Ok(sqlx::query_as(
         "SELECT min(token_type), min(member_id) FROM match_index
          WHERE key_id = $1 AND stored = ANY($2) GROUP BY stored HAVING count(*) = 1",
     )
     .bind(key_id)
     .bind(stored)
     .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    .await?)
 }
 
 /// Live demographics (Patient JSON) of members in member-id order after `after`, for rebuilds.
 pub async fn patients_page(pool: &PgPool, after: &str, limit: i64) -> crate::Result<Vec<(String, String)>> {
-    let rows = sqlx::query(
+    Ok(sqlx::query_as(
         "SELECT member_id, body::text FROM components
          WHERE kind = 'demographics' AND NOT deleted AND member_id > $1 ORDER BY member_id, source LIMIT $2",
     )
     .bind(after)
     .bind(limit)
     .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    .await?)
 }
 
 /// A member's open tasks (requested, received, accepted, ready, in progress, on hold), as JSON.
@@ -97,6 +95,5 @@ pub async fn open_tasks(pool: &PgPool, member_id: &str) -> crate::Result<Vec<Str
 
 /// Rows and bytes on disk (table and indexes) of the match index.
 pub async fn size(pool: &PgPool) -> crate::Result<(i64, i64)> {
-    let row = sqlx::query("SELECT count(*), pg_total_relation_size('match_index') FROM match_index").fetch_one(pool).await?;
-    Ok((row.get(0), row.get(1)))
+    Ok(sqlx::query_as("SELECT count(*), pg_total_relation_size('match_index') FROM match_index").fetch_one(pool).await?)
 }

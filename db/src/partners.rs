@@ -1,9 +1,9 @@
 //! The partner registry, client-assertion replay protection and issued bearer tokens.
 
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use time::OffsetDateTime;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct Partner {
     pub partner_id: String,
     pub name: String,
@@ -29,21 +29,7 @@ pub struct Registration<'a> {
     pub pmm1_key_ids: &'a [String],
 }
 
-const PARTNER_COLUMNS: &str = "partner_id, name, jwks::text, scopes, rate_per_second, rate_burst, pmm1_key_ids, created_at, disabled_at";
-
-fn partner(r: sqlx::postgres::PgRow) -> Partner {
-    Partner {
-        partner_id: r.get(0),
-        name: r.get(1),
-        jwks: r.get(2),
-        scopes: r.get(3),
-        rate_per_second: r.get(4),
-        rate_burst: r.get(5),
-        pmm1_key_ids: r.get(6),
-        created_at: r.get(7),
-        disabled_at: r.get(8),
-    }
-}
+const PARTNER_COLUMNS: &str = "partner_id, name, jwks::text AS jwks, scopes, rate_per_second, rate_burst, pmm1_key_ids, created_at, disabled_at";
 
 /// Every change to a partner is notified on this channel (payload: the partner id), so that
 /// API instances drop what they cached about its tokens at once.
@@ -86,12 +72,12 @@ pub async fn register(pool: &PgPool, p: &Registration<'_>) -> crate::Result<()> 
 
 pub async fn list(pool: &PgPool) -> crate::Result<Vec<Partner>> {
     let sql = format!("SELECT {PARTNER_COLUMNS} FROM partners ORDER BY partner_id");
-    Ok(sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await?.into_iter().map(partner).collect())
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await?)
 }
 
 pub async fn get(pool: &PgPool, partner_id: &str) -> crate::Result<Option<Partner>> {
     let sql = format!("SELECT {PARTNER_COLUMNS} FROM partners WHERE partner_id = $1");
-    Ok(sqlx::query(sqlx::AssertSqlSafe(sql)).bind(partner_id).fetch_optional(pool).await?.map(partner))
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(partner_id).fetch_optional(pool).await?)
 }
 
 /// Disables (or enables again) a partner; a disabled partner's tokens stop working at once.
@@ -143,7 +129,7 @@ pub async fn issue_token(
 }
 
 /// A token as the API checks it on every request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Grant {
     pub partner_id: String,
     pub scopes: Vec<String>,
@@ -156,20 +142,12 @@ pub struct Grant {
 /// The grant behind a token hash, if the token was issued and its partner is not disabled
 /// (expired grants are returned: the caller says why it refuses).
 pub async fn grant(pool: &PgPool, token_hash: &[u8]) -> crate::Result<Option<Grant>> {
-    let row = sqlx::query(
+    Ok(sqlx::query_as(
         "SELECT t.partner_id, t.scopes, t.expires_at, p.rate_per_second, p.rate_burst, p.pmm1_key_ids
          FROM access_tokens t JOIN partners p USING (partner_id)
          WHERE t.token_hash = $1 AND p.disabled_at IS NULL",
     )
     .bind(token_hash)
     .fetch_optional(pool)
-    .await?;
-    Ok(row.map(|r| Grant {
-        partner_id: r.get(0),
-        scopes: r.get(1),
-        expires_at: r.get(2),
-        rate_per_second: r.get(3),
-        rate_burst: r.get(4),
-        pmm1_key_ids: r.get(5),
-    }))
+    .await?)
 }

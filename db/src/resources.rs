@@ -2,7 +2,7 @@
 //! (`resource_history`), and composites.
 
 use crate::audit::{AuditRecord, Columns, outcome};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use std::sync::LazyLock;
 use time::{Date, OffsetDateTime};
 
@@ -39,7 +39,7 @@ pub async fn is_attributed(pool: &PgPool, viewer: Viewer<'_>, member_id: &str) -
 
 /// One version of a resource, as stored: the JSON without `meta.versionId`/`lastUpdated`
 /// (the API adds them), or `None` when that version is a deletion.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct ResourceVersion {
     pub resource_id: String,
     pub version_id: i64,
@@ -49,47 +49,46 @@ pub struct ResourceVersion {
     pub member_id: String,
 }
 
-fn version(r: sqlx::postgres::PgRow) -> ResourceVersion {
-    ResourceVersion { resource_id: r.get(0), version_id: r.get(1), last_updated: r.get(2), body: r.get(3), member_id: r.get(4) }
-}
+/// The columns of a [`ResourceVersion`] from `components` (its current version).
+const CURRENT: &str = "resource_id, resource_version AS version_id, updated_at AS last_updated, body::text AS body, member_id";
+/// The columns of a [`ResourceVersion`] from `resource_history h`.
+const HISTORY: &str = "resource_id, version_id, last_updated, body::text AS body, h.member_id";
 
 /// The latest version of a resource (live or deleted), if it ever existed.
 pub async fn latest(pool: &PgPool, viewer: Viewer<'_>, resource_type: &str, id: &str) -> crate::Result<Option<ResourceVersion>> {
     let sql = format!(
-        "SELECT resource_id, resource_version, updated_at, body::text, member_id FROM components
+        "SELECT {CURRENT} FROM components
          WHERE resource_type = $1 AND resource_id = $2 AND {}
          ORDER BY resource_version DESC LIMIT 1",
         attributed("components.member_id", 3, 4)
     );
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(resource_type).bind(id).bind(viewer.partner_id).bind(viewer.on).fetch_optional(pool).await?;
-    Ok(row.map(version))
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(resource_type).bind(id).bind(viewer.partner_id).bind(viewer.on).fetch_optional(pool).await?)
 }
 
 pub async fn version_of(pool: &PgPool, viewer: Viewer<'_>, resource_type: &str, id: &str, version_id: i64) -> crate::Result<Option<ResourceVersion>> {
     let sql = format!(
-        "SELECT resource_id, version_id, last_updated, body::text, h.member_id FROM resource_history h
+        "SELECT {HISTORY} FROM resource_history h
          WHERE resource_type = $1 AND resource_id = $2 AND version_id = $3 AND {}",
         attributed("h.member_id", 4, 5)
     );
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(resource_type)
         .bind(id)
         .bind(version_id)
         .bind(viewer.partner_id)
         .bind(viewer.on)
         .fetch_optional(pool)
-        .await?;
-    Ok(row.map(version))
+        .await?)
 }
 
 /// Every version of a resource, newest first, at most `limit`, and how many there are.
 pub async fn history(pool: &PgPool, viewer: Viewer<'_>, resource_type: &str, id: &str, limit: i64) -> crate::Result<(i64, Vec<ResourceVersion>)> {
     let visible = attributed("h.member_id", 3, 4);
     let sql = format!(
-        "SELECT resource_id, version_id, last_updated, body::text, h.member_id FROM resource_history h
+        "SELECT {HISTORY} FROM resource_history h
          WHERE resource_type = $1 AND resource_id = $2 AND {visible} ORDER BY version_id DESC LIMIT $5"
     );
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+    let rows = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(resource_type)
         .bind(id)
         .bind(viewer.partner_id)
@@ -100,7 +99,7 @@ pub async fn history(pool: &PgPool, viewer: Viewer<'_>, resource_type: &str, id:
     let sql = format!("SELECT count(*) FROM resource_history h WHERE resource_type = $1 AND resource_id = $2 AND {visible}");
     let total: i64 =
         sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(resource_type).bind(id).bind(viewer.partner_id).bind(viewer.on).fetch_one(pool).await?;
-    Ok((total, rows.into_iter().map(version).collect()))
+    Ok((total, rows))
 }
 
 /// Search criteria over the current, live resources of one type (all optional, AND-ed).
@@ -129,10 +128,10 @@ fn search_where() -> String {
     )
 }
 
-type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+type PgQueryAs<'q, T> = sqlx::query::QueryAs<'q, sqlx::Postgres, T, sqlx::postgres::PgArguments>;
 
 /// Binds $1…$10 of [`search_where`].
-fn bind_criteria<'q>(query: PgQuery<'q>, viewer: Viewer<'q>, resource_type: &'q str, c: &'q Criteria) -> PgQuery<'q> {
+fn bind_criteria<'q, T>(query: PgQueryAs<'q, T>, viewer: Viewer<'q>, resource_type: &'q str, c: &'q Criteria) -> PgQueryAs<'q, T> {
     query
         .bind(resource_type)
         .bind(&c.member_id)
@@ -156,14 +155,14 @@ pub async fn search(
     count: i64,
 ) -> crate::Result<(i64, Vec<ResourceVersion>)> {
     let page = format!(
-        "SELECT resource_id, resource_version, updated_at, body::text, member_id FROM components WHERE {}
+        "SELECT {CURRENT} FROM components WHERE {}
          AND ($11::text IS NULL OR resource_id > $11) ORDER BY resource_id LIMIT $12",
         search_where()
     );
-    let rows = bind_criteria(sqlx::query(sqlx::AssertSqlSafe(page)), viewer, resource_type, c).bind(after).bind(count).fetch_all(pool).await?;
+    let rows = bind_criteria(sqlx::query_as(sqlx::AssertSqlSafe(page)), viewer, resource_type, c).bind(after).bind(count).fetch_all(pool).await?;
     let total = format!("SELECT count(*) FROM components WHERE {}", search_where());
-    let total: i64 = bind_criteria(sqlx::query(sqlx::AssertSqlSafe(total)), viewer, resource_type, c).fetch_one(pool).await?.get(0);
-    Ok((total, rows.into_iter().map(version).collect()))
+    let (total,): (i64,) = bind_criteria(sqlx::query_as(sqlx::AssertSqlSafe(total)), viewer, resource_type, c).fetch_one(pool).await?;
+    Ok((total, rows))
 }
 
 /// One medication-profile read: whose, for which partner, the version whose body the reader
@@ -177,6 +176,18 @@ pub struct ProfileRead {
     pub known_version: Option<i64>,
     pub if_none_match: Option<IfNoneMatch>,
     pub access: AuditRecord,
+}
+
+/// One row of the profile statement: the read it answers (1-based), its status, and the
+/// profile's current version when there is one.
+#[derive(Debug, sqlx::FromRow)]
+struct ServedRow {
+    i: i64,
+    status: i16,
+    version_id: Option<i64>,
+    last_updated: Option<OffsetDateTime>,
+    deleted: Option<bool>,
+    body: Option<String>,
 }
 
 /// What an `If-None-Match` header asks: `*` (any version), or the versions it names.
@@ -269,7 +280,7 @@ pub async fn medication_profiles(pool: &PgPool, on: Date, reads: &[ProfileRead])
     let known: Vec<Option<i64>> = reads.iter().map(|r| r.known_version).collect();
     let if_none_match: Vec<Option<String>> = reads.iter().map(|r| r.if_none_match.as_ref().map(IfNoneMatch::as_sql)).collect();
     let access = Columns::of(reads.iter().map(|r| &r.access));
-    let rows = sqlx::query(sqlx::AssertSqlSafe(PROFILE_READS.as_str()))
+    let rows: Vec<ServedRow> = sqlx::query_as(sqlx::AssertSqlSafe(PROFILE_READS.as_str()))
         .bind(&members)
         .bind(&partners)
         .bind(on)
@@ -289,12 +300,14 @@ pub async fn medication_profiles(pool: &PgPool, on: Date, reads: &[ProfileRead])
         .await?;
     let mut served = vec![None; reads.len()];
     for row in rows {
-        let i: i64 = row.get(0);
-        let status: i16 = row.get(1);
-        let profile =
-            row.get::<Option<i64>, _>(2).map(|version_id| Profile { version_id, last_updated: row.get(3), deleted: row.get(4), body: row.get(5) });
-        if let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| served.get_mut(i)) {
-            *slot = Some(ServedRead { status, profile });
+        let profile = match (row.version_id, row.last_updated) {
+            (Some(version_id), Some(last_updated)) => {
+                Some(Profile { version_id, last_updated, deleted: row.deleted.unwrap_or(false), body: row.body })
+            }
+            _ => None,
+        };
+        if let Some(slot) = usize::try_from(row.i - 1).ok().and_then(|i| served.get_mut(i)) {
+            *slot = Some(ServedRead { status: row.status, profile });
         }
     }
     served

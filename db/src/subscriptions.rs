@@ -1,12 +1,11 @@
 //! FHIR Subscriptions: the stored subscriptions, their queues (one per subscription), the
 //! fan-out of composite versions into those queues, and the delivery bookkeeping.
 
-use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 use time::{Date, OffsetDateTime};
 
 /// A stored subscription.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Subscription {
     pub id: String,
     pub partner_id: String,
@@ -36,34 +35,7 @@ pub struct Subscription {
 }
 
 const COLUMNS: &str = "id, partner_id, topic, member_id, channel, endpoint, secret, headers, content, heartbeat_secs, timeout_secs, \
-    max_count, status, error, events_since_start, body::text, created_at, end_at, last_sent_at, failing_since, attempts, delivery_failures";
-
-fn subscription(r: PgRow) -> Subscription {
-    Subscription {
-        id: r.get(0),
-        partner_id: r.get(1),
-        topic: r.get(2),
-        member_id: r.get(3),
-        channel: r.get(4),
-        endpoint: r.get(5),
-        secret: r.get(6),
-        headers: r.get(7),
-        content: r.get(8),
-        heartbeat_secs: r.get(9),
-        timeout_secs: r.get(10),
-        max_count: r.get(11),
-        status: r.get(12),
-        error: r.get(13),
-        events_since_start: r.get(14),
-        body: r.get(15),
-        created_at: r.get(16),
-        end_at: r.get(17),
-        last_sent_at: r.get(18),
-        failing_since: r.get(19),
-        attempts: r.get(20),
-        delivery_failures: r.get(21),
-    }
-}
+    max_count, status, error, events_since_start, body::text AS body, created_at, end_at, last_sent_at, failing_since, attempts, delivery_failures";
 
 /// Stores `s` unless its partner already holds `max_per_partner` subscriptions (other than
 /// `off`); returns whether it was stored. Creations of one partner are serialized, so the
@@ -116,13 +88,13 @@ async fn insert(tx: &mut PgConnection, s: &Subscription) -> crate::Result<()> {
 /// A partner's subscription (another partner's is not found).
 pub async fn get(pool: &PgPool, partner_id: &str, id: &str) -> crate::Result<Option<Subscription>> {
     let sql = format!("SELECT {COLUMNS} FROM subscriptions WHERE id = $1 AND partner_id = $2");
-    Ok(sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).bind(partner_id).fetch_optional(pool).await?.map(subscription))
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).bind(partner_id).fetch_optional(pool).await?)
 }
 
 /// A partner's subscriptions, optionally with one status, by id.
 pub async fn list(pool: &PgPool, partner_id: &str, status: Option<&str>) -> crate::Result<Vec<Subscription>> {
     let sql = format!("SELECT {COLUMNS} FROM subscriptions WHERE partner_id = $1 AND ($2::text IS NULL OR status = $2) ORDER BY id LIMIT 1000");
-    Ok(sqlx::query(sqlx::AssertSqlSafe(sql)).bind(partner_id).bind(status).fetch_all(pool).await?.into_iter().map(subscription).collect())
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(partner_id).bind(status).fetch_all(pool).await?)
 }
 
 /// Deletes a partner's subscription and its queue; false when there was none.
@@ -145,15 +117,14 @@ async fn lock_fan_out(tx: &mut PgConnection) -> crate::Result<()> {
 pub async fn fan_out(pool: &PgPool, day: Date, limit: i64) -> crate::Result<(usize, u64)> {
     let mut tx = pool.begin().await?;
     lock_fan_out(&mut tx).await?;
-    let rows = sqlx::query("SELECT o.id FROM outbox o WHERE o.notified_at IS NULL AND o.payload IS NULL ORDER BY o.id LIMIT $1")
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT o.id FROM outbox o WHERE o.notified_at IS NULL AND o.payload IS NULL ORDER BY o.id LIMIT $1")
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
-    if rows.is_empty() {
+    if ids.is_empty() {
         tx.rollback().await?;
         return Ok((0, 0));
     }
-    let ids: Vec<i64> = rows.into_iter().map(|r| r.get(0)).collect();
     // The member is attributed to the subscription's partner on `day` ($2).
     let attributed = crate::resources::attributed_to("r.member_id", "s.partner_id", "$2");
     let sql = format!(
@@ -210,23 +181,13 @@ pub async fn claim_due(pool: &PgPool, lease_secs: i32, limit: i64, per_partner: 
          ) chosen
          WHERE s.id = chosen.id AND (s.leased_until IS NULL OR s.leased_until < now())
          RETURNING {}",
-        COLUMNS.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ")
+        COLUMNS.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ").replace("s.body::text AS body", "s.body::text AS body")
     );
-    Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(lease_secs)
-        .bind(limit)
-        .bind(&partners)
-        .bind(&counts)
-        .bind(per_partner)
-        .fetch_all(pool)
-        .await?
-        .into_iter()
-        .map(subscription)
-        .collect())
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(lease_secs).bind(limit).bind(&partners).bind(&counts).bind(per_partner).fetch_all(pool).await?)
 }
 
 /// One event of a subscription's queue, with the composite version it is about.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Event {
     pub event_number: i64,
     pub member_id: String,
@@ -240,18 +201,6 @@ pub struct Event {
     pub attributed: bool,
 }
 
-fn event(r: PgRow) -> Event {
-    Event {
-        event_number: r.get(0),
-        member_id: r.get(1),
-        version_id: r.get(2),
-        deleted: r.get(3),
-        occurred_at: r.get(4),
-        body: r.get(5),
-        attributed: r.get(6),
-    }
-}
-
 /// Events chosen by `selection` (a condition, order and limit on `subscription_events`), each
 /// with whether its member is attributed to `$partner` on `$day` and, when `with_bodies` (a
 /// parameter) is true and it is, its composite's body, looked up by its key.
@@ -260,7 +209,7 @@ fn event_query(partner: &str, day: &str, with_bodies: &str, selection: &str) -> 
     sqlx::AssertSqlSafe(format!(
         "SELECT e.event_number, e.member_id, e.version_id, e.deleted, e.occurred_at,
                 CASE WHEN {with_bodies} AND e.attributed THEN (SELECT h.body::text FROM composite_history h
-                                                             WHERE h.member_id = e.member_id AND h.version_id = e.version_id) END,
+                                                             WHERE h.member_id = e.member_id AND h.version_id = e.version_id) END AS body,
                 e.attributed
          FROM (SELECT e.*, {attributed} AS attributed FROM (SELECT * FROM subscription_events WHERE {selection}) e) e
          ORDER BY e.event_number"
@@ -269,15 +218,14 @@ fn event_query(partner: &str, day: &str, with_bodies: &str, selection: &str) -> 
 
 /// The oldest undelivered events of a subscription of `partner`, in order, at most `limit`.
 pub async fn pending(pool: &PgPool, id: &str, partner: &str, day: Date, limit: i64, with_bodies: bool) -> crate::Result<Vec<Event>> {
-    let rows = sqlx::query(event_query("$4", "$5", "$3", "subscription_id = $1 AND delivered_at IS NULL ORDER BY event_number LIMIT $2"))
+    Ok(sqlx::query_as(event_query("$4", "$5", "$3", "subscription_id = $1 AND delivered_at IS NULL ORDER BY event_number LIMIT $2"))
         .bind(id)
         .bind(limit)
         .bind(with_bodies)
         .bind(partner)
         .bind(day)
         .fetch_all(pool)
-        .await?;
-    Ok(rows.into_iter().map(event).collect())
+        .await?)
 }
 
 /// Events `since..=until` of a subscription of `partner` (delivered or not), at most `limit`
@@ -293,7 +241,7 @@ pub async fn events(
     limit: i64,
     with_bodies: bool,
 ) -> crate::Result<Vec<Event>> {
-    let rows = sqlx::query(event_query("$6", "$7", "$5", "subscription_id = $1 AND event_number BETWEEN $2 AND $3 ORDER BY event_number LIMIT $4"))
+    Ok(sqlx::query_as(event_query("$6", "$7", "$5", "subscription_id = $1 AND event_number BETWEEN $2 AND $3 ORDER BY event_number LIMIT $4"))
         .bind(id)
         .bind(since)
         .bind(until)
@@ -302,8 +250,7 @@ pub async fn events(
         .bind(partner)
         .bind(day)
         .fetch_all(pool)
-        .await?;
-    Ok(rows.into_iter().map(event).collect())
+        .await?)
 }
 
 /// A notification was accepted: events up to `through` are delivered (none for a handshake or
@@ -370,35 +317,49 @@ pub struct Metrics {
     pub outbox_parked: i64,
     /// Composite versions not yet turned into subscription events.
     pub outbox_unnotified: i64,
-    /// (subscription id, partner id, status, undelivered events, delivery failures so far).
-    pub subscriptions: Vec<(String, String, String, i64, i64)>,
+    pub subscriptions: Vec<SubscriptionLoad>,
+}
+
+/// A subscription's queue depth and delivery failures so far.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SubscriptionLoad {
+    pub id: String,
+    pub partner_id: String,
+    pub status: String,
+    pub undelivered: i64,
+    pub delivery_failures: i64,
+}
+
+/// The outbox's part of [`Metrics`].
+#[derive(Debug, sqlx::FromRow)]
+struct OutboxLoad {
+    unpublished: i64,
+    oldest_secs: f64,
+    parked: i64,
 }
 
 pub async fn metrics(pool: &PgPool) -> crate::Result<Metrics> {
-    let row = sqlx::query(
-        "SELECT count(*) FILTER (WHERE parked_at IS NULL),
-                coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE parked_at IS NULL))::float8, 0),
-                count(*) FILTER (WHERE parked_at IS NOT NULL)
+    let outbox: OutboxLoad = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE parked_at IS NULL) AS unpublished,
+                coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE parked_at IS NULL))::float8, 0) AS oldest_secs,
+                count(*) FILTER (WHERE parked_at IS NOT NULL) AS parked
          FROM outbox WHERE published_at IS NULL",
     )
     .fetch_one(pool)
     .await?;
     let unnotified: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE notified_at IS NULL AND payload IS NULL").fetch_one(pool).await?;
-    let subscriptions = sqlx::query(
+    let subscriptions = sqlx::query_as(
         "SELECT s.id, s.partner_id, s.status,
-                (SELECT count(*) FROM subscription_events e WHERE e.subscription_id = s.id AND e.delivered_at IS NULL),
+                (SELECT count(*) FROM subscription_events e WHERE e.subscription_id = s.id AND e.delivered_at IS NULL) AS undelivered,
                 s.delivery_failures
          FROM subscriptions s ORDER BY s.id",
     )
     .fetch_all(pool)
-    .await?
-    .into_iter()
-    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-    .collect();
+    .await?;
     Ok(Metrics {
-        outbox_unpublished: row.get(0),
-        outbox_oldest_unpublished_secs: row.get(1),
-        outbox_parked: row.get(2),
+        outbox_unpublished: outbox.unpublished,
+        outbox_oldest_unpublished_secs: outbox.oldest_secs,
+        outbox_parked: outbox.parked,
         outbox_unnotified: unnotified,
         subscriptions,
     })

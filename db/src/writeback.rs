@@ -1,7 +1,7 @@
 //! Partner write-back: the queries of a write, all inside its one transaction (the member is
 //! locked first with `composer::lock_members`).
 
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
@@ -36,7 +36,7 @@ pub async fn claim_identifiers(
     identifiers: &[(String, String)],
 ) -> crate::Result<Vec<(String, String)>> {
     let (systems, values): (Vec<&str>, Vec<&str>) = identifiers.iter().map(|(s, v)| (s.as_str(), v.as_str())).unzip();
-    let rows = sqlx::query(
+    Ok(sqlx::query_as(
         "INSERT INTO partner_identifiers (partner_id, resource_type, system, value, resource_id)
          SELECT $1, $2, s, v, $3 FROM unnest($4::text[], $5::text[]) AS i(s, v)
          ON CONFLICT DO NOTHING RETURNING system, value",
@@ -47,12 +47,11 @@ pub async fn claim_identifiers(
     .bind(&systems)
     .bind(&values)
     .fetch_all(&mut *tx)
-    .await?;
-    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    .await?)
 }
 
 /// A resource as stored in `components`, for write-back decisions.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StoredResource {
     pub source: String,
     pub member_id: String,
@@ -65,23 +64,14 @@ pub struct StoredResource {
 
 /// The current row of a resource (any source), locked for the rest of the transaction.
 pub async fn resource_for_update(tx: &mut PgConnection, resource_type: &str, resource_id: &str) -> crate::Result<Option<StoredResource>> {
-    let row = sqlx::query(
-        "SELECT source, member_id, version, resource_version, deleted, updated_at, body::text FROM components
+    Ok(sqlx::query_as(
+        "SELECT source, member_id, version, resource_version, deleted, updated_at, body::text AS body FROM components
          WHERE resource_type = $1 AND resource_id = $2 ORDER BY resource_version DESC LIMIT 1 FOR UPDATE",
     )
     .bind(resource_type)
     .bind(resource_id)
     .fetch_optional(&mut *tx)
-    .await?;
-    Ok(row.map(|r| StoredResource {
-        source: r.get(0),
-        member_id: r.get(1),
-        version: r.get(2),
-        resource_version: r.get(3),
-        deleted: r.get(4),
-        updated_at: r.get(5),
-        body: r.get(6),
-    }))
+    .await?)
 }
 
 /// A message for a topic that is not a composite version (it carries its own payload and

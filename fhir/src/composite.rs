@@ -1,7 +1,8 @@
 //! Composites: FHIR resources assembled from a member's components. A composite is one
 //! implementation of [`Composite`]; the medication profile is the first.
 
-use db::composer::{self as q, CompositeVersion};
+use db::components as q;
+use db::composites::{CompositeState, CompositeVersion, composite_states};
 use platform::MemberId;
 use platform::time::instant;
 use schemas::RecordKind;
@@ -262,7 +263,7 @@ pub enum RebuildError {
 
 /// New composite versions for `members` whose content changed (or that appeared or went).
 /// Runs inside the transaction that changed their components, with the members locked
-/// ([`q::lock_members`]); the caller stores the versions with [`q::write_composites`].
+/// ([`q::lock_members`]); the caller stores the versions with [`db::composites::write_composites`].
 /// A version larger than its composite's `max_bytes` fails the whole rebuild.
 pub async fn rebuild(
     tx: &mut sqlx::PgConnection,
@@ -294,8 +295,7 @@ pub async fn rebuild(
                 updated_at: row.updated_at,
             });
         }
-        let states: HashMap<String, q::CompositeState> =
-            q::composite_states(tx, members).await?.into_iter().map(|s| (s.member_id.clone(), s)).collect();
+        let states: HashMap<String, CompositeState> = composite_states(tx, members).await?.into_iter().map(|s| (s.member_id.clone(), s)).collect();
         for member in members {
             let Ok(member_id) = MemberId::parse(member) else {
                 continue;

@@ -12,7 +12,7 @@
 
 use crate::composite::{Assessment, Component, Composite, PARTNER_ID_SYSTEM, RebuildError, rebuild};
 use crate::mapping::{self, ALLERGY_CLINICAL, RXNORM, SNOMED};
-use db::composer::{self as q, ComponentKey, ComponentWrite};
+use db::components::{self as q, ComponentKey, ComponentWrite};
 use db::writeback as w;
 use fhir_sdk::r4b::resources::{AllergyIntolerance, MedicationStatement};
 use schemas::RecordKind;
@@ -478,7 +478,7 @@ pub async fn write(
 
     let reconciliation = reconciliation(&mut tx, &report, &source, now).await?;
     let versions = rebuild(&mut tx, composites, std::slice::from_ref(&member), &now_text).await?;
-    q::write_composites(&mut tx, &versions, now).await?;
+    db::composites::write_composites(&mut tx, &versions, now).await?;
 
     let event_id = Uuid::new_v5(
         &Uuid::NAMESPACE_OID,

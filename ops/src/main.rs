@@ -124,7 +124,7 @@ async fn outbox(cli: &Cli, command: &OutboxCommand) -> anyhow::Result<()> {
     let pool = db::connect_configured(&cli.common, 1).await?;
     match command {
         OutboxCommand::List => {
-            let rows = db::relay::parked(&pool, None).await?;
+            let rows = db::outbox::parked(&pool, None).await?;
             for r in &rows {
                 let parked = platform::time::instant(r.parked_at);
                 if cli.json {
@@ -142,11 +142,11 @@ async fn outbox(cli: &Cli, command: &OutboxCommand) -> anyhow::Result<()> {
         OutboxCommand::Retry(selection) => {
             anyhow::ensure!(selection.all || !selection.ids.is_empty(), "name the ids to retry, or --all");
             let ids = (!selection.all).then_some(selection.ids.as_slice());
-            let n = db::relay::unpark(&pool, ids).await?;
+            let n = db::outbox::unpark(&pool, ids).await?;
             println!("{n} handed back to the relay");
         }
         OutboxCommand::Drop { ids, why } => {
-            let n = db::relay::drop_parked(&pool, ids, why).await?;
+            let n = db::outbox::drop_parked(&pool, ids, why).await?;
             tracing::warn!(records = n, "outbox records dropped by an operator");
             println!("{n} dropped");
         }

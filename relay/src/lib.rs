@@ -12,7 +12,8 @@
 //! attributed member's current composite, and a tombstone when an attribution ended.
 
 use clap::Parser;
-use db::relay::{self as q, OutboxRow};
+use db::outbox::{self as q, OutboxRow};
+use db::partner_topics as pt;
 use platform::kafka::Retention;
 use platform::{KafkaConfig, topics};
 use rdkafka::admin::AdminClient;
@@ -124,14 +125,14 @@ impl Relay {
                 }
                 n
             } else {
-                let (ids, members) = q::attribution_changes(&mut tx, ATTRIBUTION_CHANGES_PER_STEP).await?;
+                let (ids, members) = pt::attribution_changes(&mut tx, ATTRIBUTION_CHANGES_PER_STEP).await?;
                 if ids.is_empty() {
                     return Ok(0);
                 }
                 // The changes are forgotten once all of their members' records were sent.
                 let (n, complete) = self.reconcile(&mut tx, today, Some(&members)).await?;
                 if complete {
-                    q::forget_attribution_changes(&mut tx, &ids).await?;
+                    pt::forget_attribution_changes(&mut tx, &ids).await?;
                 }
                 n.max(ids.len())
             };
@@ -142,8 +143,8 @@ impl Relay {
         members.sort();
         members.dedup();
         let mut partners: HashMap<String, Vec<String>> = HashMap::new();
-        for (member, partner) in q::partners_of(&mut tx, &members, today).await? {
-            partners.entry(member).or_default().push(partner);
+        for a in pt::partners_of(&mut tx, &members, today).await? {
+            partners.entry(a.member_id).or_default().push(a.partner_id);
         }
         // Each record with the row it publishes and, for a partner topic, the (partner, member)
         // pair it adds or removes there.
@@ -193,7 +194,7 @@ impl Relay {
         }
         q::mark_published(&mut tx, &published).await?;
         q::park(&mut tx, &parked).await?;
-        q::carried(&mut tx, &added, &removed).await?;
+        pt::carried(&mut tx, &added, &removed).await?;
         tx.commit().await?;
         Ok(records.len())
     }
@@ -205,7 +206,7 @@ impl Relay {
             payload: row.body.clone(),
             version_id: row.version_id,
             event_id: row.event_id,
-            headers: row.headers.clone(),
+            headers: row.headers.clone().map(|h| h.into_iter().collect()).unwrap_or_default(),
         }
     }
 
@@ -214,8 +215,8 @@ impl Relay {
     /// that was everything (at most a batch of each kind is done at once).
     async fn reconcile(&mut self, tx: &mut sqlx::PgConnection, today: time::Date, members: Option<&[String]>) -> anyhow::Result<(usize, bool)> {
         let limit = self.config.batch_size;
-        let started = q::newly_attributed(tx, today, limit, members).await?;
-        let ended = q::no_longer_attributed(tx, today, limit, members).await?;
+        let started = pt::newly_attributed(tx, today, limit, members).await?;
+        let ended = pt::no_longer_attributed(tx, today, limit, members).await?;
         let complete = (started.len() as i64) < limit && (ended.len() as i64) < limit;
         if started.is_empty() && ended.is_empty() {
             return Ok((0, complete));
@@ -224,23 +225,23 @@ impl Relay {
             Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{}|{what}|{partner}|{member}|{version}", topics::MEDICATION_PROFILE).as_bytes())
         };
         let mut records = Vec::new();
-        for (partner, member, version, body) in &started {
+        for a in &started {
             records.push(Out {
-                topic: self.kafka().topic(&topics::partner_profile(partner)),
-                key: member.clone(),
-                payload: Some(body.clone()),
-                version_id: *version,
-                event_id: event_id("attributed", partner, member, *version),
+                topic: self.kafka().topic(&topics::partner_profile(&a.partner_id)),
+                key: a.member_id.clone(),
+                payload: Some(a.body.clone()),
+                version_id: a.version_id,
+                event_id: event_id("attributed", &a.partner_id, &a.member_id, a.version_id),
                 headers: Vec::new(),
             });
         }
-        for (partner, member, version) in &ended {
+        for u in &ended {
             records.push(Out {
-                topic: self.kafka().topic(&topics::partner_profile(partner)),
-                key: member.clone(),
+                topic: self.kafka().topic(&topics::partner_profile(&u.partner_id)),
+                key: u.member_id.clone(),
                 payload: None,
-                version_id: *version,
-                event_id: event_id("attribution-ended", partner, member, *version),
+                version_id: u.version_id,
+                event_id: event_id("attribution-ended", &u.partner_id, &u.member_id, u.version_id),
                 headers: Vec::new(),
             });
         }
@@ -249,19 +250,20 @@ impl Relay {
         // topic (an operator retries or drops it) and counts as carried, so that reconciling
         // does not send it again and again. A tombstone cannot be too large: its refusal is the
         // broker's trouble, and the step is retried.
-        for ((partner, member, version, _), refusal) in started.iter().zip(&refusals) {
+        for (a, refusal) in started.iter().zip(&refusals) {
             if let Some(why) = refusal {
-                let topic = topics::partner_profile(partner);
-                tracing::error!(partner = %partner, member = %member, reason = %why, "relay: the broker refused a partner topic's record; parked it");
-                q::park_partner_record(tx, &topic, member, *version, event_id("attributed", partner, member, *version), why).await?;
+                let topic = topics::partner_profile(&a.partner_id);
+                tracing::error!(partner = %a.partner_id, member = %a.member_id, reason = %why, "relay: the broker refused a partner topic's record; parked it");
+                let event = event_id("attributed", &a.partner_id, &a.member_id, a.version_id);
+                q::park_partner_record(tx, &topic, &a.member_id, a.version_id, event, why).await?;
             }
         }
         if let Some(why) = refusals[started.len()..].iter().flatten().next() {
             anyhow::bail!("a tombstone was refused: {why}");
         }
-        let added: Vec<(String, String)> = started.iter().map(|(p, m, _, _)| (p.clone(), m.clone())).collect();
-        let removed: Vec<(String, String)> = ended.iter().map(|(p, m, _)| (p.clone(), m.clone())).collect();
-        q::carried(tx, &added, &removed).await?;
+        let added: Vec<(String, String)> = started.iter().map(|a| (a.partner_id.clone(), a.member_id.clone())).collect();
+        let removed: Vec<(String, String)> = ended.iter().map(|u| (u.partner_id.clone(), u.member_id.clone())).collect();
+        pt::carried(tx, &added, &removed).await?;
         tracing::info!(attributed = added.len(), ended = removed.len(), "relay: partner topics follow attribution");
         Ok((records.len(), complete))
     }

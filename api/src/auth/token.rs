@@ -1,13 +1,12 @@
-//! SMART Backend Services: discovery and `POST /auth/token` (client credentials with a
-//! `private_key_jwt` client assertion, RS384 or ES384).
+//! SMART Backend Services, the protocol: the discovery document and issuing a token for client
+//! credentials with a `private_key_jwt` client assertion (RS384 or ES384). The HTTP routes are
+//! `crate::http::token`.
 
+use super::Auth;
 use super::scope::Scope;
 use crate::audit::Audited;
-use crate::error::{ApiError, OperationOutcome};
-use crate::limits::RequestBody;
-use crate::startup::AppState;
+use crate::error::ApiError;
 use axum::Json;
-use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -20,7 +19,6 @@ use std::collections::HashMap;
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
-pub const PATH: &str = "/auth/token";
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 pub const ALGORITHMS: [Algorithm; 2] = [Algorithm::RS384, Algorithm::ES384];
 /// The longest a client assertion may live (`exp` at most this far ahead).
@@ -39,20 +37,6 @@ pub fn smart_configuration(token_url: &str) -> Value {
             "system/AllergyIntolerance.read", "system/Immunization.read", "system/Task.read", "system/AuditEvent.read"],
         "capabilities": ["client-confidential-asymmetric"],
     })
-}
-
-/// SMART discovery document (also served under the FHIR base).
-#[utoipa::path(get, path = "/.well-known/smart-configuration", tag = "authorization", operation_id = "smartConfiguration",
-    responses((status = 200, description = "SMART configuration", body = Object, content_type = "application/json")))]
-pub async fn smart_configuration_handler(State(state): State<AppState>) -> Response {
-    Json(smart_configuration(&state.auth.token_url)).into_response()
-}
-
-/// SMART discovery document, relative to the FHIR base as SMART clients look for it.
-#[utoipa::path(get, path = "/fhir/.well-known/smart-configuration", tag = "authorization", operation_id = "smartConfigurationFhir",
-    responses((status = 200, description = "SMART configuration", body = Object, content_type = "application/json")))]
-pub async fn smart_configuration_fhir(state: State<AppState>) -> Response {
-    smart_configuration_handler(state).await
 }
 
 /// The form a backend service posts (`application/x-www-form-urlencoded`).
@@ -105,30 +89,9 @@ fn invalid_client(description: impl Into<String>) -> ApiError {
     refuse(StatusCode::UNAUTHORIZED, "invalid_client", description)
 }
 
-/// Exchanges a signed client assertion for a short-lived bearer token.
-#[utoipa::path(post, path = "/auth/token", tag = "authorization", operation_id = "token",
-    request_body(content = TokenRequest, content_type = "application/x-www-form-urlencoded"),
-    responses(
-        (status = 200, description = "An access token", body = TokenResponse, content_type = "application/json"),
-        (status = 400, description = "Malformed request, unsupported grant type or scope (OAuth error code in issue.details)", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 401, description = "The client could not be authenticated (OAuth error code in issue.details)", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 408, description = "The body did not arrive in time", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 413, description = "The body is over 16 KiB", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 415, description = "The body is not a form", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 429, description = "This client address sent too many token requests or unauthenticated requests (ADDRESS_RATE_LIMIT_*); see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")))]
-pub async fn token(State(state): State<AppState>, headers: HeaderMap, RequestBody(body): RequestBody) -> Response {
-    // The registered partner, once known, goes on the audit record of this request.
-    let mut audited = Audited::operation("token");
-    let result = issue(&state, &headers, &body, &mut audited).await;
-    let mut response = match result {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    };
-    response.extensions_mut().insert(audited);
-    response
-}
-
-async fn issue(state: &AppState, headers: &HeaderMap, body: &[u8], audited: &mut Audited) -> Result<Response, ApiError> {
+/// Issues a token for a valid request, or says why not; `audited` learns the partner once its
+/// signature verified.
+pub async fn issue(auth: &Auth, pool: &db::Pool, headers: &HeaderMap, body: &[u8], audited: &mut Audited) -> Result<Response, ApiError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
     if !content_type.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded") {
         return Err(ApiError::UnsupportedMediaType("the token request must be application/x-www-form-urlencoded".into()));
@@ -165,11 +128,11 @@ async fn issue(state: &AppState, headers: &HeaderMap, body: &[u8], audited: &mut
     }
     // Read the claimed client before verifying, to find its keys; nothing is trusted yet.
     let claimed = unverified_issuer(assertion).ok_or_else(|| invalid_client("client_assertion has no iss claim"))?;
-    let partner = db::partners::get(&state.pool, &claimed).await?.ok_or_else(|| invalid_client("unknown client"))?;
+    let partner = db::partners::get(pool, &claimed).await?.ok_or_else(|| invalid_client("unknown client"))?;
     if partner.disabled_at.is_some() {
         return Err(invalid_client("this client is disabled"));
     }
-    let claims = verify(assertion, &header, &partner, &state.auth.token_url)?;
+    let claims = verify(assertion, &header, &partner, &auth.token_url)?;
     // Signed with one of its keys: from here on the partner is known, and recorded.
     audited.partner_id = Some(partner.partner_id.clone());
     let now = OffsetDateTime::now_utc();
@@ -182,7 +145,7 @@ async fn issue(state: &AppState, headers: &HeaderMap, body: &[u8], audited: &mut
     let jti = claims.jti.as_deref().filter(|j| !j.is_empty() && j.len() <= 256);
     let jti = jti.ok_or_else(|| invalid_client("client_assertion needs a jti of 1 to 256 characters"))?;
     let expires = OffsetDateTime::from_unix_timestamp(claims.exp).map_err(|_| invalid_client("client_assertion exp is out of range"))?;
-    if !db::partners::use_assertion(&state.pool, &partner.partner_id, jti, expires).await? {
+    if !db::partners::use_assertion(pool, &partner.partner_id, jti, expires).await? {
         return Err(invalid_client("this client_assertion jti was already used"));
     }
     let allowed = super::Scopes::from_strings(&partner.scopes);
@@ -194,10 +157,10 @@ async fn issue(state: &AppState, headers: &HeaderMap, body: &[u8], audited: &mut
     }
 
     let token = new_token()?;
-    let lifetime = state.auth.token_lifetime;
+    let lifetime = auth.token_lifetime;
     let expires_at = now + lifetime;
     let scopes: Vec<String> = granted.iter().map(|s| s.to_string()).collect();
-    db::partners::issue_token(&state.pool, &super::token_hash(&token), &partner.partner_id, &scopes, now, expires_at).await?;
+    db::partners::issue_token(pool, &super::token_hash(&token), &partner.partner_id, &scopes, now, expires_at).await?;
     tracing::info!(partner = %partner.partner_id, scopes = %scopes.join(" "), "token issued");
     let body = TokenResponse { access_token: token, token_type: "bearer", expires_in: lifetime.as_secs() as i64, scope: scopes.join(" ") };
     let mut response = Json(body).into_response();

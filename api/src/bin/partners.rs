@@ -127,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
         Command::DemoToken { id, scopes, limits, token_url } => {
             let token_url = token_url.unwrap_or_else(|| {
                 let base = cli.common.fhir_base_url.trim_end_matches('/');
-                format!("{}{}", base.strip_suffix("/fhir").unwrap_or(base), api::auth::token::PATH)
+                format!("{}{}", base.strip_suffix("/fhir").unwrap_or(base), api::routes::TOKEN)
             });
             let key = demo_key(&id)?;
             let jwks = ClientKey::jwks(&[&key]).to_string();

@@ -1,19 +1,22 @@
 //! `GET /fhir/AuditEvent` and `GET /fhir/AuditEvent/{id}`: the audit trail, for operators
 //! holding the `system/AuditEvent.read` scope (never granted by a wildcard).
 
-use crate::audit::audit_event;
+use crate::audit::event::audit_event;
 use crate::auth::Caller;
 use crate::auth::scope::{ADMIN_TYPE, Interaction};
 use crate::error::{ApiError, OperationOutcome};
 use crate::http::resources::{Bundle, FormatOnly, Resource};
 use crate::rest;
-use crate::startup::AppState;
+use crate::routes as paths;
+use crate::state::AppState;
 use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{Value, json};
 use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -56,15 +59,15 @@ fn operation_code(subtype: &str) -> Result<&'static str, ApiError> {
 }
 
 /// Search the audit trail (oldest first, keyset paging).
-#[utoipa::path(get, path = "/fhir/AuditEvent", tag = "AuditEvent", operation_id = "searchAuditEvent",
+#[utoipa::path(get, path = paths::AUDIT_EVENTS, tag = "AuditEvent", operation_id = "searchAuditEvent",
     params(AuditSearch, FormatOnly),
     responses(
         (status = 200, description = "A searchset Bundle of AuditEvents", body = Bundle, content_type = "application/fhir+json"),
         (status = 400, description = "Unknown or malformed parameter", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+        crate::doc::NoToken,
         (status = 403, description = "The token lacks system/AuditEvent.read", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+        crate::doc::NotAcceptable,
+        crate::doc::RateLimited),
     security(("smart_backend" = ["system/AuditEvent.read"])))]
 pub async fn search(
     State(state): State<AppState>,
@@ -86,7 +89,7 @@ pub async fn search(
         }
         match name.as_str() {
             "agent" => {
-                let id = value.strip_prefix(crate::audit::PARTNER_SYSTEM).and_then(|v| v.strip_prefix('|')).unwrap_or(&value);
+                let id = value.strip_prefix(crate::audit::event::PARTNER_SYSTEM).and_then(|v| v.strip_prefix('|')).unwrap_or(&value);
                 criteria.partner_id = Some(rest::parse_id(id).map_err(|_| ApiError::BadRequest("agent must be a partner id".into()))?.to_owned());
             }
             "patient" => {
@@ -142,16 +145,16 @@ pub async fn search(
 }
 
 /// Read one AuditEvent.
-#[utoipa::path(get, path = "/fhir/AuditEvent/{id}", tag = "AuditEvent", operation_id = "readAuditEvent",
+#[utoipa::path(get, path = paths::AUDIT_EVENT, tag = "AuditEvent", operation_id = "readAuditEvent",
     params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"), FormatOnly),
     responses(
         (status = 200, description = "The AuditEvent", body = Resource, content_type = "application/fhir+json"),
         (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+        crate::doc::NoToken,
         (status = 403, description = "The token lacks system/AuditEvent.read", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 404, description = "Not known", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+        crate::doc::NotAcceptable,
+        crate::doc::RateLimited),
     security(("smart_backend" = ["system/AuditEvent.read"])))]
 pub async fn read(
     State(state): State<AppState>,
@@ -168,4 +171,9 @@ pub async fn read(
     let row = db::audit::get(&state.pool, n).await?.ok_or_else(not_found)?;
     let body = audit_event(&row, &state.base_url);
     Ok(rest::versioned_response(&headers, 1, row.recorded_at, body.to_string()))
+}
+
+/// This module's routes.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(search)).routes(routes!(read))
 }

@@ -1,6 +1,7 @@
 //! Liveness (`/health`) and readiness (`/ready`: PostgreSQL and Kafka both answer).
 
-use crate::startup::AppState;
+use crate::routes as paths;
+use crate::state::AppState;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -9,6 +10,8 @@ use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
@@ -50,14 +53,14 @@ impl Check {
 }
 
 /// Liveness: the process is up.
-#[utoipa::path(get, path = "/health", tag = "operations",
+#[utoipa::path(get, path = paths::HEALTH, tag = "operations",
     responses((status = 200, description = "The process is up", body = Health)))]
 pub async fn health() -> Json<Health> {
     Json(Health { status: "pass" })
 }
 
 /// Readiness: PostgreSQL and Kafka both answer within the configured timeout.
-#[utoipa::path(get, path = "/ready", tag = "operations",
+#[utoipa::path(get, path = paths::READY, tag = "operations",
     responses(
         (status = 200, description = "Every dependency answers", body = Readiness),
         (status = 503, description = "A dependency does not answer; `reason` says which and why", body = Readiness)))]
@@ -90,13 +93,11 @@ async fn check_kafka(client: Arc<BaseConsumer>, timeout: Duration) -> Result<(),
     }
 }
 
-pub const METRICS_PATH: &str = "/metrics";
-
 /// Operators' metrics in the Prometheus text format: the outbox's lag (rows not yet on Kafka,
 /// the age of the oldest, composite versions not yet turned into subscription events), and per
 /// subscription its queue depth and delivery failures. Needs the operators' scope
 /// (`system/AuditEvent.read`), like the audit trail.
-#[utoipa::path(get, path = "/metrics", tag = "operations",
+#[utoipa::path(get, path = paths::METRICS, tag = "operations",
     responses(
         (status = 200, description = "Prometheus text exposition format", body = String, content_type = "text/plain"),
         (status = 401, description = "No valid bearer token", body = crate::error::OperationOutcome, content_type = "application/fhir+json"),
@@ -127,20 +128,31 @@ pub async fn metrics(
     let _ = writeln!(out, "# TYPE fhir_outbox_unnotified gauge\nfhir_outbox_unnotified {}", m.outbox_unnotified);
     let _ = writeln!(out, "# HELP fhir_subscription_queue_depth Events of a subscription not yet delivered.");
     let _ = writeln!(out, "# TYPE fhir_subscription_queue_depth gauge");
-    for (id, partner, status, depth, _) in &m.subscriptions {
+    for s in &m.subscriptions {
         let _ = writeln!(
             out,
-            "fhir_subscription_queue_depth{{subscription=\"{}\",partner=\"{}\",status=\"{}\"}} {depth}",
-            label(id),
-            label(partner),
-            label(status)
+            "fhir_subscription_queue_depth{{subscription=\"{}\",partner=\"{}\",status=\"{}\"}} {}",
+            label(&s.id),
+            label(&s.partner_id),
+            label(&s.status),
+            s.undelivered
         );
     }
     let _ = writeln!(out, "# HELP fhir_subscription_delivery_failures_total Notifications of a subscription that failed (each retry counts).");
     let _ = writeln!(out, "# TYPE fhir_subscription_delivery_failures_total counter");
-    for (id, partner, _, _, failures) in &m.subscriptions {
-        let _ =
-            writeln!(out, "fhir_subscription_delivery_failures_total{{subscription=\"{}\",partner=\"{}\"}} {failures}", label(id), label(partner));
+    for s in &m.subscriptions {
+        let _ = writeln!(
+            out,
+            "fhir_subscription_delivery_failures_total{{subscription=\"{}\",partner=\"{}\"}} {}",
+            label(&s.id),
+            label(&s.partner_id),
+            s.delivery_failures
+        );
     }
     Ok(axum::response::IntoResponse::into_response(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)))
+}
+
+/// This module's routes.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(health)).routes(routes!(ready)).routes(routes!(metrics))
 }

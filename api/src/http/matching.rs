@@ -6,53 +6,26 @@
 
 use crate::audit::Audited;
 use crate::auth::Caller;
-use crate::auth::rate::Limit;
 use crate::auth::scope::Interaction;
 use crate::error::{ApiError, OperationOutcome, fhir_json};
 use crate::http::resources::Bundle;
 use crate::limits::RequestBody;
-use crate::startup::AppState;
+use crate::matcher::Matcher;
+use crate::routes as paths;
+use crate::state::AppState;
 use axum::Extension;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use ring::hmac;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
-use std::time::Duration;
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub const HANDLE_SYSTEM: &str = "urn:fhir-event-platform:member-handle";
 pub const MAX_TOKENS: usize = 5;
-
-/// What matching needs on the API side: the pepper (for stored values) and a key derived from
-/// it for handles. Partner keys are not needed here: partners send tokens.
-pub struct Matcher {
-    pepper: identity::Pepper,
-    handles: hmac::Key,
-    pub floor: Duration,
-    pub limit: Limit,
-}
-
-impl std::fmt::Debug for Matcher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Matcher").field("floor", &self.floor).field("limit", &self.limit).finish_non_exhaustive()
-    }
-}
-
-impl Matcher {
-    pub fn new(pepper: &[u8], floor: Duration, limit: Limit) -> Self {
-        let handle_key = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, pepper), b"PMM1 partner handles");
-        Matcher { pepper: identity::Pepper::new(pepper.to_vec()), handles: hmac::Key::new(hmac::HMAC_SHA256, handle_key.as_ref()), floor, limit }
-    }
-
-    /// An opaque, stable handle for (what, partner, value): 32 hex digits.
-    fn handle(&self, what: &str, partner: &str, value: &str) -> String {
-        let tag = hmac::sign(&self.handles, format!("{what}|{partner}|{value}").as_bytes());
-        tag.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect()
-    }
-}
 
 /// A FHIR `Parameters` resource: `keyId` (valueString) once, `token` (valueString, 64 hex
 /// digits, as the PMM1 tokenizer prints them) one to five times.
@@ -84,15 +57,15 @@ fn no_match() -> Response {
 }
 
 /// Match a patient by PMM1 tokens; returns the member's open Tasks.
-#[utoipa::path(post, path = "/fhir/Patient/$hashed-match", tag = "Patient", operation_id = "hashedMatch",
+#[utoipa::path(post, path = paths::HASHED_MATCH, tag = "Patient", operation_id = "hashedMatch",
     request_body(content = MatchParameters, content_type = "application/fhir+json",
         description = "Parameters: keyId (valueString) and one to five token (valueString) from the PMM1 tokenizer"),
     responses(
         (status = 200, description = "A match: a searchset Bundle of the member's open Tasks, `for` an opaque handle", body = Bundle, content_type = "application/fhir+json"),
         (status = 400, description = "Not a valid Parameters resource", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
+        crate::doc::NoToken,
         (status = 403, description = "The token lacks Patient search and Task read", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+        crate::doc::NotAcceptable,
         (status = 408, description = "The body did not arrive in time", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 413, description = "The body is over 16 KiB", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 415, description = "The body is not FHIR JSON", body = OperationOutcome, content_type = "application/fhir+json"),
@@ -143,7 +116,7 @@ async fn decide(
     let (key_id, tokens) = parse(body)?;
     audited.key_id = Some(key_id.clone());
 
-    let stored: Vec<Vec<u8>> = tokens.iter().map(|t| matcher.pepper.stored(t).to_vec()).collect();
+    let stored: Vec<Vec<u8>> = tokens.iter().map(|t| matcher.stored(t).to_vec()).collect();
     // The lookup runs whatever the key id, so every outcome does the same work.
     let hits = db::matching::lookup(&state.pool, &key_id, &stored).await?;
     let members: BTreeSet<&str> = hits.iter().map(|(_, m)| m.as_str()).collect();
@@ -226,6 +199,11 @@ fn token_bytes(hex: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// This module's routes.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(hashed_match))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,15 +223,5 @@ mod tests {
         ] {
             assert!(parse(bad.to_string().as_bytes()).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn handles_are_stable_per_partner_and_opaque() {
-        let m = Matcher::new(&[7u8; 32], Duration::ZERO, Limit { rate: 1.0, burst: 1.0 });
-        let a = m.handle("member", "p1", "M0000001");
-        assert_eq!(a, m.handle("member", "p1", "M0000001"));
-        assert_ne!(a, m.handle("member", "p2", "M0000001"));
-        assert_eq!(a.len(), 32);
-        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
     }
 }

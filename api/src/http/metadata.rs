@@ -3,10 +3,13 @@
 use crate::error::ApiError;
 use crate::http::resources::{FormatOnly, Resource};
 use crate::rest::{self, ResourceType};
+use crate::routes as paths;
 use axum::extract::RawQuery;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// How partner write-back works and how reports show in the medication profile.
 const WRITE_BACK: &str = "Partner write-back (scope system/<Type>.write), for attributed members only: POST creates (If-None-Exist: identifier=<system>|<value> makes retries create nothing; the resource must carry that identifier); PUT updates the partner's own reports and requires If-Match: W/\"<versionId>\" (412 when stale, 428 when missing). The subject/patient must be Patient/<member id> of an attributed member (otherwise 404, as for a member that does not exist); medications are coded with RxNorm, allergies with RxNorm or SNOMED CT; dates lie between 1900 and tomorrow. A refused resource gets 422 with the element in OperationOutcome.issue.expression, and nothing is stored. Each accepted write is stored with meta.source urn:partner:<id>, a Provenance, the member's new $medication-profile version and a partner.inbound.v1 message, all in one transaction. In $medication-profile, one entry per code: a system of record's record (an active one first) is the entry, and each partner report of that code is shown on it as extension urn:fhir-event-platform:extension:partner-report (assessment confirmed when the statuses agree, contradicted when they differ and the system of record has not changed since the report; partner; reported; status; report). When the system of record changes after a contradicting report, the report is superseded and leaves the entry (it stays readable). A code only partners reported is listed as the oldest report, with the others on it. Other records of the systems of record with the same code are named by urn:fhir-event-platform:extension:same-code-record.";
@@ -108,17 +111,22 @@ pub fn capability_statement(base_url: &str, token_url: &str, limits: &str) -> Va
 }
 
 /// The CapabilityStatement.
-#[utoipa::path(get, path = "/fhir/metadata", tag = "conformance", operation_id = "capabilities",
+#[utoipa::path(get, path = paths::METADATA, tag = "conformance", operation_id = "capabilities",
     params(FormatOnly),
     responses(
         (status = 200, description = "CapabilityStatement", body = Resource, content_type = "application/fhir+json"),
         (status = 400, description = "Unknown parameter", body = crate::error::OperationOutcome, content_type = "application/fhir+json"),
         (status = 406, description = "Unacceptable media type", body = crate::error::OperationOutcome, content_type = "application/fhir+json")))]
 pub async fn metadata(
-    axum::extract::State(state): axum::extract::State<crate::startup::AppState>,
+    axum::extract::State(state): axum::extract::State<crate::state::AppState>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     rest::no_parameters(&rest::query_pairs(&headers, query.as_deref())?)?;
     Ok(rest::bundle_response(capability_statement(&state.base_url, &state.auth.token_url, &state.limits_text).to_string()))
+}
+
+/// This module's routes.
+pub fn router() -> OpenApiRouter<crate::state::AppState> {
+    OpenApiRouter::new().routes(routes!(metadata))
 }

@@ -7,13 +7,15 @@ use crate::auth::Caller;
 use crate::auth::scope::Interaction;
 use crate::error::{ApiError, OperationOutcome};
 use crate::rest::{self, ResourceType};
-use crate::startup::AppState;
+use crate::state::AppState;
 use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Serialize;
 use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Any FHIR resource (`application/fhir+json`).
 #[derive(Debug, Serialize, ToSchema)]
@@ -268,74 +270,73 @@ fn distinct_members(versions: &[db::resources::ResourceVersion]) -> Vec<String> 
 }
 
 macro_rules! endpoints {
-    ($module:ident, $rt:expr, $tag:literal, $search_params:ty,
-     read = $read:literal, vread = $vread:literal, history = $history:literal, search = $search:literal) => {
+    ($module:ident, $rt:expr, $tag:literal, $search_params:ty) => {
         pub mod $module {
             use super::*;
 
             #[doc = concat!("Read the current version of a ", $tag, ".")]
-            #[utoipa::path(get, path = $read, tag = $tag, operation_id = concat!("read", $tag),
+            #[utoipa::path(get, path = concat!("/fhir/", $tag, "/{id}"), tag = $tag, operation_id = concat!("read", $tag),
                 params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"), FormatOnly),
                 responses(
                     (status = 200, description = "The resource, with ETag and Last-Modified", body = Resource, content_type = "application/fhir+json"),
                     (status = 304, description = "Not modified (If-None-Match)"),
                     (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 404, description = "Not known", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+                    crate::doc::NotAcceptable,
                     (status = 410, description = "Deleted", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+                    crate::doc::NoToken,
+                    crate::doc::OutOfScope,
+                    crate::doc::RateLimited),
                 security(("smart_backend" = [])))]
             pub async fn read(State(s): State<AppState>, Extension(caller): Extension<Caller>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
                 super::read(&s, &caller, $rt, &id, &headers, q.as_deref()).await
             }
 
             #[doc = concat!("Read one version of a ", $tag, ".")]
-            #[utoipa::path(get, path = $vread, tag = $tag, operation_id = concat!("vread", $tag),
+            #[utoipa::path(get, path = concat!("/fhir/", $tag, "/{id}/_history/{vid}"), tag = $tag, operation_id = concat!("vread", $tag),
                 params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"), ("vid" = String, Path, description = "Version id", pattern = "^[1-9][0-9]{0,17}$"), FormatOnly),
                 responses(
                     (status = 200, description = "The version", body = Resource, content_type = "application/fhir+json"),
                     (status = 304, description = "Not modified (If-None-Match)"),
                     (status = 400, description = "Malformed id, version or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 404, description = "No such version", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+                    crate::doc::NotAcceptable,
                     (status = 410, description = "This version is a deletion", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+                    crate::doc::NoToken,
+                    crate::doc::OutOfScope,
+                    crate::doc::RateLimited),
                 security(("smart_backend" = [])))]
             pub async fn vread(State(s): State<AppState>, Extension(caller): Extension<Caller>, Path((id, vid)): Path<(String, String)>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
                 super::vread(&s, &caller, $rt, &id, &vid, &headers, q.as_deref()).await
             }
 
             #[doc = concat!("Every version of a ", $tag, ", newest first.")]
-            #[utoipa::path(get, path = $history, tag = $tag, operation_id = concat!("history", $tag),
+            #[utoipa::path(get, path = concat!("/fhir/", $tag, "/{id}/_history"), tag = $tag, operation_id = concat!("history", $tag),
                 params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"),
                        ("_count" = Option<i64>, Query, description = "Most versions returned (1 to 500)", minimum = 1, maximum = 500), FormatOnly),
                 responses(
                     (status = 200, description = "A history Bundle", body = Bundle, content_type = "application/fhir+json"),
                     (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 404, description = "Not known", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+                    crate::doc::NotAcceptable,
+                    crate::doc::NoToken,
+                    crate::doc::OutOfScope,
+                    crate::doc::RateLimited),
                 security(("smart_backend" = [])))]
             pub async fn history(State(s): State<AppState>, Extension(caller): Extension<Caller>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
                 super::history(&s, &caller, $rt, &id, &headers, q.as_deref()).await
             }
 
             #[doc = concat!("Search current ", $tag, " resources (keyset paging in id order).")]
-            #[utoipa::path(get, path = $search, tag = $tag, operation_id = concat!("search", $tag),
+            #[utoipa::path(get, path = concat!("/fhir/", $tag), tag = $tag, operation_id = concat!("search", $tag),
                 params($search_params, CommonSearch),
                 responses(
                     (status = 200, description = "A searchset Bundle with total and self/next links", body = Bundle, content_type = "application/fhir+json"),
                     (status = 400, description = "Unknown or malformed parameter", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+                    crate::doc::NotAcceptable,
+                    crate::doc::NoToken,
+                    crate::doc::OutOfScope,
+                    crate::doc::RateLimited),
                 security(("smart_backend" = [])))]
             pub async fn search(State(s): State<AppState>, Extension(caller): Extension<Caller>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
                 super::search(&s, &caller, $rt, &headers, q.as_deref()).await
@@ -344,63 +345,38 @@ macro_rules! endpoints {
     };
 }
 
-endpoints!(
-    patient,
-    ResourceType::Patient,
-    "Patient",
-    PatientSearch,
-    read = "/fhir/Patient/{id}",
-    vread = "/fhir/Patient/{id}/_history/{vid}",
-    history = "/fhir/Patient/{id}/_history",
-    search = "/fhir/Patient"
-);
-endpoints!(
-    medication_statement,
-    ResourceType::MedicationStatement,
-    "MedicationStatement",
-    ClinicalSearch,
-    read = "/fhir/MedicationStatement/{id}",
-    vread = "/fhir/MedicationStatement/{id}/_history/{vid}",
-    history = "/fhir/MedicationStatement/{id}/_history",
-    search = "/fhir/MedicationStatement"
-);
-endpoints!(
-    allergy_intolerance,
-    ResourceType::AllergyIntolerance,
-    "AllergyIntolerance",
-    AllergySearch,
-    read = "/fhir/AllergyIntolerance/{id}",
-    vread = "/fhir/AllergyIntolerance/{id}/_history/{vid}",
-    history = "/fhir/AllergyIntolerance/{id}/_history",
-    search = "/fhir/AllergyIntolerance"
-);
-endpoints!(
-    immunization,
-    ResourceType::Immunization,
-    "Immunization",
-    ImmunizationSearch,
-    read = "/fhir/Immunization/{id}",
-    vread = "/fhir/Immunization/{id}/_history/{vid}",
-    history = "/fhir/Immunization/{id}/_history",
-    search = "/fhir/Immunization"
-);
-endpoints!(
-    task,
-    ResourceType::Task,
-    "Task",
-    ClinicalSearch,
-    read = "/fhir/Task/{id}",
-    vread = "/fhir/Task/{id}/_history/{vid}",
-    history = "/fhir/Task/{id}/_history",
-    search = "/fhir/Task"
-);
-endpoints!(
-    provenance,
-    ResourceType::Provenance,
-    "Provenance",
-    ProvenanceSearch,
-    read = "/fhir/Provenance/{id}",
-    vread = "/fhir/Provenance/{id}/_history/{vid}",
-    history = "/fhir/Provenance/{id}/_history",
-    search = "/fhir/Provenance"
-);
+endpoints!(patient, ResourceType::Patient, "Patient", PatientSearch);
+endpoints!(medication_statement, ResourceType::MedicationStatement, "MedicationStatement", ClinicalSearch);
+endpoints!(allergy_intolerance, ResourceType::AllergyIntolerance, "AllergyIntolerance", AllergySearch);
+endpoints!(immunization, ResourceType::Immunization, "Immunization", ImmunizationSearch);
+endpoints!(task, ResourceType::Task, "Task", ClinicalSearch);
+endpoints!(provenance, ResourceType::Provenance, "Provenance", ProvenanceSearch);
+
+/// This module's routes.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(patient::read))
+        .routes(routes!(patient::vread))
+        .routes(routes!(patient::history))
+        .routes(routes!(patient::search))
+        .routes(routes!(medication_statement::read))
+        .routes(routes!(medication_statement::vread))
+        .routes(routes!(medication_statement::history))
+        .routes(routes!(medication_statement::search))
+        .routes(routes!(allergy_intolerance::read))
+        .routes(routes!(allergy_intolerance::vread))
+        .routes(routes!(allergy_intolerance::history))
+        .routes(routes!(allergy_intolerance::search))
+        .routes(routes!(immunization::read))
+        .routes(routes!(immunization::vread))
+        .routes(routes!(immunization::history))
+        .routes(routes!(immunization::search))
+        .routes(routes!(task::read))
+        .routes(routes!(task::vread))
+        .routes(routes!(task::history))
+        .routes(routes!(task::search))
+        .routes(routes!(provenance::read))
+        .routes(routes!(provenance::vread))
+        .routes(routes!(provenance::history))
+        .routes(routes!(provenance::search))
+}

@@ -10,7 +10,8 @@ use crate::http::resources::{Bundle, FormatOnly, Resource};
 use crate::http::writeback::{content_is_json, json_body};
 use crate::limits::RequestBody;
 use crate::rest;
-use crate::startup::AppState;
+use crate::routes as paths;
+use crate::state::AppState;
 use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -18,6 +19,8 @@ use axum::response::{IntoResponse, Response};
 use fhir::subscriptions::{self as subs, Kind};
 use serde_json::{Value, json};
 use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 const SUBSCRIPTION: &str = "Subscription";
 const TOPIC: &str = "SubscriptionTopic";
@@ -54,15 +57,15 @@ async fn own(state: &AppState, caller: &Caller, id: &str) -> Result<db::subscrip
 }
 
 /// The SubscriptionTopics this server supports (one: medication-profile changes).
-#[utoipa::path(get, path = "/fhir/SubscriptionTopic", tag = "Subscription", operation_id = "searchSubscriptionTopic",
+#[utoipa::path(get, path = paths::SUBSCRIPTION_TOPICS, tag = "Subscription", operation_id = "searchSubscriptionTopic",
     params(FormatOnly),
     responses(
         (status = 200, description = "A searchset Bundle with the one SubscriptionTopic", body = Bundle, content_type = "application/fhir+json"),
         (status = 400, description = "Unknown parameter", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+        crate::doc::NotAcceptable,
+        crate::doc::NoToken,
+        crate::doc::OutOfScope,
+        crate::doc::RateLimited),
     security(("smart_backend" = [])))]
 pub async fn topics(
     State(s): State<AppState>,
@@ -77,16 +80,16 @@ pub async fn topics(
 }
 
 /// Read the SubscriptionTopic (`medication-profile`).
-#[utoipa::path(get, path = "/fhir/SubscriptionTopic/{id}", tag = "Subscription", operation_id = "readSubscriptionTopic",
+#[utoipa::path(get, path = paths::SUBSCRIPTION_TOPIC, tag = "Subscription", operation_id = "readSubscriptionTopic",
     params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"), FormatOnly),
     responses(
         (status = 200, description = "The SubscriptionTopic", body = Resource, content_type = "application/fhir+json"),
         (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 404, description = "Not known", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+        crate::doc::NotAcceptable,
+        crate::doc::NoToken,
+        crate::doc::OutOfScope,
+        crate::doc::RateLimited),
     security(("smart_backend" = [])))]
 pub async fn topic(
     Extension(caller): Extension<Caller>,
@@ -105,20 +108,20 @@ pub async fn topic(
 
 /// Subscribe to a SubscriptionTopic. The subscription starts `requested`; the notifier's
 /// handshake makes it `active`.
-#[utoipa::path(post, path = "/fhir/Subscription", tag = "Subscription", operation_id = "createSubscription",
+#[utoipa::path(post, path = paths::SUBSCRIPTIONS, tag = "Subscription", operation_id = "createSubscription",
     params(FormatOnly),
     request_body(content = Resource, content_type = "application/fhir+json", description = "A Subscription (Backport profile): criteria = the topic's canonical URL; optional backport-filter-criteria patient=Patient/<id>; channel rest-hook (with the signing-secret extension) or kafka (backport-channel-type)"),
     responses(
         (status = 201, description = "Created (status requested)", body = Resource, content_type = "application/fhir+json"),
         (status = 400, description = "Not JSON, or a malformed parameter", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+        crate::doc::NotAcceptable,
         (status = 408, description = "The body did not arrive in time", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 413, description = "The body is larger than REQUEST_BODY_MAX_BYTES (64 KiB by default)", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 415, description = "The body is not application/fhir+json", body = OperationOutcome, content_type = "application/fhir+json"),
+        crate::doc::TooLarge,
+        crate::doc::NotFhirJson,
         (status = 422, description = "Not an acceptable Subscription (expression names the element: an endpoint that is not a public address, a reserved header, a heartbeat under the minimum), or the partner holds the most subscriptions it may", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+        crate::doc::NoToken,
+        crate::doc::OutOfScope,
+        crate::doc::RateLimited),
     security(("smart_backend" = [])))]
 pub async fn create(
     State(s): State<AppState>,
@@ -168,15 +171,15 @@ pub struct SubscriptionSearch {
 }
 
 /// The partner's own Subscriptions.
-#[utoipa::path(get, path = "/fhir/Subscription", tag = "Subscription", operation_id = "searchSubscription",
+#[utoipa::path(get, path = paths::SUBSCRIPTIONS, tag = "Subscription", operation_id = "searchSubscription",
     params(SubscriptionSearch),
     responses(
         (status = 200, description = "A searchset Bundle", body = Bundle, content_type = "application/fhir+json"),
         (status = 400, description = "Unknown or malformed parameter", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+        crate::doc::NotAcceptable,
+        crate::doc::NoToken,
+        crate::doc::OutOfScope,
+        crate::doc::RateLimited),
     security(("smart_backend" = [])))]
 pub async fn search(
     State(s): State<AppState>,
@@ -203,16 +206,16 @@ pub async fn search(
 }
 
 /// Read one of the partner's Subscriptions, with its current status.
-#[utoipa::path(get, path = "/fhir/Subscription/{id}", tag = "Subscription", operation_id = "readSubscription",
+#[utoipa::path(get, path = paths::SUBSCRIPTION, tag = "Subscription", operation_id = "readSubscription",
     params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"), FormatOnly),
     responses(
         (status = 200, description = "The Subscription", body = Resource, content_type = "application/fhir+json"),
         (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 404, description = "Not known (or another partner's)", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+        crate::doc::NotAcceptable,
+        crate::doc::NoToken,
+        crate::doc::OutOfScope,
+        crate::doc::RateLimited),
     security(("smart_backend" = [])))]
 pub async fn read(
     State(s): State<AppState>,
@@ -228,16 +231,16 @@ pub async fn read(
 }
 
 /// Delete one of the partner's Subscriptions, with its queue.
-#[utoipa::path(delete, path = "/fhir/Subscription/{id}", tag = "Subscription", operation_id = "deleteSubscription",
+#[utoipa::path(delete, path = paths::SUBSCRIPTION, tag = "Subscription", operation_id = "deleteSubscription",
     params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"), FormatOnly),
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 404, description = "Not known (or another partner's)", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+        crate::doc::NotAcceptable,
+        crate::doc::NoToken,
+        crate::doc::OutOfScope,
+        crate::doc::RateLimited),
     security(("smart_backend" = [])))]
 pub async fn delete(
     State(s): State<AppState>,
@@ -257,16 +260,16 @@ pub async fn delete(
 }
 
 /// `$status`: the subscription's status, its event count and its last error.
-#[utoipa::path(get, path = "/fhir/Subscription/{id}/$status", tag = "Subscription", operation_id = "subscriptionStatus",
+#[utoipa::path(get, path = paths::SUBSCRIPTION_STATUS, tag = "Subscription", operation_id = "subscriptionStatus",
     params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"), FormatOnly),
     responses(
         (status = 200, description = "A searchset Bundle with the SubscriptionStatus (type query-status)", body = Bundle, content_type = "application/fhir+json"),
         (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 404, description = "Not known (or another partner's)", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+        crate::doc::NotAcceptable,
+        crate::doc::NoToken,
+        crate::doc::OutOfScope,
+        crate::doc::RateLimited),
     security(("smart_backend" = [])))]
 pub async fn status(
     State(s): State<AppState>,
@@ -307,16 +310,16 @@ const EVENTS_PAGE: i64 = 100;
 
 /// `$events`: replay past notifications by event number (delivered or not), e.g. after a
 /// subscriber lost some. The answer is a notification Bundle (SubscriptionStatus type query-event).
-#[utoipa::path(get, path = "/fhir/Subscription/{id}/$events", tag = "Subscription", operation_id = "subscriptionEvents",
+#[utoipa::path(get, path = paths::SUBSCRIPTION_EVENTS, tag = "Subscription", operation_id = "subscriptionEvents",
     params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"), EventsParams),
     responses(
         (status = 200, description = "A notification Bundle (history) with the events asked for, at most 100", body = Bundle, content_type = "application/fhir+json"),
         (status = 400, description = "Malformed id or parameter", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 404, description = "Not known (or another partner's)", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+        crate::doc::NotAcceptable,
+        crate::doc::NoToken,
+        crate::doc::OutOfScope,
+        crate::doc::RateLimited),
     security(("smart_backend" = [])))]
 pub async fn events(
     State(s): State<AppState>,
@@ -358,4 +361,17 @@ pub async fn events(
     members.dedup();
     let bundle = subs::notification(&s.base_url, &subscription, Kind::QueryEvent, &found);
     Ok(with_members(json_response(StatusCode::OK, &bundle), members))
+}
+
+/// This module's routes.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(topics))
+        .routes(routes!(topic))
+        .routes(routes!(create))
+        .routes(routes!(search))
+        .routes(routes!(read))
+        .routes(routes!(delete))
+        .routes(routes!(status))
+        .routes(routes!(events))
 }

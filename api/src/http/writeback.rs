@@ -10,12 +10,15 @@ use crate::error::{ApiError, OperationOutcome};
 use crate::http::resources::Resource;
 use crate::limits::RequestBody;
 use crate::rest;
-use crate::startup::AppState;
+use crate::routes as paths;
+use crate::state::AppState;
 use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use fhir::writeback::{self as wb, Author, Effect, Mode, Writable, WriteError};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub(crate) fn content_is_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_ascii_lowercase();
@@ -133,7 +136,7 @@ async fn write(
 }
 
 macro_rules! write_endpoints {
-    ($module:ident, $rt:expr, $tag:literal, create = $create:literal, update = $update:literal) => {
+    ($module:ident, $rt:expr, $tag:literal, create = $create:expr, update = $update:expr) => {
         pub mod $module {
             use super::*;
 
@@ -147,14 +150,14 @@ macro_rules! write_endpoints {
                     (status = 200, description = "If-None-Exist matched: nothing was created; the matching resource", body = Resource, content_type = "application/fhir+json"),
                     (status = 400, description = "Not JSON, a malformed parameter or header", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 404, description = "The member is not known", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+                    crate::doc::NotAcceptable,
                     (status = 408, description = "The body did not arrive in time", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 413, description = "The body is larger than REQUEST_BODY_MAX_BYTES (64 KiB by default)", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 415, description = "The body is not application/fhir+json", body = OperationOutcome, content_type = "application/fhir+json"),
+                    crate::doc::TooLarge,
+                    crate::doc::NotFhirJson,
                     (status = 422, description = "Not an acceptable resource (expression names the element: a string over 4,096 characters, more than 100 entries, nesting over 16 deep, U+0000), or the member's medication profile would grow past COMPOSITE_MAX_BYTES (code business-rule)", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 403, description = "The token's scopes do not cover this request", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+                    crate::doc::NoToken,
+                    crate::doc::OutOfScope,
+                    crate::doc::RateLimited),
                 security(("smart_backend" = [])))]
             pub async fn create(State(s): State<AppState>, Extension(caller): Extension<Caller>, headers: HeaderMap, RawQuery(q): RawQuery, RequestBody(body): RequestBody) -> Result<Response, ApiError> {
                 super::write(&s, &caller, $rt, &headers, q.as_deref(), &body, None).await
@@ -171,15 +174,15 @@ macro_rules! write_endpoints {
                     (status = 400, description = "Not JSON, a malformed id, parameter or header, or an id that differs from the URL's", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 403, description = "The token's scopes do not cover this request, or another source reported the resource", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 404, description = "Not known", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 406, description = "Unacceptable media type", body = OperationOutcome, content_type = "application/fhir+json"),
+                    crate::doc::NotAcceptable,
                     (status = 412, description = "If-Match does not name the current version", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 408, description = "The body did not arrive in time", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 413, description = "The body is larger than REQUEST_BODY_MAX_BYTES (64 KiB by default)", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 415, description = "The body is not application/fhir+json", body = OperationOutcome, content_type = "application/fhir+json"),
+                    crate::doc::TooLarge,
+                    crate::doc::NotFhirJson,
                     (status = 422, description = "Not an acceptable resource (expression names the element: a string over 4,096 characters, more than 100 entries, nesting over 16 deep, U+0000), or the member's medication profile would grow past COMPOSITE_MAX_BYTES (code business-rule)", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 428, description = "If-Match is missing", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 401, description = "No valid bearer token", body = OperationOutcome, content_type = "application/fhir+json"),
-                    (status = 429, description = "Rate limit reached; see Retry-After", body = OperationOutcome, content_type = "application/fhir+json")),
+                    crate::doc::NoToken,
+                    crate::doc::RateLimited),
                 security(("smart_backend" = [])))]
             pub async fn update(State(s): State<AppState>, Extension(caller): Extension<Caller>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery, RequestBody(body): RequestBody) -> Result<Response, ApiError> {
                 super::write(&s, &caller, $rt, &headers, q.as_deref(), &body, Some(&id)).await
@@ -192,13 +195,22 @@ write_endpoints!(
     medication_statement,
     Writable::MedicationStatement,
     "MedicationStatement",
-    create = "/fhir/MedicationStatement",
-    update = "/fhir/MedicationStatement/{id}"
+    create = paths::MEDICATION_STATEMENTS,
+    update = paths::MEDICATION_STATEMENT
 );
 write_endpoints!(
     allergy_intolerance,
     Writable::AllergyIntolerance,
     "AllergyIntolerance",
-    create = "/fhir/AllergyIntolerance",
-    update = "/fhir/AllergyIntolerance/{id}"
+    create = paths::ALLERGY_INTOLERANCES,
+    update = paths::ALLERGY_INTOLERANCE
 );
+
+/// This module's routes.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(medication_statement::create))
+        .routes(routes!(medication_statement::update))
+        .routes(routes!(allergy_intolerance::create))
+        .routes(routes!(allergy_intolerance::update))
+}

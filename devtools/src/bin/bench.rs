@@ -59,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
     let mut last = (Instant::now(), 0i64);
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let applied = db::composer::total_position(&pool, &run).await?;
+        let applied = db::offsets::total_position(&pool, &run).await?;
         if last.0.elapsed() >= Duration::from_secs(10) {
             println!(
                 "  {applied} / {total} applied ({:.0} events/s over the last {:.0?})",

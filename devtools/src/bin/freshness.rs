@@ -102,14 +102,14 @@ async fn main() -> anyhow::Result<()> {
     for ack in acks.drain(..) {
         ack.await.map_err(|_| anyhow::anyhow!("producer gone"))?.map_err(|(e, _)| anyhow::anyhow!("not acknowledged: {e}"))?;
     }
-    while db::composer::total_position(&pool, &run).await? < (warmup + total) as i64 {
+    while db::offsets::total_position(&pool, &run).await? < (warmup + total) as i64 {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Steady state before the clock: the relay has published what the attributions produced and
     // followed them on the partner topic, and the statistics are as autovacuum keeps them in a
     // database in service (the tables grew from empty within seconds; plans made for empty
     // tables are no plans for 31,000 attributions).
-    while db::relay::backlog(&pool, time::OffsetDateTime::now_utc().date()).await? != (0, 0, 0) {
+    while db::partner_topics::backlog(&pool, time::OffsetDateTime::now_utc().date()).await? != (0, 0, 0) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     db::bench::analyze_pipeline(&pool).await?;

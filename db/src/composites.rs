@@ -1,0 +1,136 @@
+//! `composites` (each member's current version), `composite_history` (every version, its body
+//! stored once) and the `outbox` rows that carry new versions to the relay, written together.
+
+use sqlx::PgConnection;
+#[cfg(feature = "test-support")]
+use sqlx::PgPool;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CompositeState {
+    pub member_id: String,
+    pub version_id: i64,
+    pub deleted: bool,
+    pub content_hash: Vec<u8>,
+}
+
+pub async fn composite_states(tx: &mut PgConnection, members: &[String]) -> crate::Result<Vec<CompositeState>> {
+    Ok(sqlx::query_as("SELECT member_id, version_id, deleted, content_hash FROM composites WHERE member_id = ANY($1)")
+        .bind(members)
+        .fetch_all(&mut *tx)
+        .await?)
+}
+
+/// A new version of a member's composite: `body` `None` is a deletion (tombstone).
+#[derive(Debug, Clone)]
+pub struct CompositeVersion {
+    pub member_id: String,
+    pub version_id: i64,
+    pub content_hash: Vec<u8>,
+    pub body: Option<String>,
+    pub topic: String,
+    pub event_id: Uuid,
+}
+
+/// Stores new composite versions: the body once in history, the current row and an outbox
+/// row referring to it.
+pub async fn write_composites(tx: &mut PgConnection, versions: &[CompositeVersion], now: OffsetDateTime) -> crate::Result<()> {
+    if versions.is_empty() {
+        return Ok(());
+    }
+    let members: Vec<&str> = versions.iter().map(|v| v.member_id.as_str()).collect();
+    let ids: Vec<i64> = versions.iter().map(|v| v.version_id).collect();
+    let hashes: Vec<&[u8]> = versions.iter().map(|v| v.content_hash.as_slice()).collect();
+    let bodies: Vec<Option<&str>> = versions.iter().map(|v| v.body.as_deref()).collect();
+    let topics: Vec<&str> = versions.iter().map(|v| v.topic.as_str()).collect();
+    let events: Vec<Uuid> = versions.iter().map(|v| v.event_id).collect();
+    sqlx::query(
+        "WITH v AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::text[], $5::text[], $6::uuid[])
+                    AS v(member_id, version_id, content_hash, body, topic, event_id)),
+         cur AS (
+           INSERT INTO composites (member_id, version_id, last_updated, deleted, content_hash)
+           SELECT member_id, version_id, $7, body IS NULL, content_hash FROM v
+           ON CONFLICT (member_id) DO UPDATE SET version_id = EXCLUDED.version_id, last_updated = EXCLUDED.last_updated,
+             deleted = EXCLUDED.deleted, content_hash = EXCLUDED.content_hash),
+         hist AS (
+           INSERT INTO composite_history (member_id, version_id, last_updated, deleted, body)
+           SELECT member_id, version_id, $7, body IS NULL, body FROM v)
+         INSERT INTO outbox (topic, message_key, event_id, member_id, version_id)
+         SELECT topic, member_id, event_id, member_id, version_id FROM v ORDER BY member_id, version_id",
+    )
+    .bind(&members)
+    .bind(&ids)
+    .bind(&hashes)
+    .bind(&bodies)
+    .bind(&topics)
+    .bind(&events)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    crate::notify(tx, crate::channels::OUTBOX).await
+}
+
+/// A stored composite version or history row, for comparisons in tests.
+#[cfg(feature = "test-support")]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct VersionRow {
+    pub member_id: String,
+    pub version_id: i64,
+    pub deleted: bool,
+    pub body: Option<String>,
+}
+
+/// Every current composite, by member.
+#[cfg(feature = "test-support")]
+pub async fn all_composites(pool: &PgPool) -> crate::Result<Vec<VersionRow>> {
+    Ok(sqlx::query_as(
+        "SELECT c.member_id, c.version_id, c.deleted, h.body::text AS body FROM composites c
+         JOIN composite_history h USING (member_id, version_id) ORDER BY c.member_id",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A member's current composite, whoever serves the member (the composer's own view; the API
+/// reads through `resources::medication_profile`, which is scoped to a partner).
+#[cfg(feature = "test-support")]
+pub async fn current_composite(pool: &PgPool, member_id: &str) -> crate::Result<Option<VersionRow>> {
+    Ok(sqlx::query_as(
+        "SELECT c.member_id, c.version_id, c.deleted, h.body::text AS body FROM composites c
+         JOIN composite_history h USING (member_id, version_id) WHERE c.member_id = $1",
+    )
+    .bind(member_id)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Every history row, by member and version.
+#[cfg(feature = "test-support")]
+pub async fn all_history(pool: &PgPool) -> crate::Result<Vec<VersionRow>> {
+    Ok(sqlx::query_as("SELECT member_id, version_id, deleted, body::text AS body FROM composite_history ORDER BY member_id, version_id")
+        .fetch_all(pool)
+        .await?)
+}
+
+/// An outbox row of a composite version, with the version it carries.
+#[cfg(feature = "test-support")]
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OutboxVersion {
+    pub topic: String,
+    pub message_key: String,
+    pub event_id: Uuid,
+    #[sqlx(flatten)]
+    pub version: VersionRow,
+}
+
+/// Every outbox row of a composite version, in publication order.
+#[cfg(feature = "test-support")]
+pub async fn all_outbox(pool: &PgPool) -> crate::Result<Vec<OutboxVersion>> {
+    Ok(sqlx::query_as(
+        "SELECT o.topic, o.message_key, o.event_id, o.member_id, o.version_id, h.deleted, h.body::text AS body
+         FROM outbox o JOIN composite_history h USING (member_id, version_id) WHERE o.payload IS NULL ORDER BY o.id",
+    )
+    .fetch_all(pool)
+    .await?)
+}
