@@ -11,34 +11,23 @@
 
 use devtools::generator::{self, GeneratorConfig};
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tests::*;
 
-fn start_composer(url: &str, prefix: &str, group: &str) -> anyhow::Result<Child> {
-    let mut command = Command::new(workspace_binary("composer")?);
-    command
-        .env("DATABASE_URL", url)
-        .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
-        .env("KAFKA_TOPIC_PREFIX", prefix)
-        .env("COMPOSER_GROUP_ID", group)
-        // Three transactions in flight when the SIGKILL lands; the reference run has one.
-        .env("COMPOSER_APPLIERS", "3")
-        .env("FHIR_BASE_URL", "http://fhir.test/fhir")
-        .env("LOG_LEVEL", "warn")
-        .stdin(Stdio::null());
-    collect_logs(&mut command, "composer-child");
-    Ok(command.spawn()?)
+/// The composer as a child process, to SIGKILL: three transactions in flight when the kill
+/// lands; the reference run has one.
+fn start_child(url: &str, prefix: &str) -> anyhow::Result<std::process::Child> {
+    spawn_child("composer", url, prefix, &[("COMPOSER_GROUP_ID", "crashing"), ("COMPOSER_APPLIERS", "3")])
 }
 
-type Snapshot = (Vec<(String, String, String, String, i64, bool, Option<String>)>, BTreeMap<String, (bool, Option<serde_json::Value>)>);
+type Snapshot = (Vec<db::components::ComponentRow>, BTreeMap<String, (bool, Option<serde_json::Value>)>);
 
 async fn snapshot(pool: &db::Pool) -> anyhow::Result<Snapshot> {
-    let components = db::composer::all_components(pool).await?;
+    let components = db::components::all_components(pool).await?;
     let mut composites = BTreeMap::new();
     // A member deleted in the same batch that created it never had a composite row, while in
     // another run it has a deleted one: both mean "no current composite", so only live ones count.
-    for c in db::composer::all_composites(pool).await? {
+    for c in db::composites::all_composites(pool).await? {
         if let Some(body) = c.body.as_deref() {
             composites.insert(c.member_id, (c.deleted, Some(content(body)?)));
         }
@@ -48,26 +37,26 @@ async fn snapshot(pool: &db::Pool) -> anyhow::Result<Snapshot> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_three_points_changes_nothing() -> anyhow::Result<()> {
-    let prefix = format!("{}.", unique("crash"));
-    let kafka = kafka_config(&prefix);
-    platform::kafka::ensure(&kafka).await?;
+    // The uninterrupted run's database, and the topics both runs consume.
+    let app = TestApp::with_database("crash_ref", false).await?;
+    platform::kafka::ensure(&app.kafka).await?;
     let cfg = GeneratorConfig { members: 8_600, seed: 7, malformed: 20, ..GeneratorConfig::default() };
     let stream = generator::generate(&cfg);
     let total = stream.len();
     assert!(total >= 100_000, "the stream has {total} events");
-    generator::publish(&generator::producer(&kafka)?, &kafka, &stream).await?;
+    app.publish(&stream).await?;
 
-    // The uninterrupted run.
-    let (url_a, pool_a) = fresh_database("crash_ref", false).await?;
-    let (stop, _metrics, thread) = composer::spawn(composer_config(&url_a, &prefix, "reference")).await?;
-    wait_applied(&pool_a, "reference", total, Duration::from_secs(600)).await?;
-    composer::stop(&stop, thread).await?;
+    step("the uninterrupted run");
+    let composer = app.composer(&[]).await?;
+    app.wait_applied(Duration::from_secs(600)).await?;
+    composer.stop().await?;
+    let pool_a = &app.pool;
 
-    // The interrupted run: SIGKILL at about 20 %, 45 % and 70 % of the stream.
+    step("the interrupted run: SIGKILL at about 20 %, 45 % and 70 % of the stream");
     let (url_b, pool_b) = fresh_database("crash_run", true).await?;
     let mut kills = Vec::new();
     for share in [0.20, 0.45, 0.70] {
-        let mut child = start_composer(&url_b, &prefix, "crashing")?;
+        let mut child = start_child(&url_b, &app.prefix)?;
         let target = (total as f64 * share) as i64;
         eventually(Duration::from_secs(600), "progress before the kill", || async {
             Ok((applied_messages(&pool_b, "crashing").await? >= target).then_some(()))
@@ -77,7 +66,7 @@ async fn sigkill_at_three_points_changes_nothing() -> anyhow::Result<()> {
         child.wait()?;
         kills.push(applied_messages(&pool_b, "crashing").await?);
     }
-    let mut child = start_composer(&url_b, &prefix, "crashing")?;
+    let mut child = start_child(&url_b, &app.prefix)?;
     let finished = wait_applied(&pool_b, "crashing", total, Duration::from_secs(600)).await;
     child.kill()?;
     child.wait()?;
@@ -85,10 +74,11 @@ async fn sigkill_at_three_points_changes_nothing() -> anyhow::Result<()> {
     println!("{total} events; killed after {kills:?} applied");
     assert!(kills.windows(2).all(|w| w[0] < w[1]) && kills[2] < total as i64, "three distinct kill points: {kills:?}");
 
-    let versions_a = check_composite_invariants(&pool_a).await?;
+    step("both runs compared");
+    let versions_a = check_composite_invariants(pool_a).await?;
     let versions_b = check_composite_invariants(&pool_b).await?;
     println!("composite versions: uninterrupted {versions_a}, interrupted {versions_b}");
-    let (a, b) = (snapshot(&pool_a).await?, snapshot(&pool_b).await?);
+    let (a, b) = (snapshot(pool_a).await?, snapshot(&pool_b).await?);
     assert_eq!(a.0.len(), b.0.len(), "component count");
     assert!(a.0 == b.0, "components differ between the runs");
     assert_eq!(a.1.len(), b.1.len(), "composite count");
@@ -96,7 +86,7 @@ async fn sigkill_at_three_points_changes_nothing() -> anyhow::Result<()> {
         assert_eq!(Some(composite), b.1.get(member), "composite of {member}");
     }
     // Members whose demographics were deleted have no live composite.
-    let deleted_members: Vec<&String> = a.0.iter().filter(|c| c.0 == "demographics" && c.5).map(|c| &c.3).collect();
+    let deleted_members: Vec<&String> = a.0.iter().filter(|c| c.kind == "demographics" && c.deleted).map(|c| &c.member_id).collect();
     assert!(!deleted_members.is_empty(), "the stream deletes some members");
     for member in deleted_members {
         assert!(!a.1.contains_key(member), "{member} still live");
@@ -108,34 +98,30 @@ async fn sigkill_at_three_points_changes_nothing() -> anyhow::Result<()> {
 /// the group membership) start the next batch instead of being dropped, so no event is skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_polled_while_a_failed_batch_waits_are_not_lost() -> anyhow::Result<()> {
-    let prefix = format!("{}.", unique("outage"));
-    let kafka = kafka_config(&prefix);
-    platform::kafka::ensure(&kafka).await?;
-    let (url, pool) = fresh_database("outage", true).await?;
-    let producer = generator::producer(&kafka)?;
-    let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "outage")).await?;
-    generator::publish(&producer, &kafka, &[medication("OUT0", "RX-OUT0", 1, "860975", "active")]).await?;
-    wait_applied(&pool, "outage", 1, Duration::from_secs(60)).await?;
+    let app = TestApp::new("outage").await?;
+    let pool = &app.pool;
+    let composer = app.composer(&[]).await?;
+    app.apply(&[medication("OUT0", "RX-OUT0", 1, "860975", "active")]).await?;
 
     // Every component write now fails: the next batch is retried with backoff (0.2 s, 0.4 s,
     // 0.8 s, 1.6 s, ...), polling once between attempts.
-    sqlx::query("ALTER TABLE components ADD CONSTRAINT outage CHECK (false) NOT VALID").execute(&pool).await?;
-    generator::publish(&producer, &kafka, &[medication("OUT1", "RX-OUT1", 1, "860975", "active")]).await?;
+    sqlx::query("ALTER TABLE components ADD CONSTRAINT outage CHECK (false) NOT VALID").execute(pool).await?;
+    app.publish(&[medication("OUT1", "RX-OUT1", 1, "860975", "active")]).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let later: Vec<_> = (2..30).map(|i| medication(&format!("OUT{i}"), &format!("RX-OUT{i}"), 1, "860975", "active")).collect();
-    generator::publish(&producer, &kafka, &later).await?;
+    app.publish(&later).await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let stalled = db::composer::all_components(&pool).await?.len();
-    sqlx::query("ALTER TABLE components DROP CONSTRAINT outage").execute(&pool).await?;
+    let stalled = db::components::all_components(pool).await?.len();
+    sqlx::query("ALTER TABLE components DROP CONSTRAINT outage").execute(pool).await?;
 
-    wait_applied(&pool, "outage", 30, Duration::from_secs(60)).await?;
+    app.wait_applied(Duration::from_secs(60)).await?;
     let result = eventually(Duration::from_secs(10), "a component for every event", || async {
-        let n = db::composer::all_components(&pool).await?.len();
+        let n = db::components::all_components(pool).await?.len();
         Ok((n == 30).then_some(n))
     })
     .await;
-    composer::stop(&stop, thread).await?;
-    let written = db::composer::all_components(&pool).await?;
+    composer.stop().await?;
+    let written = db::components::all_components(pool).await?;
     result.map_err(|e| anyhow::anyhow!("{e}: {} of 30 components written ({stalled} during the outage)", written.len()))?;
     assert_eq!(stalled, 1, "nothing was written while the batch failed");
     Ok(())

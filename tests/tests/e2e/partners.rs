@@ -2,45 +2,22 @@
 //! assertions), read only the members attributed to them, are rate limited one by one, and
 //! every access is audited (table, AuditEvent resources, `audit.events.v1`).
 
-use devtools::generator::{self, SorMessage};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 use std::time::Duration;
 use tests::*;
 
-type Reply = (u16, HeaderMap, Value);
-
-async fn get(client: &reqwest::Client, url: &str) -> anyhow::Result<Reply> {
-    let r = client.get(url).send().await?;
-    let (status, headers) = (r.status().as_u16(), r.headers().clone());
-    let text = r.text().await?;
-    Ok((status, headers, if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? }))
-}
-
-/// A refusal: the status, an OperationOutcome, and (for 401/403) a `WWW-Authenticate` challenge.
-fn refused(reply: &Reply, status: u16, what: &str) {
-    let (s, headers, body) = reply;
-    assert_eq!(*s, status, "{what}: {body}");
-    assert_eq!(body["resourceType"], "OperationOutcome", "{what}: {body}");
-    assert!(!body["issue"][0]["diagnostics"].as_str().unwrap_or_default().is_empty(), "{what}: {body}");
-    if matches!(status, 401 | 403) {
-        assert!(headers.contains_key("www-authenticate"), "{what}: no WWW-Authenticate");
-    }
-}
-
 /// A token endpoint refusal: 401 `invalid_client` (or the given code) as an OperationOutcome.
+#[track_caller]
 fn token_refused(reply: &Reply, status: u16, code: &str, what: &str) {
-    refused(reply, status, what);
-    assert_eq!(reply.2["issue"][0]["details"]["coding"][0]["code"], code, "{what}: {}", reply.2);
+    reply.assert_refused(status, what);
+    assert_eq!(reply.body["issue"][0]["details"]["coding"][0]["code"], code, "{what}: {}", reply.body);
 }
 
 /// Members A1 (served by partner pa), B1 (pb), and C1 (pa, but that attribution ended).
-async fn compose(url: &str, pool: &db::Pool, label: &str) -> anyhow::Result<()> {
-    let prefix = format!("{}.", unique(label));
-    let kafka = kafka_config(&prefix);
-    let (stop, _metrics, thread) = composer::spawn(composer_config(url, &prefix, label)).await?;
+async fn compose(app: &TestApp) -> anyhow::Result<()> {
+    let composer = app.composer(&[]).await?;
     let mut stream = Vec::new();
     for m in ["A1", "B1", "C1"] {
         stream.push(demographics(m, json!({ "given_name": "Quinn", "family_name": "Harlow", "birth_date": "1961-04-09", "sex": "female" })));
@@ -50,73 +27,63 @@ async fn compose(url: &str, pool: &db::Pool, label: &str) -> anyhow::Result<()> 
     stream.push(attribution("B1", "pb"));
     stream.push(attribution("A1", "rs"));
     stream.push(attribution("A1", "es"));
-    stream.push(SorMessage {
-        topic: platform::topics::ATTRIBUTION,
-        key: "C1".into(),
-        value: Some(native_event(
-            "upsert",
-            "attribution",
-            1,
-            "C1",
-            "AT-C1",
-            Some(json!({ "partner_id": "pa", "period_start": "2025-01-01", "period_end": "2025-12-31" })),
-        )),
-    });
-    generator::publish(&generator::producer(&kafka)?, &kafka, &stream).await?;
-    wait_applied(pool, label, stream.len(), Duration::from_secs(60)).await?;
-    composer::stop(&stop, thread).await
+    let ended = json!({ "partner_id": "pa", "period_start": "2025-01-01", "period_end": "2025-12-31" });
+    stream.push(upsert(platform::topics::ATTRIBUTION, "attribution", 1, "C1", "AT-C1", ended));
+    app.apply(&stream).await?;
+    composer.stop().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smart_backend_services_refuses_what_it_must_and_accepts_rs384_and_es384() -> anyhow::Result<()> {
-    let (url, pool) = fresh_database("auth", true).await?;
-    compose(&url, &pool, "auth").await?;
-    let origin = start_api(&url, "http://fhir.test/fhir").await?;
+    let app = TestApp::new("auth").await?;
+    let pool = &app.pool;
+    compose(&app).await?;
+    let origin = app.api(&[]).await?;
     let fhir = format!("{origin}/fhir");
     let anonymous = reqwest::Client::new();
 
     // Discovery.
-    let (s, _, config) = get(&anonymous, &format!("{origin}/.well-known/smart-configuration")).await?;
+    let Reply { status: s, body: config, .. } = get(&anonymous, &format!("{origin}/.well-known/smart-configuration")).await?;
     assert_eq!(s, 200);
     assert_eq!(config["token_endpoint"], "http://fhir.test/auth/token");
     assert_eq!(config["token_endpoint_auth_signing_alg_values_supported"], json!(["RS384", "ES384"]));
-    let (s, _, same) = get(&anonymous, &format!("{fhir}/.well-known/smart-configuration")).await?;
+    let Reply { status: s, body: same, .. } = get(&anonymous, &format!("{fhir}/.well-known/smart-configuration")).await?;
     assert_eq!((s, &same), (200, &config));
 
     // A valid assertion works end to end with both algorithms.
-    let rs = register_partner(&pool, "rs", "system/*.read", KeyKind::Rs384, None).await?;
-    let es = register_partner(&pool, "es", "system/*.read", KeyKind::Es384, None).await?;
+    let rs = app.partner("rs", "system/*.read", KeyKind::Rs384).await?;
+    let es = app.partner("es", "system/*.read", KeyKind::Es384).await?;
     for partner in [&rs, &es] {
-        let (s, headers, body) = TestPartner::request_token(&origin, &partner.assertion(&origin, 120).await?, "system/*.read").await?;
+        let Reply { status: s, headers, body, .. } =
+            TestPartner::request_token(&origin, &partner.assertion(&origin, 120).await?, "system/*.read").await?;
         assert_eq!(s, 200, "{}: {body}", partner.id);
         assert_eq!(headers["cache-control"], "no-store");
         assert_eq!(body["token_type"], "bearer");
         assert_eq!(body["scope"], "system/*.read");
         assert_eq!(body["expires_in"], 300);
         let client = bearer_client(body["access_token"].as_str().unwrap_or_default())?;
-        let (s, _, profile) = get(&client, &format!("{fhir}/Patient/A1/$medication-profile")).await?;
+        let Reply { status: s, body: profile, .. } = get(&client, &format!("{fhir}/Patient/A1/$medication-profile")).await?;
         assert_eq!(s, 200, "{}: {profile}", partner.id);
         assert_eq!(profile["entry"][0]["resource"]["id"], "A1");
     }
 
     // No token, a malformed header, a token never issued.
-    refused(&get(&anonymous, &format!("{fhir}/Patient/A1")).await?, 401, "no token");
-    let r = anonymous.get(format!("{fhir}/Patient/A1")).header("Authorization", "Basic abc").send().await?;
-    let reply = (r.status().as_u16(), r.headers().clone(), r.json().await?);
-    refused(&reply, 401, "not a bearer token");
+    get(&anonymous, &format!("{fhir}/Patient/A1")).await?.assert_refused(401, "no token");
+    let reply = send(anonymous.get(format!("{fhir}/Patient/A1")).header("Authorization", "Basic abc")).await?;
+    reply.assert_refused(401, "not a bearer token");
     let reply = get(&bearer_client("not-a-token-we-issued")?, &format!("{fhir}/Patient/A1")).await?;
-    refused(&reply, 401, "unknown token");
-    assert!(reply.1["www-authenticate"].to_str()?.contains("invalid_token"));
+    reply.assert_refused(401, "unknown token");
+    assert!(reply.headers["www-authenticate"].to_str()?.contains("invalid_token"));
     // metadata stays open.
-    assert_eq!(get(&anonymous, &format!("{fhir}/metadata")).await?.0, 200);
+    assert_eq!(get(&anonymous, &format!("{fhir}/metadata")).await?.status, 200);
 
     // An expired token: from an API instance that issues 1-second tokens.
-    let short = start_api_with(&url, "127.0.0.1:0", "http://fhir.test/fhir", &["--auth-token-lifetime-secs", "1"]).await?;
+    let short = app.api(&["--auth-token-lifetime-secs", "1"]).await?;
     let token = es.token(&short).await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let reply = get(&bearer_client(&token)?, &format!("{fhir}/Patient/A1")).await?;
-    refused(&reply, 401, "expired token");
-    assert!(reply.2["issue"][0]["diagnostics"].as_str().unwrap_or_default().contains("expired"));
+    reply.assert_refused(401, "expired token");
+    assert!(reply.body["issue"][0]["diagnostics"].as_str().unwrap_or_default().contains("expired"));
 
     // Wrong audience.
     let assertion = es.key.assertion("es", "http://elsewhere.test/auth/token", 120, None)?;
@@ -125,7 +92,7 @@ async fn smart_backend_services_refuses_what_it_must_and_accepts_rs384_and_es384
     // A replayed jti: the first use works, the second is refused.
     let token_url = TestPartner::token_url(&origin).await?;
     let assertion = es.key.assertion("es", &token_url, 120, Some("jti-used-once"))?;
-    assert_eq!(TestPartner::request_token(&origin, &assertion, "system/*.read").await?.0, 200);
+    assert_eq!(TestPartner::request_token(&origin, &assertion, "system/*.read").await?.status, 200);
     let again = es.key.assertion("es", &token_url, 100, Some("jti-used-once"))?;
     token_refused(&TestPartner::request_token(&origin, &again, "system/*.read").await?, 401, "invalid_client", "replayed jti");
 
@@ -150,46 +117,42 @@ async fn smart_backend_services_refuses_what_it_must_and_accepts_rs384_and_es384
     token_refused(&TestPartner::request_token(&origin, &assertion, "system/*.read").await?, 401, "invalid_client", "unknown client");
 
     // Disabled partner: no new token, and the token it holds stops working at once.
-    let off = register_partner(&pool, "off", "system/*.read", KeyKind::Es384, None).await?;
+    let off = app.partner("off", "system/*.read", KeyKind::Es384).await?;
     let held = bearer_client(&off.token(&origin).await?)?;
-    assert_eq!(get(&held, &format!("{fhir}/Patient/A1")).await?.0, 404, "not attributed, but authenticated");
-    assert!(db::partners::set_disabled(&pool, "off", true).await?);
+    assert_eq!(get(&held, &format!("{fhir}/Patient/A1")).await?.status, 404, "not attributed, but authenticated");
+    assert!(db::partners::set_disabled(pool, "off", true).await?);
     let assertion = off.assertion(&origin, 120).await?;
     token_refused(&TestPartner::request_token(&origin, &assertion, "system/*.read").await?, 401, "invalid_client", "disabled partner");
-    refused(&get(&held, &format!("{fhir}/Patient/A1")).await?, 401, "token of a disabled partner");
+    get(&held, &format!("{fhir}/Patient/A1")).await?.assert_refused(401, "token of a disabled partner");
 
     // Insufficient scope: a scope the partner may not have, and a request its token does not cover.
     let assertion = es.assertion(&origin, 120).await?;
     token_refused(&TestPartner::request_token(&origin, &assertion, "system/AuditEvent.read").await?, 400, "invalid_scope", "scope not allowed");
     let tasks_only = bearer_client(&es.token_with(&origin, "system/Task.read").await?)?;
-    assert_eq!(get(&tasks_only, &format!("{fhir}/Task?patient=A1")).await?.0, 200);
+    assert_eq!(get(&tasks_only, &format!("{fhir}/Task?patient=A1")).await?.status, 200);
     for path in ["Patient/A1", "MedicationStatement?patient=A1", "Patient/A1/$medication-profile", "AuditEvent"] {
         let reply = get(&tasks_only, &format!("{fhir}/{path}")).await?;
-        refused(&reply, 403, path);
-        assert!(reply.1["www-authenticate"].to_str()?.contains("insufficient_scope"), "{path}");
+        reply.assert_refused(403, path);
+        assert!(reply.headers["www-authenticate"].to_str()?.contains("insufficient_scope"), "{path}");
     }
 
     // Malformed token requests.
-    let form = |body: &str| {
-        anonymous.post(format!("{origin}/auth/token")).header("content-type", "application/x-www-form-urlencoded").body(body.to_owned()).send()
-    };
-    let r = form("grant_type=password&scope=system/*.read").await?;
-    let reply = (r.status().as_u16(), r.headers().clone(), r.json().await?);
+    let form =
+        |body: &str| anonymous.post(format!("{origin}/auth/token")).header("content-type", "application/x-www-form-urlencoded").body(body.to_owned());
+    let reply = send(form("grant_type=password&scope=system/*.read")).await?;
     token_refused(&reply, 400, "unsupported_grant_type", "grant type");
-    let r = form("grant_type=client_credentials&scope=system/*.read&client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer&client_assertion=abc").await?;
-    let reply = (r.status().as_u16(), r.headers().clone(), r.json().await?);
+    let reply = send(form("grant_type=client_credentials&scope=system/*.read&client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer&client_assertion=abc")).await?;
     token_refused(&reply, 401, "invalid_client", "not a JWT");
-    let r = anonymous.post(format!("{origin}/auth/token")).json(&json!({ "grant_type": "client_credentials" })).send().await?;
-    let reply = (r.status().as_u16(), r.headers().clone(), r.json().await?);
-    refused(&reply, 415, "JSON body");
+    let reply = send(anonymous.post(format!("{origin}/auth/token")).json(&json!({ "grant_type": "client_credentials" }))).await?;
+    reply.assert_refused(415, "JSON body");
     Ok(())
 }
 
 /// The same request for two members, with the ids swapped back: equal when the API does not
 /// tell them apart.
 async fn same_answer(client: &reqwest::Client, fhir: &str, path: &str, id: &str, absent: &str) -> anyhow::Result<()> {
-    let (s1, h1, b1) = get(client, &format!("{fhir}/{}", path.replace("{}", id))).await?;
-    let (s2, h2, b2) = get(client, &format!("{fhir}/{}", path.replace("{}", absent))).await?;
+    let Reply { status: s1, headers: h1, body: b1, .. } = get(client, &format!("{fhir}/{}", path.replace("{}", id))).await?;
+    let Reply { status: s2, headers: h2, body: b2, .. } = get(client, &format!("{fhir}/{}", path.replace("{}", absent))).await?;
     let b2 = serde_json::from_str::<Value>(&b2.to_string().replace(absent, id))?;
     assert_eq!((s1, &b1), (s2, &b2), "{path}: another partner's member vs no member");
     for h in ["content-type", "etag", "last-modified", "www-authenticate"] {
@@ -200,12 +163,13 @@ async fn same_answer(client: &reqwest::Client, fhir: &str, path: &str, id: &str,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partners_read_only_their_members_within_their_rate_and_everything_is_audited() -> anyhow::Result<()> {
-    let (url, pool) = fresh_database("partners", true).await?;
-    compose(&url, &pool, "partners").await?;
-    let origin = start_api(&url, "http://fhir.test/fhir").await?;
+    let app = TestApp::new("partners").await?;
+    let pool = &app.pool;
+    compose(&app).await?;
+    let origin = app.api(&[]).await?;
     let fhir = format!("{origin}/fhir");
-    let pa = register_partner(&pool, "pa", "system/*.read", KeyKind::Es384, None).await?;
-    let pb = register_partner(&pool, "pb", "system/*.read", KeyKind::Rs384, None).await?;
+    let pa = app.partner("pa", "system/*.read", KeyKind::Es384).await?;
+    let pb = app.partner("pb", "system/*.read", KeyKind::Rs384).await?;
     let (a, b) = (pa.client(&origin).await?, pb.client(&origin).await?);
     let mut requests_by = std::collections::HashMap::<&str, usize>::from([("pa", 1), ("pb", 1)]); // the token requests
 
@@ -227,13 +191,13 @@ async fn partners_read_only_their_members_within_their_rate_and_everything_is_au
             format!("MedicationStatement/{ms}/_history/1"),
             format!("MedicationStatement/{ms}/_history"),
         ] {
-            let (s, _, body) = get(client, &format!("{fhir}/{path}")).await?;
+            let Reply { status: s, body, .. } = get(client, &format!("{fhir}/{path}")).await?;
             assert_eq!(s, 200, "{partner} {path}: {body}");
         }
-        let (_, _, page) = get(client, &format!("{fhir}/MedicationStatement")).await?;
+        let Reply { body: page, .. } = get(client, &format!("{fhir}/MedicationStatement")).await?;
         assert_eq!(page["total"], 1, "{partner} searches only its members: {page}");
         assert_eq!(page["entry"][0]["resource"]["subject"]["reference"], format!("Patient/{member}"));
-        let (_, _, page) = get(client, &format!("{fhir}/Patient")).await?;
+        let Reply { body: page, .. } = get(client, &format!("{fhir}/Patient")).await?;
         assert_eq!(page["total"], 1, "{partner}: {page}");
         *requests_by.get_mut(partner).expect("known") += 9;
     }
@@ -259,39 +223,39 @@ async fn partners_read_only_their_members_within_their_rate_and_everything_is_au
     }
 
     // A burst over the limit gets 429 with Retry-After; the other partners are unaffected.
-    let hasty = register_partner(&pool, "hasty", "system/*.read", KeyKind::Es384, Some((0.5, 5))).await?;
+    let hasty = register_partner(pool, "hasty", "system/*.read", KeyKind::Es384, Some((0.5, 5))).await?;
     let h = hasty.client(&origin).await?;
     let mut statuses = Vec::new();
     for _ in 0..8 {
         let reply = get(&h, &format!("{fhir}/Patient/NOBODY")).await?;
-        if reply.0 == 429 {
-            refused(&reply, 429, "burst");
-            let retry: u64 = reply.1["retry-after"].to_str()?.parse()?;
+        if reply.status == 429 {
+            reply.assert_refused(429, "burst");
+            let retry: u64 = reply.headers["retry-after"].to_str()?.parse()?;
             assert!((1..=2).contains(&retry), "Retry-After {retry}");
         }
-        statuses.push(reply.0);
+        statuses.push(reply.status);
     }
     assert_eq!(statuses, [404, 404, 404, 404, 404, 429, 429, 429]);
     for (client, member) in [(&a, "A1"), (&b, "B1")] {
-        assert_eq!(get(client, &format!("{fhir}/Patient/{member}")).await?.0, 200, "other partners are not throttled");
+        assert_eq!(get(client, &format!("{fhir}/Patient/{member}")).await?.status, 200, "other partners are not throttled");
     }
     *requests_by.get_mut("pa").expect("known") += 1;
     *requests_by.get_mut("pb").expect("known") += 1;
 
     // The audit trail: exactly one record per request, searchable by partner and by member.
-    let ops = register_partner(&pool, "ops", "system/AuditEvent.read", KeyKind::Es384, None).await?;
+    let ops = app.partner("ops", "system/AuditEvent.read", KeyKind::Es384).await?;
     let o = bearer_client(&ops.token_with(&origin, "system/AuditEvent.read").await?)?;
     for (partner, count) in &requests_by {
-        let (s, _, page) = get(&o, &format!("{fhir}/AuditEvent?agent={partner}&_count=1")).await?;
+        let Reply { status: s, body: page, .. } = get(&o, &format!("{fhir}/AuditEvent?agent={partner}&_count=1")).await?;
         assert_eq!(s, 200, "{page}");
         assert_eq!(page["total"], *count as i64, "audit records of {partner}");
     }
-    let (_, _, page) = get(&o, &format!("{fhir}/AuditEvent?agent=hasty&_count=100")).await?;
+    let Reply { body: page, .. } = get(&o, &format!("{fhir}/AuditEvent?agent=hasty&_count=100")).await?;
     let outcomes: Vec<&str> =
         page["entry"].as_array().into_iter().flatten().map(|e| e["resource"]["outcomeDesc"].as_str().unwrap_or_default()).collect();
     assert_eq!(outcomes.iter().filter(|o| o.starts_with("HTTP 429")).count(), 3, "{outcomes:?}");
     // Searching by member finds pa's attempts on B1, which pa never saw.
-    let (_, _, page) = get(&o, &format!("{fhir}/AuditEvent?patient=B1&agent=pa&_count=100")).await?;
+    let Reply { body: page, .. } = get(&o, &format!("{fhir}/AuditEvent?patient=B1&agent=pa&_count=100")).await?;
     let entries = page["entry"].as_array().cloned().unwrap_or_default();
     assert!(entries.len() >= 5, "{page}");
     for e in &entries {
@@ -304,27 +268,27 @@ async fn partners_read_only_their_members_within_their_rate_and_everything_is_au
         }
     }
     // Reading B1's data as pb is a success on B1's record.
-    let (_, _, page) = get(&o, &format!("{fhir}/AuditEvent?patient=Patient/B1&agent=pb&subtype=operation")).await?;
+    let Reply { body: page, .. } = get(&o, &format!("{fhir}/AuditEvent?patient=Patient/B1&agent=pb&subtype=operation")).await?;
     assert_eq!(page["total"], 1, "{page}");
     assert_eq!(page["entry"][0]["resource"]["outcome"], "0");
     let id = page["entry"][0]["resource"]["id"].as_str().unwrap_or_default().to_owned();
-    let (s, _, event) = get(&o, &format!("{fhir}/AuditEvent/{id}")).await?;
+    let Reply { status: s, body: event, .. } = get(&o, &format!("{fhir}/AuditEvent/{id}")).await?;
     assert_eq!((s, &event["id"]), (200, &json!(id)));
     // Partners cannot read the audit trail, even with a wildcard scope.
-    refused(&get(&a, &format!("{fhir}/AuditEvent")).await?, 403, "partner reading audit");
+    get(&a, &format!("{fhir}/AuditEvent")).await?.assert_refused(403, "partner reading audit");
     *requests_by.get_mut("pa").expect("known") += 1;
 
     // Append-only.
-    assert!(sqlx::query("UPDATE audit_events SET status = 200").execute(&pool).await.is_err());
-    assert!(sqlx::query("DELETE FROM audit_events").execute(&pool).await.is_err());
+    assert!(sqlx::query("UPDATE audit_events SET status = 200").execute(pool).await.is_err());
+    assert!(sqlx::query("DELETE FROM audit_events").execute(pool).await.is_err());
 
     // Every audit record reaches audit.events.v1, as an AuditEvent keyed by its partner.
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&pool).await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(pool).await?;
     eventually(Duration::from_secs(30), "the audit relay to publish every event", || async {
-        Ok((db::audit::unpublished(&pool).await? == 0).then_some(()))
+        Ok((db::audit::unpublished(pool).await? == 0).then_some(()))
     })
     .await?;
-    let topic = format!("{}.{}", api_topic_prefix(&url), platform::topics::AUDIT_EVENTS);
+    let topic = format!("{}.{}", api_topic_prefix(&app.url), platform::topics::AUDIT_EVENTS);
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", kafka_bootstrap())
         .set("group.id", unique("audit-reader"))

@@ -2,12 +2,11 @@
 //! from `sor.care.tasks.v1`; a partner tokenizes with the Python reference tokenizer, using
 //! the key the operator's command prints, and calls `$hashed-match`.
 
-use devtools::generator::{self, SorMessage};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tests::*;
 
 const MASTER: &str = "5ecf5ecf5ecf5ecf5ecf5ecf5ecf5ecf5ecf5ecf5ecf5ecf5ecf5ecf5ecf5ecf";
@@ -65,25 +64,9 @@ fn all(tokens: &HashMap<String, String>) -> Vec<&String> {
     v.into_iter().map(|(_, t)| t).collect()
 }
 
-struct Reply {
-    status: u16,
-    content_type: String,
-    body: String,
-    elapsed: Duration,
-}
-
 async fn hashed_match(client: &reqwest::Client, origin: &str, key_id: &str, tokens: &[&String]) -> anyhow::Result<Reply> {
-    let started = Instant::now();
-    let r = client
-        .post(format!("{origin}/fhir/Patient/$hashed-match"))
-        .header("content-type", "application/fhir+json")
-        .body(parameters(key_id, tokens))
-        .send()
-        .await?;
-    let status = r.status().as_u16();
-    let content_type = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-    let body = r.text().await?;
-    Ok(Reply { status, content_type, body, elapsed: started.elapsed() })
+    send(client.post(format!("{origin}/fhir/Patient/$hashed-match")).header("content-type", "application/fhir+json").body(parameters(key_id, tokens)))
+        .await
 }
 
 async fn matching_partner(pool: &db::Pool, id: &str, key_ids: &[&str]) -> anyhow::Result<TestPartner> {
@@ -113,57 +96,37 @@ fn william() -> Value {
 
 /// Members MBR-0001 (William Smith, with two open tasks and a completed one) and the twins
 /// MBR-0002 / MBR-0003, who share a T2 value (same last name, initial, birth date and sex).
-async fn compose(
-    url: &str,
-    pool: &db::Pool,
-    label: &str,
-) -> anyhow::Result<(String, std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<anyhow::Result<()>>, usize)> {
-    let prefix = format!("{}.", unique(label));
+async fn compose(app: &TestApp) -> anyhow::Result<Composer> {
     let mut flags = pmm1_flags();
     flags.extend(["--pmm1-key-ids", "k1,k2"]);
-    let (stop, _metrics, thread) = composer::spawn(composer_config_with(url, &prefix, label, &flags)).await?;
-    let demo = |member: &str, data: Value| SorMessage {
-        topic: platform::topics::DEMOGRAPHICS,
-        key: member.to_owned(),
-        value: Some(native_event("upsert", "enrollment", 1, member, member, Some(data))),
+    let composer = app.composer(&flags).await?;
+    let task = |record: &str, status: &str| {
+        let data =
+            json!({ "task_code": "AWV", "description": "Annual wellness visit", "status": status, "priority": "routine", "due_date": "2027-01-15" });
+        upsert(platform::topics::CARE_TASKS, "care-mgmt", 1, "MBR-0001", record, data)
     };
-    let task = |record: &str, status: &str| SorMessage {
-        topic: platform::topics::CARE_TASKS,
-        key: "MBR-0001".into(),
-        value: Some(native_event(
-            "upsert",
-            "care-mgmt",
-            1,
-            "MBR-0001",
-            record,
-            Some(
-                json!({ "task_code": "AWV", "description": "Annual wellness visit", "status": status, "priority": "routine", "due_date": "2027-01-15" }),
-            ),
-        )),
-    };
-    let stream = vec![
-        demo("MBR-0001", william()),
-        demo("MBR-0002", person("Anna", "Jones", "1975-06-07", "female", "4 Elm Street", "60601", "312-555-0101")),
-        demo("MBR-0003", person("Alice", "Jones", "1975-06-07", "female", "4 Elm Street", "60601", "312-555-0102")),
+    app.apply(&[
+        demographics("MBR-0001", william()),
+        demographics("MBR-0002", person("Anna", "Jones", "1975-06-07", "female", "4 Elm Street", "60601", "312-555-0101")),
+        demographics("MBR-0003", person("Alice", "Jones", "1975-06-07", "female", "4 Elm Street", "60601", "312-555-0102")),
         task("TK-MBR-0001-1", "requested"),
         task("TK-MBR-0001-2", "in-progress"),
         task("TK-MBR-0001-3", "completed"),
-    ];
-    let kafka = kafka_config(&prefix);
-    generator::publish(&generator::producer(&kafka)?, &kafka, &stream).await?;
-    wait_applied(pool, label, stream.len(), Duration::from_secs(60)).await?;
-    Ok((prefix, stop, thread, stream.len()))
+    ])
+    .await?;
+    Ok(composer)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partner_matches_a_member_by_tokens_and_learns_nothing_else() -> anyhow::Result<()> {
-    let (url, pool) = fresh_database("match", true).await?;
-    let (prefix, stop, thread, mut sent) = compose(&url, &pool, "match").await?;
+    let app = TestApp::new("match").await?;
+    let pool = &app.pool;
+    let composer = compose(&app).await?;
     let mut flags = pmm1_flags();
     flags.extend(["--match-rate-limit-per-second", "1000", "--match-rate-limit-burst", "1000"]);
-    let origin = start_api_with(&url, "127.0.0.1:0", "http://fhir.test/fhir", &flags).await?;
-    let pm = matching_partner(&pool, "pm", &["k1"]).await?;
-    let other = matching_partner(&pool, "pm2", &["k1"]).await?;
+    let origin = app.api(&flags).await?;
+    let pm = matching_partner(pool, "pm", &["k1"]).await?;
+    let other = matching_partner(pool, "pm2", &["k1"]).await?;
     let (client, other_client) = (pm.client(&origin).await?, other.client(&origin).await?);
 
     let k1 = partner_key("k1")?;
@@ -187,7 +150,7 @@ async fn a_partner_matches_a_member_by_tokens_and_learns_nothing_else() -> anyho
     // A match: the member's open tasks, under handles.
     let reply = hashed_match(&client, &origin, "k1", &all(exact)).await?;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    let bundle: Value = serde_json::from_str(&reply.body)?;
+    let bundle = &reply.body;
     assert_eq!(bundle["type"], "searchset");
     assert_eq!(bundle["total"], 2, "requested and in-progress, not completed");
     let handle = bundle["entry"][0]["resource"]["for"]["identifier"]["value"].as_str().unwrap_or_default().to_owned();
@@ -199,23 +162,23 @@ async fn a_partner_matches_a_member_by_tokens_and_learns_nothing_else() -> anyho
         assert_eq!(task["for"]["identifier"]["value"], handle.as_str());
         assert!(task["identifier"].is_null());
     }
-    assert!(!reply.body.contains("MBR-0001"), "the member id never appears: {}", reply.body);
+    assert!(!reply.text.contains("MBR-0001"), "the member id never appears: {}", reply.text);
     for (name, token) in exact {
-        assert!(!reply.body.contains(token.as_str()), "{name} is not echoed");
+        assert!(!reply.text.contains(token.as_str()), "{name} is not echoed");
     }
     assert!(reply.elapsed >= Duration::from_millis(40), "answered before the floor: {:?}", reply.elapsed);
 
     // Stable for this partner, different for another.
-    let again: Value = serde_json::from_str(&hashed_match(&client, &origin, "k1", &all(exact)).await?.body)?;
+    let again = hashed_match(&client, &origin, "k1", &all(exact)).await?.body;
     assert_eq!(again["entry"][0]["resource"]["for"]["identifier"]["value"], handle.as_str());
     assert_eq!(again["entry"][0]["resource"]["id"], bundle["entry"][0]["resource"]["id"]);
-    let theirs: Value = serde_json::from_str(&hashed_match(&other_client, &origin, "k1", &all(exact)).await?.body)?;
+    let theirs = hashed_match(&other_client, &origin, "k1", &all(exact)).await?.body;
     assert_ne!(theirs["entry"][0]["resource"]["for"]["identifier"]["value"], handle.as_str());
 
     // Typos that keep two token types intact still match; T1 alone matches.
     let reply = hashed_match(&client, &origin, "k1", &all(typo)).await?;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(serde_json::from_str::<Value>(&reply.body)?["entry"][0]["resource"]["for"]["identifier"]["value"], handle.as_str());
+    assert_eq!(reply.body["entry"][0]["resource"]["for"]["identifier"]["value"], handle.as_str());
     assert_eq!(hashed_match(&client, &origin, "k1", &[&exact["T1"]]).await?.status, 200);
     // Anna's T2 value is shared with her twin and never used; her T1 alone still matches.
     assert_eq!(hashed_match(&client, &origin, "k1", &all(anna)).await?.status, 200);
@@ -232,10 +195,10 @@ async fn a_partner_matches_a_member_by_tokens_and_learns_nothing_else() -> anyho
     ];
     for (what, r) in &refusals {
         assert_eq!(r.status, 422, "{what}: {}", r.body);
-        assert_eq!((&r.content_type, &r.body), (&refusals[0].1.content_type, &refusals[0].1.body), "{what}: not byte-identical");
+        assert_eq!((r.header("content-type"), &r.text), (refusals[0].1.header("content-type"), &refusals[0].1.text), "{what}: not byte-identical");
         assert!(r.elapsed >= Duration::from_millis(40), "{what}: {:?} is under the floor", r.elapsed);
     }
-    let outcome: Value = serde_json::from_str(&refusals[0].1.body)?;
+    let outcome = &refusals[0].1.body;
     assert_eq!(outcome["resourceType"], "OperationOutcome");
 
     // Malformed requests are 400s (they reveal nothing about anyone).
@@ -250,12 +213,12 @@ async fn a_partner_matches_a_member_by_tokens_and_learns_nothing_else() -> anyho
     assert_eq!(r.status().as_u16(), 415);
 
     // The index follows demographics: rebuilt by the command, and emptied by a delete.
-    sqlx::query("DELETE FROM match_index WHERE key_id = 'k1'").execute(&pool).await?;
+    sqlx::query("DELETE FROM match_index WHERE key_id = 'k1'").execute(pool).await?;
     assert_eq!(hashed_match(&client, &origin, "k1", &all(exact)).await?.status, 422);
     let mut command = Command::new(workspace_binary("match-index")?);
     command
         .args(["--key-id", "k1"])
-        .env("DATABASE_URL", &url)
+        .env("DATABASE_URL", &app.url)
         .env("PMM1_MASTER_SECRET", MASTER)
         .env("PMM1_PEPPER", PEPPER)
         .env("PMM1_KEY_IDS", "k1,k2")
@@ -265,22 +228,14 @@ async fn a_partner_matches_a_member_by_tokens_and_learns_nothing_else() -> anyho
     assert!(out.status.success(), "match-index failed");
     assert!(String::from_utf8_lossy(&out.stdout).contains("3 members"), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(hashed_match(&client, &origin, "k1", &all(exact)).await?.status, 200);
-    let kafka = kafka_config(&prefix);
-    let delete = SorMessage {
-        topic: platform::topics::DEMOGRAPHICS,
-        key: "MBR-0001".into(),
-        value: Some(native_event("delete", "enrollment", 2, "MBR-0001", "MBR-0001", None)),
-    };
-    generator::publish(&generator::producer(&kafka)?, &kafka, &[delete]).await?;
-    sent += 1;
-    wait_applied(&pool, "match", sent, Duration::from_secs(60)).await?;
-    composer::stop(&stop, thread).await?;
+    app.apply(&[deletion(platform::topics::DEMOGRAPHICS, "enrollment", 2, "MBR-0001", "MBR-0001")]).await?;
+    composer.stop().await?;
     assert_eq!(hashed_match(&client, &origin, "k1", &all(exact)).await?.status, 422);
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM match_index WHERE member_id = 'MBR-0001'").fetch_one(&pool).await?;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM match_index WHERE member_id = 'MBR-0001'").fetch_one(pool).await?;
     assert_eq!(rows, 0);
 
     // Audited: partner, key id and decision; never a token.
-    let ops = register_partner(&pool, "ops", "system/AuditEvent.read", KeyKind::Es384, None).await?;
+    let ops = register_partner(pool, "ops", "system/AuditEvent.read", KeyKind::Es384, None).await?;
     let o = bearer_client(&ops.token_with(&origin, "system/AuditEvent.read").await?)?;
     let page: Value = o.get(format!("{origin}/fhir/AuditEvent?agent=pm&subtype=match&_count=100")).send().await?.json().await?;
     let decisions: Vec<String> = page["entry"]
@@ -305,7 +260,7 @@ async fn a_partner_matches_a_member_by_tokens_and_learns_nothing_else() -> anyho
     for expected in ["k1:match", "k1:no-match", "k1:too-weak", "k9:unknown-key", "k2:unknown-key"] {
         assert!(decisions.iter().any(|d| d == expected), "{expected} not audited: {decisions:?}");
     }
-    let audit: Vec<String> = sqlx::query_scalar("SELECT row_to_json(a)::text FROM audit_events a").fetch_all(&pool).await?;
+    let audit: Vec<String> = sqlx::query_scalar("SELECT row_to_json(a)::text FROM audit_events a").fetch_all(pool).await?;
     for token in tokens.iter().flat_map(|t| t.values()) {
         assert!(audit.iter().all(|row| !row.contains(token.as_str())), "a token reached the audit trail");
         remember_secret(token);
@@ -336,13 +291,13 @@ fn ks_statistic(a: &mut [f64], b: &mut [f64]) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn match_and_no_match_take_the_same_time_and_matching_is_rate_limited() -> anyhow::Result<()> {
-    let (url, pool) = fresh_database("matchtime", true).await?;
-    let (_prefix, stop, thread, _) = compose(&url, &pool, "matchtime").await?;
-    composer::stop(&stop, thread).await?;
+    let app = TestApp::new("matchtime").await?;
+    let pool = &app.pool;
+    compose(&app).await?.stop().await?;
     let mut flags = pmm1_flags();
     flags.extend(["--match-rate-limit-per-second", "100000", "--match-rate-limit-burst", "100000"]);
-    let origin = start_api_with(&url, "127.0.0.1:0", "http://fhir.test/fhir", &flags).await?;
-    let partner = matching_partner(&pool, "timer", &["k1"]).await?;
+    let origin = app.api(&flags).await?;
+    let partner = matching_partner(pool, "timer", &["k1"]).await?;
     let client = partner.client(&origin).await?;
     let tokens =
         tokenize(&partner_key("k1")?, &[william(), person("Grace", "Hopper", "1906-12-09", "female", "1 Navy Way", "20001", "202-555-0199")])?;
@@ -383,7 +338,7 @@ async fn match_and_no_match_take_the_same_time_and_matching_is_rate_limited() ->
     assert!(d < critical, "match and no-match latencies differ: KS D = {d:.3} ≥ {critical:.3}");
 
     // The default per-partner match limit (burst 10, 1/s) is far below the read limit.
-    let limited = start_api_with(&url, "127.0.0.1:0", "http://fhir.test/fhir", &pmm1_flags()).await?;
+    let limited = app.api(&pmm1_flags()).await?;
     let statuses: Vec<u16> = {
         let mut v = Vec::new();
         for _ in 0..11 {

@@ -4,7 +4,7 @@
 //! sentinel: a fresh system-of-record event still reaches the API and
 //! `fhir.medication-profile.v1` within seconds, with no manual step.
 
-use devtools::generator::{self, SorMessage};
+use devtools::generator::SorMessage;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
@@ -12,7 +12,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tests::*;
@@ -20,9 +20,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
 const RXNORM: &str = "http://www.nlm.nih.gov/research/umls/rxnorm";
-
-type ComposerHandle = (Arc<AtomicBool>, Arc<composer::consumer::Metrics>, std::thread::JoinHandle<anyhow::Result<()>>);
-type TaskHandle = (Arc<AtomicBool>, tokio::task::JoinHandle<anyhow::Result<()>>);
 
 /// Extra flags for each component of a [`Platform`].
 #[derive(Default, Clone, Copy)]
@@ -32,63 +29,41 @@ struct Flags<'a> {
     api: &'a [&'a str],
 }
 
-/// A composer, a relay and an API on a fresh database and topic namespace, a partner
-/// (`sentinel`) to read with, and a reader of `fhir.medication-profile.v1`.
+/// A [`TestApp`] with a composer, a relay and an API running, a partner (`sentinel`) to read
+/// with, and a reader of `fhir.medication-profile.v1`.
 struct Platform {
-    url: String,
-    pool: db::Pool,
-    prefix: String,
-    kafka: platform::KafkaConfig,
-    group: String,
+    app: TestApp,
     origin: String,
-    composer: ComposerHandle,
-    relay: Option<TaskHandle>,
+    composer: Composer,
+    relay: Option<Task>,
     sentinel: reqwest::Client,
     /// Each key seen on `fhir.medication-profile.v1`, with the highest versionId seen.
     published: Arc<Mutex<HashMap<String, i64>>>,
     sentinels: AtomicUsize,
 }
 
-async fn relay_with(url: &str, prefix: &str, extra: &[&str]) -> anyhow::Result<TaskHandle> {
-    use clap::Parser;
-    let bootstrap = kafka_bootstrap();
-    let base = ["relay", "--database-url", url, "--kafka-bootstrap-servers", &bootstrap, "--kafka-topic-prefix", prefix];
-    relay::spawn(relay::RelayConfig::parse_from(base.iter().copied().chain(extra.iter().copied()))).await
+impl std::ops::Deref for Platform {
+    type Target = TestApp;
+
+    fn deref(&self) -> &TestApp {
+        &self.app
+    }
 }
 
 impl Platform {
     async fn start(label: &str, flags: Flags<'_>) -> anyhow::Result<Platform> {
-        let (url, pool) = fresh_database(label, true).await?;
-        let prefix = format!("{}.", unique(label));
-        let kafka = kafka_config(&prefix);
-        let composer = composer::spawn(composer_config_with(&url, &prefix, label, flags.composer)).await?;
-        let relay = relay_with(&url, &prefix, flags.relay).await?;
-        let origin = start_api_with(&url, "127.0.0.1:0", "http://fhir.test/fhir", flags.api).await?;
-        let partner = register_partner(&pool, "sentinel", "system/*.read", KeyKind::Es384, None).await?;
-        let sentinel = partner.client(&origin).await?;
+        let app = TestApp::new(label).await?;
+        let composer = app.composer(flags.composer).await?;
+        let relay = app.relay(flags.relay).await?;
+        let origin = app.api(flags.api).await?;
+        let sentinel = app.partner("sentinel", "system/*.read", KeyKind::Es384).await?.client(&origin).await?;
         let published = Arc::new(Mutex::new(HashMap::new()));
-        watch_versions(&kafka.topic(platform::topics::MEDICATION_PROFILE), published.clone())?;
-        Ok(Platform {
-            url,
-            pool,
-            prefix,
-            kafka,
-            group: label.to_owned(),
-            origin,
-            composer,
-            relay: Some(relay),
-            sentinel,
-            published,
-            sentinels: AtomicUsize::new(0),
-        })
+        watch_versions(&app.topic(platform::topics::MEDICATION_PROFILE), published.clone())?;
+        Ok(Platform { app, origin, composer, relay: Some(relay), sentinel, published, sentinels: AtomicUsize::new(0) })
     }
 
     fn fhir(&self, path: &str) -> String {
         format!("{}/fhir/{path}", self.origin)
-    }
-
-    async fn publish(&self, messages: &[SorMessage]) -> anyhow::Result<()> {
-        generator::publish(&generator::producer(&self.kafka)?, &self.kafka, messages).await
     }
 
     /// A new member, attributed to `sentinel`, is readable at the API and on
@@ -110,32 +85,14 @@ impl Platform {
     }
 
     fn metrics(&self) -> &composer::consumer::Metrics {
-        &self.composer.1
-    }
-
-    /// Runs `fhirctl` against this platform; returns its standard output.
-    fn fhirctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let mut command = std::process::Command::new(workspace_binary("fhirctl")?);
-        command.args(args).env("DATABASE_URL", &self.url).env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap()).env("KAFKA_TOPIC_PREFIX", &self.prefix);
-        collect_logs(&mut command, "fhirctl");
-        let out = command.output()?;
-        anyhow::ensure!(out.status.success(), "fhirctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(String::from_utf8(out.stdout)?)
-    }
-
-    /// `fhirctl --json …` output, one JSON object per line.
-    fn fhirctl_json(&self, args: &[&str]) -> anyhow::Result<Vec<Value>> {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        self.fhirctl(&all)?.lines().filter(|l| !l.trim().is_empty()).map(|l| Ok(serde_json::from_str(l)?)).collect()
+        &self.composer.metrics
     }
 
     async fn stop(self) -> anyhow::Result<()> {
-        if let Some((flag, task)) = self.relay {
-            flag.store(true, Ordering::Relaxed);
-            task.await??;
+        if let Some(relay) = self.relay {
+            relay.stop().await?;
         }
-        composer::stop(&self.composer.0, self.composer.2).await
+        self.composer.stop().await
     }
 }
 
@@ -338,7 +295,7 @@ async fn ten_thousand_malformed_messages_are_dead_letters_and_the_events_around_
     assert_eq!(p.metrics().dead_letters.load(Ordering::Relaxed), malformed as u64);
     // Every valid event was applied: V0, V2, … have composites (demographics); V1, V3, …
     // medications waiting for theirs.
-    let composites = db::composer::all_composites(&p.pool).await?.len();
+    let composites = db::composites::all_composites(&p.pool).await?.len();
     assert_eq!(composites, valid.div_ceil(2), "a composite per valid demographics");
     let components: i64 =
         sqlx::query_scalar("SELECT count(*) FROM components WHERE record_id LIKE 'V%' OR record_id LIKE 'RX-V%'").fetch_one(&p.pool).await?;
@@ -424,14 +381,14 @@ async fn changes_that_would_make_a_composite_too_large_are_refused() -> anyhow::
     }
     p.publish(&stream[first.len()..]).await?;
     wait_applied(&p.pool, &p.group, stream.len(), Duration::from_secs(120)).await?;
-    let body = db::composer::current_composite(&p.pool, "BIG").await?.and_then(|c| c.body).unwrap_or_default();
+    let body = db::composites::current_composite(&p.pool, "BIG").await?.and_then(|c| c.body).unwrap_or_default();
     assert!(!body.is_empty() && body.len() <= 16_384, "BIG's composite is {} bytes", body.len());
     let letters = dead_letters(&p, 1).await?;
     assert!(!letters.is_empty() && letters.iter().all(|l| l.header("dlq.reason") == "composite-too-large"));
     assert!(letters[0].header("dlq.error").contains("member BIG"), "{}", letters[0].header("dlq.error"));
     let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM components WHERE member_id = 'BIG' AND kind = 'medication'").fetch_one(&p.pool).await?;
     assert_eq!(kept as usize + letters.len(), 40, "each medication is either in the composite or a dead letter");
-    assert_eq!(db::composer::all_composites(&p.pool).await?.len(), 41, "every other member is composed");
+    assert_eq!(db::composites::all_composites(&p.pool).await?.len(), 41, "every other member is composed");
     println!("BIG: {} bytes, {kept} medications kept, {} dead-lettered", body.len(), letters.len());
 
     // A partner's report that would push the composite over: 422, nothing stored.
@@ -448,7 +405,7 @@ async fn changes_that_would_make_a_composite_too_large_are_refused() -> anyhow::
     assert_eq!((status, outcome_code(&outcome)), (422, "business-rule"), "{outcome}");
     assert!(outcome["issue"][0]["diagnostics"].as_str().unwrap_or_default().contains("16384"));
     let versions: i64 = sqlx::query_scalar("SELECT count(*) FROM composite_history WHERE member_id = 'BIG'").fetch_one(&p.pool).await?;
-    let after = db::composer::current_composite(&p.pool, "BIG").await?.map(|c| c.version_id);
+    let after = db::composites::current_composite(&p.pool, "BIG").await?.map(|c| c.version_id);
     assert_eq!(after, Some(versions), "no version was added");
     p.sentinel().await?;
     p.stop().await
@@ -477,7 +434,7 @@ async fn a_record_the_broker_refuses_is_parked_and_retried_by_an_operator() -> a
     })
     .await?;
     assert!(parked.iter().all(|r| r["member_id"] == "WIDE" && r["reason"].as_str().unwrap_or_default().contains("more than")), "{parked:?}");
-    let current = db::composer::current_composite(&p.pool, "WIDE").await?.map_or(0, |c| c.version_id);
+    let current = db::composites::current_composite(&p.pool, "WIDE").await?.map_or(0, |c| c.version_id);
     let published = || p.published.lock().unwrap().get("WIDE").copied().unwrap_or(0);
     assert!(published() < current, "WIDE's latest version (v{current}) is not out: v{}", published());
     let metrics_scope = "system/AuditEvent.read";
@@ -486,11 +443,10 @@ async fn a_record_the_broker_refuses_is_parked_and_retried_by_an_operator() -> a
     assert!(metrics.contains(&format!("fhir_outbox_parked {}", parked.len())), "{metrics}");
 
     // The limit raised (a relay with the defaults), the rows retried: published, in order.
-    if let Some((flag, task)) = p.relay.take() {
-        flag.store(true, Ordering::Relaxed);
-        task.await??;
+    if let Some(relay) = p.relay.take() {
+        relay.stop().await?;
     }
-    p.relay = Some(relay_with(&p.url, &p.prefix, &[]).await?);
+    p.relay = Some(p.app.relay(&[]).await?);
     assert!(p.fhirctl("outbox retry --all".split(' ').collect::<Vec<_>>().as_slice())?.contains(&format!("{} handed back", parked.len())));
     eventually(Duration::from_secs(15), "WIDE's latest version published", || async { Ok((published() == current).then_some(())) }).await?;
     assert!(p.fhirctl_json(&["outbox", "list"])?.is_empty());
@@ -690,8 +646,8 @@ async fn oversized_bodies_and_elements_are_refused_at_the_edge() -> anyhow::Resu
         assert_eq!((status, outcome_code(body)), expected, "{what}: {body}");
     };
     // Within the body limit, over an element's.
-    let r = post(p.fhir("MedicationStatement"), reqwest::Body::from(serde_json::to_vec(&statement("n".repeat(5_000)))?)).send().await?;
-    let (status, body): (u16, Value) = (r.status().as_u16(), r.json().await?);
+    let r = post(p.fhir("MedicationStatement"), reqwest::Body::from(serde_json::to_vec(&statement("n".repeat(5_000)))?));
+    let Reply { status, body, .. } = send(r).await?;
     check(status, &body, (422, "invalid"), "a 5,000-character note");
     assert_eq!(body["issue"][0]["expression"][0], "MedicationStatement.note[0].text");
     // A good report goes through and out on partner.inbound.v1: the relay was never stuck.
@@ -723,7 +679,7 @@ async fn unauthenticated_requests_put_no_member_or_partner_on_the_audit_trail() 
     let impostor = api::auth::client::ClientKey::generate_es384("claimed-partner-key")?.0;
     let token_url = TestPartner::token_url(&p.origin).await?;
     let forged = impostor.assertion(&claimed.id, &token_url, 60, None)?;
-    let (status, _, _) = TestPartner::request_token(&p.origin, &forged, "system/*.read").await?;
+    let status = TestPartner::request_token(&p.origin, &forged, "system/*.read").await?.status;
     assert_eq!(status, 401);
     let rows: Vec<(Option<String>, Vec<String>, String, i16)> =
         sqlx::query_as("SELECT partner_id, member_ids, path, status FROM audit_events WHERE status = 401 ORDER BY id").fetch_all(&p.pool).await?;
@@ -783,7 +739,7 @@ async fn an_address_that_keeps_failing_authentication_is_throttled_before_it() -
 /// being audited meanwhile, on the audit trail's own connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_statement_times_out_and_auditing_goes_on() -> anyhow::Result<()> {
-    // The API's request pool has 4 connections (see `start_api_with`): 6 reads hold them all.
+    // The API's request pool has 4 connections (see `tests::start_api`): 6 reads hold them all.
     let api = ["--database-statement-timeout-ms", "1000"];
     let p = Platform::start("hostile_stuck", Flags { api: &api, ..Flags::default() }).await?;
     p.publish(&[demographics("L1", json!({ "given_name": "Lee", "sex": "female" })), attribution("L1", "sentinel")]).await?;
@@ -838,30 +794,8 @@ fn subscription(endpoint: Option<&str>, content: &str, extra: &[Value]) -> Value
         "criteria": fhir::subscriptions::TOPIC_URL, "channel": channel })
 }
 
-async fn subscribe(client: &reqwest::Client, p: &Platform, s: &Value) -> anyhow::Result<(u16, Value)> {
-    let r = client.post(p.fhir("Subscription")).header("content-type", "application/fhir+json").json(s).send().await?;
-    Ok((r.status().as_u16(), r.json().await?))
-}
-
-async fn start_notifier(p: &Platform, extra: &[&str]) -> anyhow::Result<TaskHandle> {
-    use clap::Parser;
-    let bootstrap = kafka_bootstrap();
-    let base = [
-        "notifier",
-        "--database-url",
-        &p.url,
-        "--kafka-bootstrap-servers",
-        &bootstrap,
-        "--kafka-topic-prefix",
-        &p.prefix,
-        "--fhir-base-url",
-        "http://fhir.test/fhir",
-        "--retry-base-ms",
-        "500",
-        "--retry-max-ms",
-        "2000",
-    ];
-    notifier::spawn(notifier::NotifierConfig::parse_from(base.iter().copied().chain(extra.iter().copied()))).await
+async fn subscribe(client: &reqwest::Client, p: &Platform, s: &Value) -> anyhow::Result<Reply> {
+    send(post_fhir(client, &p.fhir("Subscription"), s)).await
 }
 
 /// Rest-hook endpoints that reach the platform's own network, in any spelling, are refused at
@@ -897,7 +831,7 @@ async fn subscriptions_cannot_reach_inside_or_ask_for_more_than_their_share() ->
         "https://[fd00::1]/".to_owned(),
         "https://224.0.0.1/".to_owned(),
     ] {
-        let (status, body) = subscribe(&partner, &p, &subscription(Some(&endpoint), "id-only", &[])).await?;
+        let Reply { status, body, .. } = subscribe(&partner, &p, &subscription(Some(&endpoint), "id-only", &[])).await?;
         assert_eq!(status, 422, "{endpoint}: {body}");
         assert_eq!(body["issue"][0]["expression"][0], "Subscription.channel.endpoint", "{endpoint}");
         answers.insert(body.to_string());
@@ -907,34 +841,28 @@ async fn subscriptions_cannot_reach_inside_or_ask_for_more_than_their_share() ->
     for header in ["Host: 127.0.0.1:5432", "Transfer-Encoding: chunked", "X-Fhir-Event-Signature: t=1,v1=00"] {
         let mut s = subscription(Some(hook), "id-only", &[]);
         s["channel"]["header"] = json!([header]);
-        let (status, body) = subscribe(&partner, &p, &s).await?;
+        let Reply { status, body, .. } = subscribe(&partner, &p, &s).await?;
         assert_eq!((status, body["issue"][0]["expression"][0].as_str()), (422, Some("Subscription.channel.header")), "{header}");
     }
     let heartbeat = json!({ "url": format!("{BACKPORT}backport-heartbeat-period"), "valueUnsignedInt": 1 });
-    let (status, _) = subscribe(&partner, &p, &subscription(None, "id-only", &[heartbeat])).await?;
+    let Reply { status, .. } = subscribe(&partner, &p, &subscription(None, "id-only", &[heartbeat])).await?;
     assert_eq!(status, 422, "a heartbeat every second is under the 10 s minimum");
     // Two subscriptions, then the quota.
     for _ in 0..2 {
-        assert_eq!(subscribe(&partner, &p, &subscription(None, "id-only", &[])).await?.0, 201);
+        assert_eq!(subscribe(&partner, &p, &subscription(None, "id-only", &[])).await?.status, 201);
     }
-    let (status, body) = subscribe(&partner, &p, &subscription(None, "id-only", &[])).await?;
+    let Reply { status, body, .. } = subscribe(&partner, &p, &subscription(None, "id-only", &[])).await?;
     assert_eq!((status, outcome_code(&body)), (422, "business-rule"), "{body}");
     // Payloads need the scopes of what they carry.
     let narrow = "system/Subscription.write system/Subscription.read";
     let pb = bearer_client(&register_partner(&p.pool, "pb", narrow, KeyKind::Es384, None).await?.token_with(&p.origin, narrow).await?)?;
-    assert_eq!(subscribe(&pb, &p, &subscription(None, "full-resource", &[])).await?.0, 403);
-    assert_eq!(subscribe(&pb, &p, &subscription(None, "id-only", &[])).await?.0, 403);
-    assert_eq!(subscribe(&pb, &p, &subscription(None, "empty", &[])).await?.0, 201);
+    assert_eq!(subscribe(&pb, &p, &subscription(None, "full-resource", &[])).await?.status, 403);
+    assert_eq!(subscribe(&pb, &p, &subscription(None, "id-only", &[])).await?.status, 403);
+    assert_eq!(subscribe(&pb, &p, &subscription(None, "empty", &[])).await?.status, 201);
 
     // Allowed by an API configured for local tests, refused by a notifier that is not: the
     // notifier never connects.
-    let lenient = start_api_with(
-        &p.url,
-        "127.0.0.1:0",
-        "http://fhir.test/fhir",
-        &["--subscription-allow-http", "--subscription-allowed-networks", "127.0.0.0/8"],
-    )
-    .await?;
+    let lenient = p.api(&["--subscription-allow-http", "--subscription-allowed-networks", "127.0.0.0/8"]).await?;
     let pc_scopes = "system/*.read system/Subscription.write";
     let pc = bearer_client(&register_partner(&p.pool, "pc", pc_scopes, KeyKind::Es384, None).await?.token_with(&lenient, pc_scopes).await?)?;
     let r = pc
@@ -952,7 +880,7 @@ async fn subscriptions_cannot_reach_inside_or_ask_for_more_than_their_share() ->
             counter.fetch_add(1, Ordering::Relaxed);
         }
     });
-    let notifier = start_notifier(&p, &[]).await?;
+    let notifier = p.notifier(&[]).await?;
     let error = eventually(Duration::from_secs(15), "the handshake refused", || async {
         let e: Option<String> = sqlx::query_scalar("SELECT error FROM subscriptions WHERE id = $1").bind(&id).fetch_one(&p.pool).await?;
         Ok(e)
@@ -960,8 +888,7 @@ async fn subscriptions_cannot_reach_inside_or_ask_for_more_than_their_share() ->
     .await?;
     assert!(error.contains("not public"), "{error}");
     assert_eq!(accepted.load(Ordering::Relaxed), 0, "nothing connected to the endpoint");
-    notifier.0.store(true, Ordering::Relaxed);
-    notifier.1.await??;
+    notifier.stop().await?;
     p.sentinel().await?;
     p.stop().await
 }
@@ -998,7 +925,7 @@ async fn recording_endpoint(arrivals: Arc<Arrivals>) -> anyhow::Result<u16> {
 async fn fifty_dead_endpoints_of_one_partner_do_not_delay_another_partners_notifications() -> anyhow::Result<()> {
     let local = ["--subscription-allow-http", "--subscription-allowed-networks", "127.0.0.0/8"];
     let p = Platform::start("hostile_starve", Flags { api: &local, ..Flags::default() }).await?;
-    let notifier = start_notifier(&p, &["--allowed-networks", "127.0.0.0/8"]).await?;
+    let notifier = p.notifier(&["--allowed-networks", "127.0.0.0/8"]).await?;
     let members: Vec<String> = (0..10).map(|i| format!("N{i}")).collect();
     let mut setup = Vec::new();
     for m in &members {
@@ -1028,13 +955,13 @@ async fn fifty_dead_endpoints_of_one_partner_do_not_delay_another_partners_notif
     let pb = bearer_client(&register_partner(&p.pool, "pb", scopes, KeyKind::Es384, None).await?.token_with(&p.origin, scopes).await?)?;
     let timeout = json!({ "url": format!("{BACKPORT}backport-timeout"), "valueUnsignedInt": 60 });
     for i in 0..50 {
-        let (status, body) =
+        let Reply { status, body, .. } =
             subscribe(&pa, &p, &subscription(Some(&format!("http://127.0.0.1:{hole_port}/a/{i}")), "full-resource", &[timeout.clone()])).await?;
         assert_eq!(status, 201, "{body}");
     }
     let arrivals = Arc::new(Arrivals::default());
     let b_port = recording_endpoint(arrivals.clone()).await?;
-    let (status, body) = subscribe(&pb, &p, &subscription(Some(&format!("http://127.0.0.1:{b_port}/b")), "id-only", &[])).await?;
+    let Reply { status, body, .. } = subscribe(&pb, &p, &subscription(Some(&format!("http://127.0.0.1:{b_port}/b")), "id-only", &[])).await?;
     assert_eq!(status, 201, "{body}");
     let b_id = body["id"].as_str().unwrap_or_default().to_owned();
     eventually(Duration::from_secs(30), "B's handshake", || async {
@@ -1044,14 +971,13 @@ async fn fifty_dead_endpoints_of_one_partner_do_not_delay_another_partners_notif
     .await?;
 
     // 30 s of changes, 4 a second, each to a member of both partners.
-    let producer = generator::producer(&p.kafka)?;
     let mut sent: Vec<(Instant, String)> = Vec::new();
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
     for n in 0..120 {
         ticker.tick().await;
         let m = &members[n % members.len()];
         sent.push((Instant::now(), m.clone()));
-        generator::publish(&producer, &p.kafka, &[medication(m, &format!("RX-{n}"), 1, &(300_000 + n).to_string(), "active")]).await?;
+        p.publish(&[medication(m, &format!("RX-{n}"), 1, &(300_000 + n).to_string(), "active")]).await?;
     }
     eventually(Duration::from_secs(30), "B notified of every change", || async {
         Ok((arrivals.0.lock().unwrap().len() >= sent.len()).then_some(()))
@@ -1078,8 +1004,7 @@ async fn fifty_dead_endpoints_of_one_partner_do_not_delay_another_partners_notif
     );
     assert!(in_flight_at_a > 0 && in_flight_at_a <= 8 * 2, "A holds at most its share of delivery slots at a time ({in_flight_at_a} connections)");
     assert!(pct(0.99) < 1000.0, "B's p99 {:.0} ms", pct(0.99));
-    notifier.0.store(true, Ordering::Relaxed);
-    let _ = tokio::time::timeout(Duration::from_secs(90), notifier.1).await;
+    let _ = tokio::time::timeout(Duration::from_secs(90), notifier.stop()).await;
     p.sentinel().await?;
     p.stop().await
 }
@@ -1096,23 +1021,22 @@ async fn attribution_is_checked_again_when_an_event_is_sent_or_replayed() -> any
     let pa = bearer_client(&register_partner(&p.pool, "pa", scopes, KeyKind::Es384, None).await?.token_with(&p.origin, scopes).await?)?;
     let arrivals = Arc::new(Arrivals::default());
     let port = recording_endpoint(arrivals.clone()).await?;
-    let (status, body) = subscribe(&pa, &p, &subscription(Some(&format!("http://127.0.0.1:{port}/g")), "full-resource", &[])).await?;
+    let Reply { status, body, .. } = subscribe(&pa, &p, &subscription(Some(&format!("http://127.0.0.1:{port}/g")), "full-resource", &[])).await?;
     assert_eq!(status, 201, "{body}");
     let id = body["id"].as_str().unwrap_or_default().to_owned();
     // The notifier is not running yet: the change is queued, then the attribution ends.
-    let notifier = start_notifier(&p, &["--allowed-networks", "127.0.0.0/8"]).await?;
+    let notifier = p.notifier(&["--allowed-networks", "127.0.0.0/8"]).await?;
     eventually(Duration::from_secs(30), "the handshake", || async {
         let s: String = sqlx::query_scalar("SELECT status FROM subscriptions WHERE id = $1").bind(&id).fetch_one(&p.pool).await?;
         Ok((s == "active").then_some(()))
     })
     .await?;
-    notifier.0.store(true, Ordering::Relaxed);
-    notifier.1.await??;
+    notifier.stop().await?;
     let before = arrivals.0.lock().unwrap().len();
     p.publish(&[medication("G1", "RX-G1", 1, "860975", "active")]).await?;
     wait_applied(&p.pool, &p.group, 3, Duration::from_secs(30)).await?;
     // Fan-out needs a notifier; one that cannot deliver (no networks allowed) queues the event.
-    let queuing = start_notifier(&p, &[]).await?;
+    let queuing = p.notifier(&[]).await?;
     eventually(Duration::from_secs(15), "the change queued", || async {
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM subscription_events WHERE subscription_id = $1 AND version_id = (SELECT version_id FROM composites WHERE member_id = 'G1')",
@@ -1123,8 +1047,7 @@ async fn attribution_is_checked_again_when_an_event_is_sent_or_replayed() -> any
         Ok((n == 1).then_some(()))
     })
     .await?;
-    queuing.0.store(true, Ordering::Relaxed);
-    queuing.1.await??;
+    queuing.stop().await?;
     let ended = native_event(
         "upsert",
         "attribution",
@@ -1145,12 +1068,11 @@ async fn attribution_is_checked_again_when_an_event_is_sent_or_replayed() -> any
     assert_eq!(replay["entry"].as_array().map(Vec::len), Some(1), "no composite in the replay");
     assert!(!replay.to_string().contains("RX-G1") && !replay.to_string().contains("Gil"));
 
-    let notifier = start_notifier(&p, &["--allowed-networks", "127.0.0.0/8"]).await?;
+    let notifier = p.notifier(&["--allowed-networks", "127.0.0.0/8"]).await?;
     eventually(Duration::from_secs(30), "the queued event delivered", || async { Ok((arrivals.0.lock().unwrap().len() > before).then_some(())) })
         .await?;
     assert!(arrivals.0.lock().unwrap()[before..].iter().all(|(_, m)| m == "-"), "delivered without the member");
-    notifier.0.store(true, Ordering::Relaxed);
-    notifier.1.await??;
+    notifier.stop().await?;
     p.sentinel().await?;
     p.stop().await
 }

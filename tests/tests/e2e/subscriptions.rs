@@ -10,7 +10,7 @@
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
-use devtools::generator::{self, SorMessage};
+use devtools::generator::SorMessage;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use serde_json::{Value, json};
@@ -196,136 +196,154 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
+/// The scenario's platform: a composer, a notifier and an API over 20 members served by pa
+/// (S00…S19) and X1 (pb's), with pa's four subscriptions active: A (full resources, to receiver
+/// `a`), B (ids only, heartbeats every second, at most 5 events a notification, to `b`), F (ids
+/// only, S01 only, to `b`) and K (the Kafka channel).
+struct Scene {
+    app: TestApp,
+    origin: String,
+    fhir: String,
+    pa: reqwest::Client,
+    a: Receiver,
+    b: Receiver,
+    ids: BTreeMap<&'static str, String>,
+    /// Each change published, in order: its member and when.
+    produced: Vec<(String, Instant)>,
+}
+
+/// A's outage: when it began, how long it lasted, how often the notifier tried A while A answered
+/// 503, and how long A took to catch up once back.
+struct Outage {
+    start: Instant,
+    down: Duration,
+    refused_while_503: usize,
+    caught_up: Duration,
+}
+
+impl Scene {
+    async fn start() -> anyhow::Result<(Scene, Composer, Task)> {
+        let app = TestApp::new("subs").await?;
+        let composer = app.composer(&[]).await?;
+        // The subscribers below listen on loopback, which a deployment refuses.
+        let notifier = app.notifier(&["--retry-max-ms", "4000", "--allowed-networks", "127.0.0.0/8"]).await?;
+        let mut stream = Vec::new();
+        for i in 0..20 {
+            let m = member(i);
+            stream.push(demographics(&m, json!({ "given_name": "Ines", "sex": "female" })));
+            stream.push(attribution(&m, "pa"));
+        }
+        stream.push(demographics("X1", json!({ "given_name": "Olu", "sex": "male" })));
+        stream.push(attribution("X1", "pb"));
+        app.apply(&stream).await?;
+
+        let origin = app
+            .api(&["--subscription-allow-http", "--subscription-allowed-networks", "127.0.0.0/8", "--subscription-min-heartbeat-secs", "1"])
+            .await?;
+        let fhir = format!("{origin}/fhir");
+        let pa = bearer_client(&app.partner("pa", SCOPES, KeyKind::Es384).await?.token_with(&origin, SCOPES).await?)?;
+        let secret_a = "a1".repeat(32);
+        let secret_b = "b2".repeat(32);
+        let a = Receiver::start(hex::decode(&secret_a)?).await?;
+        let b = Receiver::start(hex::decode(&secret_b)?).await?;
+        b.state.lock().unwrap().lose = [3, 4, 5].into();
+        let heartbeat = json!({ "url": format!("{BACKPORT}backport-heartbeat-period"), "valueUnsignedInt": 1 });
+        let max5 = json!({ "url": format!("{BACKPORT}backport-max-count"), "valuePositiveInt": 5 });
+        let mut ids = BTreeMap::new();
+        for (name, body) in [
+            ("A", subscription(Some(&a.url("/a")), "full-resource", &secret_a, &[], None)),
+            ("B", subscription(Some(&b.url("/b")), "id-only", &secret_b, &[heartbeat, max5], None)),
+            ("F", subscription(Some(&b.url("/f")), "id-only", &secret_b, &[], Some("S01"))),
+            ("K", subscription(None, "id-only", "", &[], None)),
+        ] {
+            let Reply { status, body: created, .. } = send(post_fhir(&pa, &format!("{fhir}/Subscription"), &body)).await?;
+            assert_eq!(status, 201, "{name}: {created}");
+            assert_eq!(created["status"], "requested");
+            assert!(created.to_string().find(&secret_a).is_none() && created.to_string().find(&secret_b).is_none(), "the secret is never served");
+            ids.insert(name, created["id"].as_str().unwrap_or_default().to_owned());
+        }
+        for (name, id) in &ids {
+            eventually(Duration::from_secs(20), &format!("{name} completes its handshake"), || async {
+                Ok((get(&pa, &format!("{fhir}/Subscription/{id}")).await?.body["status"] == "active").then_some(()))
+            })
+            .await?;
+        }
+        assert_eq!(a.received("/a")[0].kind, "handshake");
+        Ok((Scene { app, origin, fhir, pa, a, b, ids, produced: Vec::new() }, composer, notifier))
+    }
+
+    /// Publishes the `n`th change (of member `member(n)`), and with it, every tenth time, one of
+    /// X1's, which no subscription of pa may see.
+    async fn change(&mut self, n: usize) -> anyhow::Result<()> {
+        let m = member(n);
+        self.produced.push((m.clone(), Instant::now()));
+        let mut batch = vec![change(&m, n)];
+        if n >= 10 && n % 10 == 0 {
+            batch.push(change("X1", n));
+        }
+        self.app.publish(&batch).await
+    }
+
+    fn changes(&self) -> usize {
+        self.produced.len()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_get_every_notification_in_order_through_an_outage() -> anyhow::Result<()> {
     let down = Duration::from_secs(std::env::var("SUBSCRIBER_DOWN_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(120));
-    let (url, pool) = fresh_database("subs", true).await?;
-    let prefix = format!("{}.", unique("subs"));
-    let kafka = kafka_config(&prefix);
-    let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "subs")).await?;
-    use clap::Parser;
-    let notifier_config = notifier::NotifierConfig::parse_from([
-        "notifier",
-        "--database-url",
-        &url,
-        "--kafka-bootstrap-servers",
-        &kafka_bootstrap(),
-        "--kafka-topic-prefix",
-        &prefix,
-        "--fhir-base-url",
-        "http://fhir.test/fhir",
-        "--retry-base-ms",
-        "500",
-        "--retry-max-ms",
-        "4000",
-        // The subscribers below listen on loopback, which a deployment refuses.
-        "--allowed-networks",
-        "127.0.0.0/8",
-    ]);
-    let (notifier_stop, notifier) = notifier::spawn(notifier_config).await?;
-    let producer = generator::producer(&kafka)?;
+    let (mut scene, composer, notifier) = Scene::start().await?;
+    step("before the outage: 10 changes, each seen by A and B");
+    before_the_outage(&mut scene).await?;
+    step("A is down, first answering 503, then not listening; then A catches up");
+    let outage = a_is_down(&mut scene, down).await?;
+    step("B was not held back by A");
+    b_was_not_held_back(&scene, &outage)?;
+    step("B recovers the events it lost with $events");
+    b_recovers_what_it_lost(&scene).await?;
+    step("heartbeats, the filter, attribution and signatures");
+    heartbeats_filters_and_signatures(&scene).await?;
+    step("the Kafka channel");
+    the_kafka_channel_has_every_event(&scene).await?;
+    step("operators' metrics");
+    operators_see_queues_and_failures(&scene, &outage).await?;
+    step("search and delete");
+    search_and_delete(&scene).await?;
+    notifier.stop().await?;
+    composer.stop().await
+}
 
-    // 20 members served by pa; X1 is pb's.
-    let mut stream = Vec::new();
-    for i in 0..20 {
-        let m = member(i);
-        stream.push(demographics(&m, json!({ "given_name": "Ines", "sex": "female" })));
-        stream.push(attribution(&m, "pa"));
-    }
-    stream.push(demographics("X1", json!({ "given_name": "Olu", "sex": "male" })));
-    stream.push(attribution("X1", "pb"));
-    generator::publish(&producer, &kafka, &stream).await?;
-    wait_applied(&pool, "subs", stream.len(), Duration::from_secs(60)).await?;
-
-    let origin = start_api_with(
-        &url,
-        "127.0.0.1:0",
-        "http://fhir.test/fhir",
-        &["--subscription-allow-http", "--subscription-allowed-networks", "127.0.0.0/8", "--subscription-min-heartbeat-secs", "1"],
-    )
-    .await?;
-    let fhir = format!("{origin}/fhir");
-    let pa = bearer_client(&register_partner(&pool, "pa", SCOPES, KeyKind::Es384, None).await?.token_with(&origin, SCOPES).await?)?;
-
-    let secret_a = "a1".repeat(32);
-    let secret_b = "b2".repeat(32);
-    let a = Receiver::start(hex::decode(&secret_a)?).await?;
-    let b = Receiver::start(hex::decode(&secret_b)?).await?;
-    b.state.lock().unwrap().lose = [3, 4, 5].into();
-    let heartbeat = json!({ "url": format!("{BACKPORT}backport-heartbeat-period"), "valueUnsignedInt": 1 });
-    let max5 = json!({ "url": format!("{BACKPORT}backport-max-count"), "valuePositiveInt": 5 });
-    let mut ids = BTreeMap::new();
-    for (name, body) in [
-        ("A", subscription(Some(&a.url("/a")), "full-resource", &secret_a, &[], None)),
-        ("B", subscription(Some(&b.url("/b")), "id-only", &secret_b, &[heartbeat, max5], None)),
-        ("F", subscription(Some(&b.url("/f")), "id-only", &secret_b, &[], Some("S01"))),
-        ("K", subscription(None, "id-only", "", &[], None)),
-    ] {
-        let r = pa.post(format!("{fhir}/Subscription")).header("content-type", "application/fhir+json").body(body.to_string()).send().await?;
-        let status = r.status().as_u16();
-        let created: Value = r.json().await?;
-        assert_eq!(status, 201, "{name}: {created}");
-        assert_eq!(created["status"], "requested");
-        assert!(created.to_string().find(&secret_a).is_none() && created.to_string().find(&secret_b).is_none(), "the secret is never served");
-        ids.insert(name, created["id"].as_str().unwrap_or_default().to_owned());
-    }
-    let read = |id: String| {
-        let pa = pa.clone();
-        let fhir = fhir.clone();
-        async move { anyhow::Ok(pa.get(format!("{fhir}/Subscription/{id}")).send().await?.json::<Value>().await?) }
-    };
-    for (name, id) in &ids {
-        eventually(Duration::from_secs(20), &format!("{name} completes its handshake"), || async {
-            Ok((read(id.clone()).await?["status"] == "active").then_some(()))
-        })
-        .await?;
-    }
-    assert_eq!(a.received("/a")[0].kind, "handshake");
-
-    // Before the outage: 10 changes, each seen by A and B.
-    let mut produced: Vec<(String, Instant)> = Vec::new();
-    let mut changes = 0;
-    let produce = |m: String, n: usize, produced: &mut Vec<(String, Instant)>| {
-        produced.push((m.clone(), Instant::now()));
-        change(&m, n)
-    };
+async fn before_the_outage(scene: &mut Scene) -> anyhow::Result<()> {
     for i in 0..10 {
-        let msg = produce(member(i), i, &mut produced);
-        generator::publish(&producer, &kafka, &[msg]).await?;
-        changes += 1;
+        scene.change(i).await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    let (a, b) = (&scene.a, &scene.b);
     eventually(Duration::from_secs(30), "A and B see the first 10 changes", || async {
         Ok((a.event_numbers("/a").len() == 10 && b.event_numbers("/b").len() == 7).then_some(()))
     })
-    .await?;
-    let baseline_end = Instant::now();
+    .await
+}
 
-    // A is down: first it answers 503, then it does not listen at all. B keeps receiving.
-    a.state.lock().unwrap().unavailable = true;
-    let outage_start = Instant::now();
+/// A is down for `down`: first it answers 503, then it does not listen at all, while a change a
+/// second is published. Afterwards A gets everything, in order, each once.
+async fn a_is_down(scene: &mut Scene, down: Duration) -> anyhow::Result<Outage> {
+    scene.a.state.lock().unwrap().unavailable = true;
+    let start = Instant::now();
     let mut stopped = false;
     let mut i = 10;
-    while outage_start.elapsed() < down {
-        if !stopped && outage_start.elapsed() >= down / 2 {
-            a.stop().await;
+    while start.elapsed() < down {
+        if !stopped && start.elapsed() >= down / 2 {
+            scene.a.stop().await;
             stopped = true;
         }
-        let msg = produce(member(i), i, &mut produced);
-        let mut batch = vec![msg];
-        if i % 10 == 0 {
-            batch.push(change("X1", i));
-        }
-        generator::publish(&producer, &kafka, &batch).await?;
-        changes += 1;
+        scene.change(i).await?;
         i += 1;
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }
+    let (a, changes) = (&scene.a, scene.changes());
     let refused_while_503 = a.state.lock().unwrap().refused;
-    let (s, _, st) = {
-        let r = pa.get(format!("{fhir}/Subscription/{}/$status", ids["A"])).send().await?;
-        (r.status().as_u16(), (), r.json::<Value>().await?)
-    };
+    let Reply { status: s, body: st, .. } = get(&scene.pa, &format!("{}/Subscription/{}/$status", scene.fhir, scene.ids["A"])).await?;
     assert_eq!(s, 200);
     let status = &st["entry"][0]["resource"];
     assert_eq!((status["type"].as_str(), status["status"].as_str()), (Some("query-status"), Some("active")), "{st}");
@@ -334,7 +352,6 @@ async fn subscribers_get_every_notification_in_order_through_an_outage() -> anyh
     a.restart().await?;
     let back = Instant::now();
 
-    // A gets everything, in order, each once.
     eventually(Duration::from_secs(60), "A catches up", || async { Ok((a.event_numbers("/a").len() >= changes).then_some(())) }).await?;
     let caught_up = back.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -346,28 +363,29 @@ async fn subscribers_get_every_notification_in_order_through_an_outage() -> anyh
             assert_eq!(etag, format!("W/\"{}\"", entry["resource"]["meta"]["versionId"].as_str().unwrap_or_default()));
         }
     }
+    Ok(Outage { start, down, refused_while_503, caught_up })
+}
 
-    // B was not held back by A: its delays before and during A's outage.
-    let delays = |from: Instant, to: Instant| {
-        let mut d: Vec<f64> = Vec::new();
-        let received = b.received("/b");
-        for (m, at) in &produced {
-            if *at < from || *at > to {
-                continue;
-            }
-            if let Some(r) = received.iter().find(|r| r.at >= *at && r.events.iter().any(|(_, em)| em == m)) {
-                d.push((r.at - *at).as_secs_f64() * 1000.0);
-            }
+/// B's notifications kept arriving during A's outage without added delay, and the notifier's
+/// retries of A backed off.
+fn b_was_not_held_back(scene: &Scene, outage: &Outage) -> anyhow::Result<()> {
+    let (b, changes) = (&scene.b, scene.changes());
+    let received = b.received("/b");
+    let mut during: Vec<f64> = Vec::new();
+    for (m, at) in &scene.produced {
+        if *at < outage.start || *at > outage.start + outage.down {
+            continue;
         }
-        d.sort_by(f64::total_cmp);
-        d
-    };
-    let _ = baseline_end;
-    let during = delays(outage_start, outage_start + down);
+        if let Some(r) = received.iter().find(|r| r.at >= *at && r.events.iter().any(|(_, em)| em == m)) {
+            during.push((r.at - *at).as_secs_f64() * 1000.0);
+        }
+    }
+    during.sort_by(f64::total_cmp);
     let b_numbers = b.event_numbers("/b");
     let mut expected_b: Vec<i64> = (1..=changes as i64).filter(|n| ![3, 4, 5].contains(n)).collect();
     expected_b.sort();
     assert_eq!(b_numbers, expected_b, "B: every event but the three it lost, in order");
+    let (down, refused_while_503) = (outage.down, outage.refused_while_503);
     println!(
         "B during A's {} s outage: {} changes, delay p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; A refused {} attempts in its 503 half (backoff), caught up {:.1} s after it came back",
         down.as_secs(),
@@ -376,16 +394,19 @@ async fn subscribers_get_every_notification_in_order_through_an_outage() -> anyh
         percentile(&during, 0.99),
         during.last().copied().unwrap_or(f64::NAN),
         refused_while_503,
-        caught_up.as_secs_f64()
+        outage.caught_up.as_secs_f64()
     );
     assert!(during.len() as f64 >= 0.8 * (changes - 10) as f64, "B's changes are measured");
     assert!(percentile(&during, 0.99) < 1000.0, "B's notifications kept arriving without added delay: {during:?}");
     assert!((2..60).contains(&refused_while_503), "A's retries backed off: {refused_while_503} attempts in {} s", down.as_secs() / 2);
+    Ok(())
+}
 
-    // B lost events 3..5: $events gives them back, as full resources when asked.
-    let r = pa.get(format!("{fhir}/Subscription/{}/$events?eventsSinceNumber=3&eventsUntilNumber=5&content=full-resource", ids["B"])).send().await?;
-    assert_eq!(r.status().as_u16(), 200);
-    let replay: Value = r.json().await?;
+/// B lost events 3..5: `$events` gives them back, as full resources when asked.
+async fn b_recovers_what_it_lost(scene: &Scene) -> anyhow::Result<()> {
+    let url = format!("{}/Subscription/{}/$events?eventsSinceNumber=3&eventsUntilNumber=5&content=full-resource", scene.fhir, scene.ids["B"]);
+    let Reply { status, body: replay, .. } = get(&scene.pa, &url).await?;
+    assert_eq!(status, 200);
     let status = &replay["entry"][0]["resource"];
     assert_eq!(status["type"], "query-event");
     let numbers: Vec<&str> = status["notificationEvent"].as_array().into_iter().flatten().filter_map(|e| e["eventNumber"].as_str()).collect();
@@ -393,44 +414,56 @@ async fn subscribers_get_every_notification_in_order_through_an_outage() -> anyh
     for entry in replay["entry"].as_array().into_iter().flatten().skip(1) {
         assert_eq!(entry["resource"]["resourceType"], "Bundle", "{entry}");
     }
+    Ok(())
+}
 
-    // Heartbeats when nothing happens; the filtered subscription sees only its member.
+/// Heartbeats when nothing happens; the filtered subscription sees only its member; pb's member
+/// never reaches pa; every notification is signed.
+async fn heartbeats_filters_and_signatures(scene: &Scene) -> anyhow::Result<()> {
+    let (a, b) = (&scene.a, &scene.b);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(b.received("/b").iter().any(|r| r.kind == "heartbeat"), "B asked for heartbeats every second");
     let f_members: BTreeSet<String> = b.received("/f").iter().flat_map(|r| r.events.iter().map(|(_, m)| m.clone())).collect();
     assert_eq!(f_members, ["S01".to_owned()].into());
     for path in ["/a", "/b", "/f"] {
-        let receiver = if path == "/a" { &a } else { &b };
+        let receiver = if path == "/a" { a } else { b };
         assert!(receiver.received(path).iter().all(|r| r.events.iter().all(|(_, m)| m != "X1")), "{path}: pb's member never appears");
     }
     assert_eq!((a.state.lock().unwrap().bad_signatures, b.state.lock().unwrap().bad_signatures), (0, 0));
+    Ok(())
+}
 
-    // The Kafka channel: every event on the partner's notification topic.
-    let topic = format!("{prefix}{}", fhir::subscriptions::kafka_topic("pa"));
+/// The Kafka channel: every event on the partner's notification topic, keyed by subscription.
+async fn the_kafka_channel_has_every_event(scene: &Scene) -> anyhow::Result<()> {
+    let changes = scene.changes();
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", kafka_bootstrap())
         .set("group.id", unique("subs-reader"))
         .set("auto.offset.reset", "earliest")
         .create()?;
-    consumer.subscribe(&[topic.as_str()])?;
+    consumer.subscribe(&[scene.app.topic(&fhir::subscriptions::kafka_topic("pa")).as_str()])?;
     let mut kafka_numbers = BTreeSet::new();
     while kafka_numbers.len() < changes {
         let Ok(m) = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await else { break };
         let m = m?;
-        assert_eq!(m.key(), Some(ids["K"].as_bytes()));
+        assert_eq!(m.key(), Some(scene.ids["K"].as_bytes()));
         let v: Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
         for e in v["entry"][0]["resource"]["notificationEvent"].as_array().into_iter().flatten() {
             kafka_numbers.insert(e["eventNumber"].as_str().and_then(|n| n.parse::<i64>().ok()).unwrap_or(-1));
         }
     }
     assert_eq!(kafka_numbers, (1..=changes as i64).collect());
+    Ok(())
+}
 
-    // Operators' metrics: queue depths and delivery failures (A failed during its outage).
+/// Operators' metrics: queue depths and delivery failures (A failed during its outage).
+async fn operators_see_queues_and_failures(scene: &Scene, outage: &Outage) -> anyhow::Result<()> {
+    let (origin, ids) = (&scene.origin, &scene.ids);
     let ops_scope = "system/AuditEvent.read";
-    let ops = bearer_client(&register_partner(&pool, "ops", ops_scope, KeyKind::Es384, None).await?.token_with(&origin, ops_scope).await?)?;
-    assert_eq!(pa.get(format!("{origin}/metrics")).send().await?.status().as_u16(), 403, "metrics are for operators");
+    let ops = bearer_client(&scene.app.partner("ops", ops_scope, KeyKind::Es384).await?.token_with(origin, ops_scope).await?)?;
+    assert_eq!(get(&scene.pa, &format!("{origin}/metrics")).await?.status, 403, "metrics are for operators");
     let metrics = eventually(Duration::from_secs(10), "every queue drained", || async {
-        let text = ops.get(format!("{origin}/metrics")).send().await?.text().await?;
+        let text = get(&ops, &format!("{origin}/metrics")).await?.text;
         Ok(text
             .contains(&format!("fhir_subscription_queue_depth{{subscription=\"{}\",partner=\"pa\",status=\"active\"}} 0", ids["A"]))
             .then_some(text))
@@ -441,19 +474,18 @@ async fn subscribers_get_every_notification_in_order_through_an_outage() -> anyh
         .find(|l| l.starts_with(&format!("fhir_subscription_delivery_failures_total{{subscription=\"{}\"", ids["A"])))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|n| n.parse::<i64>().ok());
-    assert!(failures.is_some_and(|n| n >= refused_while_503 as i64), "{metrics}");
+    assert!(failures.is_some_and(|n| n >= outage.refused_while_503 as i64), "{metrics}");
     assert!(metrics.contains("fhir_outbox_unnotified 0"), "{metrics}");
+    Ok(())
+}
 
-    // Search and delete.
-    let found: Value = pa.get(format!("{fhir}/Subscription?status=active")).send().await?.json().await?;
+async fn search_and_delete(scene: &Scene) -> anyhow::Result<()> {
+    let (fhir, pa, f) = (&scene.fhir, &scene.pa, &scene.ids["F"]);
+    let found = get(pa, &format!("{fhir}/Subscription?status=active")).await?.body;
     assert_eq!(found["total"], 4);
-    let r = pa.delete(format!("{fhir}/Subscription/{}", ids["F"])).send().await?;
-    assert_eq!(r.status().as_u16(), 204);
-    assert_eq!(pa.get(format!("{fhir}/Subscription/{}", ids["F"])).send().await?.status().as_u16(), 404);
-
-    notifier_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    notifier.await??;
-    composer::stop(&stop, thread).await
+    assert_eq!(send(pa.delete(format!("{fhir}/Subscription/{f}"))).await?.status, 204);
+    assert_eq!(get(pa, &format!("{fhir}/Subscription/{f}")).await?.status, 404);
+    Ok(())
 }
 
 /// Files of a test PKI made with `openssl`: a CA, and a server certificate for `localhost` that
@@ -564,32 +596,14 @@ async fn notifications_go_over_https_only_to_endpoints_whose_certificate_is_trus
     let (trusted, untrusted) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
     let good_port = https_endpoint(&pki.path("server.pem"), &pki.path("server.key"), trusted.clone()).await?;
     let bad_port = https_endpoint(&pki.path("stranger.pem"), &pki.path("stranger.key"), untrusted.clone()).await?;
-    let (url, pool) = fresh_database("tls", true).await?;
-    let prefix = format!("{}.", unique("tls"));
-    let kafka = kafka_config(&prefix);
-    let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "tls")).await?;
-    use clap::Parser;
+    let app = TestApp::new("tls").await?;
+    let pool = &app.pool;
+    let composer = app.composer(&[]).await?;
     let ca = pki.path("ca.pem").display().to_string();
-    let notifier_config = notifier::NotifierConfig::parse_from([
-        "notifier",
-        "--database-url",
-        &url,
-        "--kafka-bootstrap-servers",
-        &kafka_bootstrap(),
-        "--kafka-topic-prefix",
-        &prefix,
-        "--allowed-networks",
-        "127.0.0.0/8,::1/128",
-        "--ca-file",
-        &ca,
-    ]);
-    let (notifier_stop, notifier) = notifier::spawn(notifier_config).await?;
-    let producer = generator::producer(&kafka)?;
-    let setup = [demographics("T1", json!({ "given_name": "Tal", "sex": "other" })), attribution("T1", "pa")];
-    generator::publish(&producer, &kafka, &setup).await?;
-    wait_applied(&pool, "tls", setup.len(), Duration::from_secs(30)).await?;
-    let origin = start_api_with(&url, "127.0.0.1:0", "http://fhir.test/fhir", &["--subscription-allowed-networks", "127.0.0.0/8,::1/128"]).await?;
-    let pa = bearer_client(&register_partner(&pool, "pa", SCOPES, KeyKind::Es384, None).await?.token_with(&origin, SCOPES).await?)?;
+    let notifier = app.notifier(&["--allowed-networks", "127.0.0.0/8,::1/128", "--ca-file", &ca]).await?;
+    app.apply(&[demographics("T1", json!({ "given_name": "Tal", "sex": "other" })), attribution("T1", "pa")]).await?;
+    let origin = app.api(&["--subscription-allowed-networks", "127.0.0.0/8,::1/128"]).await?;
+    let pa = bearer_client(&app.partner("pa", SCOPES, KeyKind::Es384).await?.token_with(&origin, SCOPES).await?)?;
     let mut ids = Vec::new();
     for port in [good_port, bad_port] {
         let s = subscription(Some(&format!("https://localhost:{port}/hook")), "id-only", &"cd".repeat(32), &[], None);
@@ -609,7 +623,7 @@ async fn notifications_go_over_https_only_to_endpoints_whose_certificate_is_trus
         Ok((status(ids[0].clone()).await?.0 == "active").then_some(()))
     })
     .await?;
-    generator::publish(&producer, &kafka, &[medication("T1", "RX-T1", 1, "860975", "active")]).await?;
+    app.publish(&[medication("T1", "RX-T1", 1, "860975", "active")]).await?;
     eventually(Duration::from_secs(30), "a notification over HTTPS", || async {
         Ok(trusted.lock().unwrap().iter().any(|k| k == "event-notification").then_some(()))
     })
@@ -622,8 +636,7 @@ async fn notifications_go_over_https_only_to_endpoints_whose_certificate_is_trus
     assert_eq!(bad_status, "requested", "no handshake with an endpoint whose certificate is not trusted");
     assert!(bad_error.contains("could not connect"), "{bad_error}");
     assert!(untrusted.lock().unwrap().is_empty(), "nothing was sent to it");
-    notifier_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    notifier.await??;
+    notifier.stop().await?;
     std::fs::remove_dir_all(&pki.dir)?;
-    composer::stop(&stop, thread).await
+    composer.stop().await
 }

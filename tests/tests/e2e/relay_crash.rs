@@ -4,30 +4,18 @@
 //! event id and versionId. Ignored by default because it restarts the shared broker;
 //! `scripts/test` runs it alone.
 
-use devtools::generator::{self, SorMessage};
+use devtools::generator::SorMessage;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use serde_json::json;
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tests::*;
 
 const MEMBERS: usize = 1_000;
 const WAVES: i64 = 50;
-
-fn start_relay(url: &str, prefix: &str) -> anyhow::Result<Child> {
-    let mut command = Command::new(workspace_binary("relay")?);
-    command
-        .env("DATABASE_URL", url)
-        .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
-        .env("KAFKA_TOPIC_PREFIX", prefix)
-        .env("LOG_LEVEL", "warn")
-        .stdin(Stdio::null());
-    collect_logs(&mut command, "relay-child");
-    Ok(command.spawn()?)
-}
 
 fn restart_kafka() -> anyhow::Result<()> {
     let script = tests::repo_path("scripts/services");
@@ -39,14 +27,12 @@ fn restart_kafka() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "restarts the shared Kafka broker; run alone by scripts/test"]
 async fn every_version_survives_relay_kills_and_a_broker_restart() -> anyhow::Result<()> {
-    let (url, pool) = fresh_database("relaycrash", true).await?;
-    let prefix = format!("{}.", unique("relaycrash"));
-    let kafka = kafka_config(&prefix);
-    let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "relaycrash")).await?;
-    let producer = generator::producer(&kafka)?;
-    let mut relay = start_relay(&url, &prefix)?;
+    let app = TestApp::new("relaycrash").await?;
+    let composer = app.composer(&[]).await?;
+    let start_relay = || spawn_child("relay", &app.url, &app.prefix, &[]);
+    let mut relay = start_relay()?;
     let started = Instant::now();
-    let (mut kills, mut sent) = (0, 0);
+    let mut kills = 0;
 
     // 50 waves of a new demographics version for each of 1,000 members: 50,000 composite changes.
     for wave in 1..=WAVES {
@@ -54,32 +40,23 @@ async fn every_version_survives_relay_kills_and_a_broker_restart() -> anyhow::Re
             .map(|i| {
                 let member = format!("RC{i:05}");
                 let data = json!({ "given_name": format!("Wave{wave}"), "sex": "other" });
-                SorMessage {
-                    topic: platform::topics::DEMOGRAPHICS,
-                    key: member.clone(),
-                    value: Some(native_event("upsert", "enrollment", wave, &member, &member, Some(data))),
-                }
+                upsert(platform::topics::DEMOGRAPHICS, "enrollment", wave, &member, &member, data)
             })
             .collect();
-        generator::publish(&producer, &kafka, &stream).await?;
-        sent += stream.len();
-        wait_applied(&pool, "relaycrash", sent, Duration::from_secs(120)).await?;
+        app.publish(&stream).await?;
+        app.wait_applied(Duration::from_secs(120)).await?;
         if wave % 7 == 0 {
             relay.kill()?; // SIGKILL
             relay.wait()?;
             kills += 1;
-            relay = start_relay(&url, &prefix)?;
+            relay = start_relay()?;
         }
         if wave == WAVES / 2 {
             restart_kafka()?;
         }
     }
-    composer::stop(&stop, thread).await?;
-    let today = time::OffsetDateTime::now_utc().date();
-    eventually(Duration::from_secs(180), "the relay to publish every version", || async {
-        Ok((db::relay::backlog(&pool, today).await?.0 == 0).then_some(()))
-    })
-    .await?;
+    composer.stop().await?;
+    wait_relayed(&app.pool, Duration::from_secs(180)).await?;
     relay.kill()?;
     relay.wait()?;
     let elapsed = started.elapsed();
@@ -89,7 +66,7 @@ async fn every_version_survives_relay_kills_and_a_broker_restart() -> anyhow::Re
         .set("group.id", unique("relaycrash-reader"))
         .set("auto.offset.reset", "earliest")
         .create()?;
-    consumer.subscribe(&[&format!("{prefix}{}", platform::topics::MEDICATION_PROFILE)])?;
+    consumer.subscribe(&[&app.topic(platform::topics::MEDICATION_PROFILE)])?;
     let expected = MEMBERS * WAVES as usize;
     let mut last: HashMap<String, (i64, String)> = HashMap::new();
     let (mut records, mut duplicates, mut versions) = (0usize, 0usize, 0usize);

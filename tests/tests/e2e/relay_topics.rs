@@ -3,7 +3,7 @@
 //! beginning reproduces exactly the current composites; partner topics carry only that
 //! partner's attributed members, and a tombstone when an attribution ends.
 
-use devtools::generator::{self, GeneratorConfig, SorMessage};
+use devtools::generator::{self, GeneratorConfig};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -65,49 +65,30 @@ fn in_order(records: &[Record]) -> anyhow::Result<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn composites_reach_the_topics_and_partner_topics_follow_attribution() -> anyhow::Result<()> {
-    let (url, pool) = fresh_database("relay", true).await?;
-    let prefix = format!("{}.", unique("relay"));
-    let kafka = kafka_config(&prefix);
-    let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "relay")).await?;
-    let (relay_stop, relay) = start_relay(&url, &prefix).await?;
+    let app = TestApp::new("relay").await?;
+    let pool = &app.pool;
+    let composer = app.composer(&[]).await?;
+    let relay = app.relay(&[]).await?;
 
     // Generated members (attributed to partner-1..3, some deleted), and R1 served by pa, then not.
     let mut stream = generator::generate(&GeneratorConfig { members: 150, seed: 21, malformed: 0, ..GeneratorConfig::default() });
     let robin = |member: &str| demographics(member, json!({ "given_name": "Robin", "family_name": "Vale", "sex": "other" }));
     stream.extend([robin("R1"), robin("R2"), robin("R3"), attribution("R1", "pa"), attribution("R2", "pb"), attribution("R3", "pb")]);
-    generator::publish(&generator::producer(&kafka)?, &kafka, &stream).await?;
-    let mut sent = stream.len();
-    wait_applied(&pool, "relay", sent, Duration::from_secs(60)).await?;
-    let today = time::OffsetDateTime::now_utc().date();
-    eventually(Duration::from_secs(60), "the relay to publish everything", || async {
-        Ok((db::relay::backlog(&pool, today).await? == (0, 0, 0)).then_some(()))
-    })
-    .await?;
+    app.apply(&stream).await?;
+    wait_relayed(pool, Duration::from_secs(60)).await?;
     // pa stops serving R1, and member R3 (served by pb) is deleted.
-    let later = [
-        SorMessage {
-            topic: platform::topics::ATTRIBUTION,
-            key: "R1".into(),
-            value: Some(native_event("delete", "attribution", 2, "R1", "AT-R1-pa", None)),
-        },
-        SorMessage {
-            topic: platform::topics::DEMOGRAPHICS,
-            key: "R3".into(),
-            value: Some(native_event("delete", "enrollment", 2, "R3", "R3", None)),
-        },
-    ];
-    generator::publish(&generator::producer(&kafka)?, &kafka, &later).await?;
-    sent += later.len();
-    wait_applied(&pool, "relay", sent, Duration::from_secs(60)).await?;
-    eventually(Duration::from_secs(60), "the relay to follow the attribution change", || async {
-        Ok((db::relay::backlog(&pool, today).await? == (0, 0, 0)).then_some(()))
-    })
+    app.apply(&[
+        deletion(platform::topics::ATTRIBUTION, "attribution", 2, "R1", "AT-R1-pa"),
+        deletion(platform::topics::DEMOGRAPHICS, "enrollment", 2, "R3", "R3"),
+    ])
     .await?;
-    composer::stop(&stop, thread).await?;
+    wait_relayed(pool, Duration::from_secs(60)).await?;
+    composer.stop().await?;
+    let today = time::OffsetDateTime::now_utc().date();
 
     // The main topic: every version, in order, and a compacted read is exactly the composites.
-    let history = db::composer::all_history(&pool).await?;
-    let records = read_all(&format!("{prefix}{}", platform::topics::MEDICATION_PROFILE), history.len()).await?;
+    let history = db::composites::all_history(pool).await?;
+    let records = read_all(&app.topic(platform::topics::MEDICATION_PROFILE), history.len()).await?;
     let duplicates = in_order(&records)?;
     assert_eq!(records.len() - duplicates, history.len(), "one record per composite version");
     for r in &records {
@@ -119,7 +100,7 @@ async fn composites_reach_the_topics_and_partner_topics_follow_attribution() -> 
         assert!(uuid::Uuid::parse_str(&r.event_id).is_ok(), "event_id header");
     }
     let current: BTreeMap<String, String> =
-        db::composer::all_composites(&pool).await?.into_iter().filter_map(|c| c.body.map(|b| (c.member_id, b))).collect();
+        db::composites::all_composites(pool).await?.into_iter().filter_map(|c| c.body.map(|b| (c.member_id, b))).collect();
     let deleted = history.iter().filter(|h| h.deleted).count();
     assert!(deleted > 0, "R3 was deleted");
     assert_eq!(records.iter().rev().find(|r| r.key == "R3").map(|r| r.value.is_none()), Some(true), "a tombstone for R3");
@@ -128,14 +109,14 @@ async fn composites_reach_the_topics_and_partner_topics_follow_attribution() -> 
     // Partner topics: only that partner's attributed members, with their current composite.
     let mut seen_members = BTreeSet::new();
     for partner in ["partner-1", "partner-2", "partner-3", "pa", "pb"] {
-        let topic = format!("{prefix}{}", platform::topics::partner_profile(partner));
+        let topic = app.topic(&platform::topics::partner_profile(partner));
         let records = read_all(&topic, 1).await?;
         in_order(&records)?;
         let state = compacted(&records);
         let viewer = db::resources::Viewer { partner_id: partner, on: today };
         let mut expected = BTreeMap::new();
         for (member, body) in &current {
-            if db::resources::is_attributed(&pool, viewer, member).await? {
+            if db::resources::is_attributed(pool, viewer, member).await? {
                 expected.insert(member.clone(), body.clone());
             }
         }
@@ -154,8 +135,7 @@ async fn composites_reach_the_topics_and_partner_topics_follow_attribution() -> 
         }
     }
     assert!(seen_members.len() > 50, "partner topics carry the generated members");
-    relay_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    relay.await??;
+    relay.stop().await?;
     println!("{} records for {} versions ({duplicates} duplicates), {deleted} deletions", records.len(), history.len());
     Ok(())
 }

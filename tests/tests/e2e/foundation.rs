@@ -12,7 +12,7 @@ use tests::*;
 #[tokio::test]
 async fn idempotent_producer_and_consumer_group_keep_every_message_once_in_order_per_key() -> anyhow::Result<()> {
     let topic = unique("roundtrip");
-    create_topic(&topic, 3, &[]).await?;
+    create_topic(&topic, 3).await?;
 
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", kafka_bootstrap())

@@ -33,7 +33,7 @@ async fn up_is_idempotent_and_down_up_keeps_data() -> anyhow::Result<()> {
     db::heartbeat::beat(&pool, "restart-check", instance).await?;
     pool.close().await;
     let topic = unique("restart");
-    create_topic(&topic, 1, &[]).await?;
+    create_topic(&topic, 1).await?;
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", kafka_bootstrap()).set("enable.idempotence", "true").create()?;
     producer.send(FutureRecord::to(&topic).key("k").payload("kept across restarts"), Duration::from_secs(10)).await.map_err(|(e, _)| e)?;
     drop(producer);

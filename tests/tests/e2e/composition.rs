@@ -16,15 +16,6 @@ use uuid::Uuid;
 
 const RXNORM: &str = "http://www.nlm.nih.gov/research/umls/rxnorm";
 
-fn native(op: &str, source: &str, version: i64, member: &str, record: &str, data: Option<Value>) -> Vec<u8> {
-    let mut v = json!({ "event_id": Uuid::new_v4().to_string(), "op": op, "source": source,
-        "occurred_at": "2026-11-20T10:15:00Z", "version": version, "member_id": member, "record_id": record });
-    if let Some(d) = data {
-        v["data"] = d;
-    }
-    serde_json::to_vec(&v).unwrap()
-}
-
 fn debezium(op: &str, lsn: i64, row: Value, wrapped: bool) -> Vec<u8> {
     let (before, after) = if op == "d" { (row, Value::Null) } else { (Value::Null, row) };
     let payload = json!({ "before": before, "after": after, "op": op, "ts_ms": 1764000000000i64,
@@ -58,23 +49,22 @@ async fn send(producer: &FutureProducer, topic: &str, key: &str, value: Option<&
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result<()> {
-    let (url, pool) = fresh_database("scenario", false).await?;
-    let prefix = format!("{}.", unique("scenario"));
-    let kafka = kafka_config(&prefix);
-    let group = "composer-scenario";
-    let (stop, metrics, thread) = composer::spawn(composer_config(&url, &prefix, group)).await?;
+    // The composer migrates the empty database itself.
+    let app = TestApp::with_database("scenario", false).await?;
+    let composer = app.composer(&[]).await?;
+    let pool = &app.pool;
     let producer: FutureProducer =
         ClientConfig::new().set("bootstrap.servers", kafka_bootstrap()).set("enable.idempotence", "true").set("acks", "all").create()?;
-    let t = |name: &str| kafka.topic(name);
+    let t = |name: &str| app.topic(name);
     let (demo, meds, allergies, imms) =
         (t("sor.member.demographics.v1"), t("sor.pharmacy.medications.v1"), t("sor.emr.allergies.v1"), t("sor.immunization.registry.v1"));
 
-    // Phase 1.
+    step("phase 1: upserts in both envelopes, a redelivery, a tombstone, three malformed messages");
     let mut sent = 0usize;
     let ann = json!({ "given_name": "Ann", "family_name": "Lee", "birth_date": "1980-02-29", "sex": "female",
         "address_line": "12 Elm Street", "city": "Boston", "state": "MA", "postal_code": "02139", "phone": "617-555-0100" });
-    send(&producer, &demo, "M1", Some(&native("upsert", "enrollment", 1, "M1", "M1", Some(ann.clone()))), None).await?;
-    let rx1_v2 = native(
+    send(&producer, &demo, "M1", Some(&native_event("upsert", "enrollment", 1, "M1", "M1", Some(ann.clone()))), None).await?;
+    let rx1_v2 = native_event(
         "upsert",
         "rx-claims",
         2,
@@ -82,12 +72,12 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
         "RX-1",
         Some(json!({ "rxnorm_code": "860975", "display": "metformin 500 MG Oral Tablet", "status": "active", "days_supply": 90 })),
     );
-    let rx1_v1 = native("upsert", "rx-claims", 1, "M1", "RX-1", Some(json!({ "rxnorm_code": "860975", "status": "stopped" })));
+    let rx1_v1 = native_event("upsert", "rx-claims", 1, "M1", "RX-1", Some(json!({ "rxnorm_code": "860975", "status": "stopped" })));
     send(&producer, &meds, "M1", Some(&rx1_v2), None).await?;
     let rx2 =
         json!({ "member_id": "M1", "record_id": "RX-2", "rxnorm_code": "314076", "display": "lisinopril 10 MG Oral Tablet", "status": "active" });
     send(&producer, &meds, "M1", Some(&debezium("c", 500, rx2.clone(), true)), None).await?;
-    let al1 = native(
+    let al1 = native_event(
         "upsert",
         "emr",
         3,
@@ -102,13 +92,19 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
     let im1 = json!({ "member_id": "M1", "record_id": "IM-1", "cvx_code": "208", "occurrence_date": "2021-04-01", "lot_number": null });
     send(&producer, &imms, "M1", Some(&debezium("r", 700, im1, false)), None).await?;
     send(&producer, &imms, "M1", None, None).await?; // a Debezium tombstone: no change
-    send(&producer, &demo, "M2", Some(&native("upsert", "enrollment", 1, "M2", "M2", Some(json!({ "given_name": "Bo", "sex": "male" })))), None)
-        .await?;
+    send(
+        &producer,
+        &demo,
+        "M2",
+        Some(&native_event("upsert", "enrollment", 1, "M2", "M2", Some(json!({ "given_name": "Bo", "sex": "male" })))),
+        None,
+    )
+    .await?;
     send(
         &producer,
         &meds,
         "M2",
-        Some(&native("upsert", "rx-claims", 1, "M2", "RX-9", Some(json!({ "rxnorm_code": "197361", "status": "active" })))),
+        Some(&native_event("upsert", "rx-claims", 1, "M2", "RX-9", Some(json!({ "rxnorm_code": "197361", "status": "active" })))),
         None,
     )
     .await?;
@@ -122,33 +118,35 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
             &producer,
             &allergies,
             "M1",
-            Some(&native("upsert", "emr", 1, "M1", "AL-9", Some(json!({ "code_system": "loinc", "code": "1" })))),
+            Some(&native_event("upsert", "emr", 1, "M1", "AL-9", Some(json!({ "code_system": "loinc", "code": "1" })))),
             None,
         )
         .await?,
     ));
     malformed.push((
         "mapping",
-        send(&producer, &demo, "M3", Some(&native("upsert", "enrollment", 1, "M3", "M3", Some(json!({ "birth_date": "2023-02-30" })))), None).await?,
+        send(&producer, &demo, "M3", Some(&native_event("upsert", "enrollment", 1, "M3", "M3", Some(json!({ "birth_date": "2023-02-30" })))), None)
+            .await?,
     ));
     sent += 12;
-    wait_applied(&pool, group, sent, Duration::from_secs(60)).await?;
-    let first_m2 = db::composer::current_composite(&pool, "M2").await?.expect("M2 composed");
+    wait_applied(pool, &app.group, sent, Duration::from_secs(60)).await?;
+    let first_m2 = db::composites::current_composite(pool, "M2").await?.expect("M2 composed");
     assert!(first_m2.body.is_some(), "M2 is live after phase 1");
 
-    // Phase 2: the older version of RX-1 arrives late, RX-1 v2 is redelivered, RX-2 is
-    // deleted through Debezium, and member M2 is deleted.
+    step("phase 2: a late older version, a redelivery, a Debezium delete, a member deleted");
     send(&producer, &meds, "M1", Some(&rx1_v1), None).await?;
     send(&producer, &meds, "M1", Some(&rx1_v2), None).await?;
     send(&producer, &meds, "M1", Some(&debezium("d", 900, rx2, false)), None).await?;
-    send(&producer, &demo, "M2", Some(&native("delete", "enrollment", 2, "M2", "M2", None)), None).await?;
+    send(&producer, &demo, "M2", Some(&native_event("delete", "enrollment", 2, "M2", "M2", None)), None).await?;
     sent += 4;
-    wait_applied(&pool, group, sent, Duration::from_secs(60)).await?;
-    composer::stop(&stop, thread).await?;
+    wait_applied(pool, &app.group, sent, Duration::from_secs(60)).await?;
+    let metrics = composer.metrics.clone();
+    composer.stop().await?;
     assert_eq!(metrics.dead_letters.load(Ordering::Relaxed), 3);
 
+    step("the composites, components and invariants");
     // M1: exactly the expected Bundle (meta and timestamp aside).
-    let body = db::composer::current_composite(&pool, "M1").await?.expect("M1 composed").body;
+    let body = db::composites::current_composite(pool, "M1").await?.expect("M1 composed").body;
     let base = "http://fhir.test/fhir";
     let (ms1, al, im) =
         (id("MedicationStatement", "rx-claims", "RX-1"), id("AllergyIntolerance", "emr", "AL-1"), id("Immunization", "emr-cdc", "IM-1"));
@@ -187,18 +185,15 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
     assert_eq!(content(&body.expect("live body"))?, expected);
 
     // M2: deleted, with a tombstone as its last version; M3 never existed (its only event was bad).
-    let m2 = db::composer::current_composite(&pool, "M2").await?.expect("M2 row kept");
+    let m2 = db::composites::current_composite(pool, "M2").await?.expect("M2 row kept");
     let (m2_version, m2_body) = (m2.version_id, m2.body);
     assert!(m2_body.is_none(), "M2 is deleted");
     assert_eq!(m2_version, first_m2.version_id + 1, "the delete is exactly one new version");
-    assert!(db::composer::current_composite(&pool, "M3").await?.is_none());
+    assert!(db::composites::current_composite(pool, "M3").await?.is_none());
 
     // Components: every valid event's effect, stale and redelivered ones changed nothing.
-    let components: HashMap<(String, String), (i64, bool)> = db::composer::all_components(&pool)
-        .await?
-        .into_iter()
-        .map(|(kind, _, record, _, version, deleted, _)| ((kind, record), (version, deleted)))
-        .collect();
+    let components: HashMap<(String, String), (i64, bool)> =
+        db::components::all_components(pool).await?.into_iter().map(|c| ((c.kind, c.record_id), (c.version, c.deleted))).collect();
     let expect = |kind: &str, record: &str, version: i64, deleted: bool| {
         assert_eq!(components.get(&(kind.to_owned(), record.to_owned())), Some(&(version, deleted)), "{kind} {record}");
     };
@@ -211,9 +206,10 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
     expect("medication", "RX-9", 1, false);
     assert_eq!(components.len(), 7);
 
-    let versions = check_composite_invariants(&pool).await?;
+    let versions = check_composite_invariants(pool).await?;
     assert!(versions >= 3, "M1 at least once, M2 created then deleted");
 
+    step("the dead letters");
     // Every malformed message is in the DLQ: same key and bytes, original headers, and headers
     // naming the reason, source topic, partition and offset.
     let consumer: StreamConsumer = ClientConfig::new()
@@ -221,7 +217,7 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
         .set("group.id", unique("dlq"))
         .set("auto.offset.reset", "earliest")
         .create()?;
-    consumer.subscribe(&[&kafka.topic("sor.dlq.v1")])?;
+    consumer.subscribe(&[&app.topic("sor.dlq.v1")])?;
     let mut dead = Vec::new();
     while dead.len() < malformed.len() {
         let m = tokio::time::timeout(Duration::from_secs(20), consumer.recv()).await??;
@@ -240,7 +236,7 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
         });
         let (_, headers) = found.unwrap_or_else(|| panic!("{reason} message not in the DLQ"));
         assert_eq!(headers["dlq.reason"], *reason);
-        assert_eq!(Some(headers["dlq.source.topic"].as_str()), kafka.contract_name(&original.topic));
+        assert_eq!(Some(headers["dlq.source.topic"].as_str()), app.kafka.contract_name(&original.topic));
         assert!(!headers["dlq.error"].is_empty());
         if *reason == "invalid-json" {
             assert_eq!(headers["trace"], "abc", "original headers are kept");
@@ -258,27 +254,19 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
 /// composer retried that batch forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_demographics_sources_share_one_patient_history() -> anyhow::Result<()> {
-    use devtools::generator::{self, SorMessage};
-    let (url, pool) = fresh_database("twosources", true).await?;
-    let prefix = format!("{}.", unique("twosources"));
-    let kafka = kafka_config(&prefix);
-    let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, "twosources")).await?;
-    let demo = |source: &str, version: i64, name: &str| SorMessage {
-        topic: platform::topics::DEMOGRAPHICS,
-        key: "M9".into(),
-        value: Some(native("upsert", source, version, "M9", "M9", Some(json!({ "given_name": name, "sex": "other" })))),
+    let app = TestApp::new("twosources").await?;
+    let composer = app.composer(&[]).await?;
+    let demo = |source: &str, version: i64, name: &str| {
+        upsert(platform::topics::DEMOGRAPHICS, source, version, "M9", "M9", json!({ "given_name": name, "sex": "other" }))
     };
-    let producer = generator::producer(&kafka)?;
-    let mut sent = 0;
     for (i, message) in [demo("enrollment", 1, "Ann"), demo("crm", 1, "Anne"), demo("enrollment", 2, "Annie")].into_iter().enumerate() {
-        generator::publish(&producer, &kafka, &[message]).await?;
-        sent += 1;
-        wait_applied(&pool, "twosources", sent, Duration::from_secs(30)).await.map_err(|e| anyhow::anyhow!("message {i}: {e}"))?;
+        app.publish(&[message]).await?;
+        app.wait_applied(Duration::from_secs(30)).await.map_err(|e| anyhow::anyhow!("message {i}: {e}"))?;
     }
-    composer::stop(&stop, thread).await?;
+    composer.stop().await?;
     let versions: Vec<i64> =
         sqlx::query_scalar("SELECT version_id FROM resource_history WHERE resource_type = 'Patient' AND resource_id = 'M9' ORDER BY version_id")
-            .fetch_all(&pool)
+            .fetch_all(&app.pool)
             .await?;
     assert_eq!(versions, [1, 2, 3]);
     Ok(())
@@ -291,8 +279,9 @@ async fn two_demographics_sources_share_one_patient_history() -> anyhow::Result<
 async fn a_reused_event_id_changes_nothing_and_the_next_newest_event_wins() -> anyhow::Result<()> {
     use composer::apply::{self as batch, Consumed};
     use schemas::RecordKind;
-    let (url, pool) = fresh_database("reusedid", true).await?;
-    let config = composer_config(&url, "unused.", "reusedid");
+    let app = TestApp::new("reusedid").await?;
+    let pool = &app.pool;
+    let config = tests::components::composer_config(&app.url, &app.prefix, &app.group, &[])?;
     let composites = fhir::composites(&config.common);
     let contracts = schemas::Contracts::load()?;
     let event = |id: Uuid, kind: RecordKind, source: &str, version: i64, record: &str, data: Value| {
@@ -311,9 +300,9 @@ async fn a_reused_event_id_changes_nothing_and_the_next_newest_event_wins() -> a
         // Loses to version 2 in this batch: changes nothing and is not recorded.
         event(c, RecordKind::Medication, "rx-claims", 1, "RX-1", med("on-hold")),
     ];
-    let applied = batch::apply(&pool, "reusedid", &composites, None, &first, &[]).await?;
+    let applied = batch::apply(pool, "reusedid", &composites, None, &first, &[]).await?;
     assert_eq!((applied.components_written, applied.stale, applied.duplicates), (2, 1, 0));
-    let recorded: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM applied_events ORDER BY applied_at, event_id").fetch_all(&pool).await?;
+    let recorded: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM applied_events ORDER BY applied_at, event_id").fetch_all(pool).await?;
     assert_eq!(recorded.len(), 2);
     assert!(recorded.contains(&a) && recorded.contains(&b) && !recorded.contains(&c));
 
@@ -323,17 +312,17 @@ async fn a_reused_event_id_changes_nothing_and_the_next_newest_event_wins() -> a
         // So version 3 is the newest new change of RX-1.
         event(d, RecordKind::Medication, "rx-claims", 3, "RX-1", med("completed")),
     ];
-    let applied = batch::apply(&pool, "reusedid", &composites, None, &second, &[]).await?;
+    let applied = batch::apply(pool, "reusedid", &composites, None, &second, &[]).await?;
     assert_eq!((applied.components_written, applied.stale, applied.duplicates), (1, 0, 1));
     let (version, status): (i64, Option<String>) =
-        sqlx::query_as("SELECT version, status FROM components WHERE kind = 'medication' AND record_id = 'RX-1'").fetch_one(&pool).await?;
+        sqlx::query_as("SELECT version, status FROM components WHERE kind = 'medication' AND record_id = 'RX-1'").fetch_one(pool).await?;
     assert_eq!((version, status.as_deref()), (3, Some("completed")));
     let versions: Vec<i64> =
-        sqlx::query_scalar("SELECT version_id FROM composite_history WHERE member_id = 'M7' ORDER BY version_id").fetch_all(&pool).await?;
+        sqlx::query_scalar("SELECT version_id FROM composite_history WHERE member_id = 'M7' ORDER BY version_id").fetch_all(pool).await?;
     assert_eq!(versions, [1, 2]);
 
     // The same batch delivered again: every event is stale or a duplicate.
-    let applied = batch::apply(&pool, "reusedid", &composites, None, &second, &[]).await?;
+    let applied = batch::apply(pool, "reusedid", &composites, None, &second, &[]).await?;
     assert_eq!((applied.components_written, applied.composite_versions), (0, 0));
     Ok(())
 }

@@ -6,7 +6,6 @@
 use devtools::generator::{self, GeneratorConfig};
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 use tests::*;
 
 fn state_dir() -> PathBuf {
@@ -27,34 +26,30 @@ fn run(what: &str, command: &mut Command) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_not_written_here_work_against_the_api() -> anyhow::Result<()> {
-    let (url, pool) = fresh_database("clients", true).await?;
-    let prefix = format!("{}.", unique("clients"));
-    let kafka = kafka_config(&prefix);
-    let group = "composer-clients";
-    let (stop, _metrics, thread) = composer::spawn(composer_config(&url, &prefix, group)).await?;
-    let stream = generator::generate(&GeneratorConfig { members: 25, seed: 3, malformed: 2, ..GeneratorConfig::default() });
-    generator::publish(&generator::producer(&kafka)?, &kafka, &stream).await?;
-    wait_applied(&pool, group, stream.len(), Duration::from_secs(60)).await?;
-    composer::stop(&stop, thread).await?;
+    let app = TestApp::new("clients").await?;
+    let composer = app.composer(&[]).await?;
+    app.apply(&generator::generate(&GeneratorConfig { members: 25, seed: 3, malformed: 2, ..GeneratorConfig::default() })).await?;
+    composer.stop().await?;
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let origin = format!("http://127.0.0.1:{port}");
     // With a PMM1 pepper, as a deployment that serves $hashed-match has.
     let pepper = "ab".repeat(32);
-    let base = start_api_with(&url, &format!("127.0.0.1:{port}"), &format!("{origin}/fhir"), &["--pmm1-pepper", &pepper]).await?;
+    let (bind, fhir_base) = (format!("127.0.0.1:{port}"), format!("{origin}/fhir"));
+    let base = app.api(&["--http-bind", &bind, "--fhir-base-url", &fhir_base, "--pmm1-pepper", &pepper]).await?;
     assert_eq!(base, origin);
     // The generated data attributes members to partner-1..3; the clients act as partner-1.
     let mut member = None;
-    for c in db::composer::all_composites(&pool).await?.into_iter().filter(|c| !c.deleted) {
+    for c in db::composites::all_composites(&app.pool).await?.into_iter().filter(|c| !c.deleted) {
         let viewer = db::resources::Viewer { partner_id: "partner-1", on: time::OffsetDateTime::now_utc().date() };
-        if db::resources::is_attributed(&pool, viewer, &c.member_id).await? {
+        if db::resources::is_attributed(&app.pool, viewer, &c.member_id).await? {
             member = Some(c.member_id);
             break;
         }
     }
     let member = member.ok_or_else(|| anyhow::anyhow!("no live composite attributed to partner-1"))?;
     // schemathesis sends many requests at once: this partner's limit is well above them.
-    let partner = register_partner(&pool, "partner-1", "system/*.read", KeyKind::Rs384, Some((10_000.0, 10_000))).await?;
+    let partner = register_partner(&app.pool, "partner-1", "system/*.read", KeyKind::Rs384, Some((10_000.0, 10_000))).await?;
     let token = partner.token(&origin).await?;
 
     let state = state_dir();

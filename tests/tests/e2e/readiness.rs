@@ -2,44 +2,23 @@
 //! does not. "Down" is a dependency that does not answer: an address where nothing listens,
 //! so the shared services other tests use keep running.
 
-use api::{Application, Config};
-use clap::Parser;
-use serde_json::Value;
 use tests::*;
 
+/// An API that waits 1.5 s for each dependency's answer.
 async fn start(database_url: &str, kafka: &str, lazy_pool: bool) -> anyhow::Result<String> {
-    let config = Config::try_parse_from([
-        "api",
-        "--database-url",
-        database_url,
-        "--kafka-bootstrap-servers",
-        kafka,
-        "--http-bind",
-        "127.0.0.1:0",
-        "--ready-timeout-ms",
-        "1500",
-    ])?;
-    let app = if lazy_pool {
-        let pool = sqlx::postgres::PgPoolOptions::new().acquire_timeout(std::time::Duration::from_secs(1)).connect_lazy(database_url)?;
-        Application::build_with_pool(&config, pool).await?
-    } else {
-        Application::build(&config).await?
-    };
-    let addr = app.local_addr()?;
-    tokio::spawn(app.run_until_stopped());
-    Ok(format!("http://{addr}"))
+    let flags = ["--kafka-bootstrap-servers", kafka, "--ready-timeout-ms", "1500"];
+    if lazy_pool { start_api_lazily(database_url, &flags).await } else { start_api(database_url, &flags).await }
 }
 
-async fn ready(base: &str) -> anyhow::Result<(u16, Value)> {
-    let response = reqwest::get(format!("{base}/ready")).await?;
-    Ok((response.status().as_u16(), response.json().await?))
+async fn ready(base: &str) -> anyhow::Result<Reply> {
+    get(&reqwest::Client::new(), &format!("{base}/ready")).await
 }
 
 #[tokio::test]
 async fn ready_when_both_answer() -> anyhow::Result<()> {
     let (url, _pool) = fresh_database("ready", false).await?;
     let base = start(&url, &kafka_bootstrap(), false).await?;
-    let (status, body) = ready(&base).await?;
+    let Reply { status, body, .. } = ready(&base).await?;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "pass");
     let health = reqwest::get(format!("{base}/health")).await?;
@@ -51,7 +30,7 @@ async fn ready_when_both_answer() -> anyhow::Result<()> {
 async fn not_ready_when_kafka_does_not_answer() -> anyhow::Result<()> {
     let (url, _pool) = fresh_database("ready", false).await?;
     let base = start(&url, "127.0.0.1:1", false).await?;
-    let (status, body) = ready(&base).await?;
+    let Reply { status, body, .. } = ready(&base).await?;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["status"], "fail");
     assert_eq!(body["checks"]["postgres"]["status"], "pass");
@@ -63,7 +42,7 @@ async fn not_ready_when_kafka_does_not_answer() -> anyhow::Result<()> {
 #[tokio::test]
 async fn not_ready_when_postgres_does_not_answer() -> anyhow::Result<()> {
     let base = start("postgres://fhir:fhir@127.0.0.1:1/fhir", &kafka_bootstrap(), true).await?;
-    let (status, body) = ready(&base).await?;
+    let Reply { status, body, .. } = ready(&base).await?;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["checks"]["postgres"]["status"], "fail");
     assert!(body["checks"]["postgres"]["reason"].as_str().unwrap_or_default().contains("PostgreSQL"), "{body}");
