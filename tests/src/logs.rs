@@ -9,7 +9,8 @@ pub fn test_log_dir() -> Option<std::path::PathBuf> {
 }
 
 /// The filter for logs collected in [`test_log_dir`]: more than an operator's default.
-pub const COLLECTED_LOG_LEVEL: &str = "info,api=debug,composer=debug,db=debug,platform=debug";
+pub const COLLECTED_LOG_LEVEL: &str =
+    "info,api=debug,composer=debug,relay=debug,notifier=debug,fhir=debug,db=debug,platform=debug,fhirctl=debug,partners=debug,match_index=debug";
 
 /// A log file in [`test_log_dir`] for one process.
 pub fn collected_log_file(label: &str) -> Option<std::path::PathBuf> {

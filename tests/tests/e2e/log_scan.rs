@@ -52,7 +52,7 @@ async fn nothing_the_platform_logged_holds_phi_or_secrets() -> anyhow::Result<()
     }
     // The scan means something only if the platform did log: requests, tokens, batches.
     for (what, marker) in [
-        ("API requests", "\"target\":\"api::auth\""),
+        ("API requests", "\"target\":\"api::guard\""),
         ("issued tokens", "token issued"),
         ("composer batches", "\"target\":\"composer::consumer\""),
         ("dead letters", "dead letter"),
