@@ -90,29 +90,12 @@ pub struct Issue {
     /// An IssueType code, e.g. `not-found`, `invalid`, `processing`.
     #[schema(example = "not-found")]
     pub code: &'static str,
-    /// For refusals of the token endpoint: the OAuth 2.0 error code (RFC 6749 §5.2).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub details: Option<CodeableConcept>,
     /// What went wrong, for a person to read.
     pub diagnostics: String,
     /// The element at fault (FHIRPath), for refused resources.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expression: Option<Vec<String>>,
 }
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct CodeableConcept {
-    pub coding: Vec<Coding>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Coding {
-    pub system: String,
-    pub code: String,
-}
-
-/// The system of the OAuth 2.0 error codes in `OperationOutcome.issue.details`.
-pub const OAUTH_ERRORS: &str = "https://www.rfc-editor.org/rfc/rfc6749#section-5.2";
 
 pub const FHIR_JSON: &str = "application/fhir+json";
 
@@ -121,12 +104,77 @@ pub fn fhir_json() -> HeaderValue {
 }
 
 pub fn outcome_response(status: StatusCode, code: &'static str, diagnostics: String) -> Response {
-    let body = OperationOutcome {
-        resource_type: "OperationOutcome",
-        issue: vec![Issue { severity: "error", code, details: None, diagnostics, expression: None }],
-    };
+    let body = OperationOutcome { resource_type: "OperationOutcome", issue: vec![Issue { severity: "error", code, diagnostics, expression: None }] };
     let text = serde_json::to_string(&body).unwrap_or_default();
     (status, [(header::CONTENT_TYPE, fhir_json())], text).into_response()
+}
+
+/// The body of every refusal of the token endpoint (RFC 6749 §5.2), which OAuth client
+/// libraries parse; FHIR endpoints answer `OperationOutcome` instead.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenError {
+    /// `invalid_request | invalid_client | invalid_scope | unsupported_grant_type`, or
+    /// `temporarily_unavailable` / `server_error` (RFC 6749 §4.1.2.1) when the refusal is not
+    /// about the request.
+    #[schema(example = "invalid_client")]
+    pub error: &'static str,
+    /// What went wrong, for a person to read.
+    pub error_description: String,
+}
+
+impl ApiError {
+    /// The RFC 6749 §5.2 code of this refusal on the token endpoint.
+    fn oauth_code(&self) -> &'static str {
+        match self {
+            ApiError::OAuth { error, .. } => error,
+            ApiError::TooManyRequests(_)
+            | ApiError::Unavailable(_)
+            | ApiError::Database(_)
+            | ApiError::AuditUnavailable
+            | ApiError::RequestTimeout(_) => "temporarily_unavailable",
+            ApiError::Internal => "server_error",
+            ApiError::Unauthorized { .. } => "invalid_client",
+            ApiError::Forbidden { .. } => "invalid_scope",
+            _ => "invalid_request",
+        }
+    }
+
+    /// This refusal as the token endpoint answers it: the status it has anywhere, an RFC 6749
+    /// JSON body, `Cache-Control: no-store`, and `WWW-Authenticate` on 401.
+    pub fn into_oauth_response(self) -> Response {
+        let error = self.oauth_code();
+        let (status, description, retry_after) = match self {
+            ApiError::OAuth { status, description, .. } => (status, description, None),
+            other => {
+                let description = match &other {
+                    ApiError::Database(_) => "the database is not available; retry later".to_owned(),
+                    ApiError::AuditUnavailable => "the request could not be audited, so nothing is issued; retry later".to_owned(),
+                    _ => other.to_string(),
+                };
+                // The status (and the log line of a database failure) as on every other route.
+                let general = other.into_response();
+                (general.status(), description, general.headers().get(header::RETRY_AFTER).cloned())
+            }
+        };
+        let text = serde_json::to_string(&TokenError { error, error_description: description }).unwrap_or_default();
+        let mut r = (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], text).into_response();
+        let headers = r.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+        if let Some(seconds) = retry_after {
+            headers.insert(header::RETRY_AFTER, seconds);
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, header_value(&format!("private_key_jwt error=\"{error}\"")));
+        }
+        r
+    }
+
+    /// This refusal as `path` answers it: RFC 6749 JSON on the token endpoint, an
+    /// `OperationOutcome` everywhere else.
+    pub fn respond_on(self, path: &str) -> Response {
+        if path == crate::routes::TOKEN { self.into_oauth_response() } else { self.into_response() }
+    }
 }
 
 /// Header values built from our own text (never from client input).
@@ -152,13 +200,8 @@ impl IntoResponse for ApiError {
             ApiError::PreconditionRequired(_) => (StatusCode::PRECONDITION_REQUIRED, "required"),
             ApiError::NotPermitted(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Unprocessable { expression, diagnostics } => {
-                let issue = Issue {
-                    severity: "error",
-                    code: "invalid",
-                    details: None,
-                    diagnostics: diagnostics.clone(),
-                    expression: Some(vec![expression.clone()]),
-                };
+                let issue =
+                    Issue { severity: "error", code: "invalid", diagnostics: diagnostics.clone(), expression: Some(vec![expression.clone()]) };
                 let text = serde_json::to_string(&OperationOutcome { resource_type: "OperationOutcome", issue: vec![issue] }).unwrap_or_default();
                 return (StatusCode::UNPROCESSABLE_ENTITY, [(header::CONTENT_TYPE, fhir_json())], text).into_response();
             }
@@ -193,21 +236,8 @@ impl IntoResponse for ApiError {
                 r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*seconds));
                 return r;
             }
-            ApiError::OAuth { status, error, description } => {
-                let details = CodeableConcept { coding: vec![Coding { system: OAUTH_ERRORS.into(), code: (*error).into() }] };
-                let code = if *status == StatusCode::UNAUTHORIZED { "login" } else { "invalid" };
-                let body = OperationOutcome {
-                    resource_type: "OperationOutcome",
-                    issue: vec![Issue { severity: "error", code, details: Some(details), diagnostics: description.clone(), expression: None }],
-                };
-                let text = serde_json::to_string(&body).unwrap_or_default();
-                let mut r = (*status, [(header::CONTENT_TYPE, fhir_json())], text).into_response();
-                r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                if *status == StatusCode::UNAUTHORIZED {
-                    r.headers_mut().insert(header::WWW_AUTHENTICATE, header_value(&format!("private_key_jwt error=\"{error}\"")));
-                }
-                return r;
-            }
+            // Only the token endpoint refuses with OAuth codes, and it answers the OAuth way.
+            ApiError::OAuth { .. } => return self.into_oauth_response(),
         };
         outcome_response(status, code, self.to_string())
     }

@@ -33,7 +33,7 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
     let address_limit = state.auth.address_limit;
     let mut partner_id = None;
     let response = match address.as_deref().map(|a| state.auth.address_limiter.check(a, address_limit)) {
-        Some(Err(retry_after)) => ApiError::TooManyRequests(retry_after).into_response(),
+        Some(Err(retry_after)) => ApiError::TooManyRequests(retry_after).respond_on(&path),
         _ if is_token_endpoint => {
             if let Some(a) = &address {
                 let _ = state.auth.address_limiter.take(a, address_limit);
@@ -76,6 +76,6 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
     };
     match state.auditor.record(record).await {
         Ok(()) => response,
-        Err(()) => ApiError::AuditUnavailable.into_response(),
+        Err(()) => ApiError::AuditUnavailable.respond_on(&path),
     }
 }

@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, MatchedPath, Request};
 use axum::http::{Method, header};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use futures::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
@@ -54,11 +54,12 @@ pub fn body_limit(limits: &RequestLimits, method: &Method, route: &str) -> usize
 /// to finish; a panic becomes a 500.
 pub async fn enforce(limits: RequestLimits, mut request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_default();
+    let path = request.uri().path().to_owned();
     let bytes = body_limit(&limits, request.method(), &route);
     let announced = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if announced.is_some_and(|n| n > bytes as u64) {
         drain(request.into_body().into_data_stream(), limits.body_timeout).await;
-        return ApiError::PayloadTooLarge { limit: bytes }.into_response();
+        return ApiError::PayloadTooLarge { limit: bytes }.respond_on(&path);
     }
     request.extensions_mut().insert(BodyLimit { bytes, timeout: limits.body_timeout });
     let method = request.method().clone();
@@ -67,11 +68,12 @@ pub async fn enforce(limits: RequestLimits, mut request: Request, next: Next) ->
         Ok(Err(_panic)) => {
             // The panic's message can quote input: only the route is logged.
             tracing::error!(%method, route = %route, "a handler panicked; answered 500");
-            ApiError::Internal.into_response()
+            ApiError::Internal.respond_on(&path)
         }
         Err(_) => {
             tracing::warn!(%method, route = %route, timeout_ms = limits.request_timeout.as_millis() as u64, "request timed out");
-            ApiError::RequestTimeout(format!("the request took longer than {} s; retry later", limits.request_timeout.as_secs_f64())).into_response()
+            ApiError::RequestTimeout(format!("the request took longer than {} s; retry later", limits.request_timeout.as_secs_f64()))
+                .respond_on(&path)
         }
     }
 }

@@ -402,15 +402,17 @@ pub fn history_bundle(base: &str, rt: ResourceType, id: &str, total: i64, versio
         if i > 0 {
             out.push(',');
         }
+        // fullUrl names the resource (bdl-8: never a version); response.location the version.
         let url = format!("{}/{id}", rt.name());
-        let full = json_string(&format!("{base}/{url}/_history/{}", v.version_id));
+        let full = json_string(&format!("{base}/{url}"));
+        let location = json_string(&format!("{url}/_history/{}", v.version_id));
         match &v.body {
             Some(body) => {
                 let method = if v.version_id == 1 { "POST" } else { "PUT" };
                 let status = if v.version_id == 1 { "201 Created" } else { "200 OK" };
                 let _ = write!(
                     out,
-                    "{{\"fullUrl\":{full},\"resource\":{},\"request\":{{\"method\":\"{method}\",\"url\":{}}},\"response\":{{\"status\":\"{status}\",\"etag\":{},\"lastModified\":\"{}\"}}}}",
+                    "{{\"fullUrl\":{full},\"resource\":{},\"request\":{{\"method\":\"{method}\",\"url\":{}}},\"response\":{{\"status\":\"{status}\",\"location\":{location},\"etag\":{},\"lastModified\":\"{}\"}}}}",
                     with_meta(body, v.version_id, v.last_updated),
                     json_string(&url),
                     json_string(&etag(v.version_id)),
@@ -420,7 +422,7 @@ pub fn history_bundle(base: &str, rt: ResourceType, id: &str, total: i64, versio
             None => {
                 let _ = write!(
                     out,
-                    "{{\"fullUrl\":{full},\"request\":{{\"method\":\"DELETE\",\"url\":{}}},\"response\":{{\"status\":\"204 No Content\",\"etag\":{},\"lastModified\":\"{}\"}}}}",
+                    "{{\"fullUrl\":{full},\"request\":{{\"method\":\"DELETE\",\"url\":{}}},\"response\":{{\"status\":\"204 No Content\",\"location\":{location},\"etag\":{},\"lastModified\":\"{}\"}}}}",
                     json_string(&url),
                     json_string(&etag(v.version_id)),
                     instant(v.last_updated)

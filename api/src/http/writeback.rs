@@ -34,14 +34,32 @@ pub(crate) fn json_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("the body is not JSON: line {}, column {}", e.line(), e.column())))
 }
 
-/// `If-None-Exist: identifier=<system>|<value>`, the one criterion supported.
-fn if_none_exist(headers: &HeaderMap) -> Result<Option<(String, String)>, ApiError> {
+/// `If-None-Exist: identifier=<system>|<value>`, the one criterion supported, as the bare query
+/// (the specification's examples), as `<Type>?…`, or as a URL on this server's base
+/// (`<base>/<Type>?…`, what HAPI FHIR's client sends).
+fn if_none_exist(headers: &HeaderMap, base_url: &str, type_name: &str) -> Result<Option<(String, String)>, ApiError> {
     let Some(raw) = headers.get("if-none-exist") else {
         return Ok(None);
     };
-    let bad = || ApiError::BadRequest("If-None-Exist must be 'identifier=<system>|<value>' (the one criterion supported)".into());
-    let raw = raw.to_str().map_err(|_| bad())?;
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.trim_start_matches('?')).map_err(|_| bad())?;
+    let bad = || {
+        ApiError::BadRequest(format!(
+            "If-None-Exist must be 'identifier=<system>|<value>' (the one criterion supported), or that query on this server's \
+             URL for the type: '{base_url}/{type_name}?identifier=<system>|<value>'"
+        ))
+    };
+    let raw = raw.to_str().map_err(|_| bad())?.trim();
+    let query = match raw.split_once('?') {
+        None => raw,
+        Some((target, query)) => {
+            let target = target.trim_end_matches('/');
+            let on_this_server = target.strip_prefix(base_url).is_some_and(|rest| rest == format!("/{type_name}"));
+            if !(target.is_empty() || target == type_name || on_this_server) {
+                return Err(bad());
+            }
+            query
+        }
+    };
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).map_err(|_| bad())?;
     match pairs.as_slice() {
         [(name, value)] if name == "identifier" => match value.split_once('|') {
             Some((system, value)) if !system.is_empty() && !value.is_empty() && !value.contains('|') => {
@@ -103,7 +121,7 @@ async fn write(
             }
             Mode::Update { id: id.to_owned(), if_match: if_match(headers)? }
         }
-        None => Mode::Create { if_none_exist: if_none_exist(headers)? },
+        None => Mode::Create { if_none_exist: if_none_exist(headers, &state.base_url, rt.name())? },
     };
     let report = wb::validate(rt, value, time::OffsetDateTime::now_utc().date()).map_err(WriteError::from)?;
     if let Mode::Create { if_none_exist: Some(key) } = &mode
@@ -126,11 +144,12 @@ async fn write(
     let status = if written.effect == Effect::Created { StatusCode::CREATED } else { StatusCode::OK };
     let mut response = rest::versioned_response(&HeaderMap::new(), written.version_id, written.last_updated, body);
     *response.status_mut() = status;
-    if written.effect != Effect::Updated {
-        let location = format!("{}/{}/{}/_history/{}", state.base_url, rt.name(), written.id, written.version_id);
-        if let Ok(v) = HeaderValue::from_str(&location) {
-            response.headers_mut().insert(header::LOCATION, v);
-        }
+    // The version written: Location for a create (and a matched If-None-Exist), Content-Location
+    // for an update, where clients such as HAPI FHIR's read the new version's id.
+    let location = format!("{}/{}/{}/_history/{}", state.base_url, rt.name(), written.id, written.version_id);
+    let name = if written.effect == Effect::Updated { header::CONTENT_LOCATION } else { header::LOCATION };
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(name, v);
     }
     Ok(with_members(response, vec![written.member_id]))
 }
@@ -142,7 +161,7 @@ macro_rules! write_endpoints {
 
             #[doc = concat!("Report a ", $tag, " for an attributed member (partner write-back). With `If-None-Exist: identifier=<system>|<value>`, a retry creates nothing and returns the resource the identifier names.")]
             #[utoipa::path(post, path = $create, tag = $tag, operation_id = concat!("create", $tag),
-                params(("If-None-Exist" = Option<String>, Header, description = "identifier=<system>|<value>: create only if this partner has no resource with that identifier"),
+                params(("If-None-Exist" = Option<String>, Header, description = "identifier=<system>|<value> (or that query on this server's URL for the type, <base>/<Type>?identifier=<system>|<value>): create only if this partner has no resource with that identifier"),
                        crate::http::resources::FormatOnly),
                 request_body(content = Resource, content_type = "application/fhir+json", description = concat!("The ", $tag, " (at most REQUEST_BODY_MAX_BYTES, 64 KiB by default)")),
                 responses(
@@ -170,7 +189,7 @@ macro_rules! write_endpoints {
                        crate::http::resources::FormatOnly),
                 request_body(content = Resource, content_type = "application/fhir+json", description = concat!("The ", $tag, ", with the id of the URL (at most REQUEST_BODY_MAX_BYTES, 64 KiB by default)")),
                 responses(
-                    (status = 200, description = "Updated", body = Resource, content_type = "application/fhir+json"),
+                    (status = 200, description = "Updated; Content-Location names the new version", body = Resource, content_type = "application/fhir+json"),
                     (status = 400, description = "Not JSON, a malformed id, parameter or header, or an id that differs from the URL's", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 403, description = "The token's scopes do not cover this request, or another source reported the resource", body = OperationOutcome, content_type = "application/fhir+json"),
                     (status = 404, description = "Not known", body = OperationOutcome, content_type = "application/fhir+json"),
@@ -213,4 +232,64 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(medication_statement::update))
         .routes(routes!(allergy_intolerance::create))
         .routes(routes!(allergy_intolerance::update))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const BASE: &str = "https://fhir.example.org/fhir";
+
+    fn parse(value: &str) -> Result<Option<(String, String)>, ApiError> {
+        let mut headers = HeaderMap::new();
+        headers.insert("if-none-exist", HeaderValue::from_str(value).unwrap());
+        if_none_exist(&headers, BASE, "MedicationStatement")
+    }
+
+    #[test]
+    fn if_none_exist_takes_the_query_bare_relative_or_on_this_servers_url() {
+        let key = Some(("urn:sys".to_owned(), "R-1".to_owned()));
+        for form in [
+            "identifier=urn:sys|R-1",
+            "?identifier=urn:sys|R-1",
+            "MedicationStatement?identifier=urn:sys|R-1",
+            "https://fhir.example.org/fhir/MedicationStatement?identifier=urn%3Asys%7CR-1",
+            "https://fhir.example.org/fhir/MedicationStatement/?identifier=urn:sys|R-1",
+        ] {
+            assert_eq!(parse(form).map_err(|e| e.to_string()), Ok(key.clone()), "{form}");
+        }
+        assert_eq!(if_none_exist(&HeaderMap::new(), BASE, "MedicationStatement").map_err(|e| e.to_string()), Ok(None));
+    }
+
+    #[test]
+    fn if_none_exist_refuses_other_servers_types_and_criteria_naming_the_form() {
+        for form in [
+            "https://elsewhere.example.org/fhir/MedicationStatement?identifier=urn:sys|R-1",
+            "https://fhir.example.org/fhir/AllergyIntolerance?identifier=urn:sys|R-1",
+            "https://fhir.example.org/fhir/MedicationStatement/x?identifier=urn:sys|R-1",
+            "https://fhir.example.org/fhirMedicationStatement?identifier=urn:sys|R-1",
+            "AllergyIntolerance?identifier=urn:sys|R-1",
+            "identifier=urn:sys|R-1&status=active",
+            "patient=M1",
+            "identifier=R-1",
+            "identifier=|R-1",
+        ] {
+            let refused = parse(form).expect_err(form).to_string();
+            assert!(refused.contains(&format!("'{BASE}/MedicationStatement?identifier=<system>|<value>'")), "{form}: {refused}");
+        }
+    }
+
+    proptest! {
+        /// Whatever the header holds, the parser answers (never panics), and an accepted key
+        /// is exactly the system and value that were encoded.
+        #[test]
+        fn if_none_exist_never_panics_and_round_trips(raw in "[ -~]{0,80}", system in "[a-z:./]{1,20}", value in "[A-Za-z0-9-]{1,20}") {
+            let _ = parse(&raw);
+            let encoded = serde_urlencoded::to_string([("identifier", format!("{system}|{value}"))]).unwrap();
+            for form in [encoded.clone(), format!("{BASE}/MedicationStatement?{encoded}")] {
+                prop_assert_eq!(parse(&form).map_err(|e| e.to_string()), Ok(Some((system.clone(), value.clone()))));
+            }
+        }
+    }
 }

@@ -8,11 +8,20 @@ use serde_json::{Value, json};
 use std::time::Duration;
 use tests::*;
 
-/// A token endpoint refusal: 401 `invalid_client` (or the given code) as an OperationOutcome.
+/// A token endpoint refusal: RFC 6749 §5.2 JSON with the given `error` code (not an
+/// OperationOutcome: OAuth client libraries read `error` at the top level), never cached.
 #[track_caller]
 fn token_refused(reply: &Reply, status: u16, code: &str, what: &str) {
-    reply.assert_refused(status, what);
-    assert_eq!(reply.body["issue"][0]["details"]["coding"][0]["code"], code, "{what}: {}", reply.body);
+    let body = &reply.body;
+    assert_eq!(reply.status, status, "{what}: {body}");
+    assert_eq!(body["error"], code, "{what}: {body}");
+    assert!(!body["error_description"].as_str().unwrap_or_default().is_empty(), "{what}: {body}");
+    assert!(body.get("resourceType").is_none(), "{what}: {body}");
+    assert_eq!(reply.headers["content-type"], "application/json", "{what}");
+    assert_eq!(reply.headers["cache-control"], "no-store", "{what}");
+    if status == 401 {
+        assert!(reply.headers["www-authenticate"].to_str().unwrap_or_default().contains(code), "{what}: no WWW-Authenticate");
+    }
 }
 
 /// Members A1 (served by partner pa), B1 (pb), and C1 (pa, but that attribution ended).
@@ -144,7 +153,7 @@ async fn smart_backend_services_refuses_what_it_must_and_accepts_rs384_and_es384
     let reply = send(form("grant_type=client_credentials&scope=system/*.read&client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer&client_assertion=abc")).await?;
     token_refused(&reply, 401, "invalid_client", "not a JWT");
     let reply = send(anonymous.post(format!("{origin}/auth/token")).json(&json!({ "grant_type": "client_credentials" }))).await?;
-    reply.assert_refused(415, "JSON body");
+    token_refused(&reply, 415, "invalid_request", "JSON body");
     Ok(())
 }
 
