@@ -21,21 +21,27 @@ pub struct TestPartner {
 /// A new RSA key from the `openssl` command (ring verifies RSA but does not generate keys).
 pub fn rsa_key(kid: &str) -> anyhow::Result<api::auth::client::ClientKey> {
     let dir = std::env::temp_dir().join(unique("rsa"));
-    std::fs::create_dir_all(&dir)?;
-    let pem_path = dir.join("key.pem");
+    let key = rsa_key_file(kid, &dir.join("key.pem"));
+    std::fs::remove_dir_all(&dir)?;
+    key
+}
+
+/// A new RSA key, its private half kept in `pem_path` (PKCS#8) for a client written elsewhere.
+pub fn rsa_key_file(kid: &str, pem_path: &std::path::Path) -> anyhow::Result<api::auth::client::ClientKey> {
+    if let Some(dir) = pem_path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let status = std::process::Command::new("openssl")
         .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
-        .arg(&pem_path)
+        .arg(pem_path)
         .stderr(std::process::Stdio::null())
         .status()?;
     anyhow::ensure!(status.success(), "openssl genpkey failed");
-    let out = std::process::Command::new("openssl").args(["rsa", "-noout", "-modulus", "-in"]).arg(&pem_path).output()?;
+    let out = std::process::Command::new("openssl").args(["rsa", "-noout", "-modulus", "-in"]).arg(pem_path).output()?;
     anyhow::ensure!(out.status.success(), "openssl rsa -modulus failed");
     let hex = String::from_utf8(out.stdout)?.trim().trim_start_matches("Modulus=").to_owned();
     let modulus = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16)).collect::<Result<Vec<u8>, _>>()?;
-    let pem = std::fs::read(&pem_path)?;
-    std::fs::remove_dir_all(&dir)?;
-    api::auth::client::ClientKey::rs384_from_pem(kid, &pem, &modulus)
+    api::auth::client::ClientKey::rs384_from_pem(kid, &std::fs::read(pem_path)?, &modulus)
 }
 
 /// Registers a partner with a fresh key of `kind` and the given scopes and rate limit.
@@ -45,6 +51,17 @@ pub async fn register_partner(pool: &db::Pool, id: &str, scopes: &str, kind: Key
         KeyKind::Es384 => api::auth::client::ClientKey::generate_es384(&kid)?.0,
         KeyKind::Rs384 => rsa_key(&kid)?,
     };
+    register_partner_with_key(pool, id, scopes, key, rate).await
+}
+
+/// Registers a partner that signs with `key` (its kid is the key's).
+pub async fn register_partner_with_key(
+    pool: &db::Pool,
+    id: &str,
+    scopes: &str,
+    key: api::auth::client::ClientKey,
+    rate: Option<(f64, i32)>,
+) -> anyhow::Result<TestPartner> {
     let jwks = api::auth::client::ClientKey::jwks(&[&key]).to_string();
     let scopes: Vec<String> = scopes.split_whitespace().map(str::to_owned).collect();
     let registration = db::partners::Registration {

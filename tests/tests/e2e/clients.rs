@@ -48,11 +48,17 @@ async fn clients_not_written_here_work_against_the_api() -> anyhow::Result<()> {
         }
     }
     let member = member.ok_or_else(|| anyhow::anyhow!("no live composite attributed to partner-1"))?;
-    // schemathesis sends many requests at once: this partner's limit is well above them.
-    let partner = register_partner(&app.pool, "partner-1", "system/*.read", KeyKind::Rs384, Some((10_000.0, 10_000))).await?;
-    let token = partner.token(&origin).await?;
-
+    // schemathesis sends many requests at once: this partner's limit is well above them. Its
+    // private key is on disk for the OAuth library and the Java client, which sign their own.
     let state = state_dir();
+    let key_file = state.join(unique("client-keys")).join("partner-1.pem");
+    let key = rsa_key_file("partner-1-key", &key_file)?;
+    let scopes = "system/*.read system/MedicationStatement.write system/Subscription.write";
+    let partner = register_partner_with_key(&app.pool, "partner-1", scopes, key, Some((10_000.0, 10_000))).await?;
+    let token = partner.token(&origin).await?;
+    let client_env =
+        [("FHIR_ORIGIN", origin.as_str()), ("FHIR_MEMBER", member.as_str()), ("FHIR_CLIENT_ID", "partner-1"), ("FHIR_CLIENT_KID", "partner-1-key")];
+
     let venv = state.join("venv/bin");
     let here = repo_path("tests");
     run(
@@ -69,8 +75,8 @@ async fn clients_not_written_here_work_against_the_api() -> anyhow::Result<()> {
         Command::new(venv.join("python"))
             .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
             .arg(here.join("clients/python/test_clients.py"))
-            .env("FHIR_ORIGIN", &origin)
-            .env("FHIR_MEMBER", &member)
+            .envs(client_env)
+            .env("FHIR_CLIENT_KEY", &key_file)
             .env("FHIR_TOKEN", &token)
             .env("GENERATED_PYTHON_CLIENT", state.join("clients/python")),
     )?;
@@ -83,5 +89,19 @@ async fn clients_not_written_here_work_against_the_api() -> anyhow::Result<()> {
             .env("FHIR_MEMBER", &member)
             .env("FHIR_TOKEN", &token),
     )?;
+    // scripts/test compiled it and wrote its Maven classpath (HAPI FHIR, nimbus-jose-jwt).
+    let classpath = std::fs::read_to_string(state.join("java/classpath"))
+        .map_err(|e| anyhow::anyhow!("no Java classpath ({e}); run the tests with scripts/test"))?;
+    let classes = here.join("clients/java/target/classes");
+    run(
+        "java: HAPI FHIR generic client and validator",
+        Command::new("java")
+            .arg("-cp")
+            .arg(format!("{}:{}", classes.display(), classpath.trim()))
+            .arg("platform.PartnerClient")
+            .envs(client_env)
+            .env("FHIR_CLIENT_KEY", &key_file),
+    )?;
+    std::fs::remove_dir_all(key_file.parent().unwrap_or(&state))?;
     Ok(())
 }
