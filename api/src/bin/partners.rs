@@ -141,7 +141,8 @@ async fn main() -> anyhow::Result<()> {
                 .await?;
             let status = response.status();
             let body: serde_json::Value = response.json().await?;
-            anyhow::ensure!(status.is_success(), "the token endpoint refused ({status}): {}", body["issue"][0]["diagnostics"]);
+            // RFC 6749 §5.2: {"error": …, "error_description": …}.
+            anyhow::ensure!(status.is_success(), "the token endpoint refused ({status}): {} {}", body["error"], body["error_description"]);
             println!("{}", body["access_token"].as_str().unwrap_or_default());
         }
     }
