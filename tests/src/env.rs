@@ -72,3 +72,11 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
     anyhow::ensure!(bin.exists(), "{} not built: run `cargo build --workspace` first (scripts/test does)", bin.display());
     Ok(bin)
 }
+
+/// Where `scripts/test` keeps the test tools (the Python venv, the Java classpath) and the
+/// services' state: `PLATFORM_STATE_DIR`, else `~/.cache/fhir-platform`.
+pub fn state_dir() -> std::path::PathBuf {
+    std::env::var_os("PLATFORM_STATE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fhir-platform"))
+}

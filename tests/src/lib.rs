@@ -22,7 +22,9 @@ pub use app::TestApp;
 pub use components::{
     Composer, FHIR_BASE_URL, Task, api_topic_prefix, spawn_child, start_api, start_api_lazily, start_composer, start_notifier, start_relay,
 };
-pub use env::{admin_client, create_topic, database_url, fresh_database, kafka_bootstrap, kafka_config, repo_path, unique, workspace_binary};
+pub use env::{
+    admin_client, create_topic, database_url, fresh_database, kafka_bootstrap, kafka_config, repo_path, state_dir, unique, workspace_binary,
+};
 pub use events::{attribution, deletion, demographics, medication, native_event, upsert};
 pub use http::{Reply, get, post_fhir, send};
 pub use invariants::{check_composite_invariants, content};

@@ -4,15 +4,8 @@
 //! `fhirclient` FHIR library. `scripts/test` installs the tools and generates the clients.
 
 use devtools::generator::{self, GeneratorConfig};
-use std::path::PathBuf;
 use std::process::Command;
 use tests::*;
-
-fn state_dir() -> PathBuf {
-    std::env::var_os("PLATFORM_STATE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fhir-platform"))
-}
 
 fn run(what: &str, command: &mut Command) -> anyhow::Result<()> {
     let out = command.output().map_err(|e| anyhow::anyhow!("{what}: cannot start ({e}); run the tests with scripts/test"))?;

@@ -10,12 +10,6 @@ use tests::*;
 const MASTER: &str = "6d617374657273656372657473656372657473656372657473656372657473aa";
 const PEPPER: &str = "7065707065727065707065727065707065727065707065727065707065727065";
 
-fn state_dir() -> PathBuf {
-    std::env::var_os("PLATFORM_STATE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fhir-platform"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_command_of_the_partner_guide_runs() -> anyhow::Result<()> {
     let app = TestApp::new("guide").await?;
