@@ -46,7 +46,7 @@ impl Application {
 
     /// As `build`, with an existing pool (which may point at a database that is down).
     pub async fn build_with_pool(config: &Config, pool: db::Pool) -> anyhow::Result<Self> {
-        let kafka: BaseConsumer = platform::kafka::client(&config.common.kafka.bootstrap_servers)
+        let kafka: BaseConsumer = platform::kafka::client(&config.common.kafka)?
             .set("client.id", "fhir-api-ready")
             .set("socket.timeout.ms", "3000")
             .set("log_level", "3")

@@ -249,7 +249,7 @@ impl Composer {
         let shared = Arc::new(Shared { assignment: Mutex::default(), applying: (0..appliers).map(|_| Mutex::new(())).collect() });
         let context =
             ComposerContext { pool: self.pool.clone(), group: self.config.group_id.clone(), runtime: runtime.clone(), shared: shared.clone() };
-        let consumer: BaseConsumer<ComposerContext> = platform::kafka::client(&kafka.bootstrap_servers)
+        let consumer: BaseConsumer<ComposerContext> = platform::kafka::client(kafka)?
             .set("group.id", &self.config.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")

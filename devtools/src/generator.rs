@@ -286,7 +286,7 @@ pub fn generate(cfg: &GeneratorConfig) -> Vec<SorMessage> {
 
 /// A producer as the systems of record would use for a bulk load: idempotent, acks=all.
 pub fn producer(kafka: &KafkaConfig) -> anyhow::Result<FutureProducer> {
-    Ok(platform::kafka::client(&kafka.bootstrap_servers)
+    Ok(platform::kafka::client(kafka)?
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "10")

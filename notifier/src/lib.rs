@@ -93,7 +93,7 @@ impl Notifier {
     pub fn new(config: NotifierConfig, pool: db::Pool) -> anyhow::Result<Arc<Self>> {
         let kafka = &config.common.kafka;
         let producer: FutureProducer =
-            platform::kafka::producer(kafka).set("linger.ms", "0").set("message.timeout.ms", "30000").set("log_level", "4").create()?;
+            platform::kafka::producer(kafka)?.set("linger.ms", "0").set("message.timeout.ms", "30000").set("log_level", "4").create()?;
         let admin = platform::kafka::admin(kafka)?;
         let egress = EgressPolicy::new(&config.allowed_networks).map_err(anyhow::Error::msg)?;
         // Redirects are not followed: a notification goes to the registered endpoint only. No

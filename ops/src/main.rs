@@ -156,7 +156,7 @@ async fn outbox(cli: &Cli, command: &OutboxCommand) -> anyhow::Result<()> {
 
 /// A reader of the dead-letter topic that never joins a group or commits.
 fn reader(cli: &Cli) -> anyhow::Result<BaseConsumer> {
-    Ok(platform::kafka::client(&cli.common.kafka.bootstrap_servers)
+    Ok(platform::kafka::client(&cli.common.kafka)?
         .set("group.id", "fhirctl")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

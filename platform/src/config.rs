@@ -99,6 +99,16 @@ pub struct KafkaConfig {
     /// Replicas of each partition of the topics the platform creates (1 for a single broker).
     #[arg(long = "kafka-replication-factor", env = "KAFKA_REPLICATION_FACTOR", default_value_t = 1)]
     pub replication_factor: i32,
+
+    /// `min.insync.replicas` of the topics the platform creates (unset: the broker's default).
+    #[arg(long = "kafka-topic-min-insync-replicas", env = "KAFKA_TOPIC_MIN_INSYNC_REPLICAS")]
+    pub topic_min_insync_replicas: Option<i32>,
+
+    /// A file of librdkafka properties (`name=value` lines, `#` comments) for every Kafka client
+    /// of the process, e.g. `security.protocol`, `sasl.*`, `ssl.*`. `KAFKA_CLIENT_<NAME>`
+    /// variables add to it (`platform::kafka::client_properties`).
+    #[arg(long = "kafka-properties-file", env = "KAFKA_PROPERTIES_FILE")]
+    pub properties_file: Option<std::path::PathBuf>,
 }
 
 impl KafkaConfig {
@@ -231,6 +241,8 @@ mod tests {
             message_max_bytes: 1_048_576,
             topic_partitions: 3,
             replication_factor: 1,
+            topic_min_insync_replicas: None,
+            properties_file: None,
         };
         assert_eq!(kafka.topic("sor.dlq.v1"), "t1.sor.dlq.v1");
         assert_eq!(kafka.contract_name("t1.sor.dlq.v1"), Some("sor.dlq.v1"));

@@ -75,7 +75,7 @@ impl Relay {
     pub fn new(config: RelayConfig, pool: db::Pool) -> anyhow::Result<Self> {
         config.common.check_limits().map_err(anyhow::Error::msg)?;
         let kafka = &config.common.kafka;
-        let producer: FutureProducer = platform::kafka::producer(kafka)
+        let producer: FutureProducer = platform::kafka::producer(kafka)?
             // A batch is enqueued at once and awaited: no need to linger for more.
             .set("linger.ms", "1")
             .set("compression.type", "zstd")

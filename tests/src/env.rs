@@ -61,6 +61,8 @@ pub fn kafka_config(prefix: &str) -> platform::KafkaConfig {
         message_max_bytes: 1_048_576,
         topic_partitions: 3,
         replication_factor: 1,
+        topic_min_insync_replicas: None,
+        properties_file: None,
     }
 }
 

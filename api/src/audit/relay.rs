@@ -15,15 +15,17 @@ use std::time::Duration;
 pub fn spawn_relay(pool: db::Pool, kafka: platform::KafkaConfig, base_url: String) {
     tokio::spawn(async move {
         let topic = kafka.topic(platform::topics::AUDIT_EVENTS);
-        let producer: FutureProducer = match platform::kafka::producer(&kafka)
-            .set("linger.ms", "5")
-            // AuditEvents repeat most of their text: compressed, the broker writes (and the
-            // kernel later writes back, on the disk PostgreSQL's WAL may share) about a
-            // fifteenth of the bytes. As the composer's relay does.
-            .set("compression.type", "zstd")
-            .set("log_level", "3")
-            .create()
-        {
+        let producer = platform::kafka::producer(&kafka).and_then(|mut config| {
+            config
+                .set("linger.ms", "5")
+                // AuditEvents repeat most of their text: compressed, the broker writes (and the
+                // kernel later writes back, on the disk PostgreSQL's WAL may share) about a
+                // fifteenth of the bytes. As the composer's relay does.
+                .set("compression.type", "zstd")
+                .set("log_level", "3");
+            Ok(config.create::<FutureProducer>()?)
+        });
+        let producer = match producer {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "audit relay: cannot create a Kafka producer; audit events wait on the trail");

@@ -118,13 +118,8 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let sent_at: Arc<Mutex<HashMap<String, (Instant, time::OffsetDateTime)>>> = Arc::default();
-    let consumer: Arc<StreamConsumer> = Arc::new(
-        platform::kafka::client(&kafka.bootstrap_servers)
-            .set("group.id", &run)
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "5")
-            .create()?,
-    );
+    let consumer: Arc<StreamConsumer> =
+        Arc::new(platform::kafka::client(&kafka)?.set("group.id", &run).set("auto.offset.reset", "earliest").set("fetch.wait.max.ms", "5").create()?);
     consumer.subscribe(&[&kafka.topic(platform::topics::MEDICATION_PROFILE)])?;
     let seen = sent_at.clone();
     let reading = consumer.clone();

@@ -90,3 +90,51 @@ async fn a_row_round_trips_through_the_migrated_database() -> anyhow::Result<()>
     db::migrate(&pool).await?;
     Ok(())
 }
+
+/// Issue 27, client configuration the Kafka way: librdkafka properties reach a component's
+/// clients from `KAFKA_PROPERTIES_FILE` and from `KAFKA_CLIENT_*` variables (which win, and read
+/// secrets from `_FILE`s); a property librdkafka does not know stops the command, naming it; the
+/// topics the platform creates take `min.insync.replicas` from the deployment.
+#[tokio::test]
+async fn kafka_client_properties_and_topic_settings_come_from_the_deployment() -> anyhow::Result<()> {
+    let app = TestApp::new("kafkaprops").await?;
+    let kafka = platform::KafkaConfig { topic_min_insync_replicas: Some(2), ..app.kafka.clone() };
+    platform::kafka::ensure(&kafka).await?;
+    let dlq = app.topic(platform::topics::DLQ);
+    let described = admin_client()?
+        .describe_configs(&[rdkafka::admin::ResourceSpecifier::Topic(&dlq)], &rdkafka::admin::AdminOptions::new())
+        .await?
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("no description of {dlq}"))??;
+    assert_eq!(described.get("min.insync.replicas").and_then(|e| e.value.as_deref()), Some("2"));
+
+    let dir = state_dir().join(unique("kafka-properties"));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("client.properties");
+    std::fs::write(
+        &file,
+        "# as a secured deployment writes it, here for the single PLAINTEXT broker\nsecurity.protocol = plaintext\nclient.id=fhirctl-props\n",
+    )?;
+    let fhirctl = |env: &[(&str, &str)]| -> anyhow::Result<(bool, String)> {
+        let out = std::process::Command::new(workspace_binary("fhirctl")?)
+            .args(["dlq", "list"])
+            .env("DATABASE_URL", &app.url)
+            .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
+            .env("KAFKA_TOPIC_PREFIX", &app.prefix)
+            .env("KAFKA_PROPERTIES_FILE", &file)
+            .envs(env.iter().copied())
+            .output()?;
+        Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    };
+    let (ok, stderr) = fhirctl(&[])?;
+    assert!(ok, "with the properties file: {stderr}");
+    // The variable wins over the file: TLS to a PLAINTEXT listener never gets its metadata.
+    let (ok, _) = fhirctl(&[("KAFKA_CLIENT_SECURITY_PROTOCOL", "ssl")])?;
+    assert!(!ok, "security.protocol=ssl must reach the client");
+    let (ok, stderr) = fhirctl(&[("KAFKA_CLIENT_NO_SUCH_PROPERTY", "1")])?;
+    assert!(!ok && stderr.contains("no.such.property"), "an unknown property is named: {stderr}");
+    let (ok, stderr) = fhirctl(&[("KAFKA_CLIENT_SASL_PASSWORD_FILE", "/nonexistent/password")])?;
+    assert!(!ok && stderr.contains("KAFKA_CLIENT_SASL_PASSWORD_FILE /nonexistent/password"), "a missing secret file is named: {stderr}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
