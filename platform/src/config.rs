@@ -106,7 +106,7 @@ pub struct KafkaConfig {
 
     /// A file of librdkafka properties (`name=value` lines, `#` comments) for every Kafka client
     /// of the process, e.g. `security.protocol`, `sasl.*`, `ssl.*`. `KAFKA_CLIENT_<NAME>`
-    /// variables add to it (`platform::kafka::client_properties`).
+    /// variables (`KAFKA_CLIENT_SASL_USERNAME`; `…_FILE` to read a secret) add to it and win.
     #[arg(long = "kafka-properties-file", env = "KAFKA_PROPERTIES_FILE")]
     pub properties_file: Option<std::path::PathBuf>,
 }
