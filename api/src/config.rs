@@ -12,10 +12,6 @@ pub struct Config {
     #[arg(long, env = "HTTP_BIND", default_value = "127.0.0.1:8080")]
     pub http_bind: SocketAddr,
 
-    /// How long a readiness check waits for each dependency, in milliseconds.
-    #[arg(long, env = "READY_TIMEOUT_MS", default_value_t = 2000)]
-    pub ready_timeout_ms: u64,
-
     /// The token endpoint's public URL: the `aud` every client assertion must carry. Defaults
     /// to FHIR_BASE_URL with its `/fhir` replaced by `/auth/token`.
     #[arg(long, env = "AUTH_TOKEN_URL")]

@@ -18,6 +18,7 @@ pub mod guard;
 pub mod http;
 pub mod limits;
 pub mod matcher;
+pub mod metrics;
 pub mod profile_reads;
 pub mod rest;
 pub mod routes;

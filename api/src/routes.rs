@@ -7,8 +7,6 @@
 pub const HEALTH: &str = "/health";
 /// Readiness: PostgreSQL and Kafka answer.
 pub const READY: &str = "/ready";
-/// Operators' metrics (Prometheus text).
-pub const METRICS: &str = "/metrics";
 
 /// SMART Backend Services discovery, at the root and under the FHIR base.
 pub const SMART_CONFIGURATION: &str = "/.well-known/smart-configuration";
@@ -40,8 +38,7 @@ pub const ALLERGY_INTOLERANCES: &str = "/fhir/AllergyIntolerance";
 pub const ALLERGY_INTOLERANCE: &str = "/fhir/AllergyIntolerance/{id}";
 
 /// Whether `path` needs a bearer token: everything under the FHIR base but the conformance and
-/// discovery documents, and the operators' metrics.
+/// discovery documents.
 pub fn is_protected(path: &str) -> bool {
-    let fhir = (path == FHIR || path.starts_with("/fhir/")) && path != METADATA && path != SMART_CONFIGURATION_FHIR;
-    fhir || path == METRICS
+    (path == FHIR || path.starts_with("/fhir/")) && path != METADATA && path != SMART_CONFIGURATION_FHIR
 }

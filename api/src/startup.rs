@@ -32,6 +32,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     limits: crate::server::ServerLimits,
+    ops_addr: std::net::SocketAddr,
 }
 
 impl Application {
@@ -71,16 +72,19 @@ impl Application {
         let audit_pool = db::connect_lazy(&config.common, u32::try_from(config.audit_writers.max(1) + 1).unwrap_or(4))?;
         audit::relay::spawn_relay(audit_pool.clone(), config.common.kafka.clone(), base_url.clone());
         let composites: Arc<Vec<Box<dyn fhir::composite::Composite>>> = Arc::new(fhir::composites(&config.common));
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let kafka = Arc::new(kafka);
+        let ops_addr = serve_ops(config, &pool, &audit_pool, &kafka, &metrics).await?;
         let state = AppState(Arc::new(Shared {
-            auditor: Auditor::start(audit_pool, config.audit_writers),
+            auditor: Auditor::start(audit_pool, config.audit_writers, metrics.clone()),
             profiles: ProfileReads::start(
                 (0..config.profile_readers.max(1)).map(|_| db::connect_for_batches(&config.common, 1)).collect::<db::Result<_>>()?,
                 Duration::from_millis(config.profile_read_overlap_ms),
                 config.profile_cache_mib << 20,
             ),
             pool,
-            kafka: Arc::new(kafka),
-            ready_timeout: Duration::from_millis(config.ready_timeout_ms),
+            kafka,
+            ready_timeout: Duration::from_millis(config.common.ready_timeout_ms),
             base_url,
             auth: Arc::new(auth),
             matcher,
@@ -92,6 +96,7 @@ impl Application {
             subscription_max_per_partner: config.subscription_max_per_partner,
             egress: platform::egress::EgressPolicy::new(&config.subscription_allowed_networks).map_err(anyhow::Error::msg)?,
             limits_text: config.limits_text(),
+            metrics,
         }));
         let (router, api) = router().split_for_parts();
         let request_limits = config.request_limits();
@@ -102,17 +107,46 @@ impl Application {
             // Inside the guard, so that what the limits refuse (and a panic) is audited too.
             .layer(axum::middleware::from_fn(move |request, next| crate::limits::enforce(request_limits, request, next)))
             .layer(axum::middleware::from_fn_with_state(state.clone(), crate::guard::guard))
+            .layer(axum::middleware::from_fn_with_state(state.clone(), crate::metrics::track))
             .with_state(state);
         let listener = TcpListener::bind(config.http_bind).await?;
-        Ok(Self { listener, router, limits: config.server_limits() })
+        Ok(Self { listener, router, limits: config.server_limits(), ops_addr })
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         self.listener.local_addr()
     }
 
+    /// Where the operations listener (health, readiness, metrics) answers.
+    pub fn ops_addr(&self) -> std::net::SocketAddr {
+        self.ops_addr
+    }
+
     /// Serves until ctrl-c / SIGTERM.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         crate::server::serve(self.listener, self.router, self.limits, platform::shutdown::signal()).await
     }
+}
+
+/// The operations listener: PostgreSQL (both pools) and Kafka for `/ready`; requests, matches,
+/// the audit trail's lag and the pools' use for `/metrics`.
+async fn serve_ops(
+    config: &Config,
+    pool: &db::Pool,
+    audit_pool: &db::Pool,
+    kafka: &Arc<BaseConsumer>,
+    metrics: &Arc<crate::metrics::Metrics>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let mut ops = config.common.ops();
+    metrics.register(ops.registry());
+    db::observe(&mut ops, pool);
+    let timeout = Duration::from_millis(config.common.ready_timeout_ms);
+    let client = kafka.clone();
+    ops.check("kafka", move || platform::ops::check_kafka(client.clone(), timeout));
+    let (metrics, audit_pool) = (metrics.clone(), audit_pool.clone());
+    ops.on_scrape(move || {
+        let (metrics, pool) = (metrics.clone(), audit_pool.clone());
+        async move { metrics.refresh(&pool).await }
+    });
+    ops.serve(config.common.ops_addr(platform::config::ops_port::API)).await
 }

@@ -45,4 +45,6 @@ pub struct Shared {
     pub egress: platform::egress::EgressPolicy,
     /// The limits a client meets, for the CapabilityStatement.
     pub limits_text: String,
+    /// What the operations listener exports.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }

@@ -24,7 +24,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use schemas::{Contracts, RecordKind, Rejection};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -120,29 +120,7 @@ impl ConsumerContext for ComposerContext {
     }
 }
 
-/// Counters since start, readable while the composer runs.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    pub messages: AtomicU64,
-    pub dead_letters: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub stale: AtomicU64,
-    pub composite_versions: AtomicU64,
-    pub batches: AtomicU64,
-    /// Records a failing batch was isolated to and dead-lettered (counted in `dead_letters` too).
-    pub isolated: AtomicU64,
-}
-
-impl Metrics {
-    fn count(&self, applied: &batch::Applied) {
-        self.messages.fetch_add(applied.messages as u64, Ordering::Relaxed);
-        self.dead_letters.fetch_add(applied.dead_letters as u64, Ordering::Relaxed);
-        self.duplicates.fetch_add(applied.duplicates as u64, Ordering::Relaxed);
-        self.stale.fetch_add(applied.stale as u64, Ordering::Relaxed);
-        self.composite_versions.fetch_add(applied.composite_versions as u64, Ordering::Relaxed);
-        self.batches.fetch_add(1, Ordering::Relaxed);
-    }
-}
+pub use crate::metrics::Metrics;
 
 /// A polled message after parsing, validation and mapping.
 struct Prepared {
@@ -454,6 +432,7 @@ impl Composer {
         if work.items.is_empty() {
             return Attempt::Done;
         }
+        let started = Instant::now();
         let result = runtime.block_on(async {
             // Once acknowledged, dead letters are not produced again when the batch is retried.
             self.dead_letter(dlq, &mut work.items).await.map_err(Failure::Kafka)?;
@@ -464,7 +443,7 @@ impl Composer {
         });
         let error = match result {
             Ok(applied) => {
-                self.metrics.count(&applied);
+                self.metrics.applied(&applied, started.elapsed());
                 tracing::debug!(?applied, "batch applied");
                 let mut state = locked(&shared.assignment);
                 for (o, _) in &offsets {
@@ -494,7 +473,7 @@ impl Composer {
                     offset = c.offset, reason = rejection.class(), %rejection, "a record fails on its own while the others apply; dead-lettering it");
                 item.consumed.outcome = Outcome::Rejected(rejection);
                 item.dead_lettered = false;
-                self.metrics.isolated.fetch_add(1, Ordering::Relaxed);
+                self.metrics.isolated.inc();
                 Attempt::Again
             }
             Ok(None) => Attempt::Failed(Failure::Batch(error)),
@@ -592,12 +571,15 @@ impl Composer {
             if let Some(payload) = &letter.payload {
                 record = record.payload(payload);
             }
-            pending.push((i, producer.send_result(record).map_err(|(e, _)| e)?));
+            pending.push((i, rejection.class(), producer.send_result(record).map_err(|(e, _)| e)?));
         }
         let mut result = Ok(());
-        for (i, delivery) in pending {
+        for (i, reason, delivery) in pending {
             match delivery.await {
-                Ok(Ok(_)) => items[i].dead_lettered = true,
+                Ok(Ok(_)) => {
+                    items[i].dead_lettered = true;
+                    self.metrics.dead_lettered(reason);
+                }
                 Ok(Err((e, _))) => result = Err(e.into()),
                 Err(_) => result = Err(anyhow::anyhow!("the dead-letter producer went away")),
             }

@@ -11,29 +11,60 @@ pub mod apply;
 pub mod config;
 pub mod consumer;
 pub mod matching;
+pub mod metrics;
 
 pub use config::ComposerConfig;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-/// Starts a composer on its own thread (connects, migrates, creates topics first). Returns the
-/// stop flag and the thread; used by `main` and by the end-to-end tests.
-pub async fn spawn(
-    mut config: ComposerConfig,
-) -> anyhow::Result<(Arc<AtomicBool>, Arc<consumer::Metrics>, std::thread::JoinHandle<anyhow::Result<()>>)> {
+/// A composer running on its own thread, from [`spawn`].
+pub struct Running {
+    pub stop: Arc<AtomicBool>,
+    pub thread: std::thread::JoinHandle<anyhow::Result<()>>,
+    pub metrics: Arc<consumer::Metrics>,
+    /// Where its operations listener answers.
+    pub ops_addr: std::net::SocketAddr,
+}
+
+/// Starts a composer on its own thread (connects, migrates, creates topics first) and its
+/// operations listener; used by `main` and by the end-to-end tests.
+pub async fn spawn(mut config: ComposerConfig) -> anyhow::Result<Running> {
     config.common.check_limits().map_err(anyhow::Error::msg)?;
     let pool = db::connect_configured(&config.common, config.common.database_max_connections).await?;
     db::migrate(&pool).await?;
     platform::kafka::ensure(&config.common.kafka).await?;
     config.batch_size = fit_batch_size(config.batch_size, config.appliers, db::components::lock_capacity(&pool).await?);
-    let composer = consumer::Composer::new(config.clone(), pool, fhir::composites(&config.common))?;
+    let composer = consumer::Composer::new(config.clone(), pool.clone(), fhir::composites(&config.common))?;
     let metrics = composer.metrics.clone();
+    let ops_addr = serve_ops(&config, &pool, &metrics).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let runtime = tokio::runtime::Handle::current();
     let flag = stop.clone();
     let thread = std::thread::Builder::new().name("composer".into()).spawn(move || composer.run(runtime, &flag))?;
-    Ok((stop, metrics, thread))
+    Ok(Running { stop, thread, metrics, ops_addr })
+}
+
+/// The operations listener: PostgreSQL and Kafka for `/ready`; the composer's metrics, the
+/// consumer lag and the pool's use for `/metrics`.
+async fn serve_ops(config: &ComposerConfig, pool: &db::Pool, metrics: &Arc<consumer::Metrics>) -> anyhow::Result<std::net::SocketAddr> {
+    let mut ops = config.common.ops();
+    metrics.register(ops.registry());
+    db::observe(&mut ops, pool);
+    let observer = Arc::new(platform::kafka::observer(&config.common.kafka)?);
+    let timeout = std::time::Duration::from_millis(config.common.ready_timeout_ms);
+    let client = observer.clone();
+    ops.check("kafka", move || platform::ops::check_kafka(client.clone(), timeout));
+    let (metrics, pool, kafka, group) = (metrics.clone(), pool.clone(), config.common.kafka.clone(), config.group_id.clone());
+    ops.on_scrape(move || {
+        let (metrics, pool, kafka, group, observer) = (metrics.clone(), pool.clone(), kafka.clone(), group.clone(), observer.clone());
+        async move {
+            if let Err(e) = metrics::refresh_lag(&metrics, &pool, &kafka, observer, &group).await {
+                tracing::warn!(error = %e, "consumer lag not refreshed");
+            }
+        }
+    });
+    ops.serve(config.common.ops_addr(platform::config::ops_port::COMPOSER)).await
 }
 
 /// The batch size to use: each applier's transaction holds one advisory lock per member of its

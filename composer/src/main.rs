@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 async fn main() -> anyhow::Result<()> {
     let config = ComposerConfig::parse();
     config.common.init_logs();
-    let (stop, _metrics, thread) = composer::spawn(config).await?;
+    let composer::Running { stop, thread, .. } = composer::spawn(config).await?;
     let waiter = tokio::task::spawn_blocking(move || thread.join());
     tokio::pin!(waiter);
     tokio::select! {

@@ -190,3 +190,28 @@ impl Wakeup {
         }
     }
 }
+
+/// Adds PostgreSQL to an operations listener: a `postgres` readiness check, and the pool's
+/// connections in use and idle (`fhir_db_pool_connections{state}`) and its size limit. A pool
+/// with every connection in use and requests waiting is saturated.
+pub fn observe(ops: &mut platform::ops::Ops, pool: &PgPool) {
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    let connections = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+    let max = Gauge::<i64>::default();
+    max.set(i64::from(pool.options().get_max_connections()));
+    ops.registry().register("db_pool_connections", "PostgreSQL pool connections by state (in_use, idle)", connections.clone());
+    ops.registry().register("db_pool_max_connections", "The PostgreSQL pool's size limit", max);
+    let p = pool.clone();
+    ops.check("postgres", move || {
+        let p = p.clone();
+        async move { ping(&p).await.map_err(|e| format!("PostgreSQL: {e}")) }
+    });
+    let p = pool.clone();
+    ops.on_scrape(move || {
+        let (size, idle) = (i64::from(p.size()), p.num_idle() as i64);
+        connections.get_or_create(&vec![("state", "in_use")]).set(size - idle);
+        connections.get_or_create(&vec![("state", "idle")]).set(idle);
+        std::future::ready(())
+    });
+}

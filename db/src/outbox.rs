@@ -151,3 +151,23 @@ pub async fn drop_parked(pool: &sqlx::PgPool, ids: &[i64], why: &str) -> crate::
 pub async fn unpublished_count(tx: &mut PgConnection) -> crate::Result<i64> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL").fetch_one(&mut *tx).await?)
 }
+
+/// The outbox's lag, for operators: rows not yet acknowledged by Kafka, the age of the oldest in
+/// seconds (0 when none), and rows parked for an operator (`fhirctl outbox`).
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
+pub struct Lag {
+    pub unpublished: i64,
+    pub oldest_secs: f64,
+    pub parked: i64,
+}
+
+pub async fn lag(pool: &sqlx::PgPool) -> crate::Result<Lag> {
+    Ok(sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE parked_at IS NULL) AS unpublished,
+                coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE parked_at IS NULL))::float8, 0) AS oldest_secs,
+                count(*) FILTER (WHERE parked_at IS NOT NULL) AS parked
+         FROM outbox WHERE published_at IS NULL",
+    )
+    .fetch_one(pool)
+    .await?)
+}

@@ -306,61 +306,33 @@ pub async fn end_expired(pool: &PgPool) -> crate::Result<u64> {
         .rows_affected())
 }
 
-/// What operators watch: the outbox's lag, and per subscription its queue depth and failures.
+/// What operators watch of the notifier's work: composite versions not yet turned into
+/// subscription events, and per partner and subscription status the events not yet delivered
+/// and the delivery failures so far.
 #[derive(Debug, Clone, Default)]
-pub struct Metrics {
-    /// Composite versions and other messages not yet acknowledged by Kafka.
-    pub outbox_unpublished: i64,
-    /// Age in seconds of the oldest of them (0 when none).
-    pub outbox_oldest_unpublished_secs: f64,
-    /// Rows the relay could not publish and parked, for an operator (`fhirctl outbox`).
-    pub outbox_parked: i64,
-    /// Composite versions not yet turned into subscription events.
-    pub outbox_unnotified: i64,
-    pub subscriptions: Vec<SubscriptionLoad>,
+pub struct Queues {
+    pub unnotified: i64,
+    pub partners: Vec<PartnerQueue>,
 }
 
-/// A subscription's queue depth and delivery failures so far.
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct SubscriptionLoad {
-    pub id: String,
+pub struct PartnerQueue {
     pub partner_id: String,
     pub status: String,
+    pub subscriptions: i64,
     pub undelivered: i64,
     pub delivery_failures: i64,
 }
 
-/// The outbox's part of [`Metrics`].
-#[derive(Debug, sqlx::FromRow)]
-struct OutboxLoad {
-    unpublished: i64,
-    oldest_secs: f64,
-    parked: i64,
-}
-
-pub async fn metrics(pool: &PgPool) -> crate::Result<Metrics> {
-    let outbox: OutboxLoad = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE parked_at IS NULL) AS unpublished,
-                coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE parked_at IS NULL))::float8, 0) AS oldest_secs,
-                count(*) FILTER (WHERE parked_at IS NOT NULL) AS parked
-         FROM outbox WHERE published_at IS NULL",
-    )
-    .fetch_one(pool)
-    .await?;
+pub async fn queues(pool: &PgPool) -> crate::Result<Queues> {
     let unnotified: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE notified_at IS NULL AND payload IS NULL").fetch_one(pool).await?;
-    let subscriptions = sqlx::query_as(
-        "SELECT s.id, s.partner_id, s.status,
-                (SELECT count(*) FROM subscription_events e WHERE e.subscription_id = s.id AND e.delivered_at IS NULL) AS undelivered,
-                s.delivery_failures
-         FROM subscriptions s ORDER BY s.id",
+    let partners = sqlx::query_as(
+        "SELECT s.partner_id, s.status, count(*) AS subscriptions,
+                coalesce(sum((SELECT count(*) FROM subscription_events e WHERE e.subscription_id = s.id AND e.delivered_at IS NULL)), 0)::int8 AS undelivered,
+                coalesce(sum(s.delivery_failures), 0)::int8 AS delivery_failures
+         FROM subscriptions s GROUP BY s.partner_id, s.status ORDER BY 1, 2",
     )
     .fetch_all(pool)
     .await?;
-    Ok(Metrics {
-        outbox_unpublished: outbox.unpublished,
-        outbox_oldest_unpublished_secs: outbox.oldest_secs,
-        outbox_parked: outbox.parked,
-        outbox_unnotified: unnotified,
-        subscriptions,
-    })
+    Ok(Queues { unnotified, partners })
 }

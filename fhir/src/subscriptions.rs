@@ -285,7 +285,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn code(self) -> &'static str {
+    pub fn code(self) -> &'static str {
         match self {
             Kind::Handshake => "handshake",
             Kind::Heartbeat => "heartbeat",

@@ -12,6 +12,8 @@
 //!   order holds and nothing is skipped; after `SUBSCRIPTION_RETRY_FOR_SECS` of failing, the
 //!   subscription goes to `error` and keeps its queue (`$events` replays it).
 
+pub mod metrics;
+
 use clap::Parser;
 use db::subscriptions::{self as q, Subscription};
 use fhir::subscriptions::{self as subs, Kind, SIGNATURE_HEADER};
@@ -87,6 +89,7 @@ pub struct Notifier {
     /// Subscriptions this notifier is delivering now, with their partners.
     in_flight: Mutex<HashMap<String, String>>,
     egress: EgressPolicy,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl Notifier {
@@ -120,6 +123,7 @@ impl Notifier {
             known_topics: Mutex::default(),
             in_flight: Mutex::default(),
             egress,
+            metrics: Arc::default(),
         }))
     }
 
@@ -191,7 +195,10 @@ impl Notifier {
             let today = OffsetDateTime::now_utc().date();
             match q::fan_out(&self.pool, today, 1000).await {
                 Ok((0, _)) => wakeup.wait(poll).await,
-                Ok((rows, events)) => tracing::debug!(rows, events, "notifier: queued subscription events"),
+                Ok((rows, events)) => {
+                    self.metrics.events_queued.inc_by(events as u64);
+                    tracing::debug!(rows, events, "notifier: queued subscription events");
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "notifier: fan-out failed; it is retried");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -230,10 +237,13 @@ impl Notifier {
             }
         };
         let body = subs::notification(&self.base_url, &s, kind, &events).to_string();
-        let sent = match s.channel.as_str() {
-            "rest-hook" => self.post(&s, body).await,
-            _ => self.produce(&s, body, &events).await,
+        let started = std::time::Instant::now();
+        let (channel, sent) = match s.channel.as_str() {
+            "rest-hook" => ("rest-hook", self.post(&s, body).await),
+            _ => ("kafka", self.produce(&s, body, &events).await),
         };
+        let outcome = if sent.is_ok() { "delivered" } else { "failed" };
+        self.metrics.delivered(channel, kind.code(), outcome, events.len(), started.elapsed());
         // Before the lease is released: once it is, this notifier may claim the subscription
         // again at once, and must not find it still "in flight" (it would skip it, and the new
         // lease would hold the queue until it expired).
@@ -376,11 +386,26 @@ fn refusal(e: &reqwest::Error) -> Option<platform::egress::Refusal> {
     None
 }
 
-/// Starts a notifier task (connects, migrates first); returns its stop flag and handle.
-pub async fn spawn(config: NotifierConfig) -> anyhow::Result<(Arc<AtomicBool>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+/// A notifier from [`spawn`]: its stop flag, its task, and where its operations listener answers.
+pub type Running = platform::ops::Running<tokio::task::JoinHandle<anyhow::Result<()>>>;
+
+/// Starts a notifier task (connects, migrates first) and its operations listener.
+pub async fn spawn(config: NotifierConfig) -> anyhow::Result<Running> {
     let pool = db::connect_configured(&config.common, (config.concurrency as u32 / 4).clamp(4, 16)).await?;
     db::migrate(&pool).await?;
-    let notifier = Notifier::new(config, pool)?;
+    let notifier = Notifier::new(config.clone(), pool.clone())?;
+    let mut ops = config.common.ops();
+    notifier.metrics.register(ops.registry());
+    db::observe(&mut ops, &pool);
+    let kafka = Arc::new(platform::kafka::observer(&config.common.kafka)?);
+    let timeout = Duration::from_millis(config.common.ready_timeout_ms);
+    ops.check("kafka", move || platform::ops::check_kafka(kafka.clone(), timeout));
+    let metrics = notifier.metrics.clone();
+    ops.on_scrape(move || {
+        let (metrics, pool) = (metrics.clone(), pool.clone());
+        async move { metrics.refresh(&pool).await }
+    });
+    let ops_addr = ops.serve(config.common.ops_addr(platform::config::ops_port::NOTIFIER)).await?;
     let stop = Arc::new(AtomicBool::new(false));
-    Ok((stop.clone(), tokio::spawn(notifier.run(stop))))
+    Ok(platform::ops::Running { stop: stop.clone(), handle: tokio::spawn(notifier.run(stop)), ops_addr })
 }

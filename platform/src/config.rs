@@ -45,12 +45,40 @@ pub struct CommonConfig {
     /// Also append the logs, as JSON lines, to this file.
     #[arg(long, env = "LOG_FILE")]
     pub log_file: Option<std::path::PathBuf>,
+
+    /// Address of this component's operations listener (`/health`, `/ready`, `/metrics`).
+    /// Defaults to loopback on the component's own port: composer 9461, relay 9462, notifier
+    /// 9463, api 9464 (docs/operations.md). Port 0 picks a free one.
+    #[arg(long, env = "OPS_ADDR")]
+    pub ops_addr: Option<std::net::SocketAddr>,
+
+    /// How long `/ready` waits for each dependency, in milliseconds.
+    #[arg(long, env = "READY_TIMEOUT_MS", default_value_t = 2000)]
+    pub ready_timeout_ms: u64,
+}
+
+/// Default ports of the operations listeners, on loopback.
+pub mod ops_port {
+    pub const COMPOSER: u16 = 9461;
+    pub const RELAY: u16 = 9462;
+    pub const NOTIFIER: u16 = 9463;
+    pub const API: u16 = 9464;
 }
 
 /// Room a published record needs beyond its composite: key and headers.
 pub const RECORD_OVERHEAD_BYTES: usize = 16 * 1024;
 
 impl CommonConfig {
+    /// Where this component's operations listener binds (`default_port`: its [`ops_port`]).
+    pub fn ops_addr(&self, default_port: u16) -> std::net::SocketAddr {
+        self.ops_addr.unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], default_port)))
+    }
+
+    /// A fresh [`crate::ops::Ops`] with this component's readiness timeout.
+    pub fn ops(&self) -> crate::ops::Ops {
+        crate::ops::Ops::new(std::time::Duration::from_millis(self.ready_timeout_ms))
+    }
+
     pub fn statement_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.database_statement_timeout_ms)
     }

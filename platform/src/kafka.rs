@@ -105,6 +105,28 @@ pub fn prompt_producer(kafka: &KafkaConfig) -> anyhow::Result<FutureProducer> {
     Ok(producer(kafka)?.set("linger.ms", "1").set("log_level", "4").create()?)
 }
 
+/// A client without a group, for metadata and watermarks (readiness, consumer lag).
+pub fn observer(kafka: &KafkaConfig) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
+    Ok(client(kafka)?.set("log_level", "4").create()?)
+}
+
+/// Every partition of `topics` with its low and high watermarks (a topic that does not exist
+/// yet has none). Blocking: call it from `spawn_blocking`.
+pub fn watermarks(client: &rdkafka::consumer::BaseConsumer, topics: &[String], timeout: Duration) -> anyhow::Result<Vec<(String, i32, i64, i64)>> {
+    use rdkafka::consumer::Consumer;
+    let mut out = Vec::new();
+    for topic in topics {
+        let metadata = client.fetch_metadata(Some(topic), timeout)?;
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                let (low, high) = client.fetch_watermarks(topic, p.id(), timeout)?;
+                out.push((topic.clone(), p.id(), low, high));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// How a topic the platform creates keeps its records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retention {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod domain;
 pub mod egress;
 pub mod kafka;
+pub mod ops;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;

@@ -11,6 +11,8 @@
 //! is attributed to the partner: when the outbox is drained, the relay sends each newly
 //! attributed member's current composite, and a tombstone when an attribution ended.
 
+pub mod metrics;
+
 use clap::Parser;
 use db::outbox::{self as q, OutboxRow};
 use db::partner_topics as pt;
@@ -65,6 +67,7 @@ pub struct Relay {
     /// full comparisons (at start, and when the date changes: attribution periods follow the
     /// calendar), only members whose attribution changed are looked at.
     reconciled_on: Option<time::Date>,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 /// Members whose attribution changed, reconciled per step. The outbox waits while a step runs
@@ -84,7 +87,7 @@ impl Relay {
             .set("log_level", "4")
             .create()?;
         let admin = platform::kafka::admin(kafka)?;
-        Ok(Relay { config, pool, producer, admin, known_topics: HashSet::new(), reconciled_on: None })
+        Ok(Relay { config, pool, producer, admin, known_topics: HashSet::new(), reconciled_on: None, metrics: Arc::default() })
     }
 
     fn kafka(&self) -> &KafkaConfig {
@@ -275,6 +278,7 @@ impl Relay {
     /// time, and the whole batch is to be sent again.
     async fn send(&mut self, records: &[Out]) -> anyhow::Result<Vec<Option<String>>> {
         self.ensure_topics(records).await?;
+        let started = std::time::Instant::now();
         let mut deliveries = Vec::with_capacity(records.len());
         for r in records {
             let version = r.version_id.to_string();
@@ -324,6 +328,8 @@ impl Relay {
             };
             refusals.push(refusal);
         }
+        let kafka = &self.config.common.kafka;
+        self.metrics.sent(records.iter().zip(&refusals).map(|(r, why)| (kafka.contract_name(&r.topic), why.is_some())), started.elapsed());
         Ok(refusals)
     }
 
@@ -353,12 +359,27 @@ fn refused(e: &KafkaError, record: &Out) -> Option<String> {
     }
 }
 
-/// Starts a relay task (connects, migrates first); returns its stop flag and handle.
-pub async fn spawn(config: RelayConfig) -> anyhow::Result<(Arc<AtomicBool>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+/// A relay from [`spawn`]: its stop flag, its task, and where its operations listener answers.
+pub type Running = platform::ops::Running<tokio::task::JoinHandle<anyhow::Result<()>>>;
+
+/// Starts a relay task (connects, migrates first) and its operations listener.
+pub async fn spawn(config: RelayConfig) -> anyhow::Result<Running> {
     let pool = db::connect_configured(&config.common, 2).await?;
     db::migrate(&pool).await?;
-    let relay = Relay::new(config, pool)?;
+    let relay = Relay::new(config.clone(), pool.clone())?;
+    let mut ops = config.common.ops();
+    relay.metrics.register(ops.registry());
+    db::observe(&mut ops, &pool);
+    let kafka = Arc::new(platform::kafka::observer(&config.common.kafka)?);
+    let timeout = Duration::from_millis(config.common.ready_timeout_ms);
+    ops.check("kafka", move || platform::ops::check_kafka(kafka.clone(), timeout));
+    let metrics = relay.metrics.clone();
+    ops.on_scrape(move || {
+        let (metrics, pool) = (metrics.clone(), pool.clone());
+        async move { metrics.refresh(&pool).await }
+    });
+    let ops_addr = ops.serve(config.common.ops_addr(platform::config::ops_port::RELAY)).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    Ok((stop, tokio::spawn(async move { relay.run(&flag).await })))
+    Ok(platform::ops::Running { stop, handle: tokio::spawn(async move { relay.run(&flag).await }), ops_addr })
 }

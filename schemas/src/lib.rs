@@ -137,6 +137,9 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Every [`Rejection::class`].
+    pub const CLASSES: [&'static str; 8] = ["empty", "invalid-json", "schema", "mapping", "too-large", "key", "composite-too-large", "refused"];
+
     /// A short machine-readable class for the `dlq.reason` header.
     pub fn class(&self) -> &'static str {
         match self {

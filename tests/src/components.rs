@@ -6,7 +6,7 @@ use crate::env::{kafka_bootstrap, workspace_binary};
 use crate::logs::{collect_logs, init_logs};
 use clap::Parser;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 /// The fhir base URL every test component uses (links in Bundles, Location headers).
 pub const FHIR_BASE_URL: &str = "http://fhir.test/fhir";
@@ -23,9 +23,10 @@ fn arguments(program: &str, defaults: &[(&str, &str)], flags: &[&str]) -> Vec<St
     args
 }
 
-/// The test defaults every component shares: its database and topic namespace.
-fn namespace<'a>(database_url: &'a str, kafka: &'a str, prefix: &'a str) -> [(&'static str, &'a str); 3] {
-    [("--database-url", database_url), ("--kafka-bootstrap-servers", kafka), ("--kafka-topic-prefix", prefix)]
+/// The test defaults every component shares: its database and topic namespace, and an
+/// operations listener on a free port (tests run many components at once).
+fn namespace<'a>(database_url: &'a str, kafka: &'a str, prefix: &'a str) -> [(&'static str, &'a str); 4] {
+    [("--database-url", database_url), ("--kafka-bootstrap-servers", kafka), ("--kafka-topic-prefix", prefix), ("--ops-addr", "127.0.0.1:0")]
 }
 
 /// A composer running on its own thread in this process.
@@ -33,6 +34,8 @@ pub struct Composer {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<anyhow::Result<()>>,
     pub metrics: Arc<composer::consumer::Metrics>,
+    /// Its operations listener.
+    pub ops_addr: std::net::SocketAddr,
 }
 
 impl Composer {
@@ -55,36 +58,20 @@ pub fn composer_config(database_url: &str, prefix: &str, group: &str, flags: &[&
 }
 
 pub async fn start_composer(database_url: &str, prefix: &str, group: &str, flags: &[&str]) -> anyhow::Result<Composer> {
-    let (stop, metrics, thread) = composer::spawn(composer_config(database_url, prefix, group, flags)?).await?;
-    Ok(Composer { stop, thread, metrics })
+    let composer::Running { stop, thread, metrics, ops_addr } = composer::spawn(composer_config(database_url, prefix, group, flags)?).await?;
+    Ok(Composer { stop, thread, metrics, ops_addr })
 }
 
-/// A relay or a notifier running as a task in this process.
-pub struct Task {
-    stop: Arc<AtomicBool>,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Task {
-    /// Asks the task to stop and waits for it; its error, if it failed.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.await?
-    }
-}
-
-impl From<(Arc<AtomicBool>, tokio::task::JoinHandle<anyhow::Result<()>>)> for Task {
-    fn from((stop, handle): (Arc<AtomicBool>, tokio::task::JoinHandle<anyhow::Result<()>>)) -> Task {
-        Task { stop, handle }
-    }
-}
+/// A relay or a notifier running as a task in this process (`stop()` asks it to stop and
+/// waits for it; `ops_addr` is its operations listener).
+pub type Task = platform::ops::Running<tokio::task::JoinHandle<anyhow::Result<()>>>;
 
 /// A relay publishing the outbox of `database_url` under the topic `prefix`.
 pub async fn start_relay(database_url: &str, prefix: &str, flags: &[&str]) -> anyhow::Result<Task> {
     init_logs();
     let kafka = kafka_bootstrap();
     let defaults = namespace(database_url, &kafka, prefix);
-    Ok(relay::spawn(relay::RelayConfig::try_parse_from(arguments("relay", &defaults, flags))?).await?.into())
+    Ok(relay::spawn(relay::RelayConfig::try_parse_from(arguments("relay", &defaults, flags))?).await?)
 }
 
 /// A notifier for the Subscriptions of `database_url`, retrying after 0.5 s up to 2 s (a
@@ -97,7 +84,7 @@ pub async fn start_notifier(database_url: &str, prefix: &str, flags: &[&str]) ->
         &[("--fhir-base-url", FHIR_BASE_URL), ("--retry-base-ms", "500"), ("--retry-max-ms", "2000")],
     ]
     .concat();
-    Ok(notifier::spawn(notifier::NotifierConfig::try_parse_from(arguments("notifier", &defaults, flags))?).await?.into())
+    Ok(notifier::spawn(notifier::NotifierConfig::try_parse_from(arguments("notifier", &defaults, flags))?).await?)
 }
 
 /// Starts the API against `database_url` (on a free loopback port unless `--http-bind` is in
@@ -150,6 +137,7 @@ pub fn spawn_child(name: &str, database_url: &str, prefix: &str, env: &[(&str, &
         .env("KAFKA_TOPIC_PREFIX", prefix)
         .env("FHIR_BASE_URL", FHIR_BASE_URL)
         .env("LOG_LEVEL", "warn")
+        .env("OPS_ADDR", "127.0.0.1:0")
         .envs(env.iter().copied())
         .stdin(std::process::Stdio::null());
     collect_logs(&mut command, &format!("{name}-child"));

@@ -16,11 +16,14 @@ const GROUP: usize = 512;
 impl Auditor {
     /// Starts `writers` writer tasks; while one commits, the next gathers, so commits overlap
     /// (and PostgreSQL flushes their WAL together).
-    pub fn start(pool: db::Pool, writers: usize) -> Self {
+    pub fn start(pool: db::Pool, writers: usize, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
         let writer = Batcher::start(writers, GROUP, Overlap::Immediate, move |_, records: Vec<AuditRecord>| {
-            let pool = pool.clone();
+            let (pool, metrics) = (pool.clone(), metrics.clone());
             async move {
-                let written = match db::audit::append(&pool, &records).await {
+                let started = std::time::Instant::now();
+                let appended = db::audit::append(&pool, &records).await;
+                metrics.audit_written(started.elapsed());
+                let written = match appended {
                     Ok(()) => true,
                     Err(e) => {
                         tracing::error!(error = %e, records = records.len(), "audit records could not be written; the requests get 503");

@@ -133,6 +133,7 @@ async fn decide(
         "match"
     };
     audited.decision = Some(decision);
+    state.metrics.matched(decision);
     let Some(member) = members.first().filter(|_| decision == "match") else { return Ok(no_match()) };
     audited.member_ids = vec![(*member).to_owned()];
 

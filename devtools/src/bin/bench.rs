@@ -5,7 +5,6 @@
 
 use clap::Parser;
 use devtools::generator::{self, GeneratorConfig};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
@@ -53,7 +52,8 @@ async fn main() -> anyhow::Result<()> {
     config.batch_size = cli.batch_size;
     config.appliers = cli.appliers;
     println!("composer: batches of up to {}, {} appliers", cli.batch_size, cli.appliers);
-    let (stop, metrics, thread) = composer::spawn(config).await?;
+    config.common.ops_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let composer::Running { stop, thread, metrics, .. } = composer::spawn(config).await?;
     let pool = db::connect(&url, 2).await?;
     let started = Instant::now();
     let mut last = (Instant::now(), 0i64);
@@ -76,11 +76,10 @@ async fn main() -> anyhow::Result<()> {
     composer::stop(&stop, thread).await?;
     let rate = total as f64 / elapsed.as_secs_f64();
     println!(
-        "composer: {total} events in {elapsed:.1?} = {rate:.0} events/s sustained ({} batches, {} composite versions, {} stale, {} duplicates)",
-        metrics.batches.load(Ordering::Relaxed),
-        metrics.composite_versions.load(Ordering::Relaxed),
-        metrics.stale.load(Ordering::Relaxed),
-        metrics.duplicates.load(Ordering::Relaxed)
+        "composer: {total} events in {elapsed:.1?} = {rate:.0} events/s sustained ({} composite versions, {} stale, {} duplicates)",
+        metrics.composite_versions.get(),
+        metrics.events("stale"),
+        metrics.events("duplicate")
     );
 
     let rows = 1_000_000;

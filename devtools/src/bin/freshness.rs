@@ -18,6 +18,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The components' operations listeners on free ports (a demo may hold the default ones).
+const ANY_PORT: std::net::SocketAddr = std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
@@ -47,13 +49,16 @@ async fn main() -> anyhow::Result<()> {
     let mut config = composer::ComposerConfig::parse_from(["composer", "--database-url", &url]);
     config.common.kafka = kafka.clone();
     config.group_id = run.clone();
-    let (stop, _metrics, thread) = composer::spawn(config).await?;
+    config.common.ops_addr = Some(ANY_PORT);
+    let composer::Running { stop, thread, .. } = composer::spawn(config).await?;
     let mut relay_config = relay::RelayConfig::parse_from(["relay", "--database-url", &url]);
     relay_config.common.kafka = kafka.clone();
-    let (relay_stop, relay) = relay::spawn(relay_config).await?;
+    relay_config.common.ops_addr = Some(ANY_PORT);
+    let relay = relay::spawn(relay_config).await?;
     let mut notifier_config = notifier::NotifierConfig::parse_from(["notifier", "--database-url", &url, "--allowed-networks", "127.0.0.0/8"]);
     notifier_config.common.kafka = kafka.clone();
-    let (notifier_stop, notifier) = notifier::spawn(notifier_config).await?;
+    notifier_config.common.ops_addr = Some(ANY_PORT);
+    let notifier = notifier::spawn(notifier_config).await?;
     let total = (cli.rate * cli.seconds) as usize;
     // The warm-up's events are sent the same way but not measured: they pay for what happens
     // once (the partner topic's creation, first statements on new connections, the broker's
@@ -194,10 +199,8 @@ async fn main() -> anyhow::Result<()> {
     let (mut latencies, mut to_composer, mut to_topic) = reader.await?;
     let mut hooks = tokio::time::timeout(Duration::from_secs(120), hook_latencies).await???;
     composer::stop(&stop, thread).await?;
-    relay_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    relay.await??;
-    notifier_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    notifier.await??;
+    relay.stop().await?;
+    notifier.stop().await?;
 
     for l in [&mut latencies, &mut hooks, &mut to_composer, &mut to_topic] {
         l.sort_by(f64::total_cmp);

@@ -9,7 +9,6 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tests::*;
 use uuid::Uuid;
@@ -142,7 +141,7 @@ async fn scripted_scenario_ends_with_the_expected_composites() -> anyhow::Result
     wait_applied(pool, &app.group, sent, Duration::from_secs(60)).await?;
     let metrics = composer.metrics.clone();
     composer.stop().await?;
-    assert_eq!(metrics.dead_letters.load(Ordering::Relaxed), 3);
+    assert_eq!(metrics.dead_letters(), 3);
 
     step("the composites, components and invariants");
     // M1: exactly the expected Bundle (meta and timestamp aside).

@@ -13,6 +13,7 @@ mod foundation;
 mod hostile;
 mod log_scan;
 mod matching;
+mod observability;
 mod partner_guide;
 mod partners;
 mod readiness;

@@ -1,0 +1,222 @@
+//! A real Prometheus (Debian's package, installed by `scripts/test`) scrapes the operations
+//! listener of every component, each a process of its own as deployed, and what it recorded
+//! matches what the test did: events applied, dead letters by reason, consumer lag back to 0,
+//! records published, requests by route template and status, the outbox drained.
+
+use serde_json::{Value, json};
+use std::time::Duration;
+use tests::*;
+
+/// A free loopback port (bound, then released for the process that will use it).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Kills the child processes when the test ends, however it ends.
+struct Children(Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+struct Prometheus {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Prometheus {
+    /// Starts Prometheus scraping `targets` (job, address) every second, with its data in `dir`.
+    fn start(dir: &std::path::Path, targets: &[(&str, String)], children: &mut Children) -> anyhow::Result<Prometheus> {
+        let binary = which("prometheus").ok_or_else(|| anyhow::anyhow!("prometheus is not installed (scripts/test installs Debian's package)"))?;
+        let mut config = String::from("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n");
+        for (job, address) in targets {
+            config.push_str(&format!("  - job_name: {job}\n    static_configs:\n      - targets: ['{address}']\n"));
+        }
+        std::fs::create_dir_all(dir)?;
+        let file = dir.join("prometheus.yml");
+        std::fs::write(&file, config)?;
+        let port = free_port()?;
+        let mut command = std::process::Command::new(binary);
+        command
+            .arg(format!("--config.file={}", file.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        children.0.push(command.spawn()?);
+        Ok(Prometheus { base: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() })
+    }
+
+    /// The value of an instant PromQL query that yields one sample (`None`: no sample).
+    async fn value(&self, query: &str) -> anyhow::Result<Option<f64>> {
+        let reply: Value = self.http.get(format!("{}/api/v1/query", self.base)).query(&[("query", query)]).send().await?.json().await?;
+        anyhow::ensure!(reply["status"] == "success", "{query}: {reply}");
+        let result = reply["data"]["result"].as_array().cloned().unwrap_or_default();
+        anyhow::ensure!(result.len() <= 1, "{query} gave {} samples: {reply}", result.len());
+        Ok(result.first().and_then(|s| s["value"][1].as_str()).and_then(|v| v.parse().ok()))
+    }
+
+    /// Waits (up to `timeout`) until `query` yields `expected`.
+    async fn expect(&self, query: &str, expected: f64, timeout: Duration) -> anyhow::Result<()> {
+        let outcome = eventually(timeout, query, || async { Ok((self.value(query).await? == Some(expected)).then_some(())) }).await;
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(e) => Err(anyhow::anyhow!("{e}: {query} is {:?}, expected {expected}", self.value(query).await?)),
+        }
+    }
+}
+
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_every_component_and_its_figures_match_what_was_sent() -> anyhow::Result<()> {
+    let app = TestApp::new("observe").await?;
+    let mut children = Children(Vec::new());
+    step("the four components as processes, each with its operations listener");
+    let mut targets = Vec::new();
+    for name in ["composer", "relay", "notifier", "api"] {
+        let ops = format!("127.0.0.1:{}", free_port()?);
+        let mut env = vec![("OPS_ADDR", ops.as_str()), ("COMPOSER_GROUP_ID", app.group.as_str())];
+        let http = format!("127.0.0.1:{}", free_port()?);
+        if name == "api" {
+            env.push(("HTTP_BIND", http.as_str()));
+        }
+        children.0.push(spawn_child(name, &app.url, &app.prefix, &env)?);
+        targets.push((name, ops));
+        if name == "api" {
+            targets.push(("partner-port", http));
+        }
+    }
+    let client = reqwest::Client::new();
+    for (name, ops) in &targets[..4] {
+        let ready: Value = eventually(Duration::from_secs(60), &format!("{name} ready"), || async {
+            let Ok(reply) = client.get(format!("http://{ops}/ready")).send().await else { return Ok(None) };
+            Ok((reply.status() == 200).then_some(reply.json::<Value>().await?))
+        })
+        .await?;
+        assert_eq!(ready["checks"]["postgres"]["status"], "pass", "{name}: {ready}");
+        assert_eq!(ready["checks"]["kafka"]["status"], "pass", "{name}: {ready}");
+        assert_eq!(client.get(format!("http://{ops}/health")).send().await?.status(), 200, "{name}");
+    }
+    let origin = format!("http://{}", targets[4].1);
+    assert_eq!(client.get(format!("{origin}/metrics")).send().await?.status(), 404, "the partner port serves no metrics");
+    let scraped: Vec<(&str, String)> = targets[..4].iter().map(|(n, a)| (*n, a.clone())).collect();
+    let prometheus = Prometheus::start(&state_dir().join(unique("prometheus")), &scraped, &mut children)?;
+
+    step("a partner's Kafka-channel subscription");
+    let scopes = "system/*.read system/Subscription.write";
+    let partner = bearer_client(&app.partner("pobs", scopes, KeyKind::Es384).await?.token_with(&origin, scopes).await?)?;
+    let kafka_channel = json!({ "type": "message", "payload": "application/fhir+json",
+        "_type": { "extension": [{ "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-channel-type",
+            "valueCoding": { "system": "urn:fhir-event-platform:subscription-channel-type", "code": "kafka" } }] } });
+    let subscription = json!({ "resourceType": "Subscription", "status": "requested", "reason": "metrics",
+        "criteria": fhir::subscriptions::TOPIC_URL, "channel": kafka_channel });
+    let created = send(post_fhir(&partner, &format!("{origin}/fhir/Subscription"), &subscription)).await?;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let id = created.body["id"].as_str().unwrap_or_default().to_owned();
+    eventually(Duration::from_secs(20), "the subscription's handshake", || async {
+        Ok((get(&partner, &format!("{origin}/fhir/Subscription/{id}")).await?.body["status"] == "active").then_some(()))
+    })
+    .await?;
+
+    step("what the test does: valid events, malformed ones, requests");
+    let members = 30;
+    let attributed = 10;
+    let mut messages: Vec<_> = (0..attributed).map(|i| attribution(&format!("OBS{i}"), "pobs")).collect();
+    messages.extend((0..members).map(|i| demographics(&format!("OBS{i}"), json!({ "given_name": "Ob", "sex": "female" }))));
+    messages.extend((0..members).map(|i| medication(&format!("OBS{i}"), &format!("RX-OBS{i}"), 1, "860975", "active")));
+    let (invalid_json, schema) = (7, 4);
+    let raw =
+        |value: &[u8]| devtools::generator::SorMessage { topic: platform::topics::DEMOGRAPHICS, key: "OBS0".into(), value: Some(value.to_vec()) };
+    messages.extend((0..invalid_json).map(|_| raw(b"{ not json")));
+    messages.extend((0..schema).map(|_| raw(br#"{"op": "upsert"}"#)));
+    app.apply(&messages).await?;
+    let metadata_reads = 5;
+    for _ in 0..metadata_reads {
+        assert_eq!(client.get(format!("{origin}/fhir/metadata")).send().await?.status(), 200);
+    }
+    let no_token = 3;
+    for i in 0..no_token {
+        assert_eq!(client.get(format!("{origin}/fhir/Patient/OBS{i}/$medication-profile")).send().await?.status(), 401);
+    }
+
+    step("what Prometheus recorded");
+    let t = Duration::from_secs(30);
+    for job in ["composer", "relay", "notifier", "api"] {
+        prometheus.expect(&format!("up{{job=\"{job}\"}}"), 1.0, t).await?;
+    }
+    let events = (2 * members + attributed) as f64;
+    prometheus.expect("sum(fhir_composer_events_total{outcome=\"applied\"})", events, t).await?;
+    prometheus.expect("fhir_composer_dead_letters_total{reason=\"invalid-json\"}", invalid_json as f64, t).await?;
+    prometheus.expect("fhir_composer_dead_letters_total{reason=\"schema\"}", schema as f64, t).await?;
+    prometheus.expect("sum(fhir_composer_dead_letters_total)", (invalid_json + schema) as f64, t).await?;
+    prometheus.expect("fhir_composer_messages_total", events + (invalid_json + schema) as f64, t).await?;
+    prometheus.expect("sum(fhir_composer_consumer_lag)", 0.0, t).await?;
+    prometheus.expect("count(fhir_composer_consumer_lag) >= bool 6", 1.0, t).await?;
+    let versions = db::composites::all_composites(&app.pool).await?.iter().map(|c| c.version_id).sum::<i64>() as f64;
+    prometheus.expect("fhir_composer_composite_versions_total", versions, t).await?;
+    prometheus.expect("fhir_relay_records_published_total{topic=\"fhir.medication-profile.v1\"}", versions, t).await?;
+    prometheus.expect("fhir_outbox_unpublished", 0.0, t).await?;
+    prometheus.expect("fhir_outbox_unnotified", 0.0, t).await?;
+    prometheus.expect("fhir_http_requests_total{route=\"/fhir/metadata\",method=\"GET\",status=\"200\"}", metadata_reads as f64, t).await?;
+    prometheus
+        .expect("fhir_http_requests_total{route=\"/fhir/Patient/{id}/$medication-profile\",method=\"GET\",status=\"401\"}", no_token as f64, t)
+        .await?;
+    prometheus.expect("fhir_http_request_seconds_count{route=\"/fhir/Patient/{id}/$medication-profile\",method=\"GET\"}", no_token as f64, t).await?;
+    prometheus.expect("fhir_api_audit_unpublished", 0.0, t).await?;
+    // Each attributed member's composite versions, one event each, delivered on the Kafka channel.
+    let queued = "fhir_notifier_events_queued_total";
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM subscription_events").fetch_one(&app.pool).await?;
+    assert!(events >= attributed as i64, "an event per attributed member at least: {events}");
+    prometheus.expect(queued, events as f64, t).await?;
+    prometheus.expect(&format!("fhir_notifier_events_delivered_total - {queued}"), 0.0, t).await?;
+    prometheus.expect("fhir_subscription_queue_depth{partner=\"pobs\",status=\"active\"}", 0.0, t).await?;
+    prometheus.expect("fhir_notifier_deliveries_total{channel=\"kafka\",kind=\"handshake\",outcome=\"delivered\"}", 1.0, t).await?;
+    prometheus.expect("fhir_notifier_deliveries_total{channel=\"kafka\",kind=\"event-notification\",outcome=\"delivered\"} > bool 0", 1.0, t).await?;
+    prometheus.expect("sum(fhir_notifier_deliveries_total{outcome=\"failed\"})", 0.0, t).await?;
+    prometheus.expect("sum(fhir_api_match_requests_total)", 0.0, t).await?;
+    for job in ["composer", "relay", "notifier", "api"] {
+        prometheus.expect(&format!("fhir_db_pool_max_connections{{job=\"{job}\"}} > bool 0"), 1.0, t).await?;
+    }
+
+    step("the committed alerts and dashboard name only metrics the components export");
+    let names: Value = prometheus.http.get(format!("{}/api/v1/label/__name__/values", prometheus.base)).send().await?.json().await?;
+    let exported: Vec<&str> = names["data"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(repo_path("monitoring/dashboard.json"))?)?;
+    let queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    assert!(queries.len() >= 14, "{queries:?}");
+    for query in &queries {
+        // Prometheus parses and evaluates it.
+        prometheus.value(&format!("count({query})")).await.map_err(|e| anyhow::anyhow!("dashboard query {query}: {e}"))?;
+    }
+    let alerts = std::fs::read_to_string(repo_path("monitoring/alerts.yml"))?;
+    let mut referenced: Vec<&str> = queries.iter().map(String::as_str).chain([alerts.as_str()]).flat_map(metric_names).collect();
+    referenced.sort();
+    referenced.dedup();
+    let missing: Vec<&&str> = referenced.iter().filter(|name| !exported.contains(name)).collect();
+    assert!(missing.is_empty(), "referenced but not exported: {missing:?}");
+    Ok(())
+}
+
+/// The `fhir_…` metric names in `text`.
+fn metric_names(text: &str) -> impl Iterator<Item = &str> {
+    text.match_indices("fhir_").map(move |(at, _)| {
+        let end = text[at..].find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map_or(text.len(), |n| at + n);
+        &text[at..end]
+    })
+}
