@@ -134,3 +134,39 @@ pub async fn all_outbox(pool: &PgPool) -> crate::Result<Vec<OutboxVersion>> {
     .fetch_all(pool)
     .await?)
 }
+
+/// Members whose composites `fhirctl rebuild` looks at, in member order after `after`, at most
+/// `limit`: every member with components or a composite, or (with `since`) those whose
+/// components changed since then.
+pub async fn members_to_rebuild(pool: &sqlx::PgPool, since: Option<OffsetDateTime>, after: &str, limit: i64) -> crate::Result<Vec<String>> {
+    Ok(match since {
+        None => sqlx::query_scalar(
+            "SELECT member_id FROM (SELECT member_id FROM components WHERE member_id > $1 UNION SELECT member_id FROM composites WHERE member_id > $1) m
+             ORDER BY member_id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?,
+        Some(since) => sqlx::query_scalar("SELECT DISTINCT member_id FROM components WHERE updated_at >= $3 AND member_id > $1 ORDER BY member_id LIMIT $2")
+            .bind(after)
+            .bind(limit)
+            .bind(since)
+            .fetch_all(pool)
+            .await?,
+    })
+}
+
+/// Live composites' current versions in member order after `after`, at most `limit`
+/// (`member`: only that one).
+pub async fn live_versions(pool: &sqlx::PgPool, member: Option<&str>, after: &str, limit: i64) -> crate::Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT member_id, version_id FROM composites WHERE NOT deleted AND member_id > $1 AND ($3::text IS NULL OR member_id = $3)
+         ORDER BY member_id LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .bind(member)
+    .fetch_all(pool)
+    .await?)
+}

@@ -171,3 +171,28 @@ pub async fn lag(pool: &sqlx::PgPool) -> crate::Result<Lag> {
     .fetch_one(pool)
     .await?)
 }
+
+/// Queues the current versions `rows` (member, version, the version's event id) of `topic`
+/// again, for `fhirctl replay`: the relay publishes them in outbox order with everything else,
+/// so a replayed version never lands after a newer one. They are marked fanned out: a replay
+/// republishes records, it does not notify subscribers again.
+pub async fn replay(pool: &sqlx::PgPool, topic: &str, rows: &[(String, i64, Uuid)]) -> crate::Result<u64> {
+    let mut tx = pool.begin().await?;
+    let members: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    let versions: Vec<i64> = rows.iter().map(|r| r.1).collect();
+    let events: Vec<Uuid> = rows.iter().map(|r| r.2).collect();
+    let n = sqlx::query(
+        "INSERT INTO outbox (topic, message_key, event_id, member_id, version_id, notified_at)
+         SELECT $1, m, e, m, v, now() FROM unnest($2::text[], $3::bigint[], $4::uuid[]) AS r(m, v, e) ORDER BY m",
+    )
+    .bind(topic)
+    .bind(&members)
+    .bind(&versions)
+    .bind(&events)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    crate::notify(&mut tx, crate::channels::OUTBOX).await?;
+    tx.commit().await?;
+    Ok(n)
+}

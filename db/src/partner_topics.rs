@@ -144,3 +144,21 @@ pub async fn backlog(pool: &sqlx::PgPool, day: Date) -> crate::Result<(i64, usiz
     tx.rollback().await?;
     Ok((unpublished, added, removed))
 }
+
+/// Makes the relay send `partner`'s topic its attributed members' current composites again
+/// (`member`: only that one), for `fhirctl replay --partner`: the pairs are forgotten as carried
+/// and the members queued as attribution changes, which the relay reconciles when the outbox is
+/// drained. Returns how many members are queued.
+pub async fn recarry(pool: &sqlx::PgPool, partner: &str, member: Option<&str>) -> crate::Result<u64> {
+    let mut tx = pool.begin().await?;
+    let members: Vec<String> =
+        sqlx::query_scalar("DELETE FROM partner_topic_members WHERE partner_id = $1 AND ($2::text IS NULL OR member_id = $2) RETURNING member_id")
+            .bind(partner)
+            .bind(member)
+            .fetch_all(&mut *tx)
+            .await?;
+    sqlx::query("INSERT INTO attribution_changes (member_id) SELECT unnest($1::text[])").bind(&members).execute(&mut *tx).await?;
+    crate::notify(&mut tx, crate::channels::OUTBOX).await?;
+    tx.commit().await?;
+    Ok(members.len() as u64)
+}

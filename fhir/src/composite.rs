@@ -251,6 +251,12 @@ impl Composite for MedicationProfile {
     }
 }
 
+/// The event id of version `version` of `member`'s composite on `topic`: the same whenever the
+/// version is published, so consumers recognise a record sent again.
+pub fn event_id(topic: &str, member: &str, version: i64) -> Uuid {
+    Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{topic}|{member}|{version}").as_bytes())
+}
+
 /// Why composites could not be rebuilt.
 #[derive(Debug, thiserror::Error)]
 pub enum RebuildError {
@@ -303,7 +309,7 @@ pub async fn rebuild(
             let content = composite.assemble(&member_id, by_member.get(member).map(Vec::as_slice).unwrap_or_default());
             let state = states.get(member);
             let next = state.map_or(1, |s| s.version_id + 1);
-            let event_id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{}|{member}|{next}", composite.topic()).as_bytes());
+            let event_id = event_id(composite.topic(), member, next);
             match (content, state) {
                 (Some(content), s) if s.is_none_or(|s| s.deleted || s.content_hash != content.hash) => {
                     let body = composite.render(&member_id, &content, next, now_text);

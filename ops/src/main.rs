@@ -6,9 +6,17 @@
 //!   fhirctl dlq list [--reason R]        dead letters on sor.dlq.v1
 //!   fhirctl dlq show P:O                 one dead letter, whole (it can hold PHI: a terminal only)
 //!   fhirctl dlq redrive P:O...           publish the originals to their source topics again
+//!   fhirctl rebuild --all | --member M | --since T
+//!                                        recompute composites from their components
+//!   fhirctl replay --all | --member M [--partner P]
+//!                                        publish current composites again, no new versions
 //!
 //! Redriving is safe to repeat: the composer ignores an event id it applied before, and a
-//! message that still fails is dead-lettered again.
+//! message that still fails is dead-lettered again. Rebuilding is too: a composite whose
+//! content did not change gets no new version. A replay sends records again with their event
+//! ids and versionIds, which consumers already deduplicate on.
+
+mod composites;
 
 use clap::{Args, Parser, Subcommand};
 use platform::CommonConfig;
@@ -20,7 +28,7 @@ use serde_json::json;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "fhirctl", about = "Operate the platform: parked outbox records and dead letters")]
+#[command(name = "fhirctl", about = "Operate the platform: parked outbox records, dead letters, rebuilding and replaying composites")]
 struct Cli {
     #[command(flatten)]
     common: CommonConfig,
@@ -39,6 +47,35 @@ enum Command {
     /// Dead letters: system-of-record messages the composer could not apply.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Recompute composites from their stored components (after a deploy that built them
+    /// wrong): a new version, published and notified, only where the content differs.
+    Rebuild {
+        #[command(flatten)]
+        which: Which,
+        /// Only members whose components changed since this instant (RFC 3339).
+        #[arg(long, conflicts_with_all = ["all", "member"])]
+        since: Option<String>,
+    },
+    /// Publish current composites again, without new versions: to everyone's topics, or (with
+    /// --partner) to one partner's topic only, for a partner that lost its copy. Subscribers
+    /// are not notified again.
+    Replay {
+        #[command(flatten)]
+        which: Which,
+        /// Only this partner's topic (its attributed members among those chosen).
+        #[arg(long)]
+        partner: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct Which {
+    /// Every member.
+    #[arg(long, conflicts_with = "member")]
+    all: bool,
+    /// One member.
+    #[arg(long)]
+    member: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -117,7 +154,53 @@ async fn main() -> anyhow::Result<()> {
     match &cli.command {
         Command::Outbox(command) => outbox(&cli, command).await,
         Command::Dlq(command) => dlq(&cli, command).await,
+        Command::Rebuild { which, since } => rebuild(&cli, which, since.as_deref()).await,
+        Command::Replay { which, partner } => replay(&cli, which, partner.as_deref()).await,
     }
+}
+
+async fn rebuild(cli: &Cli, which: &Which, since: Option<&str>) -> anyhow::Result<()> {
+    let members = match (which.all, &which.member, since) {
+        (true, _, _) => composites::Members::All,
+        (_, Some(m), _) => composites::Members::One(m.clone()),
+        (_, _, Some(t)) => composites::Members::TouchedSince(
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).map_err(|e| anyhow::anyhow!("--since {t}: {e}"))?,
+        ),
+        _ => anyhow::bail!("name the members: --all, --member M or --since T"),
+    };
+    let pool = db::connect_configured(&cli.common, 1).await?;
+    let progress = composites::progress(None, "rebuilding", cli.json);
+    let done = composites::rebuild(&pool, &fhir::composites(&cli.common), members, &progress).await?;
+    progress.finish_and_clear();
+    tracing::warn!(members = done.members, new_versions = done.new_versions, "composites rebuilt by an operator");
+    if cli.json {
+        println!("{}", json!(done));
+    } else {
+        println!("{} members rebuilt, {} new versions", done.members, done.new_versions);
+    }
+    Ok(())
+}
+
+async fn replay(cli: &Cli, which: &Which, partner: Option<&str>) -> anyhow::Result<()> {
+    anyhow::ensure!(which.all || which.member.is_some(), "name the members: --all or --member M");
+    let pool = db::connect_configured(&cli.common, 1).await?;
+    let member = which.member.as_deref();
+    let (queued, to) = match partner {
+        Some(p) => (db::partner_topics::recarry(&pool, p, member).await?, format!("partner {p}'s topic")),
+        None => {
+            let progress = composites::progress(None, "replaying", cli.json);
+            let n = composites::replay_everywhere(&pool, member, &progress).await?;
+            progress.finish_and_clear();
+            (n, "every topic".to_owned())
+        }
+    };
+    tracing::warn!(records = queued, partner = partner.unwrap_or("-"), "composites replayed by an operator");
+    if cli.json {
+        println!("{}", json!({ "queued": queued, "partner": partner }));
+    } else {
+        println!("{queued} current composites queued for {to}; the relay publishes them in order");
+    }
+    Ok(())
 }
 
 async fn outbox(cli: &Cli, command: &OutboxCommand) -> anyhow::Result<()> {

@@ -94,7 +94,12 @@ impl TestApp {
     /// Runs `fhirctl` against this platform; returns its standard output.
     pub fn fhirctl(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut command = std::process::Command::new(workspace_binary("fhirctl")?);
-        command.args(args).env("DATABASE_URL", &self.url).env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap()).env("KAFKA_TOPIC_PREFIX", &self.prefix);
+        command
+            .args(args)
+            .env("DATABASE_URL", &self.url)
+            .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
+            .env("KAFKA_TOPIC_PREFIX", &self.prefix)
+            .env("FHIR_BASE_URL", components::FHIR_BASE_URL);
         collect_logs(&mut command, "fhirctl");
         let out = command.output()?;
         anyhow::ensure!(out.status.success(), "fhirctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));

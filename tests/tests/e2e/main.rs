@@ -14,6 +14,7 @@ mod hostile;
 mod log_scan;
 mod matching;
 mod observability;
+mod operations;
 mod partner_guide;
 mod partners;
 mod readiness;
