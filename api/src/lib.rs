@@ -25,6 +25,7 @@ pub mod routes;
 pub mod server;
 pub mod startup;
 pub mod state;
+pub mod trace;
 
 #[cfg(test)]
 mod module_graph;

@@ -108,6 +108,7 @@ impl Application {
             .layer(axum::middleware::from_fn(move |request, next| crate::limits::enforce(request_limits, request, next)))
             .layer(axum::middleware::from_fn_with_state(state.clone(), crate::guard::guard))
             .layer(axum::middleware::from_fn_with_state(state.clone(), crate::metrics::track))
+            .layer(axum::middleware::from_fn(crate::trace::context))
             .with_state(state);
         let listener = TcpListener::bind(config.http_bind).await?;
         Ok(Self { listener, router, limits: config.server_limits(), ops_addr })

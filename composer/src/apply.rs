@@ -22,6 +22,9 @@ pub struct Consumed {
     pub partition: i32,
     pub offset: i64,
     pub outcome: Outcome,
+    /// The trace this change belongs to: the system of record's `traceparent` header, or one
+    /// the composer started (changes only).
+    pub trace: Option<platform::trace::TraceParent>,
 }
 
 #[derive(Debug)]
@@ -331,7 +334,8 @@ async fn run(
         }
     }
 
-    let versions = rebuild(&mut tx, composites, &dirty.into_iter().collect::<Vec<_>>(), &now_text).await?;
+    let mut versions = rebuild(&mut tx, composites, &dirty.into_iter().collect::<Vec<_>>(), &now_text).await?;
+    trace_versions(&mut versions, consumed);
     db::composites::write_composites(&mut tx, &versions, now).await?;
     applied.composite_versions = versions.len();
 
@@ -345,6 +349,27 @@ async fn run(
         tx.rollback().await?;
     }
     Ok(applied)
+}
+
+/// Gives each new version the composer's span of the change that made it: a child of the
+/// trace of the member's last change in the batch (the one the version answers to).
+fn trace_versions(versions: &mut [db::composites::CompositeVersion], consumed: &[impl Borrow<Consumed>]) {
+    if versions.is_empty() {
+        return;
+    }
+    let mut last: HashMap<&str, platform::trace::TraceParent> = HashMap::new();
+    for c in consumed {
+        let c = c.borrow();
+        if let (Outcome::Change { event, .. }, Some(trace)) = (&c.outcome, c.trace) {
+            last.insert(event.member_id.as_str(), trace);
+        }
+    }
+    for v in versions {
+        let Some(trace) = last.get(v.member_id.as_str()) else { continue };
+        let span = trace.child();
+        tracing::debug!(member = %v.member_id, version = v.version_id, trace_id = %span.trace_id(), "composite version");
+        v.traceparent = Some(span.to_string());
+    }
 }
 
 fn component_key(event: &Event) -> ComponentKey {

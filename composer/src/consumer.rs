@@ -320,7 +320,8 @@ impl Composer {
                         Some(kind) => batch::prepare(&self.contracts, *kind, m.key(), m.payload(), self.config.max_message_bytes),
                         None => Outcome::Nothing,
                     };
-                    let consumed = Consumed { topic: m.topic().to_owned(), partition: m.partition(), offset: m.offset(), outcome };
+                    let trace = matches!(outcome, Outcome::Change { .. }).then(|| trace_of(&m));
+                    let consumed = Consumed { topic: m.topic().to_owned(), partition: m.partition(), offset: m.offset(), outcome, trace };
                     let hand = &mut hands[m.partition().unsigned_abs() as usize % lanes.len()];
                     hand.push(Prepared { consumed, original: Some(m.detach()), dead_lettered: false }, generation, wait, self.config.batch_size);
                 }
@@ -588,6 +589,16 @@ impl Composer {
     }
 }
 
+/// The trace of a system of record's message: its `traceparent` header when it has a valid
+/// one, else a new trace.
+fn trace_of(m: &rdkafka::message::BorrowedMessage<'_>) -> platform::trace::TraceParent {
+    m.headers()
+        .and_then(|h| h.iter().find(|x| x.key == platform::trace::HEADER))
+        .and_then(|x| std::str::from_utf8(x.value?).ok())
+        .and_then(platform::trace::TraceParent::parse)
+        .unwrap_or_else(platform::trace::TraceParent::root)
+}
+
 /// Whether `outcome` is a change of `member`'s records other than its demographics.
 fn adds_to(outcome: &Outcome, member: &str) -> bool {
     matches!(outcome, Outcome::Change { event, .. } if event.member_id.as_str() == member && event.kind != RecordKind::Demographics)
@@ -739,7 +750,11 @@ mod tests {
     use super::*;
 
     fn item(offset: i64) -> Prepared {
-        Prepared { consumed: Consumed { topic: "t".into(), partition: 0, offset, outcome: Outcome::Nothing }, original: None, dead_lettered: false }
+        Prepared {
+            consumed: Consumed { topic: "t".into(), partition: 0, offset, outcome: Outcome::Nothing, trace: None },
+            original: None,
+            dead_lettered: false,
+        }
     }
 
     fn offsets(chunk: &Chunk) -> Vec<i64> {

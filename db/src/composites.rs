@@ -31,6 +31,8 @@ pub struct CompositeVersion {
     pub body: Option<String>,
     pub topic: String,
     pub event_id: Uuid,
+    /// The W3C trace context its records and notifications carry (`platform::trace`).
+    pub traceparent: Option<String>,
 }
 
 /// Stores new composite versions: the body once in history, the current row and an outbox
@@ -45,9 +47,10 @@ pub async fn write_composites(tx: &mut PgConnection, versions: &[CompositeVersio
     let bodies: Vec<Option<&str>> = versions.iter().map(|v| v.body.as_deref()).collect();
     let topics: Vec<&str> = versions.iter().map(|v| v.topic.as_str()).collect();
     let events: Vec<Uuid> = versions.iter().map(|v| v.event_id).collect();
+    let traces: Vec<Option<&str>> = versions.iter().map(|v| v.traceparent.as_deref()).collect();
     sqlx::query(
-        "WITH v AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::text[], $5::text[], $6::uuid[])
-                    AS v(member_id, version_id, content_hash, body, topic, event_id)),
+        "WITH v AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::text[], $5::text[], $6::uuid[], $8::text[])
+                    AS v(member_id, version_id, content_hash, body, topic, event_id, traceparent)),
          cur AS (
            INSERT INTO composites (member_id, version_id, last_updated, deleted, content_hash)
            SELECT member_id, version_id, $7, body IS NULL, content_hash FROM v
@@ -56,8 +59,8 @@ pub async fn write_composites(tx: &mut PgConnection, versions: &[CompositeVersio
          hist AS (
            INSERT INTO composite_history (member_id, version_id, last_updated, deleted, body)
            SELECT member_id, version_id, $7, body IS NULL, body FROM v)
-         INSERT INTO outbox (topic, message_key, event_id, member_id, version_id)
-         SELECT topic, member_id, event_id, member_id, version_id FROM v ORDER BY member_id, version_id",
+         INSERT INTO outbox (topic, message_key, event_id, member_id, version_id, traceparent)
+         SELECT topic, member_id, event_id, member_id, version_id, traceparent FROM v ORDER BY member_id, version_id",
     )
     .bind(&members)
     .bind(&ids)
@@ -66,6 +69,7 @@ pub async fn write_composites(tx: &mut PgConnection, versions: &[CompositeVersio
     .bind(&topics)
     .bind(&events)
     .bind(now)
+    .bind(&traces)
     .execute(&mut *tx)
     .await?;
     crate::notify(tx, crate::channels::OUTBOX).await

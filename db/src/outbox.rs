@@ -22,6 +22,8 @@ pub struct OutboxRow {
     /// Headers beyond `versionId` and `event_id` (messages that are not composite versions).
     #[sqlx(json(nullable))]
     pub headers: Option<BTreeMap<String, String>>,
+    /// The W3C trace context of a composite version (`platform::trace`).
+    pub traceparent: Option<String>,
 }
 
 /// Serializes relays: one publishes at a time, so per-member order holds across instances.
@@ -40,7 +42,7 @@ pub async fn unpublished(tx: &mut PgConnection, limit: i64) -> crate::Result<Vec
         "SELECT o.id, o.topic, o.message_key, o.event_id, o.member_id, o.version_id,
                 coalesce(o.payload::text, (SELECT h.body::text FROM composite_history h
                                            WHERE o.payload IS NULL AND h.member_id = o.member_id AND h.version_id = o.version_id)) AS body,
-                o.headers
+                o.headers, o.traceparent
          FROM (SELECT * FROM outbox WHERE published_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT $1) o ORDER BY o.id",
     )
     .bind(limit)

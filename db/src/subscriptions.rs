@@ -129,7 +129,7 @@ pub async fn fan_out(pool: &PgPool, day: Date, limit: i64) -> crate::Result<(usi
     let attributed = crate::resources::attributed_to("r.member_id", "s.partner_id", "$2");
     let sql = format!(
         "WITH rows AS (
-           SELECT o.id, o.member_id, o.version_id, h.deleted, h.last_updated
+           SELECT o.id, o.member_id, o.version_id, h.deleted, h.last_updated, o.traceparent
            FROM outbox o JOIN composite_history h USING (member_id, version_id) WHERE o.id = ANY($1)
          ),
          matches AS (
@@ -142,8 +142,8 @@ pub async fn fan_out(pool: &PgPool, day: Date, limit: i64) -> crate::Result<(usi
            UPDATE subscriptions s SET events_since_start = s.events_since_start + counts.c
            FROM counts WHERE s.id = counts.sid RETURNING s.id, s.events_since_start - counts.c AS base
          )
-         INSERT INTO subscription_events (subscription_id, event_number, member_id, version_id, deleted, occurred_at)
-         SELECT n.sid, b.base + n.n, n.member_id, n.version_id, n.deleted, n.last_updated FROM numbered n JOIN bumped b ON b.id = n.sid"
+         INSERT INTO subscription_events (subscription_id, event_number, member_id, version_id, deleted, occurred_at, traceparent)
+         SELECT n.sid, b.base + n.n, n.member_id, n.version_id, n.deleted, n.last_updated, n.traceparent FROM numbered n JOIN bumped b ON b.id = n.sid"
     );
     let queued = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&ids).bind(day).execute(&mut *tx).await?.rows_affected();
     sqlx::query("UPDATE outbox SET notified_at = now() WHERE id = ANY($1)").bind(&ids).execute(&mut *tx).await?;
@@ -199,6 +199,8 @@ pub struct Event {
     /// Whether the member is attributed to the subscription's partner now (when the event is
     /// sent or replayed, not only when it was queued): if not, the event says nothing about it.
     pub attributed: bool,
+    /// The W3C trace context of the change (`platform::trace`).
+    pub traceparent: Option<String>,
 }
 
 /// Events chosen by `selection` (a condition, order and limit on `subscription_events`), each
@@ -210,7 +212,7 @@ fn event_query(partner: &str, day: &str, with_bodies: &str, selection: &str) -> 
         "SELECT e.event_number, e.member_id, e.version_id, e.deleted, e.occurred_at,
                 CASE WHEN {with_bodies} AND e.attributed THEN (SELECT h.body::text FROM composite_history h
                                                              WHERE h.member_id = e.member_id AND h.version_id = e.version_id) END AS body,
-                e.attributed
+                e.attributed, e.traceparent
          FROM (SELECT e.*, {attributed} AS attributed FROM (SELECT * FROM subscription_events WHERE {selection}) e) e
          ORDER BY e.event_number"
     ))

@@ -267,7 +267,8 @@ pub enum RebuildError {
     TooLarge { member_id: String, size: usize, limit: usize },
 }
 
-/// New composite versions for `members` whose content changed (or that appeared or went).
+/// New composite versions for `members` whose content changed (or that appeared or went),
+/// without a trace context (the caller sets the change's).
 /// Runs inside the transaction that changed their components, with the members locked
 /// ([`q::lock_members`]); the caller stores the versions with [`db::composites::write_composites`].
 /// A version larger than its composite's `max_bytes` fails the whole rebuild.
@@ -323,6 +324,7 @@ pub async fn rebuild(
                         content_hash: content.hash,
                         topic: composite.topic().to_owned(),
                         event_id,
+                        traceparent: None,
                     });
                 }
                 (None, Some(s)) if !s.deleted => versions.push(CompositeVersion {
@@ -332,6 +334,7 @@ pub async fn rebuild(
                     content_hash: Vec::new(),
                     topic: composite.topic().to_owned(),
                     event_id,
+                    traceparent: None,
                 }),
                 _ => {}
             }

@@ -365,6 +365,9 @@ impl From<RebuildError> for WriteError {
 pub struct Author<'a> {
     pub partner_id: &'a str,
     pub name: &'a str,
+    /// The request's trace context: the write's composite versions and `partner.inbound.v1`
+    /// message carry it.
+    pub trace: Option<platform::trace::TraceParent>,
 }
 
 /// Stores a validated report as `mode` says, in one transaction with its Provenance, the
@@ -477,7 +480,11 @@ pub async fn write(
     let stored = w::resource_for_update(&mut tx, rt.name(), &id).await?.ok_or_else(|| WriteError::NotFound(id.clone()))?;
 
     let reconciliation = reconciliation(&mut tx, &report, &source, now).await?;
-    let versions = rebuild(&mut tx, composites, std::slice::from_ref(&member), &now_text).await?;
+    let mut versions = rebuild(&mut tx, composites, std::slice::from_ref(&member), &now_text).await?;
+    let traceparent = author.trace.map(|t| t.to_string());
+    for v in &mut versions {
+        v.traceparent = traceparent.clone();
+    }
     db::composites::write_composites(&mut tx, &versions, now).await?;
 
     let event_id = Uuid::new_v5(
@@ -503,7 +510,10 @@ pub async fn write(
         "resource": resource,
     })
     .to_string();
-    let headers = json!({ "partner_id": author.partner_id, "resource_type": rt.name() });
+    let mut headers = json!({ "partner_id": author.partner_id, "resource_type": rt.name() });
+    if let Some(t) = &traceparent {
+        headers[platform::trace::HEADER] = json!(t);
+    }
     w::enqueue(
         &mut tx,
         &w::OutboxMessage {
@@ -518,7 +528,8 @@ pub async fn write(
     )
     .await?;
     tx.commit().await?;
-    tracing::info!(partner = author.partner_id, member = %member, resource_type = rt.name(), version = stored.resource_version, "partner write-back stored");
+    tracing::info!(partner = author.partner_id, member = %member, resource_type = rt.name(), version = stored.resource_version,
+        trace_id = %author.trace.map(|t| t.trace_id()).unwrap_or_default(), "partner write-back stored");
     Ok(Written { effect, id, version_id: stored.resource_version, last_updated: now, body, member_id: member, provenance_id: Some(provenance_id) })
 }
 

@@ -237,10 +237,12 @@ impl Notifier {
             }
         };
         let body = subs::notification(&self.base_url, &s, kind, &events).to_string();
+        // The notifier's span of the latest change the notification carries.
+        let trace = events.iter().rev().find_map(|e| e.traceparent.as_deref().and_then(platform::trace::TraceParent::parse)).map(|t| t.child());
         let started = std::time::Instant::now();
         let (channel, sent) = match s.channel.as_str() {
-            "rest-hook" => ("rest-hook", self.post(&s, body).await),
-            _ => ("kafka", self.produce(&s, body, &events).await),
+            "rest-hook" => ("rest-hook", self.post(&s, body, trace).await),
+            _ => ("kafka", self.produce(&s, body, &events, trace).await),
         };
         let outcome = if sent.is_ok() { "delivered" } else { "failed" };
         self.metrics.delivered(channel, kind.code(), outcome, events.len(), started.elapsed());
@@ -251,7 +253,8 @@ impl Notifier {
         match sent {
             Ok(()) => {
                 q::delivered(&self.pool, &s.id, events.last().map(|e| e.event_number)).await?;
-                tracing::debug!(subscription = %s.id, events = events.len(), kind = ?kind, "notification delivered");
+                let trace_id = trace.map(|t| t.trace_id()).unwrap_or_default();
+                tracing::debug!(subscription = %s.id, events = events.len(), kind = ?kind, %trace_id, "notification delivered");
             }
             Err(error) => {
                 let now = OffsetDateTime::now_utc();
@@ -294,7 +297,7 @@ impl Notifier {
         time::Duration::milliseconds(jittered as i64)
     }
 
-    async fn post(&self, s: &Subscription, body: String) -> Result<(), String> {
+    async fn post(&self, s: &Subscription, body: String, trace: Option<platform::trace::TraceParent>) -> Result<(), String> {
         let endpoint = s.endpoint.as_deref().ok_or("no endpoint")?;
         // Names are checked by the client's resolver as they are resolved; an address written
         // into the URL is checked here.
@@ -311,6 +314,9 @@ impl Notifier {
         if let Some(secret) = &s.secret {
             request = request.header(SIGNATURE_HEADER, subs::signature(secret, at, body.as_bytes()));
         }
+        if let Some(trace) = trace {
+            request = request.header(platform::trace::HEADER, trace.to_string());
+        }
         for h in &s.headers {
             if let Some((name, value)) = h.split_once(':') {
                 request = request.header(name.trim(), value.trim());
@@ -326,15 +332,25 @@ impl Notifier {
         }
     }
 
-    async fn produce(&self, s: &Subscription, body: String, events: &[db::subscriptions::Event]) -> Result<(), String> {
+    async fn produce(
+        &self,
+        s: &Subscription,
+        body: String,
+        events: &[db::subscriptions::Event],
+        trace: Option<platform::trace::TraceParent>,
+    ) -> Result<(), String> {
         let topic = self.kafka().topic(&subs::kafka_topic(&s.partner_id));
         self.ensure_topic(&topic).await.map_err(|e| format!("creating {topic}: {e}"))?;
         let first = events.first().map(|e| e.event_number.to_string()).unwrap_or_default();
         let last = events.last().map(|e| e.event_number.to_string()).unwrap_or_default();
-        let headers = OwnedHeaders::new()
+        let traceparent = trace.map(|t| t.to_string());
+        let mut headers = OwnedHeaders::new()
             .insert(Header { key: "subscription", value: Some(s.id.as_str()) })
             .insert(Header { key: "first_event", value: Some(first.as_str()) })
             .insert(Header { key: "last_event", value: Some(last.as_str()) });
+        if let Some(t) = &traceparent {
+            headers = headers.insert(Header { key: platform::trace::HEADER, value: Some(t.as_str()) });
+        }
         let record = FutureRecord::to(&topic).key(&s.id).payload(&body).headers(headers);
         match self.producer.send(record, Duration::from_secs(30)).await {
             Ok(_) => Ok(()),

@@ -13,6 +13,7 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod time;
 pub mod topics;
+pub mod trace;
 
 pub use config::{CommonConfig, KafkaConfig, LogFormat, Pmm1Config, Secret};
 pub use domain::{MemberId, PartnerId, RecordId, RecordVersion, SourceName};

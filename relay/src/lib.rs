@@ -167,7 +167,7 @@ impl Relay {
                     payload: row.body.clone(),
                     version_id: row.version_id,
                     event_id: Uuid::new_v5(&row.event_id, partner.as_bytes()),
-                    headers: Vec::new(),
+                    headers: trace_header(row),
                 });
                 owners.push((i, Some((row.body.is_some(), (partner.clone(), row.member_id.clone())))));
             }
@@ -195,6 +195,12 @@ impl Relay {
             tracing::error!(outbox_id = id, member = row.map_or("", |r| r.member_id.as_str()), topic = row.map_or("", |r| r.topic.as_str()),
                 reason = %why, "relay: the broker refused a record; parked it (fhirctl outbox list) and went on");
         }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            for row in rows.iter().filter(|r| r.traceparent.is_some() && !parked.iter().any(|(id, _)| *id == r.id)) {
+                tracing::debug!(member = %row.member_id, version = row.version_id, topic = %row.topic,
+                    trace_id = %platform::trace::trace_id_of(row.traceparent.as_deref()), "published");
+            }
+        }
         q::mark_published(&mut tx, &published).await?;
         q::park(&mut tx, &parked).await?;
         pt::carried(&mut tx, &added, &removed).await?;
@@ -203,13 +209,15 @@ impl Relay {
     }
 
     fn main_record(&self, row: &OutboxRow) -> Out {
+        let mut headers: Vec<(String, String)> = row.headers.clone().map(|h| h.into_iter().collect()).unwrap_or_default();
+        headers.extend(trace_header(row));
         Out {
             topic: self.kafka().topic(&row.topic),
             key: row.key.clone(),
             payload: row.body.clone(),
             version_id: row.version_id,
             event_id: row.event_id,
-            headers: row.headers.clone().map(|h| h.into_iter().collect()).unwrap_or_default(),
+            headers,
         }
     }
 
@@ -344,6 +352,11 @@ impl Relay {
         self.known_topics.extend(missing.into_iter().map(str::to_owned));
         Ok(())
     }
+}
+
+/// The `traceparent` header of a composite version's records (the composer's span of the change).
+fn trace_header(row: &OutboxRow) -> Vec<(String, String)> {
+    row.traceparent.iter().map(|t| (platform::trace::HEADER.to_owned(), t.clone())).collect()
 }
 
 /// Why the broker (or the producer) refused `record` for what it is, if that is why `e` came:

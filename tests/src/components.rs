@@ -140,7 +140,12 @@ pub fn spawn_child(name: &str, database_url: &str, prefix: &str, env: &[(&str, &
         .env("OPS_ADDR", "127.0.0.1:0")
         .envs(env.iter().copied())
         .stdin(std::process::Stdio::null());
-    collect_logs(&mut command, &format!("{name}-child"));
+    // A test that reads the child's log names the file itself (see `tests::log_file`).
+    if env.iter().any(|(k, _)| *k == "LOG_FILE") {
+        command.stderr(std::process::Stdio::null());
+    } else {
+        collect_logs(&mut command, &format!("{name}-child"));
+    }
     Ok(command.spawn()?)
 }
 

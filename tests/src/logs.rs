@@ -47,3 +47,14 @@ pub fn remember_secret(secret: &str) {
         }
     }
 }
+
+/// A JSON log file for a child process a test reads the logs of: in the collection the PHI
+/// scan reads (under `scripts/test`), else in the state directory. Give it as `LOG_FILE`, with
+/// `LOG_LEVEL` [`COLLECTED_LOG_LEVEL`].
+pub fn log_file(label: &str) -> std::path::PathBuf {
+    collected_log_file(label).unwrap_or_else(|| {
+        let dir = crate::env::state_dir().join("test-logs-local");
+        let _ = std::fs::create_dir_all(&dir);
+        dir.join(format!("{}.jsonl", crate::env::unique(label)))
+    })
+}

@@ -132,7 +132,7 @@ async fn write(
     let member = report.member_id.clone();
     let partner = db::partners::get(&state.pool, &caller.partner_id).await?;
     let name = partner.as_ref().map_or(caller.partner_id.as_str(), |p| p.name.as_str());
-    let author = Author { partner_id: &caller.partner_id, name };
+    let author = Author { partner_id: &caller.partner_id, name, trace: crate::trace::of(headers) };
     let written = match wb::write(&state.pool, &state.composites, author, report, mode).await {
         Ok(w) => w,
         // A refused member is named in the audit like any other access attempt.

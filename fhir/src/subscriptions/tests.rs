@@ -126,8 +126,18 @@ fn notifications_parse_as_r4b() {
             occurred_at: now(),
             body: Some(r#"{"resourceType":"Bundle","id":"M1","type":"collection"}"#.into()),
             attributed: true,
+            traceparent: None,
         },
-        Event { event_number: 2, member_id: "M1".into(), version_id: 2, deleted: true, occurred_at: now(), body: None, attributed: true },
+        Event {
+            event_number: 2,
+            member_id: "M1".into(),
+            version_id: 2,
+            deleted: true,
+            occurred_at: now(),
+            body: None,
+            attributed: true,
+            traceparent: None,
+        },
     ];
     for kind in [Kind::Handshake, Kind::Heartbeat, Kind::EventNotification, Kind::QueryEvent] {
         let events = if matches!(kind, Kind::EventNotification | Kind::QueryEvent) { &events[..] } else { &[] };
@@ -145,7 +155,16 @@ fn notifications_parse_as_r4b() {
 #[test]
 fn an_event_of_a_member_no_longer_attributed_keeps_its_number_and_says_nothing_else() {
     let s = accept(request(), "pa", Limits { allow_http: false, min_heartbeat_secs: 1 }, now()).unwrap();
-    let gone = Event { event_number: 7, member_id: "M1".into(), version_id: 3, deleted: false, occurred_at: now(), body: None, attributed: false };
+    let gone = Event {
+        event_number: 7,
+        member_id: "M1".into(),
+        version_id: 3,
+        deleted: false,
+        occurred_at: now(),
+        body: None,
+        attributed: false,
+        traceparent: None,
+    };
     let bundle = notification("http://h/fhir", &s, Kind::EventNotification, &[gone]);
     assert_eq!(bundle["entry"].as_array().map(Vec::len), Some(1), "only the SubscriptionStatus");
     let event = &bundle["entry"][0]["resource"]["notificationEvent"][0];

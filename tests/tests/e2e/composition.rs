@@ -287,7 +287,7 @@ async fn a_reused_event_id_changes_nothing_and_the_next_newest_event_wins() -> a
         let v = json!({ "event_id": id.to_string(), "op": "upsert", "source": source, "occurred_at": "2026-11-20T10:15:00Z",
             "version": version, "member_id": "M7", "record_id": record, "data": data });
         let outcome = batch::prepare(&contracts, kind, Some(b"M7"), Some(&serde_json::to_vec(&v).unwrap()), 262_144);
-        Consumed { topic: "t".into(), partition: 0, offset: 0, outcome }
+        Consumed { topic: "t".into(), partition: 0, offset: 0, outcome, trace: None }
     };
     let person = |name: &str| json!({ "given_name": name, "sex": "other" });
     let med = |status: &str| json!({ "rxnorm_code": "860975", "display": "metformin", "status": status });

@@ -49,6 +49,7 @@ async fn rebuild_gives_new_versions_only_where_a_bad_deploy_left_wrong_content()
                 body: Some(body.to_string()),
                 topic: topic.to_owned(),
                 event_id: fhir::composite::event_id(topic, &c.member_id, c.version_id + 1),
+                traceparent: None,
             }
         })
         .collect();
