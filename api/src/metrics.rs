@@ -93,7 +93,7 @@ impl Metrics {
 
 /// Outermost middleware: counts and times every request under its route template.
 pub async fn track(
-    axum::extract::State(state): axum::extract::State<crate::state::AppState>,
+    axum::extract::State(metrics): axum::extract::State<std::sync::Arc<Metrics>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -101,6 +101,6 @@ pub async fn track(
     let method = request.method().clone();
     let route = request.extensions().get::<axum::extract::MatchedPath>().map(|m| m.as_str().to_owned());
     let response = next.run(request).await;
-    state.metrics.request(route.as_deref().unwrap_or("unmatched"), &method, response.status().as_u16(), started.elapsed());
+    metrics.request(route.as_deref().unwrap_or("unmatched"), &method, response.status().as_u16(), started.elapsed());
     response
 }

@@ -42,6 +42,11 @@ impl Application {
         config.common.check_limits().map_err(anyhow::Error::msg)?;
         let pool = db::connect_configured(&config.common, config.common.database_max_connections).await?;
         db::migrate(&pool).await?;
+        // The audit trail's monthly partitions ahead of time (retention does it too; a month
+        // without one goes to the default partition, never fails a request).
+        if let Err(e) = db::audit::ensure_partitions(&pool, 2).await {
+            tracing::error!(error = %e, "audit partitions for the coming months could not be created");
+        }
         Self::build_with_pool(config, pool).await
     }
 
@@ -107,7 +112,7 @@ impl Application {
             // Inside the guard, so that what the limits refuse (and a panic) is audited too.
             .layer(axum::middleware::from_fn(move |request, next| crate::limits::enforce(request_limits, request, next)))
             .layer(axum::middleware::from_fn_with_state(state.clone(), crate::guard::guard))
-            .layer(axum::middleware::from_fn_with_state(state.clone(), crate::metrics::track))
+            .layer(axum::middleware::from_fn_with_state(state.metrics.clone(), crate::metrics::track))
             .layer(axum::middleware::from_fn(crate::trace::context))
             .with_state(state);
         let listener = TcpListener::bind(config.http_bind).await?;

@@ -229,3 +229,72 @@ pub async fn mark_published(tx: &mut PgConnection, after: Cursor) -> crate::Resu
 pub async fn unpublished(pool: &PgPool) -> crate::Result<i64> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM audit_events e, audit_relay r WHERE (e.txid, e.id) > (r.txid, r.id)").fetch_one(pool).await?)
 }
+
+/// Makes sure the monthly partitions of the trail exist from the current month to `ahead`
+/// months after it (migration 0018's `create_audit_partition`).
+pub async fn ensure_partitions(pool: &PgPool, ahead: i32) -> crate::Result<()> {
+    sqlx::query("SELECT create_audit_partition(now() + make_interval(months => m)) FROM generate_series(0, $1) AS m").bind(ahead).execute(pool).await?;
+    Ok(())
+}
+
+/// Makes sure the partition of the month holding `at` exists (an operator's backfill; tests).
+pub async fn ensure_partition_for(pool: &PgPool, at: OffsetDateTime) -> crate::Result<()> {
+    sqlx::query("SELECT create_audit_partition($1)").bind(at).execute(pool).await?;
+    Ok(())
+}
+
+/// A partition of the trail: its table name and range (`from` `None`: everything before `to`;
+/// both `None`: the default partition).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Partition {
+    pub name: String,
+    pub from: Option<OffsetDateTime>,
+    pub to: Option<OffsetDateTime>,
+    /// Events in it not yet on `audit.events.v1`.
+    pub unpublished: i64,
+}
+
+/// Every partition of the trail, oldest first (the default partition last).
+pub async fn partitions(pool: &PgPool) -> crate::Result<Vec<Partition>> {
+    let mut parts: Vec<Partition> = sqlx::query_as(
+        "SELECT c.relname::text AS name,
+                (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz AS \"from\",
+                (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']+)''\\)'))[1]::timestamptz AS \"to\",
+                0::int8 AS unpublished
+         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'audit_events'::regclass
+         ORDER BY 3 NULLS LAST",
+    )
+    .fetch_all(pool)
+    .await?;
+    for p in &mut parts {
+        let sql = format!("SELECT count(*) FROM {} e, audit_relay r WHERE (e.txid, e.id) > (r.txid, r.id)", quoted(&p.name));
+        p.unpublished = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(pool).await?;
+    }
+    Ok(parts)
+}
+
+/// A partition's events in id order, `limit` at a time after `after_id` (the export).
+pub async fn partition_rows(pool: &PgPool, partition: &str, after_id: i64, limit: i64) -> crate::Result<Vec<AuditRow>> {
+    let sql = format!("SELECT {COLUMNS} FROM {} WHERE id > $1 ORDER BY id LIMIT $2", quoted(partition));
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(after_id).bind(limit).fetch_all(pool).await?)
+}
+
+/// Detaches a partition from the trail and drops it, in one transaction: what retention does
+/// once the partition's export is written and verified. Rows are never deleted one by one.
+pub async fn drop_partition(pool: &PgPool, partition: &str) -> crate::Result<()> {
+    let mut tx = pool.begin().await?;
+    let detach = format!("ALTER TABLE audit_events DETACH PARTITION {}", quoted(partition));
+    sqlx::query(sqlx::AssertSqlSafe(detach)).execute(&mut *tx).await?;
+    let drop = format!("DROP TABLE {}", quoted(partition));
+    sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A partition's name as an SQL identifier. Names come from the catalog (`partitions`) and are
+/// checked to be the trail's own, so nothing else can be named here.
+fn quoted(name: &str) -> String {
+    assert!(name.starts_with("audit_events_") && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'), "not a partition of the trail");
+    format!("\"{name}\"")
+}

@@ -16,6 +16,7 @@ pub mod outbox;
 pub mod partner_topics;
 pub mod partners;
 pub mod resources;
+pub mod retention;
 pub mod subscriptions;
 pub mod writeback;
 

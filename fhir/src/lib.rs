@@ -10,9 +10,12 @@
 //!   written in one transaction.
 //! - [`subscriptions`]: the SubscriptionTopic, what a partner's Subscription may ask for, and
 //!   the notification Bundles.
+//! - [`audit`]: an audit record as an `AuditEvent` (the API serves and relays them; retention
+//!   exports them).
 //!
 //! It reads and writes PostgreSQL through `db` only; it never talks to Kafka or HTTP.
 
+pub mod audit;
 pub mod composite;
 pub mod mapping;
 pub mod subscriptions;

@@ -10,6 +10,8 @@
 //!                                        recompute composites from their components
 //!   fhirctl replay --all | --member M [--partner P]
 //!                                        publish current composites again, no new versions
+//!   fhirctl retention run                remove what is past retention now (RETENTION_*)
+//!   fhirctl retention verify MANIFEST    check an exported audit month against its manifest
 //!
 //! Redriving is safe to repeat: the composer ignores an event id it applied before, and a
 //! message that still fails is dead-lettered again. Rebuilding is too: a composite whose
@@ -65,6 +67,24 @@ enum Command {
         /// Only this partner's topic (its attributed members among those chosen).
         #[arg(long)]
         partner: Option<String>,
+    },
+    /// Retention: what the relay runs on its schedule, now; and checking an audit export.
+    #[command(subcommand)]
+    Retention(RetentionCommand),
+}
+
+#[derive(Subcommand)]
+enum RetentionCommand {
+    /// Remove what is past retention (the same RETENTION_* settings as the relay's), export
+    /// and drop audit months past RETENTION_AUDIT_MONTHS. Prints what it removed.
+    Run {
+        #[command(flatten)]
+        retention: relay::retention::RetentionConfig,
+    },
+    /// Check an exported audit month (its file's SHA-256, row count and ids) against its manifest.
+    Verify {
+        /// `<partition>.manifest.json` in the export directory.
+        manifest: std::path::PathBuf,
     },
 }
 
@@ -156,7 +176,39 @@ async fn main() -> anyhow::Result<()> {
         Command::Dlq(command) => dlq(&cli, command).await,
         Command::Rebuild { which, since } => rebuild(&cli, which, since.as_deref()).await,
         Command::Replay { which, partner } => replay(&cli, which, partner.as_deref()).await,
+        Command::Retention(command) => retention(&cli, command).await,
     }
+}
+
+async fn retention(cli: &Cli, command: &RetentionCommand) -> anyhow::Result<()> {
+    match command {
+        RetentionCommand::Run { retention } => {
+            let pool = db::connect_configured(&cli.common, 2).await?;
+            let report = relay::retention::run(&pool, retention, &cli.common.fhir_base_url, &relay::retention::Metrics::default()).await?;
+            tracing::warn!(deleted = ?report.deleted, audit_months = report.audit.len(), "retention run by an operator");
+            if cli.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else if report.skipped {
+                println!("another process is running retention; nothing done");
+            } else {
+                for (table, n) in &report.deleted {
+                    println!("{table:<22} {n} rows removed");
+                }
+                for manifest in &report.audit {
+                    println!("audit month exported, verified and dropped: {}", manifest.display());
+                }
+            }
+        }
+        RetentionCommand::Verify { manifest } => {
+            let m = relay::retention::verify(manifest)?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&m)?);
+            } else {
+                println!("{}: {} events (ids {:?}..{:?}), SHA-256 {} matches", m.file, m.rows, m.first_id, m.last_id, m.sha256);
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn rebuild(cli: &Cli, which: &Which, since: Option<&str>) -> anyhow::Result<()> {

@@ -12,6 +12,7 @@
 //! attributed member's current composite, and a tombstone when an attribution ended.
 
 pub mod metrics;
+pub mod retention;
 
 use clap::Parser;
 use db::outbox::{self as q, OutboxRow};
@@ -44,6 +45,10 @@ pub struct RelayConfig {
     /// notifies it first (LISTEN fhir_outbox).
     #[arg(long, env = "RELAY_POLL_MS", default_value_t = 200)]
     pub poll_ms: u64,
+
+    /// The relay also runs retention on a schedule (`retention`).
+    #[command(flatten)]
+    pub retention: retention::RetentionConfig,
 }
 
 /// One record to produce.
@@ -386,6 +391,9 @@ pub async fn spawn(config: RelayConfig) -> anyhow::Result<Running> {
     let kafka = Arc::new(platform::kafka::observer(&config.common.kafka)?);
     let timeout = Duration::from_millis(config.common.ready_timeout_ms);
     ops.check("kafka", move || platform::ops::check_kafka(kafka.clone(), timeout));
+    let retention = retention::Metrics::default();
+    retention.register(ops.registry());
+    retention::schedule(pool.clone(), config.retention.clone(), config.common.fhir_base_url.clone(), retention);
     let metrics = relay.metrics.clone();
     ops.on_scrape(move || {
         let (metrics, pool) = (metrics.clone(), pool.clone());

@@ -4,7 +4,6 @@
 //! each event, as the FHIR `AuditEvent` [`event`] renders, on `audit.events.v1`. This module says
 //! what goes on the record of a request.
 
-pub mod event;
 pub mod relay;
 pub mod writer;
 

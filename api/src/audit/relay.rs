@@ -1,7 +1,7 @@
 //! Publishes the audit trail to `audit.events.v1`, in the order of the transactions that wrote
 //! it, moving its cursor only after the broker acknowledged.
 
-use super::event::audit_event_json;
+use fhir::audit::audit_event_json;
 use db::audit::AuditRow;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};

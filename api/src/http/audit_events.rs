@@ -1,7 +1,7 @@
 //! `GET /fhir/AuditEvent` and `GET /fhir/AuditEvent/{id}`: the audit trail, for operators
 //! holding the `system/AuditEvent.read` scope (never granted by a wildcard).
 
-use crate::audit::event::audit_event;
+use fhir::audit::audit_event;
 use crate::auth::Caller;
 use crate::auth::scope::{ADMIN_TYPE, Interaction};
 use crate::error::{ApiError, OperationOutcome};
@@ -89,7 +89,7 @@ pub async fn search(
         }
         match name.as_str() {
             "agent" => {
-                let id = value.strip_prefix(crate::audit::event::PARTNER_SYSTEM).and_then(|v| v.strip_prefix('|')).unwrap_or(&value);
+                let id = value.strip_prefix(fhir::audit::PARTNER_SYSTEM).and_then(|v| v.strip_prefix('|')).unwrap_or(&value);
                 criteria.partner_id = Some(rest::parse_id(id).map_err(|_| ApiError::BadRequest("agent must be a partner id".into()))?.to_owned());
             }
             "patient" => {

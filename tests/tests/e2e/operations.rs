@@ -152,3 +152,131 @@ async fn replay_makes_a_lost_partner_topic_complete_again_without_new_versions()
     relay.stop().await?;
     composer.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_bounds_every_table_and_drops_an_audit_month_only_after_its_verified_export() -> anyhow::Result<()> {
+    let app = TestApp::new("retention").await?;
+    let composer = app.composer(&[]).await?;
+    let relay = app.relay(&["--retention-interval-secs", "0"]).await?;
+    let notifier = app.notifier(&[]).await?;
+    let origin = app.api(&[]).await?;
+    let scopes = "system/*.read system/Subscription.write";
+    let partner = bearer_client(&app.partner("pret", scopes, KeyKind::Es384).await?.token_with(&origin, scopes).await?)?;
+    let kafka_channel = json!({ "type": "message", "payload": "application/fhir+json",
+        "_type": { "extension": [{ "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-channel-type",
+            "valueCoding": { "system": "urn:fhir-event-platform:subscription-channel-type", "code": "kafka" } }] } });
+    let subscription = json!({ "resourceType": "Subscription", "status": "requested", "reason": "retention",
+        "criteria": fhir::subscriptions::TOPIC_URL, "channel": kafka_channel });
+    let created = send(post_fhir(&partner, &format!("{origin}/fhir/Subscription"), &subscription)).await?;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let id = created.body["id"].as_str().unwrap_or_default().to_owned();
+    eventually(Duration::from_secs(20), "the handshake", || async {
+        Ok((get(&partner, &format!("{origin}/fhir/Subscription/{id}")).await?.body["status"] == "active").then_some(()))
+    })
+    .await?;
+    let mut events: Vec<_> = (0..MEMBERS).map(|i| attribution(&member(i), "pret")).collect();
+    app.apply(&events).await?;
+    events.clear();
+    for version in 1..=3 {
+        for i in 0..MEMBERS {
+            let data = json!({ "given_name": format!("Ret{version}"), "sex": "male" });
+            events.push(upsert(platform::topics::DEMOGRAPHICS, "enrollment", version, &member(i), &member(i), data));
+        }
+        app.apply(&events).await?;
+        events.clear();
+    }
+    wait_relayed(&app.pool, Duration::from_secs(30)).await?;
+    let count = |sql: &'static str| {
+        let pool = app.pool.clone();
+        async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await }
+    };
+    eventually(Duration::from_secs(20), "every event delivered", || async {
+        Ok((count("SELECT count(*) FROM subscription_events WHERE delivered_at IS NULL").await? == 0).then_some(()))
+    })
+    .await?;
+
+    step("time passes: half the applied ids, every published row, delivered event and version written a month ago");
+    let exec = |sql: &'static str| {
+        let pool = app.pool.clone();
+        async move { sqlx::query(sql).execute(&pool).await.map(|r| r.rows_affected()) }
+    };
+    let applied = count("SELECT count(*) FROM applied_events").await?;
+    let old_applied = exec("UPDATE applied_events SET applied_at = now() - interval '30 days' WHERE event_id IN (SELECT event_id FROM applied_events ORDER BY event_id LIMIT (SELECT count(*) / 2 FROM applied_events))").await?;
+    let old_outbox = exec("UPDATE outbox SET published_at = now() - interval '30 days' WHERE published_at IS NOT NULL").await?;
+    let old_events = exec("UPDATE subscription_events SET delivered_at = now() - interval '30 days' WHERE delivered_at IS NOT NULL").await?;
+    exec("UPDATE composite_history SET last_updated = now() - interval '30 days'").await?;
+    exec("UPDATE resource_history SET last_updated = now() - interval '30 days'").await?;
+    let replaced_versions = count("SELECT count(*) FROM composite_history h JOIN composites c USING (member_id) WHERE h.version_id < c.version_id").await?;
+    let replaced_resources = count(
+        "SELECT count(*) FROM resource_history h WHERE EXISTS (SELECT 1 FROM resource_history n
+           WHERE n.resource_type = h.resource_type AND n.resource_id = h.resource_id AND n.version_id > h.version_id)",
+    )
+    .await?;
+    let backdated = (old_applied, old_outbox, old_events, replaced_versions, replaced_resources);
+    assert!(old_applied > 0 && old_outbox > 0 && old_events > 0 && replaced_versions >= MEMBERS as i64 && replaced_resources > 0, "{backdated:?}");
+
+    step("an audit month two years ago, relayed to audit.events.v1 like the rest");
+    let january = time::macros::datetime!(2025-01-15 12:00 UTC);
+    db::audit::ensure_partition_for(&app.pool, january).await?;
+    let old_audit = 50;
+    sqlx::query(
+        "INSERT INTO audit_events (recorded_at, partner_id, operation, method, path, status, outcome)
+         SELECT $1 + make_interval(mins => n), 'pret', 'read', 'GET', '/fhir/Patient', 200, 'success' FROM generate_series(1, $2) AS n",
+    )
+    .bind(january)
+    .bind(old_audit)
+    .execute(&app.pool)
+    .await?;
+    let recent_audit = count("SELECT count(*) FROM audit_events WHERE recorded_at > now() - interval '1 day'").await?;
+    assert!(recent_audit > 0, "the test's requests are audited");
+    eventually(Duration::from_secs(30), "the trail relayed", || async { Ok((db::audit::unpublished(&app.pool).await? == 0).then_some(())) }).await?;
+
+    step("retention: each table bounded, the month exported, verified and dropped");
+    let export = state_dir().join(unique("audit-export"));
+    let export_dir = export.display().to_string();
+    let run = ["retention", "run", "--retention-history-days", "7", "--retention-audit-months", "12", "--retention-audit-export-dir", export_dir.as_str()];
+    let report = app.fhirctl_json(&run)?.pop().unwrap_or_default();
+    assert_eq!(report["skipped"], false, "{report}");
+    assert_eq!(report["deleted"]["applied_events"], old_applied, "{report}");
+    assert_eq!(report["deleted"]["outbox"], old_outbox, "{report}");
+    assert_eq!(report["deleted"]["subscription_events"], old_events, "{report}");
+    assert_eq!(report["deleted"]["composite_history"], replaced_versions, "{report}");
+    assert_eq!(report["deleted"]["resource_history"], replaced_resources, "{report}");
+    assert_eq!(count("SELECT count(*) FROM applied_events").await?, applied - old_applied as i64);
+    assert_eq!(count("SELECT count(*) FROM composite_history").await?, MEMBERS as i64, "the current versions stay");
+    for i in 0..MEMBERS {
+        assert!(db::composites::current_composite(&app.pool, &member(i)).await?.is_some_and(|c| c.body.is_some()), "{}", member(i));
+    }
+    let manifests: Vec<String> = report["audit"].as_array().into_iter().flatten().filter_map(|m| m.as_str().map(str::to_owned)).collect();
+    assert_eq!(manifests.len(), 1, "{report}");
+    assert!(manifests[0].ends_with("audit_events_2025_01.manifest.json"), "{manifests:?}");
+    let manifest: Value = serde_json::from_slice(&std::fs::read(&manifests[0])?)?;
+    assert_eq!(manifest["rows"], old_audit);
+    // The export, checked here independently of fhirctl: its SHA-256, then its lines.
+    let file = export.join(manifest["file"].as_str().unwrap_or_default());
+    let bytes = std::fs::read(&file)?;
+    let digest: String = ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(manifest["sha256"], digest);
+    let lines = std::process::Command::new("gzip").arg("-dc").arg(&file).output()?;
+    let events: Vec<Value> = String::from_utf8(lines.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    assert_eq!(events.len(), old_audit as usize);
+    assert!(events.iter().all(|e| e["resourceType"] == "AuditEvent" && e["recorded"].as_str().unwrap_or_default().starts_with("2025-01")));
+    assert!(app.fhirctl(&["retention", "verify", &manifests[0]])?.contains(&format!("{old_audit} events")));
+    let partitions: Vec<String> = db::audit::partitions(&app.pool).await?.into_iter().map(|p| p.name).collect();
+    assert!(!partitions.contains(&"audit_events_2025_01".to_owned()), "{partitions:?}");
+    assert_eq!(count("SELECT count(*) FROM audit_events WHERE recorded_at < '2026-01-01'").await?, 0);
+    assert!(count("SELECT count(*) FROM audit_events").await? >= recent_audit, "this month's trail stays");
+
+    step("a second run finds nothing; a tampered export fails verification");
+    let again = app.fhirctl_json(&run)?.pop().unwrap_or_default();
+    assert!(again["deleted"].as_object().is_some_and(|d| d.values().all(|n| n == 0)), "{again}");
+    let mut tampered = bytes.clone();
+    let at = tampered.len() / 2;
+    tampered[at] ^= 0xff;
+    std::fs::write(&file, tampered)?;
+    assert!(app.fhirctl(&["retention", "verify", &manifests[0]]).is_err(), "a changed byte is found");
+    std::fs::remove_dir_all(&export)?;
+    notifier.stop().await?;
+    relay.stop().await?;
+    composer.stop().await
+}
