@@ -7,14 +7,16 @@
 //! are sent but not measured (the partner topic is created then, connections run their first
 //! statements, and a broker started moments ago compiles its hot paths: the first 30 s after a
 //! restart had p99 above 300 ms). Production durability: fsync and synchronous commit on,
-//! acks=all everywhere.
-//! Run: `scripts/bench freshness`.
+//! acks=all everywhere. With `--retention`, retention runs during every other 5 seconds of the
+//! measured phase and freshness is reported inside and outside those windows.
+//! Run: `scripts/bench freshness [--retention]`.
 
 use clap::Parser;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureRecord;
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,7 +35,15 @@ struct Cli {
     /// How long to send at the rate before the clock starts, in seconds.
     #[arg(long, default_value_t = 20)]
     warmup_seconds: u64,
+    /// Run retention (every window at 0: it removes all it may, as fast as it may) during
+    /// alternate 5-second windows of the measured phase, and report freshness inside and outside
+    /// them separately: retention's cost to the pipeline, in one run.
+    #[arg(long)]
+    retention: bool,
 }
+
+/// The retention windows alternate every this long.
+const RETENTION_WINDOW: Duration = Duration::from_secs(5);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -122,7 +132,10 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let sent_at: Arc<Mutex<HashMap<String, (Instant, time::OffsetDateTime)>>> = Arc::default();
+    let sent_at: Arc<Mutex<HashMap<String, (Instant, time::OffsetDateTime, bool)>>> = Arc::default();
+    let retaining = Arc::new(AtomicBool::new(false));
+    let retention_stop = Arc::new(AtomicBool::new(false));
+    let mut retention = None;
     let consumer: Arc<StreamConsumer> =
         Arc::new(platform::kafka::client(&kafka)?.set("group.id", &run).set("auto.offset.reset", "earliest").set("fetch.wait.max.ms", "5").create()?);
     consumer.subscribe(&[&kafka.topic(platform::topics::MEDICATION_PROFILE)])?;
@@ -133,12 +146,14 @@ async fn main() -> anyhow::Result<()> {
         // Total, and its two legs: produced → the composer's change time (`meta.lastUpdated`,
         // taken as its transaction starts), and from there → read from the topic.
         let (mut latencies, mut to_composer, mut to_topic) = (Vec::with_capacity(total), Vec::new(), Vec::new());
+        let mut by_retention: [Vec<f64>; 2] = Default::default();
         while latencies.len() < total {
             let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(60), consumer.recv()).await else { break };
             let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-            if let Some((at, wall)) = seen.lock().unwrap_or_else(|p| p.into_inner()).remove(&key) {
+            if let Some((at, wall, retaining)) = seen.lock().unwrap_or_else(|p| p.into_inner()).remove(&key) {
                 let now = time::OffsetDateTime::now_utc();
                 latencies.push(at.elapsed().as_secs_f64() * 1000.0);
+                by_retention[usize::from(retaining)].push(at.elapsed().as_secs_f64() * 1000.0);
                 let changed = serde_json::from_slice::<serde_json::Value>(m.payload().unwrap_or_default()).ok().and_then(|v| {
                     v["meta"]["lastUpdated"]
                         .as_str()
@@ -150,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        (latencies, to_composer, to_topic)
+        (latencies, to_composer, to_topic, by_retention)
     });
     // The clock starts once the reader owns the topic's partitions (it reads from the start).
     while consumer.assignment().map_or(0, |a| a.count()) == 0 {
@@ -175,6 +190,9 @@ async fn main() -> anyhow::Result<()> {
             db::bench::analyze_pipeline(&pool).await?;
             ticker.reset();
             started = Instant::now();
+            if cli.retention {
+                retention = Some(retention_windows(url.clone(), retaining.clone(), retention_stop.clone()));
+            }
         }
         ticker.tick().await;
         let member = format!("F{i:07}");
@@ -184,7 +202,8 @@ async fn main() -> anyhow::Result<()> {
             "data": { "given_name": "Fresh", "sex": "other" } }))?;
         let now = Instant::now();
         if i >= warmup {
-            sent_at.lock().unwrap_or_else(|p| p.into_inner()).insert(member.clone(), (now, time::OffsetDateTime::now_utc()));
+            let on = retaining.load(std::sync::atomic::Ordering::Relaxed);
+            sent_at.lock().unwrap_or_else(|p| p.into_inner()).insert(member.clone(), (now, time::OffsetDateTime::now_utc(), on));
             hooked.lock().unwrap_or_else(|p| p.into_inner()).insert(member.clone(), now);
         }
         match producer.send_result(FutureRecord::to(&topic).key(&member).payload(&payload)) {
@@ -196,13 +215,19 @@ async fn main() -> anyhow::Result<()> {
         ack.await.map_err(|_| anyhow::anyhow!("producer gone"))?.map_err(|(e, _)| anyhow::anyhow!("not acknowledged: {e}"))?;
     }
     let sending = started.elapsed();
-    let (mut latencies, mut to_composer, mut to_topic) = reader.await?;
+    retention_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let removed = match retention {
+        Some(task) => task.await?,
+        None => 0,
+    };
+    let (mut latencies, mut to_composer, mut to_topic, mut by_retention) = reader.await?;
     let mut hooks = tokio::time::timeout(Duration::from_secs(120), hook_latencies).await???;
     composer::stop(&stop, thread).await?;
     relay.stop().await?;
     notifier.stop().await?;
 
-    for l in [&mut latencies, &mut hooks, &mut to_composer, &mut to_topic] {
+    let [without, with] = &mut by_retention;
+    for l in [&mut latencies, &mut hooks, &mut to_composer, &mut to_topic, without, with] {
         l.sort_by(f64::total_cmp);
     }
     let pct_of = |l: &[f64], p: f64| l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
@@ -235,10 +260,59 @@ async fn main() -> anyhow::Result<()> {
         pct_of(&hooks, 0.99),
         hooks.last().copied().unwrap_or(f64::NAN)
     );
+    if cli.retention {
+        let (without, with) = (&by_retention[0], &by_retention[1]);
+        println!(
+            "retention: composite freshness p50/p99 outside its windows {:.1}/{:.1} ms ({} events), inside them {:.1}/{:.1} ms ({} events): p99 {:+.1} ms",
+            pct_of(without, 0.50),
+            pct_of(without, 0.99),
+            without.len(),
+            pct_of(with, 0.50),
+            pct_of(with, 0.99),
+            with.len(),
+            pct_of(with, 0.99) - pct_of(without, 0.99)
+        );
+        println!("retention removed {removed} rows in its windows");
+    }
     pool.close().await;
     db::bench::drop_database(&admin, &run).await?;
     platform::kafka::delete_namespace(&kafka).await?;
     Ok(())
+}
+
+/// Runs retention on `url` with every window at 0 (all it may remove, at once) during every
+/// other [`RETENTION_WINDOW`] (`on` says when) until `stop`; returns the rows it removed.
+fn retention_windows(url: String, on: Arc<AtomicBool>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    use std::sync::atomic::Ordering::Relaxed;
+    tokio::spawn(async move {
+        let Ok(pool) = db::connect(&url, 2).await else { return 0 };
+        let config = relay::retention::RetentionConfig {
+            retention_interval_secs: 0,
+            retention_applied_events_hours: 0,
+            retention_published_outbox_hours: 0,
+            retention_subscription_events_hours: 0,
+            retention_history_days: 0,
+            retention_audit_months: 0,
+            retention_audit_export_dir: None,
+            retention_batch_rows: 5000,
+            retention_pause_ms: 20,
+        };
+        let metrics = relay::retention::Metrics::default();
+        let (start, mut removed) = (Instant::now(), 0);
+        while !stop.load(Relaxed) {
+            let retaining = (start.elapsed().as_secs() / RETENTION_WINDOW.as_secs()) % 2 == 1;
+            on.store(retaining, Relaxed);
+            if retaining {
+                match relay::retention::run(&pool, &config, "http://bench/fhir", &metrics).await {
+                    Ok(report) => removed += report.deleted.values().sum::<u64>(),
+                    Err(e) => eprintln!("retention: {e}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        on.store(false, Relaxed);
+        removed
+    })
 }
 
 /// A minimal HTTP/1.1 endpoint (keep-alive) that answers 200 to every POST and records, for
