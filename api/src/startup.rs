@@ -154,5 +154,6 @@ async fn serve_ops(
         let (metrics, pool) = (metrics.clone(), audit_pool.clone());
         async move { metrics.refresh(&pool).await }
     });
-    ops.serve(config.common.ops_addr(platform::config::ops_port::API)).await
+    // Until the process ends (the API's own server stops on a signal; the process then exits).
+    ops.serve(config.common.ops_addr(platform::config::ops_port::API), Arc::new(std::sync::atomic::AtomicBool::new(false))).await
 }

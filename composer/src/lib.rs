@@ -37,8 +37,8 @@ pub async fn spawn(mut config: ComposerConfig) -> anyhow::Result<Running> {
     config.batch_size = fit_batch_size(config.batch_size, config.appliers, db::components::lock_capacity(&pool).await?);
     let composer = consumer::Composer::new(config.clone(), pool.clone(), fhir::composites(&config.common))?;
     let metrics = composer.metrics.clone();
-    let ops_addr = serve_ops(&config, &pool, &metrics).await?;
     let stop = Arc::new(AtomicBool::new(false));
+    let ops_addr = serve_ops(&config, &pool, &metrics, stop.clone()).await?;
     let runtime = tokio::runtime::Handle::current();
     let flag = stop.clone();
     let thread = std::thread::Builder::new().name("composer".into()).spawn(move || composer.run(runtime, &flag))?;
@@ -47,14 +47,16 @@ pub async fn spawn(mut config: ComposerConfig) -> anyhow::Result<Running> {
 
 /// The operations listener: PostgreSQL and Kafka for `/ready`; the composer's metrics, the
 /// consumer lag and the pool's use for `/metrics`.
-async fn serve_ops(config: &ComposerConfig, pool: &db::Pool, metrics: &Arc<consumer::Metrics>) -> anyhow::Result<std::net::SocketAddr> {
+async fn serve_ops(
+    config: &ComposerConfig,
+    pool: &db::Pool,
+    metrics: &Arc<consumer::Metrics>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<std::net::SocketAddr> {
     let mut ops = config.common.ops();
     metrics.register(ops.registry());
     db::observe(&mut ops, pool);
-    let observer = Arc::new(platform::kafka::observer(&config.common.kafka)?);
-    let timeout = std::time::Duration::from_millis(config.common.ready_timeout_ms);
-    let client = observer.clone();
-    ops.check("kafka", move || platform::ops::check_kafka(client.clone(), timeout));
+    let observer = ops.watch_kafka(&config.common.kafka)?;
     let (metrics, pool, kafka, group) = (metrics.clone(), pool.clone(), config.common.kafka.clone(), config.group_id.clone());
     ops.on_scrape(move || {
         let (metrics, pool, kafka, group, observer) = (metrics.clone(), pool.clone(), kafka.clone(), group.clone(), observer.clone());
@@ -64,7 +66,7 @@ async fn serve_ops(config: &ComposerConfig, pool: &db::Pool, metrics: &Arc<consu
             }
         }
     });
-    ops.serve(config.common.ops_addr(platform::config::ops_port::COMPOSER)).await
+    ops.serve(config.common.ops_addr(platform::config::ops_port::COMPOSER), stop).await
 }
 
 /// The batch size to use: each applier's transaction holds one advisory lock per member of its

@@ -233,7 +233,10 @@ pub async fn unpublished(pool: &PgPool) -> crate::Result<i64> {
 /// Makes sure the monthly partitions of the trail exist from the current month to `ahead`
 /// months after it (migration 0018's `create_audit_partition`).
 pub async fn ensure_partitions(pool: &PgPool, ahead: i32) -> crate::Result<()> {
-    sqlx::query("SELECT create_audit_partition(now() + make_interval(months => m)) FROM generate_series(0, $1) AS m").bind(ahead).execute(pool).await?;
+    sqlx::query("SELECT create_audit_partition(now() + make_interval(months => m)) FROM generate_series(0, $1) AS m")
+        .bind(ahead)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 
@@ -295,6 +298,9 @@ pub async fn drop_partition(pool: &PgPool, partition: &str) -> crate::Result<()>
 /// A partition's name as an SQL identifier. Names come from the catalog (`partitions`) and are
 /// checked to be the trail's own, so nothing else can be named here.
 fn quoted(name: &str) -> String {
-    assert!(name.starts_with("audit_events_") && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'), "not a partition of the trail");
+    assert!(
+        name.starts_with("audit_events_") && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+        "not a partition of the trail"
+    );
     format!("\"{name}\"")
 }

@@ -9,14 +9,12 @@ use time::OffsetDateTime;
 /// Event ids applied before `before`: a redelivery of one is no longer possible once the
 /// systems-of-record topics no longer hold it (the caller's margin over their retention).
 pub async fn applied_events(pool: &PgPool, before: OffsetDateTime, batch: i64) -> crate::Result<u64> {
-    Ok(sqlx::query(
-        "DELETE FROM applied_events WHERE event_id IN (SELECT event_id FROM applied_events WHERE applied_at < $1 LIMIT $2)",
-    )
-    .bind(before)
-    .bind(batch)
-    .execute(pool)
-    .await?
-    .rows_affected())
+    Ok(sqlx::query("DELETE FROM applied_events WHERE event_id IN (SELECT event_id FROM applied_events WHERE applied_at < $1 LIMIT $2)")
+        .bind(before)
+        .bind(batch)
+        .execute(pool)
+        .await?
+        .rows_affected())
 }
 
 /// Outbox rows published before `before` and already fanned out to subscriptions (or not
@@ -35,14 +33,12 @@ pub async fn published_outbox(pool: &PgPool, before: OffsetDateTime, batch: i64)
 
 /// Subscription events delivered before `before`: past the `$events` replay window.
 pub async fn delivered_subscription_events(pool: &PgPool, before: OffsetDateTime, batch: i64) -> crate::Result<u64> {
-    Ok(sqlx::query(
-        "DELETE FROM subscription_events WHERE ctid = ANY(ARRAY(SELECT ctid FROM subscription_events WHERE delivered_at < $1 LIMIT $2))",
-    )
-    .bind(before)
-    .bind(batch)
-    .execute(pool)
-    .await?
-    .rows_affected())
+    Ok(sqlx::query("DELETE FROM subscription_events WHERE ctid = ANY(ARRAY(SELECT ctid FROM subscription_events WHERE delivered_at < $1 LIMIT $2))")
+        .bind(before)
+        .bind(batch)
+        .execute(pool)
+        .await?
+        .rows_affected())
 }
 
 /// Composite versions written before `before` that are not the current one and that no

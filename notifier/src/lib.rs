@@ -413,15 +413,13 @@ pub async fn spawn(config: NotifierConfig) -> anyhow::Result<Running> {
     let mut ops = config.common.ops();
     notifier.metrics.register(ops.registry());
     db::observe(&mut ops, &pool);
-    let kafka = Arc::new(platform::kafka::observer(&config.common.kafka)?);
-    let timeout = Duration::from_millis(config.common.ready_timeout_ms);
-    ops.check("kafka", move || platform::ops::check_kafka(kafka.clone(), timeout));
+    ops.watch_kafka(&config.common.kafka)?;
     let metrics = notifier.metrics.clone();
     ops.on_scrape(move || {
         let (metrics, pool) = (metrics.clone(), pool.clone());
         async move { metrics.refresh(&pool).await }
     });
-    let ops_addr = ops.serve(config.common.ops_addr(platform::config::ops_port::NOTIFIER)).await?;
     let stop = Arc::new(AtomicBool::new(false));
+    let ops_addr = ops.serve(config.common.ops_addr(platform::config::ops_port::NOTIFIER), stop.clone()).await?;
     Ok(platform::ops::Running { stop: stop.clone(), handle: tokio::spawn(notifier.run(stop)), ops_addr })
 }

@@ -55,6 +55,15 @@ impl Ops {
         self.checks.push((name, Arc::new(move || Box::pin(probe()))));
     }
 
+    /// Adds Kafka to `/ready` (its metadata names a broker) and returns the metadata-only client
+    /// it asks, for whatever else the component reads from the cluster (watermarks).
+    pub fn watch_kafka(&mut self, kafka: &crate::KafkaConfig) -> anyhow::Result<Arc<rdkafka::consumer::BaseConsumer>> {
+        let client = Arc::new(crate::kafka::observer(kafka)?);
+        let (probe, timeout) = (client.clone(), self.ready_timeout);
+        self.check("kafka", move || check_kafka(probe.clone(), timeout));
+        Ok(client)
+    }
+
     /// Work done before each scrape to bring gauges up to date.
     pub fn on_scrape<F, Fut>(&mut self, refresh: F)
     where
@@ -88,9 +97,10 @@ impl Ops {
         out
     }
 
-    /// Binds `addr` and serves until the process ends. Returns the bound address (port 0
-    /// picks a free one).
-    pub async fn serve(self, addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+    /// Binds `addr` and serves until `stop` is set (then the listener closes and what the
+    /// checks and refreshers hold, such as database pools, is released). Returns the bound
+    /// address (port 0 picks a free one).
+    pub async fn serve(self, addr: SocketAddr, stop: Arc<std::sync::atomic::AtomicBool>) -> anyhow::Result<SocketAddr> {
         use axum::routing::get;
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("operations listener on {addr}: {e}"))?;
         let bound = listener.local_addr()?;
@@ -100,8 +110,13 @@ impl Ops {
             .route("/ready", get(ready))
             .route("/metrics", get(metrics))
             .with_state(ops);
+        let stopped = async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
                 tracing::error!(error = %e, "operations listener stopped");
             }
         });

@@ -388,19 +388,17 @@ pub async fn spawn(config: RelayConfig) -> anyhow::Result<Running> {
     let mut ops = config.common.ops();
     relay.metrics.register(ops.registry());
     db::observe(&mut ops, &pool);
-    let kafka = Arc::new(platform::kafka::observer(&config.common.kafka)?);
-    let timeout = Duration::from_millis(config.common.ready_timeout_ms);
-    ops.check("kafka", move || platform::ops::check_kafka(kafka.clone(), timeout));
+    ops.watch_kafka(&config.common.kafka)?;
+    let stop = Arc::new(AtomicBool::new(false));
     let retention = retention::Metrics::default();
     retention.register(ops.registry());
-    retention::schedule(pool.clone(), config.retention.clone(), config.common.fhir_base_url.clone(), retention);
+    retention::schedule(pool.clone(), config.retention.clone(), config.common.fhir_base_url.clone(), retention, stop.clone());
     let metrics = relay.metrics.clone();
     ops.on_scrape(move || {
         let (metrics, pool) = (metrics.clone(), pool.clone());
         async move { metrics.refresh(&pool).await }
     });
-    let ops_addr = ops.serve(config.common.ops_addr(platform::config::ops_port::RELAY)).await?;
-    let stop = Arc::new(AtomicBool::new(false));
+    let ops_addr = ops.serve(config.common.ops_addr(platform::config::ops_port::RELAY), stop.clone()).await?;
     let flag = stop.clone();
     Ok(platform::ops::Running { stop, handle: tokio::spawn(async move { relay.run(&flag).await }), ops_addr })
 }

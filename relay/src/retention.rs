@@ -25,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use time::OffsetDateTime;
 
@@ -63,12 +64,26 @@ pub struct RetentionConfig {
     pub retention_audit_export_dir: Option<PathBuf>,
 
     /// Rows removed per statement.
-    #[arg(long, env = "RETENTION_BATCH_ROWS", default_value_t = 5000)]
+    #[arg(long, env = "RETENTION_BATCH_ROWS", default_value_t = 1000)]
     pub retention_batch_rows: i64,
 
-    /// Pause between two batches, in milliseconds.
-    #[arg(long, env = "RETENTION_PAUSE_MS", default_value_t = 20)]
+    /// Pause between two statements, in milliseconds: at most a batch per pause per table, well
+    /// above what a table gains at 1,000 events/s, and little enough that the pipeline's
+    /// transactions hardly notice (docs/benchmarks.md).
+    #[arg(long, env = "RETENTION_PAUSE_MS", default_value_t = 100)]
     pub retention_pause_ms: u64,
+}
+
+impl Default for RetentionConfig {
+    /// The defaults above, with RETENTION_* from the environment, as the relay reads them.
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Settings {
+            #[command(flatten)]
+            retention: RetentionConfig,
+        }
+        <Settings as clap::Parser>::parse_from(["retention"]).retention
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -175,10 +190,9 @@ async fn steps(pool: &db::Pool, config: &RetentionConfig, base_url: &str, metric
     }
     db::audit::ensure_partitions(pool, 2).await?;
     if config.retention_audit_months > 0 {
-        let dir = config
-            .retention_audit_export_dir
-            .as_deref()
-            .ok_or_else(|| anyhow::anyhow!("RETENTION_AUDIT_MONTHS is set but RETENTION_AUDIT_EXPORT_DIR is not: audit months are never dropped unexported"))?;
+        let dir = config.retention_audit_export_dir.as_deref().ok_or_else(|| {
+            anyhow::anyhow!("RETENTION_AUDIT_MONTHS is set but RETENTION_AUDIT_EXPORT_DIR is not: audit months are never dropped unexported")
+        })?;
         let this_month = now.replace_day(1)?.replace_time(time::Time::MIDNIGHT);
         let cutoff = months_before(this_month, config.retention_audit_months);
         for partition in db::audit::partitions(pool).await? {
@@ -316,25 +330,37 @@ pub fn verify(manifest_path: &Path) -> anyhow::Result<Manifest> {
         rows += 1;
     }
     anyhow::ensure!(rows == manifest.rows, "{}: {rows} events, the manifest says {}", file.display(), manifest.rows);
-    anyhow::ensure!((first, last) == (manifest.first_id, manifest.last_id), "{}: ids {first:?}..{last:?}, the manifest says {:?}..{:?}", file.display(), manifest.first_id, manifest.last_id);
+    anyhow::ensure!(
+        (first, last) == (manifest.first_id, manifest.last_id),
+        "{}: ids {first:?}..{last:?}, the manifest says {:?}..{:?}",
+        file.display(),
+        manifest.first_id,
+        manifest.last_id
+    );
     Ok(manifest)
 }
 
-/// Runs retention every `retention_interval_secs` until the process ends (the relay's schedule).
-pub fn schedule(pool: db::Pool, config: RetentionConfig, base_url: String, metrics: Metrics) {
+/// Runs retention a minute after start and then every `retention_interval_secs`, until `stop`
+/// (the relay's schedule).
+pub fn schedule(pool: db::Pool, config: RetentionConfig, base_url: String, metrics: Metrics, stop: Arc<AtomicBool>) {
     if config.retention_interval_secs == 0 {
         return;
     }
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(config.retention_interval_secs));
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut due = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            every.tick().await;
+            while tokio::time::Instant::now() < due {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             match run(&pool, &config, &base_url, &metrics).await {
                 Ok(r) if r.skipped => tracing::debug!("retention: another process is running it"),
                 Ok(r) => tracing::info!(deleted = ?r.deleted, audit_months = r.audit.len(), "retention run"),
                 Err(e) => tracing::error!(error = %e, "retention run failed; it runs again at the next interval"),
             }
+            due = tokio::time::Instant::now() + Duration::from_secs(config.retention_interval_secs);
         }
     });
 }

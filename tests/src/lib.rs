@@ -29,6 +29,6 @@ pub use events::{attribution, deletion, demographics, medication, native_event, 
 pub use http::{Reply, get, post_fhir, send};
 pub use invariants::{check_composite_invariants, content};
 pub use logs::{COLLECTED_LOG_LEVEL, collect_logs, init_logs, log_file, remember_secret, test_log_dir};
-pub use partners::{KeyKind, TestPartner, bearer_client, register_partner, register_partner_with_key, rsa_key_file};
+pub use partners::{KeyKind, TestPartner, bearer_client, kafka_subscription, register_partner, register_partner_with_key, rsa_key_file};
 pub use topics::{ReadRecord, read_topic};
 pub use wait::{applied_messages, eventually, step, wait_applied, wait_relayed};

@@ -127,3 +127,22 @@ pub fn bearer_client(token: &str) -> anyhow::Result<reqwest::Client> {
     headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
     Ok(reqwest::Client::builder().default_headers(headers).build()?)
 }
+
+/// Creates a Kafka-channel Subscription to the medication-profile topic for the partner whose
+/// client `partner` is (it needs `system/Subscription.write`) and waits for its handshake.
+/// Returns its id.
+pub async fn kafka_subscription(partner: &reqwest::Client, origin: &str, reason: &str) -> anyhow::Result<String> {
+    let channel = serde_json::json!({ "type": "message", "payload": "application/fhir+json",
+        "_type": { "extension": [{ "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-channel-type",
+            "valueCoding": { "system": "urn:fhir-event-platform:subscription-channel-type", "code": "kafka" } }] } });
+    let subscription = serde_json::json!({ "resourceType": "Subscription", "status": "requested", "reason": reason,
+        "criteria": fhir::subscriptions::TOPIC_URL, "channel": channel });
+    let created = crate::http::send(crate::http::post_fhir(partner, &format!("{origin}/fhir/Subscription"), &subscription)).await?;
+    anyhow::ensure!(created.status == 201, "{}", created.body);
+    let id = created.body["id"].as_str().unwrap_or_default().to_owned();
+    crate::wait::eventually(std::time::Duration::from_secs(20), "the subscription's handshake", || async {
+        Ok((crate::http::get(partner, &format!("{origin}/fhir/Subscription/{id}")).await?.body["status"] == "active").then_some(()))
+    })
+    .await?;
+    Ok(id)
+}

@@ -1,8 +1,8 @@
 //! Publishes the audit trail to `audit.events.v1`, in the order of the transactions that wrote
 //! it, moving its cursor only after the broker acknowledged.
 
-use fhir::audit::audit_event_json;
 use db::audit::AuditRow;
+use fhir::audit::audit_event_json;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};

@@ -1,7 +1,6 @@
 //! `GET /fhir/AuditEvent` and `GET /fhir/AuditEvent/{id}`: the audit trail, for operators
 //! holding the `system/AuditEvent.read` scope (never granted by a wildcard).
 
-use fhir::audit::audit_event;
 use crate::auth::Caller;
 use crate::auth::scope::{ADMIN_TYPE, Interaction};
 use crate::error::{ApiError, OperationOutcome};
@@ -13,6 +12,7 @@ use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use fhir::audit::audit_event;
 use serde_json::{Value, json};
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;

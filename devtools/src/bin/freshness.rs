@@ -294,8 +294,7 @@ fn retention_windows(url: String, on: Arc<AtomicBool>, stop: Arc<AtomicBool>) ->
             retention_history_days: 0,
             retention_audit_months: 0,
             retention_audit_export_dir: None,
-            retention_batch_rows: 5000,
-            retention_pause_ms: 20,
+            ..relay::retention::RetentionConfig::default()
         };
         let metrics = relay::retention::Metrics::default();
         let (start, mut removed) = (Instant::now(), 0);
@@ -311,6 +310,7 @@ fn retention_windows(url: String, on: Arc<AtomicBool>, stop: Arc<AtomicBool>) ->
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         on.store(false, Relaxed);
+        pool.close().await;
         removed
     })
 }

@@ -130,18 +130,7 @@ async fn prometheus_scrapes_every_component_and_its_figures_match_what_was_sent(
     step("a partner's Kafka-channel subscription");
     let scopes = "system/*.read system/Subscription.write";
     let partner = bearer_client(&app.partner("pobs", scopes, KeyKind::Es384).await?.token_with(&origin, scopes).await?)?;
-    let kafka_channel = json!({ "type": "message", "payload": "application/fhir+json",
-        "_type": { "extension": [{ "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-channel-type",
-            "valueCoding": { "system": "urn:fhir-event-platform:subscription-channel-type", "code": "kafka" } }] } });
-    let subscription = json!({ "resourceType": "Subscription", "status": "requested", "reason": "metrics",
-        "criteria": fhir::subscriptions::TOPIC_URL, "channel": kafka_channel });
-    let created = send(post_fhir(&partner, &format!("{origin}/fhir/Subscription"), &subscription)).await?;
-    assert_eq!(created.status, 201, "{}", created.body);
-    let id = created.body["id"].as_str().unwrap_or_default().to_owned();
-    eventually(Duration::from_secs(20), "the subscription's handshake", || async {
-        Ok((get(&partner, &format!("{origin}/fhir/Subscription/{id}")).await?.body["status"] == "active").then_some(()))
-    })
-    .await?;
+    kafka_subscription(&partner, &origin, "metrics").await?;
 
     step("what the test does: valid events, malformed ones, requests");
     let members = 30;

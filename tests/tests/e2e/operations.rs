@@ -162,18 +162,7 @@ async fn retention_bounds_every_table_and_drops_an_audit_month_only_after_its_ve
     let origin = app.api(&[]).await?;
     let scopes = "system/*.read system/Subscription.write";
     let partner = bearer_client(&app.partner("pret", scopes, KeyKind::Es384).await?.token_with(&origin, scopes).await?)?;
-    let kafka_channel = json!({ "type": "message", "payload": "application/fhir+json",
-        "_type": { "extension": [{ "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-channel-type",
-            "valueCoding": { "system": "urn:fhir-event-platform:subscription-channel-type", "code": "kafka" } }] } });
-    let subscription = json!({ "resourceType": "Subscription", "status": "requested", "reason": "retention",
-        "criteria": fhir::subscriptions::TOPIC_URL, "channel": kafka_channel });
-    let created = send(post_fhir(&partner, &format!("{origin}/fhir/Subscription"), &subscription)).await?;
-    assert_eq!(created.status, 201, "{}", created.body);
-    let id = created.body["id"].as_str().unwrap_or_default().to_owned();
-    eventually(Duration::from_secs(20), "the handshake", || async {
-        Ok((get(&partner, &format!("{origin}/fhir/Subscription/{id}")).await?.body["status"] == "active").then_some(()))
-    })
-    .await?;
+    kafka_subscription(&partner, &origin, "retention").await?;
     let mut events: Vec<_> = (0..MEMBERS).map(|i| attribution(&member(i), "pret")).collect();
     app.apply(&events).await?;
     events.clear();
@@ -206,7 +195,8 @@ async fn retention_bounds_every_table_and_drops_an_audit_month_only_after_its_ve
     let old_events = exec("UPDATE subscription_events SET delivered_at = now() - interval '30 days' WHERE delivered_at IS NOT NULL").await?;
     exec("UPDATE composite_history SET last_updated = now() - interval '30 days'").await?;
     exec("UPDATE resource_history SET last_updated = now() - interval '30 days'").await?;
-    let replaced_versions = count("SELECT count(*) FROM composite_history h JOIN composites c USING (member_id) WHERE h.version_id < c.version_id").await?;
+    let replaced_versions =
+        count("SELECT count(*) FROM composite_history h JOIN composites c USING (member_id) WHERE h.version_id < c.version_id").await?;
     let replaced_resources = count(
         "SELECT count(*) FROM resource_history h WHERE EXISTS (SELECT 1 FROM resource_history n
            WHERE n.resource_type = h.resource_type AND n.resource_id = h.resource_id AND n.version_id > h.version_id)",
@@ -234,7 +224,8 @@ async fn retention_bounds_every_table_and_drops_an_audit_month_only_after_its_ve
     step("retention: each table bounded, the month exported, verified and dropped");
     let export = state_dir().join(unique("audit-export"));
     let export_dir = export.display().to_string();
-    let run = ["retention", "run", "--retention-history-days", "7", "--retention-audit-months", "12", "--retention-audit-export-dir", export_dir.as_str()];
+    let run =
+        ["retention", "run", "--retention-history-days", "7", "--retention-audit-months", "12", "--retention-audit-export-dir", export_dir.as_str()];
     let report = app.fhirctl_json(&run)?.pop().unwrap_or_default();
     assert_eq!(report["skipped"], false, "{report}");
     assert_eq!(report["deleted"]["applied_events"], old_applied, "{report}");

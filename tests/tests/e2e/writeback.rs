@@ -276,6 +276,7 @@ async fn retried_once_and_published_once(scene: &Scene, ids: &Reported) -> anyho
     let inbound = read_inbound(&scene.app.topic(platform::topics::PARTNER_INBOUND), 4).await?;
     assert_eq!(inbound.len(), 4, "{inbound:?}");
     let mut event_ids = BTreeSet::new();
+    let mut traces = BTreeSet::new();
     for (m, (rt, id)) in inbound.iter().zip([
         ("MedicationStatement", &ids.a),
         ("MedicationStatement", &ids.d),
@@ -287,6 +288,9 @@ async fn retried_once_and_published_once(scene: &Scene, ids: &Reported) -> anyho
         assert_eq!((m.headers["partner_id"].as_str(), m.headers["resource_type"].as_str()), ("pa", rt));
         assert_eq!(m.headers["event_id"], m.value["event_id"].as_str().unwrap_or_default());
         assert!(event_ids.insert(m.headers["event_id"].clone()));
+        // Each write's request trace (the API started one: the partner sent none).
+        let trace = m.headers.get("traceparent").and_then(|t| platform::trace::TraceParent::parse(t)).map(|t| t.trace_id());
+        assert!(trace.is_some_and(|t| traces.insert(t)), "a trace of its own: {:?}", m.headers);
         assert_eq!((m.value["resource_id"].as_str(), m.value["interaction"].as_str()), (Some(id.as_str()), Some("create")));
         assert_eq!(m.value["resource"]["meta"]["versionId"], "1");
     }
