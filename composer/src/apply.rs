@@ -367,7 +367,9 @@ fn trace_versions(versions: &mut [db::composites::CompositeVersion], consumed: &
     for v in versions {
         let Some(trace) = last.get(v.member_id.as_str()) else { continue };
         let span = trace.child();
-        tracing::debug!(member = %v.member_id, version = v.version_id, trace_id = %span.trace_id(), "composite version");
+        if span.sampled() {
+            tracing::debug!(member = %v.member_id, version = v.version_id, trace_id = %span.trace_id(), "composite version");
+        }
         v.traceparent = Some(span.to_string());
     }
 }

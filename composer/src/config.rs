@@ -35,6 +35,12 @@ pub struct ComposerConfig {
     #[arg(long, env = "COMPOSER_MAX_MESSAGE_BYTES", default_value_t = 262_144)]
     pub max_message_bytes: usize,
 
+    /// The share of the traces the composer starts (for events sent without a `traceparent`)
+    /// that are sampled: their steps are logged by every component (at debug level). An event
+    /// sent with a sampled `traceparent` is always logged.
+    #[arg(long, env = "TRACE_SAMPLE_RATIO", default_value_t = 0.01)]
+    pub trace_sample_ratio: f64,
+
     #[command(flatten)]
     pub pmm1: platform::Pmm1Config,
 }

@@ -320,7 +320,7 @@ impl Composer {
                         Some(kind) => batch::prepare(&self.contracts, *kind, m.key(), m.payload(), self.config.max_message_bytes),
                         None => Outcome::Nothing,
                     };
-                    let trace = matches!(outcome, Outcome::Change { .. }).then(|| trace_of(&m));
+                    let trace = matches!(outcome, Outcome::Change { .. }).then(|| trace_of(&m, self.config.trace_sample_ratio));
                     let consumed = Consumed { topic: m.topic().to_owned(), partition: m.partition(), offset: m.offset(), outcome, trace };
                     let hand = &mut hands[m.partition().unsigned_abs() as usize % lanes.len()];
                     hand.push(Prepared { consumed, original: Some(m.detach()), dead_lettered: false }, generation, wait, self.config.batch_size);
@@ -590,13 +590,13 @@ impl Composer {
 }
 
 /// The trace of a system of record's message: its `traceparent` header when it has a valid
-/// one, else a new trace.
-fn trace_of(m: &rdkafka::message::BorrowedMessage<'_>) -> platform::trace::TraceParent {
+/// one, else a new trace (sampled at `ratio`).
+fn trace_of(m: &rdkafka::message::BorrowedMessage<'_>, ratio: f64) -> platform::trace::TraceParent {
     m.headers()
         .and_then(|h| h.iter().find(|x| x.key == platform::trace::HEADER))
         .and_then(|x| std::str::from_utf8(x.value?).ok())
         .and_then(platform::trace::TraceParent::parse)
-        .unwrap_or_else(platform::trace::TraceParent::root)
+        .unwrap_or_else(|| platform::trace::TraceParent::root_sampled(ratio))
 }
 
 /// Whether `outcome` is a change of `member`'s records other than its demographics.

@@ -253,8 +253,12 @@ impl Notifier {
         match sent {
             Ok(()) => {
                 q::delivered(&self.pool, &s.id, events.last().map(|e| e.event_number)).await?;
-                let trace_id = trace.map(|t| t.trace_id()).unwrap_or_default();
-                tracing::debug!(subscription = %s.id, events = events.len(), kind = ?kind, %trace_id, "notification delivered");
+                match trace.filter(platform::trace::TraceParent::sampled) {
+                    Some(t) => {
+                        tracing::debug!(subscription = %s.id, events = events.len(), kind = ?kind, trace_id = %t.trace_id(), "notification delivered")
+                    }
+                    None => tracing::debug!(subscription = %s.id, events = events.len(), kind = ?kind, "notification delivered"),
+                }
             }
             Err(error) => {
                 let now = OffsetDateTime::now_utc();

@@ -2,8 +2,9 @@
 //! followed across components. A system of record may send a `traceparent` header with its
 //! event; the composer starts a trace when it does not. Each hop that sends something on
 //! (a composite version, a published record, a notification, an API request's writes) sends a
-//! child: the same trace id, a span id of its own. Components log the trace id (`trace_id`)
-//! with what they did, so the JSON logs of all of them can be searched for one change.
+//! child: the same trace id, a span id of its own. For sampled traces (the sender's flag; the
+//! composer samples those it starts at `TRACE_SAMPLE_RATIO`) components log the trace id
+//! (`trace_id`) with each step, so the JSON logs of all of them can be searched for one change.
 
 use rand::RngCore;
 
@@ -19,7 +20,7 @@ pub struct TraceParent {
 pub const HEADER: &str = "traceparent";
 
 impl TraceParent {
-    /// A new trace (sampled), for a change that arrived without one.
+    /// A new trace, sampled (flag 01), for a request or change that arrived without one.
     pub fn root() -> Self {
         let mut rng = rand::rng();
         let mut trace_id = [0u8; 16];
@@ -32,6 +33,18 @@ impl TraceParent {
             rng.fill_bytes(&mut parent_id);
         }
         TraceParent { trace_id, parent_id, flags: 1 }
+    }
+
+    /// A new trace sampled with probability `ratio` (its flag says so): a component logs the
+    /// steps of sampled traces only, so that logging every change of a busy pipeline is a choice.
+    pub fn root_sampled(ratio: f64) -> Self {
+        let sampled = ratio >= 1.0 || (ratio > 0.0 && rand::random::<f64>() < ratio);
+        TraceParent { flags: u8::from(sampled), ..Self::root() }
+    }
+
+    /// Whether the trace is sampled (flag 01): its steps are logged.
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
     }
 
     /// The same trace, a new span: what this hop sends on.
@@ -77,9 +90,9 @@ impl std::fmt::Display for TraceParent {
     }
 }
 
-/// The trace id of a stored `traceparent` (empty when there is none or it is malformed), for logs.
-pub fn trace_id_of(traceparent: Option<&str>) -> String {
-    traceparent.and_then(TraceParent::parse).map(|t| t.trace_id()).unwrap_or_default()
+/// The trace id of a stored `traceparent` when it is sampled, for logs.
+pub fn sampled_trace_id(traceparent: Option<&str>) -> Option<String> {
+    traceparent.and_then(TraceParent::parse).filter(TraceParent::sampled).map(|t| t.trace_id())
 }
 
 fn hex<const N: usize>(s: &str) -> Option<[u8; N]> {
@@ -127,6 +140,14 @@ mod tests {
         ] {
             assert_eq!(TraceParent::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn sampling_follows_the_ratio() {
+        assert!((0..100).all(|_| TraceParent::root_sampled(1.0).sampled()));
+        assert!((0..100).all(|_| !TraceParent::root_sampled(0.0).sampled()));
+        let sampled = (0..10_000).filter(|_| TraceParent::root_sampled(0.1).sampled()).count();
+        assert!((700..1300).contains(&sampled), "{sampled} of 10,000 at 0.1");
     }
 
     #[test]

@@ -201,9 +201,10 @@ impl Relay {
                 reason = %why, "relay: the broker refused a record; parked it (fhirctl outbox list) and went on");
         }
         if tracing::enabled!(tracing::Level::DEBUG) {
-            for row in rows.iter().filter(|r| r.traceparent.is_some() && !parked.iter().any(|(id, _)| *id == r.id)) {
-                tracing::debug!(member = %row.member_id, version = row.version_id, topic = %row.topic,
-                    trace_id = %platform::trace::trace_id_of(row.traceparent.as_deref()), "published");
+            for row in rows.iter().filter(|r| !parked.iter().any(|(id, _)| *id == r.id)) {
+                if let Some(trace_id) = platform::trace::sampled_trace_id(row.traceparent.as_deref()) {
+                    tracing::debug!(member = %row.member_id, version = row.version_id, topic = %row.topic, %trace_id, "published");
+                }
             }
         }
         q::mark_published(&mut tx, &published).await?;
