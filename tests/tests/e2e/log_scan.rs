@@ -27,6 +27,19 @@ fn identifiers(patient: &Value, out: &mut BTreeSet<String>) {
     }
 }
 
+/// Whether `text` holds a JWT or JWS: `eyJ` (a base64url-encoded `{"`) and base64url text, a
+/// dot, and more base64url text. A bare `eyJ` inside a random id (a fuzzer's path segment) is
+/// not one.
+fn has_jwt(text: &str) -> bool {
+    let b64 = |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+    text.match_indices("eyJ").any(|(at, _)| {
+        let rest = &text.as_bytes()[at..];
+        let header = rest.iter().take_while(|c| b64(**c)).count();
+        let payload = rest.get(header + 1..).map_or(0, |p| p.iter().take_while(|c| b64(**c)).count());
+        header >= 10 && rest.get(header) == Some(&b'.') && payload >= 10
+    })
+}
+
 /// Occurrences of `needle` in `haystack` that stand as a whole word.
 fn whole_word_hits(haystack: &str, needle: &str) -> usize {
     let word = |c: Option<char>| c.is_some_and(char::is_alphanumeric);
@@ -92,7 +105,10 @@ async fn nothing_the_platform_logged_holds_phi_or_secrets() -> anyhow::Result<()
             leaks.push(format!("secret {}…", &secret[..8.min(secret.len())]));
         }
     }
-    for marker in ["eyJ", "Bearer ", "PRIVATE KEY"] {
+    if has_jwt(&logs) {
+        leaks.push("something shaped like a JWT (eyJ….….)".to_owned());
+    }
+    for marker in ["Bearer ", "PRIVATE KEY"] {
         if logs.contains(marker) {
             leaks.push(format!("something that looks like a token or key ({marker:?})"));
         }
@@ -106,6 +122,14 @@ async fn nothing_the_platform_logged_holds_phi_or_secrets() -> anyhow::Result<()
     );
     anyhow::ensure!(leaks.is_empty(), "the logs hold: {}", leaks.join(", "));
     Ok(())
+}
+
+#[test]
+fn jwt_shapes_only() {
+    assert!(has_jwt("token eyJhbGciOiJFUzM4NCJ9.eyJpc3MiOiJwYSJ9.c2ln here"));
+    assert!(has_jwt("eyJhbGciOiJFUzM4NCJ9.eyJpc3MiOiJwYSJ9"));
+    assert!(!has_jwt("path /fhir/Provenance/gJsghAeyJXKecu9t"), "an id that happens to hold eyJ");
+    assert!(!has_jwt("eyJhbGciOiJFUzM4NCJ9 and nothing after"));
 }
 
 #[test]
