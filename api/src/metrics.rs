@@ -14,14 +14,14 @@ pub struct RequestLabels {
     /// The route template (`/fhir/Patient/{id}/$medication-profile`), `unmatched` otherwise:
     /// never a path a caller wrote.
     pub route: String,
-    pub method: String,
+    pub method: &'static str,
     pub status: u16,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: String,
-    pub method: String,
+    pub method: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,9 +68,10 @@ impl Metrics {
     }
 
     pub(crate) fn request(&self, route: &str, method: &axum::http::Method, status: u16, took: std::time::Duration) {
-        let (route, method) = (route.to_owned(), method.as_str().to_owned());
-        self.request_seconds.get_or_create(&RouteLabels { route: route.clone(), method: method.clone() }).observe(took.as_secs_f64());
-        self.requests.get_or_create(&RequestLabels { route, method, status }).inc();
+        let method = method_label(method);
+        let labels = RouteLabels { route: route.to_owned(), method };
+        self.requests.get_or_create(&RequestLabels { route: labels.route.clone(), method, status }).inc();
+        self.request_seconds.get_or_create(&labels).observe(took.as_secs_f64());
     }
 
     pub(crate) fn matched(&self, decision: &'static str) {
@@ -91,6 +92,17 @@ impl Metrics {
     }
 }
 
+/// A request method as a label: the standard ones by name, any other as `other` (a caller
+/// chooses the method, so it must not add series).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    [Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::PATCH, Method::DELETE, Method::OPTIONS]
+        .iter()
+        .zip(["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+        .find_map(|(m, name)| (m == method).then_some(name))
+        .unwrap_or("other")
+}
+
 /// Outermost middleware: counts and times every request under its route template.
 pub async fn track(
     axum::extract::State(metrics): axum::extract::State<std::sync::Arc<Metrics>>,
@@ -99,8 +111,22 @@ pub async fn track(
 ) -> axum::response::Response {
     let started = std::time::Instant::now();
     let method = request.method().clone();
-    let route = request.extensions().get::<axum::extract::MatchedPath>().map(|m| m.as_str().to_owned());
+    let route = request.extensions().get::<axum::extract::MatchedPath>().cloned();
     let response = next.run(request).await;
-    metrics.request(route.as_deref().unwrap_or("unmatched"), &method, response.status().as_u16(), started.elapsed());
+    metrics.request(route.as_ref().map_or("unmatched", |r| r.as_str()), &method, response.status().as_u16(), started.elapsed());
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::method_label;
+    use axum::http::Method;
+
+    #[test]
+    fn a_caller_chosen_method_adds_no_series() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::DELETE), "DELETE");
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap_or(Method::TRACE)), "other");
+        assert_eq!(method_label(&Method::TRACE), "other");
+    }
 }
