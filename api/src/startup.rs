@@ -76,7 +76,7 @@ impl Application {
         // connections (or wait for them) cannot keep accesses from being recorded.
         let audit_pool = db::connect_lazy(&config.common, u32::try_from(config.audit_writers.max(1) + 1).unwrap_or(4))?;
         audit::relay::spawn_relay(audit_pool.clone(), config.common.kafka.clone(), base_url.clone());
-        let composites: Arc<Vec<Box<dyn fhir::composite::Composite>>> = Arc::new(fhir::composites(&config.common));
+        let composites = Arc::new(fhir::composites(&config.common)?);
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let kafka = Arc::new(kafka);
         let ops_addr = serve_ops(config, &pool, &audit_pool, &kafka, &metrics).await?;

@@ -37,7 +37,7 @@ pub struct Shared {
     /// PMM1 matching, when a pepper is configured.
     pub matcher: Option<Arc<Matcher>>,
     /// The composites a partner's write-back updates (in the write's transaction).
-    pub composites: Arc<Vec<Box<dyn fhir::composite::Composite>>>,
+    pub composites: Arc<fhir::composite::Composites>,
     /// What Subscriptions may ask for.
     pub subscription_limits: fhir::subscriptions::Limits,
     pub subscription_max_per_partner: i64,

@@ -6,7 +6,7 @@
 
 use db::components::{self as q, ComponentKey, ComponentWrite};
 use db::offsets::StoredOffset;
-use fhir::composite::{Composite, RebuildError, rebuild};
+use fhir::composite::{Composites, RebuildError, rebuild};
 use fhir::mapping::{self, MappedResource};
 use schemas::{Change, Event, RecordKind, Rejection};
 use std::borrow::Borrow;
@@ -73,6 +73,10 @@ pub struct Applied {
     pub stale: usize,
     pub components_written: usize,
     pub composite_versions: usize,
+    /// New DetectedIssue versions.
+    pub insight_versions: usize,
+    /// Active medications whose product the knowledge base does not know (no insight).
+    pub unknown_products: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,7 +175,7 @@ impl From<sqlx::Error> for BatchError {
 pub async fn apply(
     pool: &db::Pool,
     group: &str,
-    composites: &[Box<dyn Composite>],
+    composites: &Composites,
     indexer: Option<&crate::matching::MatchIndexer>,
     consumed: &[impl Borrow<Consumed>],
     offsets: &[(StoredOffset, Option<i64>)],
@@ -183,7 +187,7 @@ pub async fn apply(
 /// back. Used to find the record a failing batch fails on.
 pub async fn try_apply(
     pool: &db::Pool,
-    composites: &[Box<dyn Composite>],
+    composites: &Composites,
     indexer: Option<&crate::matching::MatchIndexer>,
     consumed: &[impl Borrow<Consumed>],
 ) -> Result<Applied, BatchError> {
@@ -193,7 +197,7 @@ pub async fn try_apply(
 async fn run(
     pool: &db::Pool,
     group: &str,
-    composites: &[Box<dyn Composite>],
+    composites: &Composites,
     indexer: Option<&crate::matching::MatchIndexer>,
     consumed: &[impl Borrow<Consumed>],
     offsets: &[(StoredOffset, Option<i64>)],
@@ -334,10 +338,12 @@ async fn run(
         }
     }
 
-    let mut versions = rebuild(&mut tx, composites, &dirty.into_iter().collect::<Vec<_>>(), &now_text).await?;
-    trace_versions(&mut versions, consumed);
-    db::composites::write_composites(&mut tx, &versions, now).await?;
-    applied.composite_versions = versions.len();
+    let mut rebuilt = rebuild(&mut tx, composites, &dirty.into_iter().collect::<Vec<_>>(), now, &now_text).await?;
+    trace_versions(&mut rebuilt, consumed);
+    rebuilt.write(&mut tx, now).await?;
+    applied.composite_versions = rebuilt.versions.len();
+    applied.insight_versions = rebuilt.insights.versions;
+    applied.unknown_products = rebuilt.insights.unknown_products;
 
     if !offsets.is_empty() && !db::offsets::advance_offsets(&mut tx, group, offsets).await? {
         tx.rollback().await?;
@@ -353,8 +359,8 @@ async fn run(
 
 /// Gives each new version the composer's span of the change that made it: a child of the
 /// trace of the member's last change in the batch (the one the version answers to).
-fn trace_versions(versions: &mut [db::composites::CompositeVersion], consumed: &[impl Borrow<Consumed>]) {
-    if versions.is_empty() {
+fn trace_versions(rebuilt: &mut fhir::composite::Rebuilt, consumed: &[impl Borrow<Consumed>]) {
+    if rebuilt.versions.is_empty() && rebuilt.insight_bundles.is_empty() {
         return;
     }
     let mut last: HashMap<&str, platform::trace::TraceParent> = HashMap::new();
@@ -364,13 +370,17 @@ fn trace_versions(versions: &mut [db::composites::CompositeVersion], consumed: &
             last.insert(event.member_id.as_str(), trace);
         }
     }
-    for v in versions {
+    for v in &mut rebuilt.versions {
         let Some(trace) = last.get(v.member_id.as_str()) else { continue };
         let span = trace.child();
         if span.sampled() {
             tracing::debug!(member = %v.member_id, version = v.version_id, trace_id = %span.trace_id(), "composite version");
         }
         v.traceparent = Some(span.to_string());
+    }
+    for b in &mut rebuilt.insight_bundles {
+        let Some(trace) = last.get(b.member_id.as_str()) else { continue };
+        b.traceparent = Some(trace.child().to_string());
     }
 }
 

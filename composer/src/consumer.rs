@@ -15,7 +15,7 @@
 use crate::apply::{self as batch, Consumed, Outcome};
 use crate::config::ComposerConfig;
 use db::offsets::StoredOffset;
-use fhir::composite::Composite;
+use fhir::composite::Composites;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
@@ -207,14 +207,14 @@ pub struct Composer {
     config: ComposerConfig,
     pool: db::Pool,
     contracts: Contracts,
-    composites: Vec<Box<dyn Composite>>,
+    composites: Composites,
     /// Keeps the PMM1 match index, when PMM1 is configured.
     indexer: Option<crate::matching::MatchIndexer>,
     pub metrics: Arc<Metrics>,
 }
 
 impl Composer {
-    pub fn new(config: ComposerConfig, pool: db::Pool, composites: Vec<Box<dyn Composite>>) -> anyhow::Result<Self> {
+    pub fn new(config: ComposerConfig, pool: db::Pool, composites: Composites) -> anyhow::Result<Self> {
         let indexer = crate::matching::MatchIndexer::from_config(&config.pmm1)?;
         Ok(Self { config, pool, contracts: Contracts::load()?, composites, indexer, metrics: Arc::default() })
     }

@@ -35,7 +35,7 @@ pub async fn spawn(mut config: ComposerConfig) -> anyhow::Result<Running> {
     db::migrate(&pool).await?;
     platform::kafka::ensure(&config.common.kafka).await?;
     config.batch_size = fit_batch_size(config.batch_size, config.appliers, db::components::lock_capacity(&pool).await?);
-    let composer = consumer::Composer::new(config.clone(), pool.clone(), fhir::composites(&config.common))?;
+    let composer = consumer::Composer::new(config.clone(), pool.clone(), fhir::composites(&config.common)?)?;
     let metrics = composer.metrics.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let ops_addr = serve_ops(&config, &pool, &metrics, stop.clone()).await?;

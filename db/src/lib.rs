@@ -10,6 +10,7 @@ pub mod components;
 pub mod composites;
 #[cfg(feature = "test-support")]
 pub mod heartbeat;
+pub mod insights;
 pub mod matching;
 pub mod offsets;
 pub mod outbox;

@@ -2,7 +2,9 @@
 //! implementation of [`Composite`]; the medication profile is the first.
 
 use db::components as q;
+use crate::insights::{self, Current, Engine, Refreshed};
 use db::composites::{CompositeState, CompositeVersion, composite_states};
+use db::insights::{BundleState, BundleVersion};
 use platform::MemberId;
 use platform::time::instant;
 use schemas::RecordKind;
@@ -174,9 +176,10 @@ pub trait Composite: Send + Sync {
     fn topic(&self) -> &'static str;
     /// The record kinds whose changes can change it.
     fn inputs(&self) -> &'static [RecordKind];
-    /// Its content for a member from the member's live components (those of `inputs` kinds),
-    /// or `None` when the member has no such composite (or no longer has one).
-    fn assemble(&self, member: &MemberId, components: &[Component]) -> Option<Content>;
+    /// Its content for a member from the member's live components (at least those of `inputs`
+    /// kinds) and current insights (every status, in id order), or `None` when the member has
+    /// no such composite (or no longer has one).
+    fn assemble(&self, member: &MemberId, components: &[Component], insights: &[Current]) -> Option<Content>;
     /// The stored and served JSON of one version.
     fn render(&self, member: &MemberId, content: &Content, version_id: i64, last_updated: &str) -> String;
     /// The largest rendered version kept (`COMPOSITE_MAX_BYTES`): every version must fit in a
@@ -184,8 +187,31 @@ pub trait Composite: Send + Sync {
     fn max_bytes(&self) -> usize;
 }
 
-/// The member's medication profile: a `collection` Bundle with the member's Patient and every
-/// current MedicationStatement, AllergyIntolerance and Immunization. It exists while the member
+/// The composites a deployment builds, and how it derives insights (`None`: it does not).
+pub struct Composites {
+    list: Vec<Box<dyn Composite>>,
+    pub insights: Option<Engine>,
+    /// Base of the insights Bundle's `fullUrl`s.
+    base_url: String,
+}
+
+impl Composites {
+    pub fn new(list: Vec<Box<dyn Composite>>, insights: Option<Engine>, base_url: String) -> Self {
+        Composites { list, insights, base_url }
+    }
+}
+
+impl std::ops::Deref for Composites {
+    type Target = [Box<dyn Composite>];
+
+    fn deref(&self) -> &Self::Target {
+        &self.list
+    }
+}
+
+/// The member's medication profile: a `collection` Bundle with the member's Patient, every
+/// current MedicationStatement, AllergyIntolerance and Immunization, and the open insights
+/// (DetectedIssues) derived from them. It exists while the member
 /// has demographics: records that arrive before them are kept and joined when they come.
 pub struct MedicationProfile {
     /// Base of `fullUrl`s: `{base}/{type}/{id}`, where the API serves each entry.
@@ -193,7 +219,7 @@ pub struct MedicationProfile {
     pub max_bytes: usize,
 }
 
-const ENTRY_ORDER: [&str; 4] = ["Patient", "MedicationStatement", "AllergyIntolerance", "Immunization"];
+const ENTRY_ORDER: [&str; 5] = ["Patient", "MedicationStatement", "AllergyIntolerance", "Immunization", "DetectedIssue"];
 
 impl Composite for MedicationProfile {
     fn topic(&self) -> &'static str {
@@ -208,7 +234,7 @@ impl Composite for MedicationProfile {
         self.max_bytes
     }
 
-    fn assemble(&self, member: &MemberId, components: &[Component]) -> Option<Content> {
+    fn assemble(&self, member: &MemberId, components: &[Component], insights: &[Current]) -> Option<Content> {
         // One Patient: if several systems publish demographics for a member, the newest version
         // wins, then the (source, record) order, so the choice depends only on stored state.
         let patient = components
@@ -221,16 +247,23 @@ impl Composite for MedicationProfile {
             let rank = |c: &Component| ENTRY_ORDER.iter().position(|t| *t == c.resource_type).unwrap_or(usize::MAX);
             (rank(a), &a.resource_id).cmp(&(rank(b), &b.resource_id))
         });
-        let mut entries = String::with_capacity(patient.json.len() + others.iter().map(|(_, json)| json.len() + 96).sum::<usize>() + 2);
+        let open: Vec<&Current> = insights.iter().filter(|i| i.open).collect();
+        let mut entries = String::with_capacity(
+            patient.json.len() + others.iter().map(|(_, json)| json.len() + 96).sum::<usize>() + open.iter().map(|i| i.json.len() + 96).sum::<usize>() + 2,
+        );
         entries.push('[');
-        for (i, (c, json)) in std::iter::once((patient, Cow::Borrowed(patient.json.as_str()))).chain(others).enumerate() {
+        let listed = std::iter::once((patient, Cow::Borrowed(patient.json.as_str())))
+            .chain(others)
+            .map(|(c, json)| (c.resource_type.as_str(), c.resource_id.as_str(), json))
+            .chain(open.iter().map(|i| ("DetectedIssue", i.id.as_str(), Cow::Borrowed(i.json.as_str()))));
+        for (i, (resource_type, id, json)) in listed.enumerate() {
             if i > 0 {
                 entries.push(',');
             }
             let _ = write!(
                 entries,
                 "{{\"fullUrl\":{},\"resource\":{}}}",
-                serde_json::Value::String(format!("{}/{}/{}", self.base_url, c.resource_type, c.resource_id)),
+                serde_json::Value::String(format!("{}/{resource_type}/{id}", self.base_url)),
                 json
             );
         }
@@ -243,12 +276,16 @@ impl Composite for MedicationProfile {
     }
 
     fn render(&self, member: &MemberId, content: &Content, version_id: i64, last_updated: &str) -> String {
-        format!(
-            "{{\"resourceType\":\"Bundle\",\"id\":{},\"meta\":{{\"versionId\":\"{version_id}\",\"lastUpdated\":\"{last_updated}\"}},\"type\":\"collection\",\"timestamp\":\"{last_updated}\",\"entry\":{}}}",
-            serde_json::Value::String(member.as_str().to_owned()),
-            content.entries
-        )
+        collection(member.as_str(), &content.entries, version_id, last_updated)
     }
+}
+
+/// A versioned `collection` Bundle of a member's entries (JSON array text).
+pub fn collection(member: &str, entries: &str, version_id: i64, last_updated: &str) -> String {
+    format!(
+        "{{\"resourceType\":\"Bundle\",\"id\":{},\"meta\":{{\"versionId\":\"{version_id}\",\"lastUpdated\":\"{last_updated}\"}},\"type\":\"collection\",\"timestamp\":\"{last_updated}\",\"entry\":{entries}}}",
+        serde_json::Value::String(member.to_owned()),
+    )
 }
 
 /// The event id of version `version` of `member`'s composite on `topic`: the same whenever the
@@ -267,47 +304,86 @@ pub enum RebuildError {
     TooLarge { member_id: String, size: usize, limit: usize },
 }
 
-/// New composite versions for `members` whose content changed (or that appeared or went),
-/// without a trace context (the caller sets the change's).
+/// What [`rebuild`] made: new composite versions, new insights Bundle versions, and what the
+/// insights' refresh did. None has a trace context yet (the caller sets the change's).
+#[derive(Debug, Default)]
+pub struct Rebuilt {
+    pub versions: Vec<CompositeVersion>,
+    pub insight_bundles: Vec<BundleVersion>,
+    pub insights: Refreshed,
+}
+
+impl Rebuilt {
+    /// Stores the new versions (history, current rows, outbox).
+    pub async fn write(&self, tx: &mut sqlx::PgConnection, now: OffsetDateTime) -> Result<(), db::Error> {
+        db::composites::write_composites(tx, &self.versions, now).await?;
+        db::insights::write_bundles(tx, &self.insight_bundles, now).await
+    }
+}
+
+/// Rebuilds `members`: refreshes their insights (writing each DetectedIssue version), then
+/// gives new composite versions for members whose content changed (or that appeared or went)
+/// and new insights Bundles where those changed.
 /// Runs inside the transaction that changed their components, with the members locked
-/// ([`q::lock_members`]); the caller stores the versions with [`db::composites::write_composites`].
+/// ([`q::lock_members`]); the caller stores the versions with [`Rebuilt::write`].
 /// A version larger than its composite's `max_bytes` fails the whole rebuild.
 pub async fn rebuild(
     tx: &mut sqlx::PgConnection,
-    composites: &[Box<dyn Composite>],
+    composites: &Composites,
     members: &[String],
+    now: OffsetDateTime,
     now_text: &str,
-) -> Result<Vec<CompositeVersion>, RebuildError> {
+) -> Result<Rebuilt, RebuildError> {
+    let mut rebuilt = Rebuilt::default();
     if members.is_empty() {
-        return Ok(Vec::new());
+        return Ok(rebuilt);
     }
-    let mut versions = Vec::new();
-    for composite in composites {
-        let kinds: Vec<&str> = composite.inputs().iter().map(|k| k.as_str()).collect();
-        let mut by_member: HashMap<String, Vec<Component>> = HashMap::new();
-        for row in q::live_components(tx, members, &kinds).await? {
-            let Some(kind) = RecordKind::parse(&row.kind) else {
-                continue;
-            };
-            by_member.entry(row.member_id).or_default().push(Component {
-                kind,
-                source: row.source,
-                record_id: row.record_id,
-                version: row.version,
-                resource_type: row.resource_type,
-                resource_id: row.resource_id,
-                json: row.body,
-                code: row.code_system.zip(row.code),
-                status: row.status,
-                updated_at: row.updated_at,
-            });
+    let mut kinds: Vec<&str> = composites.iter().flat_map(|c| c.inputs()).map(|k| k.as_str()).collect();
+    if composites.insights.is_some() {
+        kinds.extend([RecordKind::Demographics.as_str(), RecordKind::Medication.as_str(), RecordKind::Allergy.as_str(), insights::KIND]);
+    }
+    kinds.sort_unstable();
+    kinds.dedup();
+    let mut by_member: HashMap<String, Vec<Component>> = HashMap::new();
+    let mut stored_insights = Vec::new();
+    for row in q::live_components(tx, members, &kinds).await? {
+        if row.kind == insights::KIND {
+            stored_insights.push(row);
+            continue;
         }
-        let states: HashMap<String, CompositeState> = composite_states(tx, members).await?.into_iter().map(|s| (s.member_id.clone(), s)).collect();
+        let Some(kind) = RecordKind::parse(&row.kind) else {
+            continue;
+        };
+        by_member.entry(row.member_id).or_default().push(Component {
+            kind,
+            source: row.source,
+            record_id: row.record_id,
+            version: row.version,
+            resource_type: row.resource_type,
+            resource_id: row.resource_id,
+            json: row.body,
+            code: row.code_system.zip(row.code),
+            status: row.status,
+            updated_at: row.updated_at,
+        });
+    }
+    let current = match &composites.insights {
+        Some(engine) => {
+            let (current, refreshed) = insights::refresh(tx, engine, members, &by_member, stored_insights, now, now_text).await?;
+            rebuilt.insights = refreshed;
+            current
+        }
+        None => HashMap::new(),
+    };
+    let no_insights = Vec::new();
+    let states: HashMap<String, CompositeState> = composite_states(tx, members).await?.into_iter().map(|s| (s.member_id.clone(), s)).collect();
+    for composite in composites.iter() {
         for member in members {
             let Ok(member_id) = MemberId::parse(member) else {
                 continue;
             };
-            let content = composite.assemble(&member_id, by_member.get(member).map(Vec::as_slice).unwrap_or_default());
+            let own = current.get(member).unwrap_or(&no_insights);
+            let content = composite.assemble(&member_id, by_member.get(member).map(Vec::as_slice).unwrap_or_default(), own);
             let state = states.get(member);
             let next = state.map_or(1, |s| s.version_id + 1);
             let event_id = event_id(composite.topic(), member, next);
@@ -317,7 +393,7 @@ pub async fn rebuild(
                     if body.len() > composite.max_bytes() {
                         return Err(RebuildError::TooLarge { member_id: member.clone(), size: body.len(), limit: composite.max_bytes() });
                     }
-                    versions.push(CompositeVersion {
+                    rebuilt.versions.push(CompositeVersion {
                         member_id: member.clone(),
                         version_id: next,
                         body: Some(body),
@@ -327,7 +403,7 @@ pub async fn rebuild(
                         traceparent: None,
                     });
                 }
-                (None, Some(s)) if !s.deleted => versions.push(CompositeVersion {
+                (None, Some(s)) if !s.deleted => rebuilt.versions.push(CompositeVersion {
                     member_id: member.clone(),
                     version_id: next,
                     body: None,
@@ -340,7 +416,28 @@ pub async fn rebuild(
             }
         }
     }
-    Ok(versions)
+    if !current.is_empty() {
+        let with: Vec<String> = members.iter().filter(|m| current.contains_key(*m)).cloned().collect();
+        let bundles: HashMap<String, BundleState> = db::insights::bundle_states(tx, &with).await?.into_iter().map(|s| (s.member_id.clone(), s)).collect();
+        for member in with {
+            let (entries, hash) = insights::bundle_entries(&composites.base_url, &member, &current[&member]);
+            let state = bundles.get(&member);
+            if state.is_some_and(|s| s.content_hash == hash) {
+                continue;
+            }
+            let next = state.map_or(1, |s| s.version_id + 1);
+            rebuilt.insight_bundles.push(BundleVersion {
+                body: collection(&member, &entries, next, now_text),
+                event_id: event_id(platform::topics::INSIGHTS, &member, next),
+                topic: platform::topics::INSIGHTS.to_owned(),
+                member_id: member,
+                version_id: next,
+                content_hash: hash,
+                traceparent: None,
+            });
+        }
+    }
+    Ok(rebuilt)
 }
 
 #[cfg(test)]
@@ -381,7 +478,7 @@ mod tests {
         let m = MemberId::parse("M1").unwrap();
         let mut all = vec![component(RecordKind::Demographics, "Patient", "M1", 1)];
         all.extend_from_slice(components);
-        let content = profile().assemble(&m, &all).unwrap();
+        let content = profile().assemble(&m, &all, &[]).unwrap();
         let entries: Vec<serde_json::Value> = serde_json::from_str(&content.entries).unwrap();
         entries[1..]
             .iter()
@@ -435,7 +532,7 @@ mod tests {
     #[test]
     fn no_patient_no_profile() {
         let m = MemberId::parse("M1").unwrap();
-        assert!(profile().assemble(&m, &[component(RecordKind::Medication, "MedicationStatement", "a", 1)]).is_none());
+        assert!(profile().assemble(&m, &[component(RecordKind::Medication, "MedicationStatement", "a", 1)], &[]).is_none());
     }
 
     #[test]
@@ -449,7 +546,7 @@ mod tests {
         ];
         let mut b = a.clone();
         b.reverse();
-        let (ca, cb) = (profile().assemble(&m, &a).unwrap(), profile().assemble(&m, &b).unwrap());
+        let (ca, cb) = (profile().assemble(&m, &a, &[]).unwrap(), profile().assemble(&m, &b, &[]).unwrap());
         assert_eq!(ca, cb);
         let body = profile().render(&m, &ca, 3, "2026-11-27T05:00:00.000Z");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -457,7 +554,7 @@ mod tests {
         let order: Vec<&str> = v["entry"].as_array().unwrap().iter().map(|e| e["resource"]["id"].as_str().unwrap()).collect();
         assert_eq!(order, ["M1", "a", "b", "i"]);
         assert_eq!(v["entry"][0]["fullUrl"], "http://h/fhir/Patient/M1");
-        let changed = profile().assemble(&m, &a[..3]).unwrap();
+        let changed = profile().assemble(&m, &a[..3], &[]).unwrap();
         assert_ne!(changed.hash, ca.hash);
     }
 }

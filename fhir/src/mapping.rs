@@ -387,6 +387,17 @@ pub fn parse_bundle(json: &str) -> std::result::Result<Bundle, String> {
     serde_path_to_error::deserialize(&mut de).map_err(|e| format!("{}: {}", e.path(), e.inner()))
 }
 
+/// Parses a DetectedIssue (an insight) with fhir-sdk's R4B type: what the insights write must
+/// be valid R4B.
+pub fn parse_detected_issue(json: &str) -> std::result::Result<fhir_sdk::r4b::resources::DetectedIssue, String> {
+    let value: Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    if value.get("resourceType").and_then(Value::as_str) != Some("DetectedIssue") {
+        return Err("resourceType is not DetectedIssue".into());
+    }
+    let mut de = serde_json::Deserializer::from_str(json);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| format!("{}: {}", e.path(), e.inner()))
+}
+
 /// The references from each entry of a parsed Bundle to a Patient, with the entry's type and
 /// id: `(resourceType, id, "Patient/…")`; and the Patient entries' ids.
 pub fn bundle_patient_links(bundle: &Bundle) -> (Vec<String>, Vec<(String, String, String)>) {

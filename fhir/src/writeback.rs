@@ -10,7 +10,7 @@
 //!
 //! Validation comes first ([`validate`]), and nothing is stored unless all of it passes.
 
-use crate::composite::{Assessment, Component, Composite, PARTNER_ID_SYSTEM, RebuildError, rebuild};
+use crate::composite::{Assessment, Component, Composites, PARTNER_ID_SYSTEM, RebuildError, rebuild};
 use crate::mapping::{self, ALLERGY_CLINICAL, RXNORM, SNOMED};
 use db::components::{self as q, ComponentKey, ComponentWrite};
 use db::writeback as w;
@@ -374,7 +374,7 @@ pub struct Author<'a> {
 /// member's new composite versions and the `partner.inbound.v1` outbox row.
 pub async fn write(
     pool: &db::Pool,
-    composites: &[Box<dyn Composite>],
+    composites: &Composites,
     author: Author<'_>,
     report: Report,
     mode: Mode,
@@ -480,12 +480,15 @@ pub async fn write(
     let stored = w::resource_for_update(&mut tx, rt.name(), &id).await?.ok_or_else(|| WriteError::NotFound(id.clone()))?;
 
     let reconciliation = reconciliation(&mut tx, &report, &source, now).await?;
-    let mut versions = rebuild(&mut tx, composites, std::slice::from_ref(&member), &now_text).await?;
+    let mut rebuilt = rebuild(&mut tx, composites, std::slice::from_ref(&member), now, &now_text).await?;
     let traceparent = author.trace.map(|t| t.to_string());
-    for v in &mut versions {
+    for v in &mut rebuilt.versions {
         v.traceparent = traceparent.clone();
     }
-    db::composites::write_composites(&mut tx, &versions, now).await?;
+    for b in &mut rebuilt.insight_bundles {
+        b.traceparent = traceparent.clone();
+    }
+    rebuilt.write(&mut tx, now).await?;
 
     let event_id = Uuid::new_v5(
         &Uuid::NAMESPACE_OID,

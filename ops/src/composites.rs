@@ -2,7 +2,7 @@
 //! (after a bad deploy), and current composites published again (for a partner who lost its
 //! copy). Both go in member order, a page at a time, alongside a running platform.
 
-use fhir::composite::Composite;
+use fhir::composite::Composites;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Members per transaction: each holds one advisory lock per member, as a composer batch does.
@@ -25,7 +25,7 @@ pub enum Members {
 /// Recomputes the composites of `members` from their components, writing a new version (and
 /// its outbox row, so it is published and notified like any change) only where the content
 /// differs from the stored one.
-pub async fn rebuild(pool: &db::Pool, composites: &[Box<dyn Composite>], members: Members, progress: &ProgressBar) -> anyhow::Result<Rebuilt> {
+pub async fn rebuild(pool: &db::Pool, composites: &Composites, members: Members, progress: &ProgressBar) -> anyhow::Result<Rebuilt> {
     let mut done = Rebuilt::default();
     let mut after = String::new();
     loop {
@@ -39,10 +39,11 @@ pub async fn rebuild(pool: &db::Pool, composites: &[Box<dyn Composite>], members
         let (now, now_text) = platform::time::now_in_millis();
         let mut tx = pool.begin().await?;
         db::components::lock_members(&mut tx, &page).await?;
-        let versions = fhir::composite::rebuild(&mut tx, composites, &page, &now_text).await?;
-        db::composites::write_composites(&mut tx, &versions, now).await?;
+        let rebuilt = fhir::composite::rebuild(&mut tx, composites, &page, now, &now_text).await?;
+        rebuilt.write(&mut tx, now).await?;
         tx.commit().await?;
-        for v in &versions {
+        let versions = &rebuilt.versions;
+        for v in versions {
             tracing::info!(member = %v.member_id, version = v.version_id, "composite rebuilt with a new version");
         }
         done.members += page.len() as u64;

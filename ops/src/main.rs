@@ -222,7 +222,7 @@ async fn rebuild(cli: &Cli, which: &Which, since: Option<&str>) -> anyhow::Resul
     };
     let pool = db::connect_configured(&cli.common, 1).await?;
     let progress = composites::progress(None, "rebuilding", cli.json);
-    let done = composites::rebuild(&pool, &fhir::composites(&cli.common), members, &progress).await?;
+    let done = composites::rebuild(&pool, &fhir::composites(&cli.common)?, members, &progress).await?;
     progress.finish_and_clear();
     tracing::warn!(members = done.members, new_versions = done.new_versions, "composites rebuilt by an operator");
     if cli.json {

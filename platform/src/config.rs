@@ -34,6 +34,9 @@ pub struct CommonConfig {
     #[arg(long, env = "COMPOSITE_MAX_BYTES", default_value_t = 524_288)]
     pub composite_max_bytes: usize,
 
+    #[command(flatten)]
+    pub insights: InsightsConfig,
+
     /// Log filter in `tracing` syntax (e.g. `info`, `composer=debug,info`).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -55,6 +58,31 @@ pub struct CommonConfig {
     /// How long `/ready` waits for each dependency, in milliseconds.
     #[arg(long, env = "READY_TIMEOUT_MS", default_value_t = 2000)]
     pub ready_timeout_ms: u64,
+}
+
+/// Insights: DetectedIssues derived from each medication profile (docs/insights.md).
+#[derive(Debug, Clone, Args)]
+pub struct InsightsConfig {
+    /// Derive insights (interactions, duplicate therapy, allergy conflicts, refill gaps).
+    #[arg(long = "insights", env = "INSIGHTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enabled: bool,
+
+    /// A knowledge base file to use instead of the one built in (knowledge/medication-insights.json
+    /// at build time); validated against schemas/json/knowledge-base.schema.json at start.
+    #[arg(long, env = "INSIGHTS_KNOWLEDGE_BASE")]
+    pub knowledge_base: Option<std::path::PathBuf>,
+
+    /// Days after a maintenance drug's supply runs out before a missing refill is an insight.
+    #[arg(long, env = "REFILL_GRACE_DAYS", default_value_t = 7)]
+    pub refill_grace_days: u16,
+
+    /// How often the composer looks for members whose refill gaps opened by the passing of time.
+    #[arg(long, env = "INSIGHTS_RECHECK_SECS", default_value_t = 300)]
+    pub recheck_secs: u64,
+
+    /// Days added to today's date when refill gaps are evaluated: tests move time with it.
+    #[arg(long, env = "INSIGHTS_CLOCK_SKEW_DAYS", default_value_t = 0, hide = true)]
+    pub clock_skew_days: i64,
 }
 
 /// Default ports of the operations listeners, on loopback.

@@ -190,6 +190,7 @@ pub async fn ensure(kafka: &KafkaConfig) -> anyhow::Result<()> {
     let mut wanted: Vec<(String, Retention)> = topics::SOR_TOPICS.iter().map(|t| (kafka.topic(t), Retention::Delete(None))).collect();
     wanted.push((kafka.topic(topics::DLQ), Retention::Delete(Some(30 * 24 * 3600 * 1000))));
     wanted.push((kafka.topic(topics::MEDICATION_PROFILE), Retention::Compact));
+    wanted.push((kafka.topic(topics::INSIGHTS), Retention::Compact));
     wanted.push((kafka.topic(topics::PARTNER_INBOUND), Retention::Delete(None)));
     create(kafka, &wanted).await
 }

@@ -186,9 +186,23 @@ pub struct SchemaError {
 /// `Err` names the first violation (instance path and rule).
 pub fn check_partner_inbound(value: &Value) -> Result<(), String> {
     static VALIDATOR: std::sync::OnceLock<Result<Validator, String>> = std::sync::OnceLock::new();
-    let validator = VALIDATOR
-        .get_or_init(|| compile("partner-inbound", include_str!("../json/partner-inbound.schema.json")).map_err(|e| e.message.clone()))
-        .as_ref()?;
+    first_violation(&VALIDATOR, "partner-inbound", include_str!("../json/partner-inbound.schema.json"), value)
+}
+
+/// The schema of the insights' knowledge base (`knowledge/medication-insights.json`), compiled
+/// once. `Err` names the first violation (instance path and rule).
+pub fn check_knowledge_base(value: &Value) -> Result<(), String> {
+    static VALIDATOR: std::sync::OnceLock<Result<Validator, String>> = std::sync::OnceLock::new();
+    first_violation(&VALIDATOR, "knowledge-base", include_str!("../json/knowledge-base.schema.json"), value)
+}
+
+fn first_violation(
+    validator: &std::sync::OnceLock<Result<Validator, String>>,
+    name: &'static str,
+    source: &str,
+    value: &Value,
+) -> Result<(), String> {
+    let validator = validator.get_or_init(|| compile(name, source).map_err(|e| e.message.clone())).as_ref()?;
     match validator.iter_errors(value).next() {
         Some(e) => Err(format!("{}: {}", e.instance_path(), e)),
         None => Ok(()),

@@ -281,7 +281,7 @@ async fn a_reused_event_id_changes_nothing_and_the_next_newest_event_wins() -> a
     let app = TestApp::new("reusedid").await?;
     let pool = &app.pool;
     let config = tests::components::composer_config(&app.url, &app.prefix, &app.group, &[])?;
-    let composites = fhir::composites(&config.common);
+    let composites = fhir::composites(&config.common)?;
     let contracts = schemas::Contracts::load()?;
     let event = |id: Uuid, kind: RecordKind, source: &str, version: i64, record: &str, data: Value| {
         let v = json!({ "event_id": id.to_string(), "op": "upsert", "source": source, "occurred_at": "2026-11-20T10:15:00Z",

@@ -1,0 +1,156 @@
+//! Insights' own state beside their components (`fhir::insights`): each member's
+//! `fhir.insights.v1` Bundle and its outbox rows, the day each member is evaluated again, and
+//! the knowledge bases used.
+
+use sqlx::{PgConnection, PgPool};
+use time::{Date, OffsetDateTime};
+use uuid::Uuid;
+
+/// Sets (or, with `None`, clears) the day each member's insights are evaluated again.
+pub async fn set_rechecks(tx: &mut PgConnection, rechecks: &[(String, Option<Date>)]) -> crate::Result<()> {
+    if rechecks.is_empty() {
+        return Ok(());
+    }
+    let (members, days): (Vec<&str>, Vec<Option<Date>>) = rechecks.iter().map(|(m, d)| (m.as_str(), *d)).unzip();
+    sqlx::query(
+        "WITH r AS (SELECT * FROM unnest($1::text[], $2::date[]) AS r(member_id, recheck_on)),
+         gone AS (DELETE FROM insight_rechecks i USING r WHERE i.member_id = r.member_id AND r.recheck_on IS NULL)
+         INSERT INTO insight_rechecks (member_id, recheck_on) SELECT member_id, recheck_on FROM r WHERE recheck_on IS NOT NULL
+         ON CONFLICT (member_id) DO UPDATE SET recheck_on = EXCLUDED.recheck_on",
+    )
+    .bind(&members)
+    .bind(&days)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Members due to be evaluated again on `today`, at most `limit`, in member order.
+pub async fn due_rechecks(pool: &PgPool, today: Date, limit: i64) -> crate::Result<Vec<String>> {
+    Ok(sqlx::query_scalar("SELECT member_id FROM insight_rechecks WHERE recheck_on <= $1 ORDER BY member_id LIMIT $2")
+        .bind(today)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?)
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct BundleState {
+    pub member_id: String,
+    pub version_id: i64,
+    pub content_hash: Vec<u8>,
+}
+
+pub async fn bundle_states(tx: &mut PgConnection, members: &[String]) -> crate::Result<Vec<BundleState>> {
+    Ok(sqlx::query_as("SELECT member_id, version_id, content_hash FROM insight_bundles WHERE member_id = ANY($1)")
+        .bind(members)
+        .fetch_all(&mut *tx)
+        .await?)
+}
+
+/// A new version of a member's insights Bundle.
+#[derive(Debug, Clone)]
+pub struct BundleVersion {
+    pub member_id: String,
+    pub version_id: i64,
+    pub content_hash: Vec<u8>,
+    pub body: String,
+    pub topic: String,
+    pub event_id: Uuid,
+    pub traceparent: Option<String>,
+}
+
+/// Stores new Bundle versions and their outbox rows (the body as the row's payload).
+pub async fn write_bundles(tx: &mut PgConnection, versions: &[BundleVersion], now: OffsetDateTime) -> crate::Result<()> {
+    if versions.is_empty() {
+        return Ok(());
+    }
+    let members: Vec<&str> = versions.iter().map(|v| v.member_id.as_str()).collect();
+    let ids: Vec<i64> = versions.iter().map(|v| v.version_id).collect();
+    let hashes: Vec<&[u8]> = versions.iter().map(|v| v.content_hash.as_slice()).collect();
+    let bodies: Vec<&str> = versions.iter().map(|v| v.body.as_str()).collect();
+    let topics: Vec<&str> = versions.iter().map(|v| v.topic.as_str()).collect();
+    let events: Vec<Uuid> = versions.iter().map(|v| v.event_id).collect();
+    let traces: Vec<Option<&str>> = versions.iter().map(|v| v.traceparent.as_deref()).collect();
+    sqlx::query(
+        "WITH v AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::text[], $5::text[], $6::uuid[], $8::text[])
+                    AS v(member_id, version_id, content_hash, body, topic, event_id, traceparent)),
+         cur AS (
+           INSERT INTO insight_bundles (member_id, version_id, content_hash, last_updated, body)
+           SELECT member_id, version_id, content_hash, $7, body FROM v
+           ON CONFLICT (member_id) DO UPDATE SET version_id = EXCLUDED.version_id, content_hash = EXCLUDED.content_hash,
+             last_updated = EXCLUDED.last_updated, body = EXCLUDED.body)
+         INSERT INTO outbox (topic, message_key, event_id, member_id, version_id, traceparent, payload)
+         SELECT topic, member_id, event_id, member_id, version_id, traceparent, body::json FROM v ORDER BY member_id, version_id",
+    )
+    .bind(&members)
+    .bind(&ids)
+    .bind(&hashes)
+    .bind(&bodies)
+    .bind(&topics)
+    .bind(&events)
+    .bind(now)
+    .bind(&traces)
+    .execute(&mut *tx)
+    .await?;
+    crate::notify(tx, crate::channels::OUTBOX).await
+}
+
+/// The current insights Bundle of each of `members` that has one: (member, version, body).
+pub async fn current_bundles(tx: &mut PgConnection, members: &[String]) -> crate::Result<Vec<(String, i64, String)>> {
+    Ok(sqlx::query_as("SELECT member_id, version_id, body FROM insight_bundles WHERE member_id = ANY($1) ORDER BY member_id")
+        .bind(members)
+        .fetch_all(&mut *tx)
+        .await?)
+}
+
+/// A knowledge base the platform derived insights with.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StoredKnowledgeBase {
+    pub version: String,
+    pub digest: String,
+    pub body: String,
+    pub applied_at: Option<OffsetDateTime>,
+}
+
+/// The most recently loaded knowledge base.
+pub async fn latest_knowledge_base(pool: &PgPool) -> crate::Result<Option<StoredKnowledgeBase>> {
+    Ok(sqlx::query_as("SELECT version, digest, body, applied_at FROM insight_knowledge_bases ORDER BY loaded_at DESC, version DESC LIMIT 1")
+        .fetch_optional(pool)
+        .await?)
+}
+
+/// Records a knowledge base as loaded (once per version; `applied`: no member needs recomputing).
+pub async fn record_knowledge_base(pool: &PgPool, version: &str, digest: &str, body: &str, applied: bool) -> crate::Result<()> {
+    sqlx::query(
+        "INSERT INTO insight_knowledge_bases (version, digest, body, applied_at) VALUES ($1, $2, $3, CASE WHEN $4 THEN now() END)
+         ON CONFLICT (version) DO NOTHING",
+    )
+    .bind(version)
+    .bind(digest)
+    .bind(body)
+    .bind(applied)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub async fn knowledge_base_applied(pool: &PgPool, version: &str) -> crate::Result<()> {
+    sqlx::query("UPDATE insight_knowledge_bases SET applied_at = now() WHERE version = $1").bind(version).execute(pool).await?;
+    Ok(())
+}
+
+/// Members with a live medication or allergy coded with one of `codes`, in member order after
+/// `after`, at most `limit`.
+pub async fn members_with_codes(pool: &PgPool, codes: &[String], after: &str, limit: i64) -> crate::Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT DISTINCT member_id FROM components
+         WHERE resource_type IN ('MedicationStatement', 'AllergyIntolerance') AND NOT deleted AND code = ANY($1) AND member_id > $2
+         ORDER BY member_id LIMIT $3",
+    )
+    .bind(codes)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
