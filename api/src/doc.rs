@@ -13,6 +13,7 @@ use utoipa::OpenApi;
         (name = "MedicationStatement"), (name = "AllergyIntolerance"), (name = "Immunization"),
         (name = "Task", description = "Care gaps and next actions"),
         (name = "Provenance", description = "Who wrote each version of a partner's report"),
+        (name = "DetectedIssue", description = "Insights derived from each medication profile: drug interactions, duplicate therapy, allergy alerts, refill gaps"),
         (name = "Subscription", description = "Topic-based subscriptions (R4B + Subscriptions Backport) to medication-profile changes"),
         (name = "AuditEvent", description = "The audit trail, for operators (system/AuditEvent.read)"),
         (name = "authorization", description = "SMART Backend Services: discovery and the token endpoint")
@@ -35,6 +36,7 @@ impl utoipa::Modify for SecuritySchemes {
             ("system/Immunization.read", "Read Immunizations"),
             ("system/Task.read", "Read Tasks"),
             ("system/Provenance.read", "Read the Provenance of partners' reports"),
+            ("system/DetectedIssue.read", "Read insights (DetectedIssues) about attributed members"),
             ("system/MedicationStatement.write", "Report and update MedicationStatements for attributed members (write-back)"),
             ("system/AllergyIntolerance.write", "Report and update AllergyIntolerances for attributed members (write-back)"),
             ("system/Subscription.write", "Create and delete the partner's Subscriptions (read with system/Subscription.read)"),

@@ -18,16 +18,19 @@ pub enum ResourceType {
     Task,
     /// Who wrote each version of a partner's report (partner write-back).
     Provenance,
+    /// An insight derived from the medication profile.
+    DetectedIssue,
 }
 
 impl ResourceType {
-    pub const ALL: [ResourceType; 6] = [
+    pub const ALL: [ResourceType; 7] = [
         ResourceType::Patient,
         ResourceType::MedicationStatement,
         ResourceType::AllergyIntolerance,
         ResourceType::Immunization,
         ResourceType::Task,
         ResourceType::Provenance,
+        ResourceType::DetectedIssue,
     ];
 
     pub fn name(self) -> &'static str {
@@ -38,6 +41,7 @@ impl ResourceType {
             ResourceType::Immunization => "Immunization",
             ResourceType::Task => "Task",
             ResourceType::Provenance => "Provenance",
+            ResourceType::DetectedIssue => "DetectedIssue",
         }
     }
 
@@ -51,6 +55,7 @@ impl ResourceType {
             ResourceType::Immunization => &[("patient", "reference"), ("vaccine-code", "token"), ("status", "token")],
             ResourceType::Task => &[("patient", "reference"), ("code", "token"), ("status", "token")],
             ResourceType::Provenance => &[("patient", "reference")],
+            ResourceType::DetectedIssue => &[("patient", "reference"), ("code", "token"), ("status", "token")],
         }
     }
 }

@@ -10,6 +10,7 @@
 pub mod apply;
 pub mod config;
 pub mod consumer;
+pub mod insights;
 pub mod matching;
 pub mod metrics;
 
@@ -39,6 +40,8 @@ pub async fn spawn(mut config: ComposerConfig) -> anyhow::Result<Running> {
     let metrics = composer.metrics.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let ops_addr = serve_ops(&config, &pool, &metrics, stop.clone()).await?;
+    let every = std::time::Duration::from_secs(config.common.insights.recheck_secs.max(1));
+    insights::schedule(pool.clone(), fhir::composites(&config.common)?, every, metrics.clone(), stop.clone());
     let runtime = tokio::runtime::Handle::current();
     let flag = stop.clone();
     let thread = std::thread::Builder::new().name("composer".into()).spawn(move || composer.run(runtime, &flag))?;

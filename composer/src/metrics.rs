@@ -39,6 +39,12 @@ pub struct Metrics {
     events: Family<OutcomeLabel, Counter>,
     dead_letters: Family<ReasonLabel, Counter>,
     pub composite_versions: Counter,
+    /// DetectedIssue versions written (insights that appeared, changed or stopped holding).
+    pub insight_versions: Counter,
+    /// Active medications evaluated whose product the knowledge base does not know.
+    pub unknown_products: Counter,
+    /// Members whose insights the passing of time changed, looked at again on schedule.
+    pub rechecked: Counter,
     /// Records a failing batch was isolated to and dead-lettered (counted as dead letters too).
     pub isolated: Counter,
     pub batch_size: Histogram,
@@ -53,6 +59,9 @@ impl Default for Metrics {
             events: Family::default(),
             dead_letters: Family::default(),
             composite_versions: Counter::default(),
+            insight_versions: Counter::default(),
+            unknown_products: Counter::default(),
+            rechecked: Counter::default(),
             isolated: Counter::default(),
             batch_size: Histogram::new(platform::ops::size_buckets()),
             apply_seconds: Histogram::new(platform::ops::latency_buckets()),
@@ -76,6 +85,9 @@ impl Metrics {
         r.register("events", "Events by outcome: applied, stale (older than stored), duplicate (applied before)", self.events.clone());
         r.register("dead_letters", "Messages dead-lettered to sor.dlq.v1, by reason", self.dead_letters.clone());
         r.register("composite_versions", "Composite versions written", self.composite_versions.clone());
+        r.register("insight_versions", "DetectedIssue versions written (insights that appeared, changed or stopped holding)", self.insight_versions.clone());
+        r.register("unknown_products", "Active medications evaluated whose product code the insights' knowledge base does not know (no insight)", self.unknown_products.clone());
+        r.register("insight_rechecks", "Members looked at again because time alone can change their insights (refill gaps)", self.rechecked.clone());
         r.register("isolated", "Records a failing batch was narrowed down to (and dead-lettered)", self.isolated.clone());
         r.register("batch_size", "Messages per applied batch", self.batch_size.clone());
         r.register("apply_seconds", "Time to apply one batch in its PostgreSQL transaction", self.apply_seconds.clone());
@@ -89,6 +101,8 @@ impl Metrics {
         self.events.get_or_create(&OutcomeLabel { outcome: "stale" }).inc_by(applied.stale as u64);
         self.events.get_or_create(&OutcomeLabel { outcome: "duplicate" }).inc_by(applied.duplicates as u64);
         self.composite_versions.inc_by(applied.composite_versions as u64);
+        self.insight_versions.inc_by(applied.insight_versions as u64);
+        self.unknown_products.inc_by(applied.unknown_products as u64);
         self.batch_size.observe(applied.messages as f64);
         self.apply_seconds.observe(took.as_secs_f64());
     }

@@ -36,3 +36,13 @@ CREATE TABLE insight_knowledge_bases (
     -- When every affected member was recomputed with it (NULL: not yet).
     applied_at timestamptz
 );
+
+-- The insights' SubscriptionTopic: "a new or changed insight for my members". The outbox row of
+-- an insights Bundle version names the DetectedIssue versions it brought (`changes`: id,
+-- version, code, severity), which the notifier fans out to subscriptions of that topic whose
+-- filters they pass (severity, code, patient).
+ALTER TABLE outbox ADD COLUMN changes jsonb;
+CREATE INDEX outbox_unnotified_insights ON outbox (id) WHERE notified_at IS NULL AND changes IS NOT NULL;
+ALTER TABLE subscriptions ADD COLUMN severities text[], ADD COLUMN codes text[];
+-- An event about a DetectedIssue names it (its version is `version_id`); NULL: a composite's.
+ALTER TABLE subscription_events ADD COLUMN resource_id text COLLATE "C";

@@ -58,6 +58,17 @@ pub struct BundleVersion {
     pub topic: String,
     pub event_id: Uuid,
     pub traceparent: Option<String>,
+    /// The DetectedIssue versions this Bundle version brought, for the notifier.
+    pub changes: Vec<InsightChange>,
+}
+
+/// A new version of one DetectedIssue, as subscriptions filter it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InsightChange {
+    pub id: String,
+    pub version: i64,
+    pub code: String,
+    pub severity: String,
 }
 
 /// Stores new Bundle versions and their outbox rows (the body as the row's payload).
@@ -72,16 +83,17 @@ pub async fn write_bundles(tx: &mut PgConnection, versions: &[BundleVersion], no
     let topics: Vec<&str> = versions.iter().map(|v| v.topic.as_str()).collect();
     let events: Vec<Uuid> = versions.iter().map(|v| v.event_id).collect();
     let traces: Vec<Option<&str>> = versions.iter().map(|v| v.traceparent.as_deref()).collect();
+    let changes: Vec<String> = versions.iter().map(|v| serde_json::to_string(&v.changes).unwrap_or_else(|_| "[]".into())).collect();
     sqlx::query(
-        "WITH v AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::text[], $5::text[], $6::uuid[], $8::text[])
-                    AS v(member_id, version_id, content_hash, body, topic, event_id, traceparent)),
+        "WITH v AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::text[], $5::text[], $6::uuid[], $8::text[], $9::jsonb[])
+                    AS v(member_id, version_id, content_hash, body, topic, event_id, traceparent, changes)),
          cur AS (
            INSERT INTO insight_bundles (member_id, version_id, content_hash, last_updated, body)
            SELECT member_id, version_id, content_hash, $7, body FROM v
            ON CONFLICT (member_id) DO UPDATE SET version_id = EXCLUDED.version_id, content_hash = EXCLUDED.content_hash,
              last_updated = EXCLUDED.last_updated, body = EXCLUDED.body)
-         INSERT INTO outbox (topic, message_key, event_id, member_id, version_id, traceparent, payload)
-         SELECT topic, member_id, event_id, member_id, version_id, traceparent, body::json FROM v ORDER BY member_id, version_id",
+         INSERT INTO outbox (topic, message_key, event_id, member_id, version_id, traceparent, payload, changes)
+         SELECT topic, member_id, event_id, member_id, version_id, traceparent, body::json, changes FROM v ORDER BY member_id, version_id",
     )
     .bind(&members)
     .bind(&ids)
@@ -91,6 +103,7 @@ pub async fn write_bundles(tx: &mut PgConnection, versions: &[BundleVersion], no
     .bind(&events)
     .bind(now)
     .bind(&traces)
+    .bind(&changes)
     .execute(&mut *tx)
     .await?;
     crate::notify(tx, crate::channels::OUTBOX).await
@@ -113,23 +126,26 @@ pub struct StoredKnowledgeBase {
     pub applied_at: Option<OffsetDateTime>,
 }
 
-/// The most recently loaded knowledge base.
-pub async fn latest_knowledge_base(pool: &PgPool) -> crate::Result<Option<StoredKnowledgeBase>> {
-    Ok(sqlx::query_as("SELECT version, digest, body, applied_at FROM insight_knowledge_bases ORDER BY loaded_at DESC, version DESC LIMIT 1")
+/// The knowledge base whose insights every member has: the last one applied.
+pub async fn applied_knowledge_base(pool: &PgPool) -> crate::Result<Option<StoredKnowledgeBase>> {
+    Ok(sqlx::query_as(
+        "SELECT version, digest, body, applied_at FROM insight_knowledge_bases WHERE applied_at IS NOT NULL ORDER BY applied_at DESC LIMIT 1",
+    )
         .fetch_optional(pool)
         .await?)
 }
 
-/// Records a knowledge base as loaded (once per version; `applied`: no member needs recomputing).
-pub async fn record_knowledge_base(pool: &PgPool, version: &str, digest: &str, body: &str, applied: bool) -> crate::Result<()> {
+/// Records a knowledge base as loaded, not yet applied (a version loaded again with other
+/// content replaces the stored one).
+pub async fn record_knowledge_base(pool: &PgPool, version: &str, digest: &str, body: &str) -> crate::Result<()> {
     sqlx::query(
-        "INSERT INTO insight_knowledge_bases (version, digest, body, applied_at) VALUES ($1, $2, $3, CASE WHEN $4 THEN now() END)
-         ON CONFLICT (version) DO NOTHING",
+        "INSERT INTO insight_knowledge_bases (version, digest, body) VALUES ($1, $2, $3)
+         ON CONFLICT (version) DO UPDATE SET digest = EXCLUDED.digest, body = EXCLUDED.body, loaded_at = now(), applied_at = NULL
+         WHERE insight_knowledge_bases.digest <> EXCLUDED.digest OR insight_knowledge_bases.applied_at IS NULL",
     )
     .bind(version)
     .bind(digest)
     .bind(body)
-    .bind(applied)
     .execute(pool)
     .await?;
     Ok(())

@@ -70,7 +70,8 @@ pub async fn park(tx: &mut PgConnection, rows: &[(i64, String)]) -> crate::Resul
 
 /// Parks a record for a partner topic that the relay could not publish while it reconciled
 /// attribution (a new outbox row, already parked, already past the subscriptions' fan-out):
-/// retried, it is published to that topic alone.
+/// retried, it is published to that topic alone. A record that is not a composite version (an
+/// insights Bundle) carries its `payload`.
 pub async fn park_partner_record(
     tx: &mut PgConnection,
     topic: &str,
@@ -78,16 +79,18 @@ pub async fn park_partner_record(
     version_id: i64,
     event_id: Uuid,
     reason: &str,
+    payload: Option<&str>,
 ) -> crate::Result<()> {
     sqlx::query(
-        "INSERT INTO outbox (topic, message_key, event_id, member_id, version_id, notified_at, parked_at, park_reason)
-         VALUES ($1, $2, $3, $2, $4, now(), now(), $5)",
+        "INSERT INTO outbox (topic, message_key, event_id, member_id, version_id, notified_at, parked_at, park_reason, payload)
+         VALUES ($1, $2, $3, $2, $4, now(), now(), $5, $6::json)",
     )
     .bind(topic)
     .bind(member_id)
     .bind(event_id)
     .bind(version_id)
     .bind(reason)
+    .bind(payload)
     .execute(&mut *tx)
     .await?;
     Ok(())

@@ -19,7 +19,7 @@ pub async fn published_outbox(pool: &PgPool, before: OffsetDateTime, batch: i64)
     delete(
         pool,
         "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at < $1 AND parked_at IS NULL
-                                           AND (payload IS NOT NULL OR notified_at IS NOT NULL) ORDER BY id LIMIT $2)",
+                                           AND (notified_at IS NOT NULL OR (payload IS NOT NULL AND changes IS NULL)) ORDER BY id LIMIT $2)",
         before,
         batch,
     )

@@ -32,10 +32,13 @@ pub struct Subscription {
     pub failing_since: Option<OffsetDateTime>,
     pub attempts: i32,
     pub delivery_failures: i64,
+    /// Insights topic filters (`None`: any severity, any code).
+    pub severities: Option<Vec<String>>,
+    pub codes: Option<Vec<String>>,
 }
 
 const COLUMNS: &str = "id, partner_id, topic, member_id, channel, endpoint, secret, headers, content, heartbeat_secs, timeout_secs, \
-    max_count, status, error, events_since_start, body::text AS body, created_at, end_at, last_sent_at, failing_since, attempts, delivery_failures";
+    max_count, status, error, events_since_start, body::text AS body, created_at, end_at, last_sent_at, failing_since, attempts, delivery_failures, severities, codes";
 
 /// Stores `s` unless its partner already holds `max_per_partner` subscriptions (other than
 /// `off`); returns whether it was stored. Creations of one partner are serialized, so the
@@ -61,8 +64,8 @@ pub async fn create(pool: &PgPool, s: &Subscription, max_per_partner: i64) -> cr
 async fn insert(tx: &mut PgConnection, s: &Subscription) -> crate::Result<()> {
     sqlx::query(
         "INSERT INTO subscriptions (id, partner_id, topic, member_id, channel, endpoint, secret, headers, content, heartbeat_secs,
-                                    timeout_secs, max_count, status, body, created_at, end_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14::json, $15, $16)",
+                                    timeout_secs, max_count, status, body, created_at, end_at, severities, codes)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14::json, $15, $16, $17, $18)",
     )
     .bind(&s.id)
     .bind(&s.partner_id)
@@ -80,6 +83,8 @@ async fn insert(tx: &mut PgConnection, s: &Subscription) -> crate::Result<()> {
     .bind(&s.body)
     .bind(s.created_at)
     .bind(s.end_at)
+    .bind(&s.severities)
+    .bind(&s.codes)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -110,17 +115,35 @@ async fn lock_fan_out(tx: &mut PgConnection) -> crate::Result<()> {
     Ok(())
 }
 
-/// Turns up to `limit` new composite versions of the outbox into events on the queues of the
-/// subscriptions that match them (the member is attributed to the subscription's partner on
-/// `day`, and the `patient` filter, if any, names the member), in one transaction. Returns the
-/// number of outbox rows handled and of events queued.
-pub async fn fan_out(pool: &PgPool, day: Date, limit: i64) -> crate::Result<(usize, u64)> {
+/// The SubscriptionTopics events are fanned out for: their canonical URLs, as stored on
+/// subscriptions.
+#[derive(Debug, Clone, Copy)]
+pub struct Topics<'a> {
+    /// A member's composite has a new version.
+    pub profile: &'a str,
+    /// A member has a new or changed insight (a DetectedIssue version).
+    pub insights: &'a str,
+}
+
+/// Turns up to `limit` new outbox rows into events on the queues of the subscriptions that
+/// match them, in one transaction: a composite version for each subscription to the profile
+/// topic, and each DetectedIssue version an insights Bundle brought for each subscription to
+/// the insights topic whose severity and code filters it passes. Either way the member is
+/// attributed to the subscription's partner on `day`, and the `patient` filter, if any, names
+/// the member. Returns the number of outbox rows handled and of events queued.
+pub async fn fan_out(pool: &PgPool, day: Date, limit: i64, topics: Topics<'_>) -> crate::Result<(usize, u64)> {
     let mut tx = pool.begin().await?;
     lock_fan_out(&mut tx).await?;
-    let ids: Vec<i64> = sqlx::query_scalar("SELECT o.id FROM outbox o WHERE o.notified_at IS NULL AND o.payload IS NULL ORDER BY o.id LIMIT $1")
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM (
+           (SELECT o.id FROM outbox o WHERE o.notified_at IS NULL AND o.payload IS NULL ORDER BY o.id LIMIT $1)
+           UNION ALL
+           (SELECT o.id FROM outbox o WHERE o.notified_at IS NULL AND o.changes IS NOT NULL ORDER BY o.id LIMIT $1)) r
+         ORDER BY id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
     if ids.is_empty() {
         tx.rollback().await?;
         return Ok((0, 0));
@@ -129,23 +152,31 @@ pub async fn fan_out(pool: &PgPool, day: Date, limit: i64) -> crate::Result<(usi
     let attributed = crate::resources::attributed_to("r.member_id", "s.partner_id", "$2");
     let sql = format!(
         "WITH rows AS (
-           SELECT o.id, o.member_id, o.version_id, h.deleted, h.last_updated, o.traceparent
-           FROM outbox o JOIN composite_history h USING (member_id, version_id) WHERE o.id = ANY($1)
+           SELECT o.id, 0::bigint AS ord, o.member_id, o.version_id, h.deleted, h.last_updated, o.traceparent,
+                  NULL::text AS resource_id, NULL::text AS code, NULL::text AS severity, $3::text AS topic
+           FROM outbox o JOIN composite_history h USING (member_id, version_id) WHERE o.id = ANY($1) AND o.payload IS NULL
+           UNION ALL
+           SELECT o.id, c.ord, o.member_id, (c.change ->> 'version')::bigint, false, o.created_at, o.traceparent,
+                  c.change ->> 'id', c.change ->> 'code', c.change ->> 'severity', $4::text
+           FROM outbox o, jsonb_array_elements(o.changes) WITH ORDINALITY AS c(change, ord) WHERE o.id = ANY($1) AND o.changes IS NOT NULL
          ),
          matches AS (
            SELECT s.id AS sid, r.* FROM rows r JOIN subscriptions s ON (s.member_id IS NULL OR s.member_id = r.member_id)
-           WHERE s.status <> 'off' AND {attributed}
+           WHERE s.topic = r.topic AND s.status <> 'off' AND {attributed}
+             AND (r.severity IS NULL OR s.severities IS NULL OR r.severity = ANY(s.severities))
+             AND (r.code IS NULL OR s.codes IS NULL OR r.code = ANY(s.codes))
          ),
-         numbered AS (SELECT m.*, row_number() OVER (PARTITION BY sid ORDER BY id) AS n FROM matches m),
+         numbered AS (SELECT m.*, row_number() OVER (PARTITION BY sid ORDER BY id, ord) AS n FROM matches m),
          counts AS (SELECT sid, count(*) AS c FROM numbered GROUP BY sid),
          bumped AS (
            UPDATE subscriptions s SET events_since_start = s.events_since_start + counts.c
            FROM counts WHERE s.id = counts.sid RETURNING s.id, s.events_since_start - counts.c AS base
          )
-         INSERT INTO subscription_events (subscription_id, event_number, member_id, version_id, deleted, occurred_at, traceparent)
-         SELECT n.sid, b.base + n.n, n.member_id, n.version_id, n.deleted, n.last_updated, n.traceparent FROM numbered n JOIN bumped b ON b.id = n.sid"
+         INSERT INTO subscription_events (subscription_id, event_number, member_id, version_id, deleted, occurred_at, traceparent, resource_id)
+         SELECT n.sid, b.base + n.n, n.member_id, n.version_id, n.deleted, n.last_updated, n.traceparent, n.resource_id
+         FROM numbered n JOIN bumped b ON b.id = n.sid"
     );
-    let queued = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&ids).bind(day).execute(&mut *tx).await?.rows_affected();
+    let queued = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&ids).bind(day).bind(topics.profile).bind(topics.insights).execute(&mut *tx).await?.rows_affected();
     sqlx::query("UPDATE outbox SET notified_at = now() WHERE id = ANY($1)").bind(&ids).execute(&mut *tx).await?;
     if queued > 0 {
         crate::notify(&mut tx, crate::channels::SUBSCRIPTION_EVENTS).await?;
@@ -201,6 +232,9 @@ pub struct Event {
     pub attributed: bool,
     /// The W3C trace context of the change (`platform::trace`).
     pub traceparent: Option<String>,
+    /// The DetectedIssue an insights event is about (its version is `version_id`); `None`: the
+    /// member's composite.
+    pub resource_id: Option<String>,
 }
 
 /// Events chosen by `selection` (a condition, order and limit on `subscription_events`), each
@@ -210,9 +244,12 @@ fn event_query(partner: &str, day: &str, with_bodies: &str, selection: &str) -> 
     let attributed = crate::resources::attributed_to("e.member_id", partner, day);
     sqlx::AssertSqlSafe(format!(
         "SELECT e.event_number, e.member_id, e.version_id, e.deleted, e.occurred_at,
-                CASE WHEN {with_bodies} AND e.attributed THEN (SELECT h.body::text FROM composite_history h
-                                                             WHERE h.member_id = e.member_id AND h.version_id = e.version_id) END AS body,
-                e.attributed, e.traceparent
+                CASE WHEN {with_bodies} AND e.attributed AND e.resource_id IS NULL
+                       THEN (SELECT h.body::text FROM composite_history h WHERE h.member_id = e.member_id AND h.version_id = e.version_id)
+                     WHEN {with_bodies} AND e.attributed
+                       THEN (SELECT r.body::text FROM resource_history r WHERE r.resource_type = 'DetectedIssue'
+                             AND r.resource_id = e.resource_id AND r.version_id = e.version_id) END AS body,
+                e.attributed, e.traceparent, e.resource_id
          FROM (SELECT e.*, {attributed} AS attributed FROM (SELECT * FROM subscription_events WHERE {selection}) e) e
          ORDER BY e.event_number"
     ))

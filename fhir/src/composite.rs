@@ -321,6 +321,18 @@ impl Rebuilt {
     }
 }
 
+/// Rebuilds `members` in a transaction of their own (locking them) and stores what changed:
+/// for work that is not a change of components (operators' rebuilds, insights looked at again).
+pub async fn rebuild_members(pool: &db::Pool, composites: &Composites, members: &[String]) -> Result<Rebuilt, RebuildError> {
+    let (now, now_text) = platform::time::now_in_millis();
+    let mut tx = pool.begin().await.map_err(db::Error::from)?;
+    q::lock_members(&mut tx, members).await?;
+    let rebuilt = rebuild(&mut tx, composites, members, now, &now_text).await?;
+    rebuilt.write(&mut tx, now).await?;
+    tx.commit().await.map_err(db::Error::from)?;
+    Ok(rebuilt)
+}
+
 /// Rebuilds `members`: refreshes their insights (writing each DetectedIssue version), then
 /// gives new composite versions for members whose content changed (or that appeared or went)
 /// and new insights Bundles where those changed.
@@ -426,6 +438,10 @@ pub async fn rebuild(
                 continue;
             }
             let next = state.map_or(1, |s| s.version_id + 1);
+            let changes = current[&member]
+                .iter()
+                .filter_map(|c| c.changed.map(|version| db::insights::InsightChange { id: c.id.clone(), version, code: c.code.to_owned(), severity: c.severity.clone() }))
+                .collect();
             rebuilt.insight_bundles.push(BundleVersion {
                 body: collection(&member, &entries, next, now_text),
                 event_id: event_id(platform::topics::INSIGHTS, &member, next),
@@ -434,6 +450,7 @@ pub async fn rebuild(
                 version_id: next,
                 content_hash: hash,
                 traceparent: None,
+                changes,
             });
         }
     }

@@ -157,6 +157,8 @@ pub struct KnowledgeBase {
     doc: Document,
     /// SHA-256 of the document's bytes: two loads of one version must be the same content.
     pub digest: String,
+    /// The document as loaded (stored, to compare the next version with).
+    pub text: String,
 }
 
 impl KnowledgeBase {
@@ -199,7 +201,7 @@ impl KnowledgeBase {
             }
         }
         let digest = hex::encode(Sha256::digest(text.as_bytes()));
-        Ok(KnowledgeBase { doc, digest })
+        Ok(KnowledgeBase { doc, digest, text: text.to_owned() })
     }
 
     /// The built-in knowledge base.
@@ -235,6 +237,12 @@ impl KnowledgeBase {
 
     fn product_name<'a>(&'a self, product: &'a str) -> &'a str {
         self.doc.products.get(product).map(|p| p.display.as_str()).unwrap_or_else(|| self.ingredient_name(product))
+    }
+
+    /// Every product, ingredient and allergy code it knows: what a first knowledge base affects.
+    pub fn all_codes(&self) -> BTreeSet<String> {
+        let products = self.doc.products.keys().chain(self.doc.ingredients.keys()).cloned();
+        products.chain(self.doc.allergens.iter().map(|a| a.code.clone())).collect()
     }
 
     /// The product codes (and ingredient codes) whose insights differ between `self` and
@@ -554,6 +562,11 @@ pub struct Current {
     pub id: String,
     pub json: String,
     pub open: bool,
+    /// Its code and severity, as subscriptions filter them.
+    pub code: &'static str,
+    pub severity: String,
+    /// The version written by this refresh, if it changed.
+    pub changed: Option<i64>,
 }
 
 /// What [`refresh`] did, for metrics.
@@ -635,31 +648,33 @@ pub async fn refresh(
                 // New, or reopened: identified now.
                 _ => Some(render(member, d, OPEN, now_text, kb_version)),
             };
-            let json = match body {
+            let (json, changed) = match body {
                 Some(body) => {
-                    write(d, OPEN, body.clone(), previous.as_ref().map_or(1, |p| p.version + 1));
-                    body
+                    let version = previous.as_ref().map_or(1, |p| p.version + 1);
+                    write(d, OPEN, body.clone(), version);
+                    (body, Some(version))
                 }
-                None => previous.map(|p| p.json).unwrap_or_default(),
+                None => (previous.map(|p| p.json).unwrap_or_default(), None),
             };
-            after.push(Current { id: d.id(), json, open: true });
+            after.push(Current { id: d.id(), json, open: true, code: d.kind.code(), severity: d.severity.as_str().to_owned(), changed });
         }
         // Those that no longer hold: cancelled once, kept.
         for (key, p) in before {
             let mut v: Value = serde_json::from_str(&p.json).unwrap_or(Value::Null);
             let id = stored_field(&v, "/id").map(str::to_owned).unwrap_or_else(|| insight_id(&key));
+            let kind = Kind::ALL.into_iter().find(|k| stored_field(&v, "/code/coding/0/code") == Some(k.code())).unwrap_or(Kind::Interaction);
+            let severity = stored_field(&v, "/severity").unwrap_or("low").to_owned();
             if p.status.as_deref() == Some(OPEN) {
                 if let Some(obj) = v.as_object_mut() {
                     obj.insert("status".into(), json!(CLOSED));
                     obj.insert("extension".into(), json!([{ "url": EXT_KNOWLEDGE_BASE, "valueString": kb_version }]));
                 }
                 let body = v.to_string();
-                let kind = Kind::ALL.into_iter().find(|k| stored_field(&v, "/code/coding/0/code") == Some(k.code())).unwrap_or(Kind::Interaction);
                 let d = Derived { key: key.clone(), kind, severity: Severity::Low, implicated: Vec::new(), detail: String::new() };
                 write(&d, CLOSED, body.clone(), p.version + 1);
-                after.push(Current { id, json: body, open: false });
+                after.push(Current { id, json: body, open: false, code: kind.code(), severity, changed: Some(p.version + 1) });
             } else {
-                after.push(Current { id, json: p.json, open: false });
+                after.push(Current { id, json: p.json, open: false, code: kind.code(), severity, changed: None });
             }
         }
         after.sort_by(|a, b| a.id.cmp(&b.id));

@@ -12,6 +12,11 @@ use uuid::Uuid;
 /// The canonical URL of the topic: a member's medication profile has a new version.
 pub const TOPIC_URL: &str = "https://fhir-event-platform.example/SubscriptionTopic/medication-profile";
 pub const TOPIC_ID: &str = "medication-profile";
+/// The canonical URL of the insights topic: a member has a new or changed insight.
+pub const INSIGHTS_TOPIC_URL: &str = "https://fhir-event-platform.example/SubscriptionTopic/insights";
+pub const INSIGHTS_TOPIC_ID: &str = "insights";
+/// Both topics, as the notifier fans events out for them.
+pub const TOPICS: db::subscriptions::Topics<'static> = db::subscriptions::Topics { profile: TOPIC_URL, insights: INSIGHTS_TOPIC_URL };
 
 const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
 /// The channel-type code system of channels that FHIR R4 does not define (`kafka`).
@@ -27,7 +32,43 @@ pub fn kafka_topic(partner_id: &str) -> String {
     platform::topics::partner_notifications(partner_id)
 }
 
-/// The SubscriptionTopic resource.
+/// The SubscriptionTopic resource with `id`, if there is one.
+pub fn topic_by_id(id: &str) -> Option<Value> {
+    topic_resources().into_iter().find(|t| t["id"] == id)
+}
+
+/// Every SubscriptionTopic resource.
+pub fn topic_resources() -> Vec<Value> {
+    vec![topic_resource(), insights_topic_resource()]
+}
+
+/// The insights' SubscriptionTopic.
+pub fn insights_topic_resource() -> Value {
+    let detected_issue = "http://hl7.org/fhir/StructureDefinition/DetectedIssue";
+    json!({
+        "resourceType": "SubscriptionTopic",
+        "id": INSIGHTS_TOPIC_ID,
+        "url": INSIGHTS_TOPIC_URL,
+        "version": "1",
+        "title": "New or changed insights",
+        "status": "active",
+        "date": "2026-12-07",
+        "description": "An insight about a member (a DetectedIssue derived from the medication profile: drug interaction, duplicate therapy, allergy alert, refill gap) appeared, changed, or stopped holding (status cancelled). Each event is one DetectedIssue version. Only members attributed to the subscriber are notified.",
+        "resourceTrigger": [{
+            "description": "A new version of a DetectedIssue",
+            "resource": detected_issue,
+            "supportedInteraction": ["create", "update"]
+        }],
+        "canFilterBy": [
+            { "description": "Only this member: patient=Patient/<member id>", "resource": detected_issue, "filterParameter": "patient" },
+            { "description": "Only these severities: severity=high (or a comma-separated list of high, moderate, low)", "resource": detected_issue, "filterParameter": "severity" },
+            { "description": "Only these codes: code=DRG (or a comma-separated list of DRG, DUPTHPY, ALGY, refill-gap)", "resource": detected_issue, "filterParameter": "code" }
+        ],
+        "notificationShape": [{ "resource": detected_issue }]
+    })
+}
+
+/// The profile's SubscriptionTopic resource.
 pub fn topic_resource() -> Value {
     json!({
         "resourceType": "SubscriptionTopic",
@@ -99,11 +140,13 @@ pub fn accept(value: Value, partner_id: &str, limits: Limits, now: OffsetDateTim
         return Err(invalid_in(T, "resourceType", "must be Subscription"));
     }
     let mut elements = parse_strict::<FhirSubscription>(T, &object)?;
-    let criteria = elements.get("criteria").and_then(Value::as_str).unwrap_or_default();
-    if criteria != TOPIC_URL {
-        return Err(invalid_in(T, "criteria", format!("must be the canonical URL of a SubscriptionTopic here: {TOPIC_URL}")));
+    let criteria = elements.get("criteria").and_then(Value::as_str).unwrap_or_default().to_owned();
+    if criteria != TOPIC_URL && criteria != INSIGHTS_TOPIC_URL {
+        return Err(invalid_in(T, "criteria", format!("must be the canonical URL of a SubscriptionTopic here: {TOPIC_URL} or {INSIGHTS_TOPIC_URL}")));
     }
+    let insights = criteria == INSIGHTS_TOPIC_URL;
     let mut member_id = None;
+    let (mut severities, mut codes): (Option<Vec<String>>, Option<Vec<String>>) = (None, None);
     let filters: Vec<&str> = elements
         .get("_criteria")
         .and_then(|c| c.get("extension"))
@@ -119,6 +162,18 @@ pub fn accept(value: Value, partner_id: &str, limits: Limits, now: OffsetDateTim
             let id = value.strip_prefix("Patient/").unwrap_or(&value);
             match name.as_str() {
                 "patient" if platform::MemberId::parse(id).is_ok() && member_id.is_none() => member_id = Some(id.to_owned()),
+                "severity" if insights && severities.is_none() => severities = Some(one_of(filter, &value, &["high", "moderate", "low"])?),
+                "code" if insights && codes.is_none() => {
+                    let bare: Vec<&str> = value.split(',').map(|c| c.rsplit('|').next().unwrap_or(c)).collect();
+                    codes = Some(one_of(filter, &bare.join(","), &crate::insights::Kind::ALL.map(|k| k.code()))?);
+                }
+                _ if insights => {
+                    return Err(invalid_in(
+                        T,
+                        "criteria.extension",
+                        format!("filter '{filter}': supported are one each of patient=Patient/<member id>, severity=<high|moderate|low,…> and code=<DRG|DUPTHPY|ALGY|refill-gap,…>"),
+                    ));
+                }
                 _ => {
                     return Err(invalid_in(T, "criteria.extension", format!("filter '{filter}': only one patient=Patient/<member id> is supported")));
                 }
@@ -236,7 +291,7 @@ pub fn accept(value: Value, partner_id: &str, limits: Limits, now: OffsetDateTim
     Ok(Subscription {
         id,
         partner_id: partner_id.to_owned(),
-        topic: TOPIC_URL.to_owned(),
+        topic: criteria,
         member_id,
         channel: kind.to_owned(),
         endpoint,
@@ -256,7 +311,18 @@ pub fn accept(value: Value, partner_id: &str, limits: Limits, now: OffsetDateTim
         failing_since: None,
         attempts: 0,
         delivery_failures: 0,
+        severities,
+        codes,
     })
+}
+
+/// The values of a comma-separated filter, each one of `allowed`.
+fn one_of(filter: &str, value: &str, allowed: &[&str]) -> Result<Vec<String>, Invalid> {
+    let values: Vec<String> = value.split(',').map(|v| v.trim().to_owned()).collect();
+    match values.iter().find(|v| !allowed.contains(&v.as_str())) {
+        Some(bad) => Err(invalid_in("Subscription", "criteria.extension", format!("filter '{filter}': '{bad}' is not one of {}", allowed.join(", ")))),
+        None => Ok(values),
+    }
 }
 
 /// The Subscription as served: the accepted resource with its current status (and error).
@@ -301,6 +367,15 @@ pub fn focus(member_id: &str) -> String {
     format!("Patient/{member_id}/$medication-profile")
 }
 
+/// What an event is about: the member's composite, or one version of a DetectedIssue.
+/// (reference, its resource type, the unversioned URL of the resource).
+fn event_focus(e: &Event) -> (String, &'static str, String) {
+    match &e.resource_id {
+        Some(id) => (format!("DetectedIssue/{id}/_history/{}", e.version_id), "DetectedIssue", format!("DetectedIssue/{id}")),
+        None => (focus(&e.member_id), "Bundle", focus(&e.member_id)),
+    }
+}
+
 /// The SubscriptionStatus of a subscription, for notifications and `$status`.
 pub fn status_resource(base_url: &str, s: &Subscription, kind: Kind, events: &[Event]) -> Value {
     let mut status = json!({
@@ -320,7 +395,8 @@ pub fn status_resource(base_url: &str, s: &Subscription, kind: Kind, events: &[E
                 // An event of a member no longer attributed to the partner keeps its number (so
                 // the subscriber sees no gap) and says nothing else.
                 if s.content != "empty" && e.attributed {
-                    n["focus"] = json!({ "reference": format!("{base_url}/{}", focus(&e.member_id)), "type": "Bundle" });
+                    let (reference, kind, _) = event_focus(e);
+                    n["focus"] = json!({ "reference": format!("{base_url}/{reference}"), "type": kind });
                 }
                 n
             })
@@ -348,7 +424,7 @@ pub fn notification(base_url: &str, s: &Subscription, kind: Kind, events: &[Even
     })];
     if s.content != "empty" {
         for e in events.iter().filter(|e| e.attributed) {
-            let url = focus(&e.member_id);
+            let (_, _, url) = event_focus(e);
             let (method, outcome) = if e.deleted {
                 ("DELETE", "204")
             } else if e.version_id == 1 {

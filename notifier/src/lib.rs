@@ -193,7 +193,7 @@ impl Notifier {
         let mut last_expiry = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let today = OffsetDateTime::now_utc().date();
-            match q::fan_out(&self.pool, today, 1000).await {
+            match q::fan_out(&self.pool, today, 1000, fhir::subscriptions::TOPICS).await {
                 Ok((0, _)) => wakeup.wait(poll).await,
                 Ok((rows, events)) => {
                     self.metrics.events_queued.inc_by(events as u64);

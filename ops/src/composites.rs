@@ -36,12 +36,7 @@ pub async fn rebuild(pool: &db::Pool, composites: &Composites, members: Members,
             Members::TouchedSince(t) => db::composites::members_to_rebuild(pool, Some(*t), &after, PAGE).await?,
         };
         let Some(last) = page.last().cloned() else { break };
-        let (now, now_text) = platform::time::now_in_millis();
-        let mut tx = pool.begin().await?;
-        db::components::lock_members(&mut tx, &page).await?;
-        let rebuilt = fhir::composite::rebuild(&mut tx, composites, &page, now, &now_text).await?;
-        rebuilt.write(&mut tx, now).await?;
-        tx.commit().await?;
+        let rebuilt = fhir::composite::rebuild_members(pool, composites, &page).await?;
         let versions = &rebuilt.versions;
         for v in versions {
             tracing::info!(member = %v.member_id, version = v.version_id, "composite rebuilt with a new version");

@@ -69,7 +69,7 @@ pub struct InsightsConfig {
 
     /// A knowledge base file to use instead of the one built in (knowledge/medication-insights.json
     /// at build time); validated against schemas/json/knowledge-base.schema.json at start.
-    #[arg(long, env = "INSIGHTS_KNOWLEDGE_BASE")]
+    #[arg(long = "insights-knowledge-base", env = "INSIGHTS_KNOWLEDGE_BASE")]
     pub knowledge_base: Option<std::path::PathBuf>,
 
     /// Days after a maintenance drug's supply runs out before a missing refill is an insight.
@@ -77,11 +77,11 @@ pub struct InsightsConfig {
     pub refill_grace_days: u16,
 
     /// How often the composer looks for members whose refill gaps opened by the passing of time.
-    #[arg(long, env = "INSIGHTS_RECHECK_SECS", default_value_t = 300)]
+    #[arg(long = "insights-recheck-secs", env = "INSIGHTS_RECHECK_SECS", default_value_t = 300)]
     pub recheck_secs: u64,
 
     /// Days added to today's date when refill gaps are evaluated: tests move time with it.
-    #[arg(long, env = "INSIGHTS_CLOCK_SKEW_DAYS", default_value_t = 0, hide = true)]
+    #[arg(long = "insights-clock-skew-days", env = "INSIGHTS_CLOCK_SKEW_DAYS", default_value_t = 0, hide = true)]
     pub clock_skew_days: i64,
 }
 

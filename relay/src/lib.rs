@@ -161,20 +161,20 @@ impl Relay {
         for (i, row) in rows.iter().enumerate() {
             records.push(self.main_record(row));
             owners.push((i, None));
-            // Only composite versions go to partner topics (not partner write-backs).
-            if row.topic != topics::MEDICATION_PROFILE {
-                continue;
-            }
+            // Composite versions and insights go to partner topics (not partner write-backs);
+            // which members a partner topic carries is tracked by the profile's records.
+            let profile = row.topic == topics::MEDICATION_PROFILE;
             for partner in partners.get(&row.member_id).into_iter().flatten() {
+                let Some(topic) = topics::partner_topic(&row.topic, partner) else { break };
                 records.push(Out {
-                    topic: self.kafka().topic(&topics::partner_profile(partner)),
+                    topic: self.kafka().topic(&topic),
                     key: row.key.clone(),
                     payload: row.body.clone(),
                     version_id: row.version_id,
                     event_id: Uuid::new_v5(&row.event_id, partner.as_bytes()),
                     headers: trace_header(row),
                 });
-                owners.push((i, Some((row.body.is_some(), (partner.clone(), row.member_id.clone())))));
+                owners.push((i, profile.then(|| (row.body.is_some(), (partner.clone(), row.member_id.clone())))));
             }
         }
         let refusals = self.send(&records).await?;
@@ -262,6 +262,30 @@ impl Relay {
                 headers: Vec::new(),
             });
         }
+        // The members' insights follow the same attribution: the current Bundle when it
+        // starts, a tombstone when it ends.
+        let mut insight_members: Vec<String> = started.iter().map(|a| a.member_id.clone()).chain(ended.iter().map(|u| u.member_id.clone())).collect();
+        insight_members.sort();
+        insight_members.dedup();
+        let bundles: HashMap<String, (i64, String)> =
+            db::insights::current_bundles(tx, &insight_members).await?.into_iter().map(|(m, v, b)| (m, (v, b))).collect();
+        let insights_from = records.len();
+        let mut insight_rows = Vec::new();
+        let pairs = started.iter().map(|a| (&a.partner_id, &a.member_id, true)).chain(ended.iter().map(|u| (&u.partner_id, &u.member_id, false)));
+        for (partner, member, live) in pairs {
+            let Some((version, body)) = bundles.get(member) else { continue };
+            let what = if live { "attributed" } else { "attribution-ended" };
+            let event = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{}|{what}|{partner}|{member}|{version}", topics::INSIGHTS).as_bytes());
+            records.push(Out {
+                topic: self.kafka().topic(&topics::partner_insights(partner)),
+                key: member.clone(),
+                payload: live.then(|| body.clone()),
+                version_id: *version,
+                event_id: event,
+                headers: Vec::new(),
+            });
+            insight_rows.push((partner.clone(), member.clone(), *version, event, live.then(|| body.clone())));
+        }
         let refusals = self.send(&records).await?;
         // A composite the broker refuses for a partner topic is parked as an outbox row of that
         // topic (an operator retries or drops it) and counts as carried, so that reconciling
@@ -272,10 +296,20 @@ impl Relay {
                 let topic = topics::partner_profile(&a.partner_id);
                 tracing::error!(partner = %a.partner_id, member = %a.member_id, reason = %why, "relay: the broker refused a partner topic's record; parked it");
                 let event = event_id("attributed", &a.partner_id, &a.member_id, a.version_id);
-                q::park_partner_record(tx, &topic, &a.member_id, a.version_id, event, why).await?;
+                q::park_partner_record(tx, &topic, &a.member_id, a.version_id, event, why, None).await?;
             }
         }
-        if let Some(why) = refusals[started.len()..].iter().flatten().next() {
+        for ((partner, member, version, event, body), refusal) in insight_rows.iter().zip(&refusals[insights_from..]) {
+            match (refusal, body) {
+                (Some(why), Some(body)) => {
+                    tracing::error!(partner = %partner, member = %member, reason = %why, "relay: the broker refused a partner insights record; parked it");
+                    q::park_partner_record(tx, &topics::partner_insights(partner), member, *version, *event, why, Some(body)).await?;
+                }
+                (Some(why), None) => anyhow::bail!("a tombstone was refused: {why}"),
+                (None, _) => {}
+            }
+        }
+        if let Some(why) = refusals[started.len()..insights_from].iter().flatten().next() {
             anyhow::bail!("a tombstone was refused: {why}");
         }
         let added: Vec<(String, String)> = started.iter().map(|a| (a.partner_id.clone(), a.member_id.clone())).collect();

@@ -44,10 +44,13 @@ pub fn capability_statement(base_url: &str, token_url: &str, limits: &str) -> Va
             if *rt == ResourceType::Provenance {
                 resource["documentation"] = json!("One per accepted partner write: target is the version written, agent.who the partner (identifier system urn:fhir-event-platform:partner-id), activity CREATE or UPDATE.");
             }
+            if *rt == ResourceType::DetectedIssue {
+                resource["documentation"] = json!("Insights derived from each member's medication profile with the knowledge base named on each (extension urn:fhir-event-platform:extension:knowledge-base-version): code DRG (drug interaction), DUPTHPY (duplicate therapy) or ALGY (allergy alert) of v3 ActCode, or refill-gap of urn:fhir-event-platform:insight-code; severity; implicated the statements and allergies involved. status final while it holds; one that stops holding gets a new version with status cancelled and is kept. The same finding on the same member keeps its id. Open insights are also entries of $medication-profile; every insight of a member is on fhir.insights.v1.");
+            }
             if *rt == ResourceType::Patient {
                 resource["operation"] = json!([{ "name": "medication-profile",
                     "definition": "urn:fhir-event-platform:OperationDefinition/Patient-medication-profile",
-                    "documentation": "GET /Patient/{id}/$medication-profile: the member's composite (collection Bundle of Patient, MedicationStatement, AllergyIntolerance, Immunization). ETag W/\"versionId\"; If-None-Match gives 304." },
+                    "documentation": "GET /Patient/{id}/$medication-profile: the member's composite (collection Bundle of Patient, MedicationStatement, AllergyIntolerance, Immunization, and the open DetectedIssues). ETag W/\"versionId\"; If-None-Match gives 304." },
                     { "name": "hashed-match",
                     "definition": "urn:fhir-event-platform:OperationDefinition/Patient-hashed-match",
                     "documentation": "POST /Patient/$hashed-match with a Parameters resource (keyId, one to five PMM1 token values): on a match (exactly one member; T1 or two token types) a searchset Bundle of the member's open Tasks, whose 'for' is an opaque per-partner handle; every other outcome is the same 422. Needs Patient search and Task read scopes; rate limited separately; answers no sooner than a fixed floor." }]);
@@ -69,7 +72,7 @@ pub fn capability_statement(base_url: &str, token_url: &str, limits: &str) -> Va
     }));
     resources.push(json!({
         "type": "SubscriptionTopic",
-        "documentation": format!("One topic: {} (a member's $medication-profile has a new version; filter: patient).", fhir::subscriptions::TOPIC_URL),
+        "documentation": format!("Two topics: {} (a member's $medication-profile has a new version; filter: patient) and {} (a DetectedIssue about a member appeared, changed or stopped holding; filters: patient, severity, code).", fhir::subscriptions::TOPIC_URL, fhir::subscriptions::INSIGHTS_TOPIC_URL),
         "interaction": [{ "code": "read" }, { "code": "search-type" }],
         "versioning": "no-version",
     }));

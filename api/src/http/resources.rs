@@ -122,6 +122,22 @@ pub struct ClinicalSearch {
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
+pub struct InsightSearch {
+    /// The member: `<id>` or `Patient/<id>`.
+    #[param(pattern = "^(Patient/)?[A-Za-z0-9.-]{1,64}$")]
+    pub patient: Option<String>,
+    /// `system|code` or `code`: `DRG` (drug interaction), `DUPTHPY` (duplicate therapy), `ALGY`
+    /// (allergy alert) of v3 ActCode, or `refill-gap` of `urn:fhir-event-platform:insight-code`.
+    #[param(pattern = "^([^|,\\u0000-\\u001f\\u007f-\\u009f]*[|])?[^|,\\u0000-\\u001f\\u007f-\\u009f]+$")]
+    pub code: Option<String>,
+    /// `final` (holds) or `cancelled` (no longer holds).
+    #[param(pattern = "^[^,\\u0000-\\u001f\\u007f-\\u009f]+$")]
+    pub status: Option<String>,
+}
+
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
 pub struct ProvenanceSearch {
     /// The member whose partner-reported resources the Provenance is about: `<id>` or `Patient/<id>`.
     #[param(pattern = "^(Patient/)?[A-Za-z0-9.-]{1,64}$")]
@@ -351,6 +367,7 @@ endpoints!(allergy_intolerance, ResourceType::AllergyIntolerance, "AllergyIntole
 endpoints!(immunization, ResourceType::Immunization, "Immunization", ImmunizationSearch);
 endpoints!(task, ResourceType::Task, "Task", ClinicalSearch);
 endpoints!(provenance, ResourceType::Provenance, "Provenance", ProvenanceSearch);
+endpoints!(detected_issue, ResourceType::DetectedIssue, "DetectedIssue", InsightSearch);
 
 /// This module's routes.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -379,4 +396,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(provenance::vread))
         .routes(routes!(provenance::history))
         .routes(routes!(provenance::search))
+        .routes(routes!(detected_issue::read))
+        .routes(routes!(detected_issue::vread))
+        .routes(routes!(detected_issue::history))
+        .routes(routes!(detected_issue::search))
 }

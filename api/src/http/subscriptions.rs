@@ -42,10 +42,14 @@ fn searchset(base: &str, self_url: &str, entries: Vec<(String, Value)>) -> Value
 }
 
 /// What a notification carries needs the scopes that reading it would: the composite itself
-/// (`full-resource`) those of `$medication-profile`, the reference to it (`id-only`) Patient's.
-fn require_content_scopes(caller: &Caller, content: &str) -> Result<(), ApiError> {
+/// (`full-resource`) those of `$medication-profile`, the reference to it (`id-only`) Patient's;
+/// for the insights topic, DetectedIssue's.
+fn require_content_scopes(caller: &Caller, topic: &str, content: &str) -> Result<(), ApiError> {
+    let insights = topic == subs::INSIGHTS_TOPIC_URL;
     match content {
+        "full-resource" if insights => caller.require(&["DetectedIssue"], Interaction::Read),
         "full-resource" => caller.require(&crate::http::profile::PROFILE_TYPES, Interaction::Read),
+        "id-only" if insights => caller.require(&["DetectedIssue"], Interaction::Read),
         "id-only" => caller.require(&["Patient"], Interaction::Read),
         _ => Ok(()),
     }
@@ -60,7 +64,7 @@ async fn own(state: &AppState, caller: &Caller, id: &str) -> Result<db::subscrip
 #[utoipa::path(get, path = paths::SUBSCRIPTION_TOPICS, tag = "Subscription", operation_id = "searchSubscriptionTopic",
     params(FormatOnly),
     responses(
-        (status = 200, description = "A searchset Bundle with the one SubscriptionTopic", body = Bundle, content_type = "application/fhir+json"),
+        (status = 200, description = "A searchset Bundle with the SubscriptionTopics (medication-profile, insights)", body = Bundle, content_type = "application/fhir+json"),
         (status = 400, description = "Unknown parameter", body = OperationOutcome, content_type = "application/fhir+json"),
         crate::doc::NotAcceptable,
         crate::doc::NoToken,
@@ -76,10 +80,11 @@ pub async fn topics(
     caller.require(&[TOPIC], Interaction::Search)?;
     rest::no_parameters(&rest::query_pairs(&headers, q.as_deref())?)?;
     let self_url = format!("{}/{TOPIC}", s.base_url);
-    Ok(json_response(StatusCode::OK, &searchset(&s.base_url, &self_url, vec![(format!("{TOPIC}/{}", subs::TOPIC_ID), subs::topic_resource())])))
+    let topics = subs::topic_resources().into_iter().map(|t| (format!("{TOPIC}/{}", t["id"].as_str().unwrap_or_default()), t)).collect();
+    Ok(json_response(StatusCode::OK, &searchset(&s.base_url, &self_url, topics)))
 }
 
-/// Read the SubscriptionTopic (`medication-profile`).
+/// Read a SubscriptionTopic (`medication-profile` or `insights`).
 #[utoipa::path(get, path = paths::SUBSCRIPTION_TOPIC, tag = "Subscription", operation_id = "readSubscriptionTopic",
     params(("id" = String, Path, description = "Logical id", pattern = "^[A-Za-z0-9.-]{1,64}$"), FormatOnly),
     responses(
@@ -100,10 +105,8 @@ pub async fn topic(
     caller.require(&[TOPIC], Interaction::Read)?;
     rest::no_parameters(&rest::query_pairs(&headers, q.as_deref())?)?;
     let id = rest::parse_id(&id)?;
-    if id != subs::TOPIC_ID {
-        return Err(ApiError::NotFound(format!("SubscriptionTopic/{id} is not known; see GET /fhir/SubscriptionTopic")));
-    }
-    Ok(json_response(StatusCode::OK, &subs::topic_resource()))
+    let topic = subs::topic_by_id(id).ok_or_else(|| ApiError::NotFound(format!("SubscriptionTopic/{id} is not known; see GET /fhir/SubscriptionTopic")))?;
+    Ok(json_response(StatusCode::OK, &topic))
 }
 
 /// Subscribe to a SubscriptionTopic. The subscription starts `requested`; the notifier's
@@ -136,7 +139,7 @@ pub async fn create(
     let value = json_body(&body)?;
     let subscription = subs::accept(value, &caller.partner_id, s.subscription_limits, time::OffsetDateTime::now_utc())
         .map_err(|i| ApiError::Unprocessable { expression: i.expression, diagnostics: i.message })?;
-    require_content_scopes(&caller, &subscription.content)?;
+    require_content_scopes(&caller, &subscription.topic, &subscription.content)?;
     if let Some(endpoint) = subscription.endpoint.as_deref().and_then(|e| reqwest::Url::parse(e).ok()) {
         // Checked again by the notifier at every connection; refused here so the partner knows.
         s.egress
@@ -351,7 +354,7 @@ pub async fn events(
     if let Some(c) = content {
         subscription.content = c;
     }
-    require_content_scopes(&caller, &subscription.content)?;
+    require_content_scopes(&caller, &subscription.topic, &subscription.content)?;
     let until = until.unwrap_or(i64::MAX).min(since.saturating_add(EVENTS_PAGE - 1));
     let viewer = caller.viewer();
     let with_bodies = subscription.content == "full-resource";

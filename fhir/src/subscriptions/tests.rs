@@ -127,6 +127,7 @@ fn notifications_parse_as_r4b() {
             body: Some(r#"{"resourceType":"Bundle","id":"M1","type":"collection"}"#.into()),
             attributed: true,
             traceparent: None,
+            resource_id: None,
         },
         Event {
             event_number: 2,
@@ -137,6 +138,7 @@ fn notifications_parse_as_r4b() {
             body: None,
             attributed: true,
             traceparent: None,
+            resource_id: None,
         },
     ];
     for kind in [Kind::Handshake, Kind::Heartbeat, Kind::EventNotification, Kind::QueryEvent] {
@@ -164,6 +166,7 @@ fn an_event_of_a_member_no_longer_attributed_keeps_its_number_and_says_nothing_e
         body: None,
         attributed: false,
         traceparent: None,
+        resource_id: None,
     };
     let bundle = notification("http://h/fhir", &s, Kind::EventNotification, &[gone]);
     assert_eq!(bundle["entry"].as_array().map(Vec::len), Some(1), "only the SubscriptionStatus");

@@ -11,6 +11,7 @@ mod composer_crash;
 mod composition;
 mod foundation;
 mod hostile;
+mod insights;
 mod log_scan;
 mod matching;
 mod observability;
