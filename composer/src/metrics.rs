@@ -85,8 +85,16 @@ impl Metrics {
         r.register("events", "Events by outcome: applied, stale (older than stored), duplicate (applied before)", self.events.clone());
         r.register("dead_letters", "Messages dead-lettered to sor.dlq.v1, by reason", self.dead_letters.clone());
         r.register("composite_versions", "Composite versions written", self.composite_versions.clone());
-        r.register("insight_versions", "DetectedIssue versions written (insights that appeared, changed or stopped holding)", self.insight_versions.clone());
-        r.register("unknown_products", "Active medications evaluated whose product code the insights' knowledge base does not know (no insight)", self.unknown_products.clone());
+        r.register(
+            "insight_versions",
+            "DetectedIssue versions written (insights that appeared, changed or stopped holding)",
+            self.insight_versions.clone(),
+        );
+        r.register(
+            "unknown_products",
+            "Active medications evaluated whose product code the insights' knowledge base does not know (no insight)",
+            self.unknown_products.clone(),
+        );
         r.register("insight_rechecks", "Members looked at again because time alone can change their insights (refill gaps)", self.rechecked.clone());
         r.register("isolated", "Records a failing batch was narrowed down to (and dead-lettered)", self.isolated.clone());
         r.register("batch_size", "Messages per applied batch", self.batch_size.clone());

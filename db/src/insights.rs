@@ -131,8 +131,8 @@ pub async fn applied_knowledge_base(pool: &PgPool) -> crate::Result<Option<Store
     Ok(sqlx::query_as(
         "SELECT version, digest, body, applied_at FROM insight_knowledge_bases WHERE applied_at IS NOT NULL ORDER BY applied_at DESC LIMIT 1",
     )
-        .fetch_optional(pool)
-        .await?)
+    .fetch_optional(pool)
+    .await?)
 }
 
 /// Records a knowledge base as loaded, not yet applied (a version loaded again with other

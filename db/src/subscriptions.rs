@@ -176,7 +176,14 @@ pub async fn fan_out(pool: &PgPool, day: Date, limit: i64, topics: Topics<'_>) -
          SELECT n.sid, b.base + n.n, n.member_id, n.version_id, n.deleted, n.last_updated, n.traceparent, n.resource_id
          FROM numbered n JOIN bumped b ON b.id = n.sid"
     );
-    let queued = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&ids).bind(day).bind(topics.profile).bind(topics.insights).execute(&mut *tx).await?.rows_affected();
+    let queued = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&ids)
+        .bind(day)
+        .bind(topics.profile)
+        .bind(topics.insights)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
     sqlx::query("UPDATE outbox SET notified_at = now() WHERE id = ANY($1)").bind(&ids).execute(&mut *tx).await?;
     if queued > 0 {
         crate::notify(&mut tx, crate::channels::SUBSCRIPTION_EVENTS).await?;

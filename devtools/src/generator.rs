@@ -96,6 +96,14 @@ fn date(rng: &mut StdRng, from_year: i32, to_year: i32) -> String {
     format!("{:04}-{:02}-{:02}", rng.random_range(from_year..=to_year), rng.random_range(1..=12), rng.random_range(1..=28))
 }
 
+/// A last fill date before today: most within the supply's days (refilled on time), about one
+/// in five up to a quarter of the supply later than that (a refill running late; past the grace
+/// period, a refill-gap insight).
+fn recent_fill(rng: &mut StdRng, days_supply: i64) -> String {
+    let ago = rng.random_range(0..=days_supply + days_supply / 4);
+    (time::OffsetDateTime::now_utc().date() - time::Duration::days(ago)).to_string()
+}
+
 /// The demographics record of a synthetic person (names from `data/codes.json`, with their
 /// accents, hyphens and apostrophes).
 pub fn person(rng: &mut StdRng) -> Value {
@@ -129,12 +137,13 @@ fn member_records(rng: &mut StdRng, cfg: &GeneratorConfig, member: &str) -> Vec<
         let start = date(rng, 2018, 2025);
         let mut versions = Vec::new();
         for _ in 0..rng.random_range(1..=3) {
+            let days_supply = *pick(rng, &[30, 60, 90]);
             let mut v = json!({
                 "rxnorm_code": code, "display": display,
                 "status": pick(rng, &["active", "active", "active", "completed", "stopped", "on-hold"]),
                 "dosage_text": pick(rng, &["1 tablet by mouth daily", "1 tablet twice daily", "as needed for pain"]),
-                "effective_start": start, "last_fill_date": date(rng, 2025, 2026),
-                "days_supply": pick(rng, &[30, 60, 90]), "quantity": pick(rng, &[30.0, 60.0, 90.0, 0.5]),
+                "effective_start": start, "last_fill_date": recent_fill(rng, days_supply),
+                "days_supply": days_supply, "quantity": pick(rng, &[30.0, 60.0, 90.0, 0.5]),
                 "prescriber_npi": format!("1{:09}", rng.random_range(0..999_999_999)),
             });
             if rng.random_bool(0.2) {
@@ -358,6 +367,60 @@ mod tests {
         assert!(text.iter().any(|t| t.contains("\"after\"") && !t.contains("\"payload\"")), "bare Debezium");
         assert!(text.iter().any(|t| t.contains("\"op\":\"delete\"")), "native deletes");
         assert!(text.iter().any(|t| t.contains("oops")), "malformed");
+    }
+
+    /// How often generated members have each kind of insight, with the built-in knowledge base
+    /// (docs/insights.md quotes these shares): a member's records at their last version, mapped
+    /// as the composer maps them, evaluated as of today.
+    #[test]
+    fn generated_members_have_insights_at_documented_rates() {
+        use fhir::composite::Component;
+        use fhir::insights::{Engine, Kind, KnowledgeBase, evaluate};
+        let engine = Engine { kb: std::sync::Arc::new(KnowledgeBase::built_in().unwrap()), grace_days: 7, clock_skew_days: 0 };
+        let contracts = schemas::Contracts::load().unwrap();
+        let cfg = GeneratorConfig { members: 2000, malformed: 0, deletes: 0.0, member_deletes: 0.0, ..GeneratorConfig::default() };
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let mut with: std::collections::BTreeMap<Kind, usize> = Default::default();
+        for n in 0..cfg.members {
+            let member = member_id(n + 1);
+            let mut components = Vec::new();
+            for record in member_records(&mut rng, &cfg, &member) {
+                let Some(Some(data)) = record.versions.last() else { continue };
+                let kind = schemas::RecordKind::for_topic(record.topic).unwrap();
+                let value = serde_json::to_vec(&json!({ "event_id": uuid::Uuid::new_v4().to_string(), "op": "upsert", "source": record.source,
+                    "occurred_at": "2026-11-20T10:15:00Z", "version": 1, "member_id": member, "record_id": record.record_id, "data": data }))
+                .unwrap();
+                let composer::apply::Outcome::Change { resource: Some(r), .. } =
+                    composer::apply::prepare(&contracts, kind, Some(member.as_bytes()), Some(&value), 262_144)
+                else {
+                    continue;
+                };
+                components.push(Component {
+                    kind,
+                    source: record.source.into(),
+                    record_id: record.record_id.clone(),
+                    version: 1,
+                    resource_type: r.resource_type.into(),
+                    resource_id: r.id,
+                    json: r.json,
+                    code: r.code,
+                    status: r.status,
+                    updated_at: time::OffsetDateTime::UNIX_EPOCH,
+                });
+            }
+            let kinds: std::collections::BTreeSet<Kind> =
+                evaluate(&engine, &member, &components, engine.today()).insights.iter().map(|d| d.kind).collect();
+            for k in kinds {
+                *with.entry(k).or_default() += 1;
+            }
+        }
+        let share = |k: Kind| with.get(&k).copied().unwrap_or(0) as f64 / cfg.members as f64;
+        println!("members with an insight of each kind (of {}): {with:?}", cfg.members);
+        for (kind, low, high) in
+            [(Kind::Interaction, 0.02, 0.40), (Kind::Duplication, 0.01, 0.40), (Kind::Allergy, 0.005, 0.15), (Kind::RefillGap, 0.02, 0.50)]
+        {
+            assert!((low..=high).contains(&share(kind)), "{kind:?}: {:.3} of members, expected {low}..{high}", share(kind));
+        }
     }
 
     #[test]

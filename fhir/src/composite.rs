@@ -1,8 +1,8 @@
 //! Composites: FHIR resources assembled from a member's components. A composite is one
 //! implementation of [`Composite`]; the medication profile is the first.
 
-use db::components as q;
 use crate::insights::{self, Current, Engine, Refreshed};
+use db::components as q;
 use db::composites::{CompositeState, CompositeVersion, composite_states};
 use db::insights::{BundleState, BundleVersion};
 use platform::MemberId;
@@ -249,7 +249,10 @@ impl Composite for MedicationProfile {
         });
         let open: Vec<&Current> = insights.iter().filter(|i| i.open).collect();
         let mut entries = String::with_capacity(
-            patient.json.len() + others.iter().map(|(_, json)| json.len() + 96).sum::<usize>() + open.iter().map(|i| i.json.len() + 96).sum::<usize>() + 2,
+            patient.json.len()
+                + others.iter().map(|(_, json)| json.len() + 96).sum::<usize>()
+                + open.iter().map(|i| i.json.len() + 96).sum::<usize>()
+                + 2,
         );
         entries.push('[');
         let listed = std::iter::once((patient, Cow::Borrowed(patient.json.as_str())))
@@ -430,7 +433,8 @@ pub async fn rebuild(
     }
     if !current.is_empty() {
         let with: Vec<String> = members.iter().filter(|m| current.contains_key(*m)).cloned().collect();
-        let bundles: HashMap<String, BundleState> = db::insights::bundle_states(tx, &with).await?.into_iter().map(|s| (s.member_id.clone(), s)).collect();
+        let bundles: HashMap<String, BundleState> =
+            db::insights::bundle_states(tx, &with).await?.into_iter().map(|s| (s.member_id.clone(), s)).collect();
         for member in with {
             let (entries, hash) = insights::bundle_entries(&composites.base_url, &member, &current[&member]);
             let state = bundles.get(&member);
@@ -440,7 +444,14 @@ pub async fn rebuild(
             let next = state.map_or(1, |s| s.version_id + 1);
             let changes = current[&member]
                 .iter()
-                .filter_map(|c| c.changed.map(|version| db::insights::InsightChange { id: c.id.clone(), version, code: c.code.to_owned(), severity: c.severity.clone() }))
+                .filter_map(|c| {
+                    c.changed.map(|version| db::insights::InsightChange {
+                        id: c.id.clone(),
+                        version,
+                        code: c.code.to_owned(),
+                        severity: c.severity.clone(),
+                    })
+                })
                 .collect();
             rebuilt.insight_bundles.push(BundleVersion {
                 body: collection(&member, &entries, next, now_text),

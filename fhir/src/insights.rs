@@ -271,7 +271,14 @@ impl KnowledgeBase {
             out.push_str(&format!("|{}", kb.product_name(product)));
             out
         };
-        let all: BTreeSet<&String> = self.doc.products.keys().chain(other.doc.products.keys()).chain(self.doc.ingredients.keys()).chain(other.doc.ingredients.keys()).collect();
+        let all: BTreeSet<&String> = self
+            .doc
+            .products
+            .keys()
+            .chain(other.doc.products.keys())
+            .chain(self.doc.ingredients.keys())
+            .chain(other.doc.ingredients.keys())
+            .collect();
         for code in all {
             if facts(self, code) != facts(other, code) {
                 codes.insert(code.clone());
@@ -394,6 +401,8 @@ pub fn evaluate(engine: &Engine, member: &str, components: &[Component], today: 
     allergy_conflicts(kb, member, &meds, &allergies, &mut out.insights);
     refill_gaps(engine, member, &meds, today, &mut out);
     out.insights.sort_by(|a, b| a.key.cmp(&b.key));
+    // One finding per key: a key written twice in one statement fails the whole batch.
+    out.insights.dedup_by(|a, b| a.key == b.key);
     out
 }
 
@@ -478,14 +487,25 @@ fn allergy_conflicts(kb: &KnowledgeBase, member: &str, meds: &[Med], allergies: 
             Some("low") => Severity::Moderate,
             _ => Severity::High,
         };
+        // One insight per allergy and conflicting ingredient, implicating every product with it
+        // (amoxicillin and amoxicillin/clavulanate against one penicillin allergy).
+        let mut hits: BTreeMap<&str, (BTreeSet<String>, BTreeSet<&str>)> = BTreeMap::new();
         for m in meds {
             let Some(hit) = m.ingredients.iter().find(|i| sides.iter().any(|s| kb.matches(s, i))) else { continue };
+            let (implicated, products) = hits.entry(hit.as_str()).or_default();
+            implicated.insert(m.reference());
+            products.insert(kb.product_name(m.product));
+        }
+        for (hit, (statements, products)) in hits {
+            let mut implicated = vec![format!("AllergyIntolerance/{}", allergy.resource_id)];
+            implicated.extend(statements);
+            let names: Vec<&str> = products.into_iter().collect();
             out.push(Derived {
                 key: format!("{member}|ALGY|{}|{hit}", allergy.resource_id),
                 kind: Kind::Allergy,
                 severity,
-                implicated: vec![format!("AllergyIntolerance/{}", allergy.resource_id), m.reference()],
-                detail: format!("{} contains {}, which the member's recorded allergy conflicts with.", kb.product_name(m.product), kb.ingredient_name(hit)),
+                implicated,
+                detail: format!("{} contains {}, which the member's recorded allergy conflicts with.", names.join(" and "), kb.ingredient_name(hit)),
             });
         }
     }

@@ -35,7 +35,11 @@ pub fn composites(common: &platform::CommonConfig) -> Result<composite::Composit
             Some(path) => insights::KnowledgeBase::parse(&std::fs::read_to_string(path)?)?,
             None => insights::KnowledgeBase::built_in()?,
         };
-        Some(insights::Engine { kb: std::sync::Arc::new(kb), grace_days: i64::from(config.refill_grace_days), clock_skew_days: config.clock_skew_days })
+        Some(insights::Engine {
+            kb: std::sync::Arc::new(kb),
+            grace_days: i64::from(config.refill_grace_days),
+            clock_skew_days: config.clock_skew_days,
+        })
     } else {
         None
     };

@@ -414,6 +414,9 @@ pub fn bundle_patient_links(bundle: &Bundle) -> (Vec<String>, Vec<(String, Strin
             Resource::MedicationStatement(m) => links.push(("MedicationStatement".into(), m.id.clone().unwrap_or_default(), reference(&m.subject))),
             Resource::AllergyIntolerance(a) => links.push(("AllergyIntolerance".into(), a.id.clone().unwrap_or_default(), reference(&a.patient))),
             Resource::Immunization(i) => links.push(("Immunization".into(), i.id.clone().unwrap_or_default(), reference(&i.patient))),
+            Resource::DetectedIssue(d) => {
+                links.push(("DetectedIssue".into(), d.id.clone().unwrap_or_default(), d.patient.as_ref().map(reference).unwrap_or_default()))
+            }
             _ => links.push(("other".into(), String::new(), String::new())),
         }
     }

@@ -171,7 +171,9 @@ pub fn accept(value: Value, partner_id: &str, limits: Limits, now: OffsetDateTim
                     return Err(invalid_in(
                         T,
                         "criteria.extension",
-                        format!("filter '{filter}': supported are one each of patient=Patient/<member id>, severity=<high|moderate|low,…> and code=<DRG|DUPTHPY|ALGY|refill-gap,…>"),
+                        format!(
+                            "filter '{filter}': supported are one each of patient=Patient/<member id>, severity=<high|moderate|low,…> and code=<DRG|DUPTHPY|ALGY|refill-gap,…>"
+                        ),
                     ));
                 }
                 _ => {
@@ -320,7 +322,9 @@ pub fn accept(value: Value, partner_id: &str, limits: Limits, now: OffsetDateTim
 fn one_of(filter: &str, value: &str, allowed: &[&str]) -> Result<Vec<String>, Invalid> {
     let values: Vec<String> = value.split(',').map(|v| v.trim().to_owned()).collect();
     match values.iter().find(|v| !allowed.contains(&v.as_str())) {
-        Some(bad) => Err(invalid_in("Subscription", "criteria.extension", format!("filter '{filter}': '{bad}' is not one of {}", allowed.join(", ")))),
+        Some(bad) => {
+            Err(invalid_in("Subscription", "criteria.extension", format!("filter '{filter}': '{bad}' is not one of {}", allowed.join(", "))))
+        }
         None => Ok(values),
     }
 }

@@ -372,13 +372,7 @@ pub struct Author<'a> {
 
 /// Stores a validated report as `mode` says, in one transaction with its Provenance, the
 /// member's new composite versions and the `partner.inbound.v1` outbox row.
-pub async fn write(
-    pool: &db::Pool,
-    composites: &Composites,
-    author: Author<'_>,
-    report: Report,
-    mode: Mode,
-) -> Result<Written, WriteError> {
+pub async fn write(pool: &db::Pool, composites: &Composites, author: Author<'_>, report: Report, mode: Mode) -> Result<Written, WriteError> {
     let rt = report.resource_type;
     let source = mapping::partner_source(author.partner_id);
     let member = report.member_id.clone();

@@ -1,13 +1,87 @@
 //! What must hold of the stored composites after any run.
 
-/// A composite's content: the Bundle without `meta` and `timestamp` (the time of the change).
+/// A composite's content: the Bundle without `meta` and `timestamp` (the time of the change),
+/// and without its insights' `identifiedDateTime` (the time each was found).
 pub fn content(body: &str) -> anyhow::Result<serde_json::Value> {
     let mut v: serde_json::Value = serde_json::from_str(body)?;
     if let Some(o) = v.as_object_mut() {
         o.remove("meta");
         o.remove("timestamp");
     }
+    for entry in v.get_mut("entry").and_then(serde_json::Value::as_array_mut).into_iter().flatten() {
+        if let Some(r) = entry.get_mut("resource").and_then(serde_json::Value::as_object_mut) {
+            r.remove("identifiedDateTime");
+        }
+    }
     Ok(v)
+}
+
+/// What must hold of insights after any run, interrupted or not:
+/// - each DetectedIssue's versions are 1..n, no gaps or repeats, each a change of content;
+/// - each member's `fhir.insights.v1` outbox rows are versions 1..n in order, with unique event
+///   ids, the last one the member's current Bundle, each an R4B Bundle whose DetectedIssues are
+///   about the member.
+///
+/// Returns the number of DetectedIssue versions checked.
+pub async fn check_insight_invariants(pool: &db::Pool) -> anyhow::Result<usize> {
+    use anyhow::ensure;
+    use std::collections::{BTreeMap, HashSet};
+    let versions: Vec<(String, i64, Option<String>)> = sqlx::query_as(
+        "SELECT resource_id, version_id, body::text FROM resource_history WHERE resource_type = 'DetectedIssue' ORDER BY resource_id, version_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut by_id: BTreeMap<&str, Vec<(i64, Option<&str>)>> = BTreeMap::new();
+    for (id, v, body) in &versions {
+        by_id.entry(id).or_default().push((*v, body.as_deref()));
+    }
+    for (id, list) in &by_id {
+        for (i, (v, body)) in list.iter().enumerate() {
+            ensure!(*v == i as i64 + 1, "DetectedIssue/{id}: versions {:?}", list.iter().map(|(v, _)| *v).collect::<Vec<_>>());
+            let body = body.ok_or_else(|| anyhow::anyhow!("DetectedIssue/{id} v{v}: no body"))?;
+            fhir::mapping::parse_detected_issue(body).map_err(|e| anyhow::anyhow!("DetectedIssue/{id} v{v}: {e}"))?;
+            ensure!(i == 0 || list[i - 1].1 != Some(body), "DetectedIssue/{id}: v{v} repeats v{}", v - 1);
+        }
+    }
+    let rows: Vec<(String, i64, uuid::Uuid, Option<String>)> =
+        sqlx::query_as("SELECT member_id, version_id, event_id, payload::text FROM outbox WHERE topic = $1 ORDER BY id")
+            .bind(platform::topics::INSIGHTS)
+            .fetch_all(pool)
+            .await?;
+    let current: BTreeMap<String, (i64, String)> =
+        sqlx::query_as::<_, (String, i64, String)>("SELECT member_id, version_id, body FROM insight_bundles")
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|(m, v, b)| (m, (v, b)))
+            .collect();
+    let mut next: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut last: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut ids = HashSet::new();
+    for (member, version, event_id, payload) in &rows {
+        let expected = next.entry(member).or_insert(1);
+        ensure!(version == expected, "{member}: insights outbox version {version} where {expected} was next");
+        *expected += 1;
+        ensure!(ids.insert(*event_id), "duplicate insights event id {event_id}");
+        let payload = payload.as_deref().ok_or_else(|| anyhow::anyhow!("{member} insights v{version}: no payload"))?;
+        let bundle = fhir::mapping::parse_bundle(payload).map_err(|e| anyhow::anyhow!("{member} insights v{version}: {e}"))?;
+        let (_, links) = fhir::mapping::bundle_patient_links(&bundle);
+        for (kind, id, reference) in links {
+            ensure!(
+                kind == "DetectedIssue" && reference == format!("Patient/{member}"),
+                "{member} insights v{version}: {kind}/{id} references {reference:?}"
+            );
+        }
+        last.insert(member, payload);
+    }
+    ensure!(last.len() == current.len(), "{} members with insights records, {} current Bundles", last.len(), current.len());
+    for (member, payload) in last {
+        let (version, body) = current.get(member).ok_or_else(|| anyhow::anyhow!("{member}: insights records without a current Bundle"))?;
+        ensure!(next[member] - 1 == *version, "{member}: current insights Bundle v{version} is not the last record");
+        let same = serde_json::from_str::<serde_json::Value>(payload)? == serde_json::from_str::<serde_json::Value>(body)?;
+        ensure!(same, "{member}: the last insights record differs from the current Bundle");
+    }
+    Ok(versions.len())
 }
 
 /// What must hold of stored composites after any run, interrupted or not:

@@ -27,7 +27,7 @@ pub use env::{
 };
 pub use events::{attribution, deletion, demographics, medication, native_event, upsert};
 pub use http::{Reply, get, post_fhir, send};
-pub use invariants::{check_composite_invariants, content};
+pub use invariants::{check_composite_invariants, check_insight_invariants, content};
 pub use logs::{COLLECTED_LOG_LEVEL, collect_logs, init_logs, log_file, remember_secret, test_log_dir};
 pub use partners::{KeyKind, TestPartner, bearer_client, kafka_subscription, register_partner, register_partner_with_key, rsa_key_file};
 pub use topics::{ReadRecord, read_topic};

@@ -105,7 +105,8 @@ pub async fn topic(
     caller.require(&[TOPIC], Interaction::Read)?;
     rest::no_parameters(&rest::query_pairs(&headers, q.as_deref())?)?;
     let id = rest::parse_id(&id)?;
-    let topic = subs::topic_by_id(id).ok_or_else(|| ApiError::NotFound(format!("SubscriptionTopic/{id} is not known; see GET /fhir/SubscriptionTopic")))?;
+    let topic =
+        subs::topic_by_id(id).ok_or_else(|| ApiError::NotFound(format!("SubscriptionTopic/{id} is not known; see GET /fhir/SubscriptionTopic")))?;
     Ok(json_response(StatusCode::OK, &topic))
 }
 

@@ -96,6 +96,17 @@ fn a_penicillin_allergy_conflicts_with_amoxicillin_and_amoxicillin_clavulanate()
 }
 
 #[test]
+fn one_allergy_alert_per_allergy_and_ingredient_implicating_every_product_with_it() {
+    let hits = found(&[allergy("al", SNOMED, "91936005", "high"), med("am", AMOXICILLIN, "active"), med("ac", AMOX_CLAV, "active")]);
+    let alerts: Vec<_> = hits.iter().filter(|h| h.0 == Kind::Allergy).collect();
+    assert_eq!(alerts.len(), 1, "{hits:?}");
+    assert_eq!(alerts[0].2, vec!["AllergyIntolerance/al".to_owned(), "MedicationStatement/ac".into(), "MedicationStatement/am".into()]);
+    let all = vec![patient(), allergy("al", SNOMED, "91936005", "high"), med("am", AMOXICILLIN, "active"), med("ac", AMOX_CLAV, "active")];
+    let keys: BTreeSet<String> = evaluate(&engine(), "M1", &all, date!(2026 - 12 - 07)).insights.into_iter().map(|d| d.key).collect();
+    assert_eq!(keys.len(), 2, "the alert and the penicillin duplication, each once: {keys:?}");
+}
+
+#[test]
 fn an_allergy_coded_as_the_ingredient_conflicts_with_its_products() {
     let hits = found(&[allergy("al", RXNORM, "1191", "high"), med("a", ASPIRIN, "active")]);
     assert_eq!(hits.iter().map(|h| h.0).collect::<Vec<_>>(), vec![Kind::Allergy]);
@@ -124,7 +135,10 @@ fn a_maintenance_drug_past_its_supply_and_grace_is_a_refill_gap_and_time_alone_o
     assert!(before.insights.is_empty());
     assert_eq!(before.recheck_on, Some(date!(2026 - 12 - 09)));
     let after = evaluate(&engine(), "M1", &all, date!(2026 - 12 - 09));
-    assert_eq!(after.insights.iter().map(|d| (d.kind, d.implicated.clone())).collect::<Vec<_>>(), vec![(Kind::RefillGap, vec!["MedicationStatement/s".into()])]);
+    assert_eq!(
+        after.insights.iter().map(|d| (d.kind, d.implicated.clone())).collect::<Vec<_>>(),
+        vec![(Kind::RefillGap, vec!["MedicationStatement/s".into()])]
+    );
     assert_eq!(after.recheck_on, None);
     // An antibiotic is not a maintenance drug.
     let short = vec![patient(), filled("a", AMOXICILLIN, "2026-01-01", 10)];

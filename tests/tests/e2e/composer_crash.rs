@@ -7,7 +7,9 @@
 //! identical current composite content per member, identical deleted members; and in both
 //! runs, every history is gapless and changes content at each version, the current composite
 //! is its last version, and the outbox holds exactly one row per version in order — nothing
-//! lost, duplicated or skipped (`check_composite_invariants`).
+//! lost, duplicated or skipped (`check_composite_invariants`). Insights too: the same open
+//! insights in both runs, and in each every DetectedIssue's versions and every member's
+//! `fhir.insights.v1` records gapless, in order and without repeats (`check_insight_invariants`).
 
 use devtools::generator::{self, GeneratorConfig};
 use std::collections::BTreeMap;
@@ -20,10 +22,22 @@ fn start_child(url: &str, prefix: &str) -> anyhow::Result<std::process::Child> {
     spawn_child("composer", url, prefix, &[("COMPOSER_GROUP_ID", "crashing"), ("COMPOSER_APPLIERS", "3")])
 }
 
-type Snapshot = (Vec<db::components::ComponentRow>, BTreeMap<String, (bool, Option<serde_json::Value>)>);
+/// Records (insights apart), live composites' content, and the open insights (without the time
+/// each was found). Runs that batch differently may see an insight hold for a moment (and be
+/// cancelled) in one and never in the other; what holds at the end is the same.
+type Snapshot = (Vec<db::components::ComponentRow>, BTreeMap<String, (bool, Option<serde_json::Value>)>, BTreeMap<String, serde_json::Value>);
 
 async fn snapshot(pool: &db::Pool) -> anyhow::Result<Snapshot> {
-    let components = db::components::all_components(pool).await?;
+    let mut components = db::components::all_components(pool).await?;
+    let mut open = BTreeMap::new();
+    for c in components.iter().filter(|c| c.kind == fhir::insights::KIND) {
+        let mut body: serde_json::Value = serde_json::from_str(c.body.as_deref().unwrap_or("null"))?;
+        if body["status"] == fhir::insights::OPEN {
+            body.as_object_mut().map(|o| o.remove("identifiedDateTime"));
+            open.insert(c.record_id.clone(), body);
+        }
+    }
+    components.retain(|c| c.kind != fhir::insights::KIND);
     let mut composites = BTreeMap::new();
     // A member deleted in the same batch that created it never had a composite row, while in
     // another run it has a deleted one: both mean "no current composite", so only live ones count.
@@ -32,7 +46,7 @@ async fn snapshot(pool: &db::Pool) -> anyhow::Result<Snapshot> {
             composites.insert(c.member_id, (c.deleted, Some(content(body)?)));
         }
     }
-    Ok((components, composites))
+    Ok((components, composites, open))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,13 +92,28 @@ async fn sigkill_at_three_points_changes_nothing() -> anyhow::Result<()> {
     let versions_a = check_composite_invariants(pool_a).await?;
     let versions_b = check_composite_invariants(&pool_b).await?;
     println!("composite versions: uninterrupted {versions_a}, interrupted {versions_b}");
+    let insights_a = check_insight_invariants(pool_a).await?;
+    let insights_b = check_insight_invariants(&pool_b).await?;
+    println!("DetectedIssue versions: uninterrupted {insights_a}, interrupted {insights_b}");
     let (a, b) = (snapshot(pool_a).await?, snapshot(&pool_b).await?);
-    assert_eq!(a.0.len(), b.0.len(), "component count");
+    let keys = |rows: &[db::components::ComponentRow]| -> std::collections::BTreeSet<(String, String, String)> {
+        rows.iter().map(|c| (c.kind.clone(), c.source.clone(), c.record_id.clone())).collect()
+    };
+    let (ka, kb) = (keys(&a.0), keys(&b.0));
+    assert_eq!(
+        a.0.len(),
+        b.0.len(),
+        "component count; only uninterrupted: {:?}; only interrupted: {:?}",
+        ka.difference(&kb).take(5).collect::<Vec<_>>(),
+        kb.difference(&ka).take(5).collect::<Vec<_>>()
+    );
     assert!(a.0 == b.0, "components differ between the runs");
     assert_eq!(a.1.len(), b.1.len(), "composite count");
     for (member, composite) in &a.1 {
         assert_eq!(Some(composite), b.1.get(member), "composite of {member}");
     }
+    assert!(!a.2.is_empty(), "the stream gives members insights");
+    assert!(a.2 == b.2, "the open insights differ between the runs ({} and {})", a.2.len(), b.2.len());
     // Members whose demographics were deleted have no live composite.
     let deleted_members: Vec<&String> = a.0.iter().filter(|c| c.kind == "demographics" && c.deleted).map(|c| &c.member_id).collect();
     assert!(!deleted_members.is_empty(), "the stream deletes some members");

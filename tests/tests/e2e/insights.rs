@@ -131,7 +131,9 @@ async fn insights_follow_the_medication_profile_on_every_path() -> anyhow::Resul
         async move {
             let reply = get(&client, &format!("{fhir}/DetectedIssue?{query}")).await?;
             anyhow::ensure!(reply.status == 200, "search {query}: {}", reply.body);
-            Ok::<Vec<Value>, anyhow::Error>(reply.body["entry"].as_array().cloned().unwrap_or_default().into_iter().map(|e| e["resource"].clone()).collect())
+            Ok::<Vec<Value>, anyhow::Error>(
+                reply.body["entry"].as_array().cloned().unwrap_or_default().into_iter().map(|e| e["resource"].clone()).collect(),
+            )
         }
     };
     let profile = || {
@@ -199,8 +201,15 @@ async fn insights_follow_the_medication_profile_on_every_path() -> anyhow::Resul
 
     step("a penicillin allergy and amoxicillin: an allergy alert");
     app.apply(&[
-        upsert(platform::topics::ALLERGIES, "emr", 1, M, "AL-PEN", json!({ "code_system": "snomed", "code": PENICILLIN_ALLERGY,
-            "display": "Allergy to penicillin", "clinical_status": "active", "criticality": "high" })),
+        upsert(
+            platform::topics::ALLERGIES,
+            "emr",
+            1,
+            M,
+            "AL-PEN",
+            json!({ "code_system": "snomed", "code": PENICILLIN_ALLERGY,
+            "display": "Allergy to penicillin", "clinical_status": "active", "criticality": "high" }),
+        ),
         med(M, "RX-AMOX", 1, AMOXICILLIN, "active", None),
     ])
     .await?;
@@ -258,10 +267,8 @@ async fn insights_follow_the_medication_profile_on_every_path() -> anyhow::Resul
         format!("{base}/DetectedIssue/{drg}/_history/2"),
         format!("{base}/DetectedIssue/{algy}/_history/1"),
     ];
-    eventually(Duration::from_secs(30), "high-severity notifications", || async {
-        Ok((hook.foci().len() >= expected_foci.len()).then_some(()))
-    })
-    .await?;
+    eventually(Duration::from_secs(30), "high-severity notifications", || async { Ok((hook.foci().len() >= expected_foci.len()).then_some(())) })
+        .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     anyhow::ensure!(hook.foci() == expected_foci, "notified {:?}, expected {expected_foci:?}", hook.foci());
 

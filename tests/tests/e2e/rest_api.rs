@@ -137,8 +137,8 @@ async fn events_become_readable_and_searchable() -> anyhow::Result<()> {
     assert_eq!(cap["fhirVersion"], "4.3.0");
     assert_eq!(
         cap["rest"][0]["resource"].as_array().map(Vec::len),
-        Some(9),
-        "five clinical types, Provenance, Subscription, SubscriptionTopic, AuditEvent"
+        Some(10),
+        "five clinical types, Provenance, DetectedIssue, Subscription, SubscriptionTopic, AuditEvent"
     );
     assert_eq!(cap["rest"][0]["security"]["service"][0]["coding"][0]["code"], "SMART-on-FHIR");
     // metadata needs no token.
