@@ -277,3 +277,82 @@ async fn insights_follow_the_medication_profile_on_every_path() -> anyhow::Resul
     notifier.stop().await?;
     Ok(())
 }
+
+/// A new knowledge-base version recomputes the members it judges differently, and only them;
+/// the version that produced each insight is on it; an invalid one stops the composer at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_knowledge_base_recomputes_only_the_members_it_affects() -> anyhow::Result<()> {
+    let app = TestApp::new("kbchange").await?;
+    let composer = app.composer(&[]).await?;
+    let (a, b, c) = ("M2810001", "M2810002", "M2810003");
+    let person = json!({ "given_name": "Kay", "sex": "other" });
+    app.apply(&[
+        demographics(a, person.clone()),
+        demographics(b, person.clone()),
+        demographics(c, person),
+        med(a, "RX-A1", 1, WARFARIN, "active", None),
+        med(a, "RX-A2", 1, "310965", "active", None),
+        med(b, "RX-B1", 1, "860975", "active", None),
+        med(b, "RX-B2", 1, "310429", "active", None),
+        med(c, "RX-C1", 1, "314076", "active", None),
+    ])
+    .await?;
+    let versions = || async {
+        let all = db::composites::all_composites(&app.pool).await?;
+        Ok::<std::collections::BTreeMap<String, i64>, anyhow::Error>(all.into_iter().map(|c| (c.member_id, c.version_id)).collect())
+    };
+    let insights = || async {
+        let rows: Vec<(String, String, i64, String)> =
+            sqlx::query_as("SELECT member_id, code, version, body::text FROM components WHERE kind = 'insight' ORDER BY member_id, record_id")
+                .fetch_all(&app.pool)
+                .await?;
+        Ok::<Vec<(String, String, i64, String)>, anyhow::Error>(rows)
+    };
+    let before = versions().await?;
+    let found = insights().await?;
+    anyhow::ensure!(found.len() == 1 && found[0].0 == a && found[0].1 == "DRG", "warfarin and ibuprofen interact: {found:?}");
+    let built_in = fhir::insights::KnowledgeBase::built_in()?.version().to_owned();
+    composer.stop().await?;
+
+    step("a new version adds a rule for metformin with furosemide");
+    let mut doc: Value = serde_json::from_str(fhir::insights::BUILT_IN)?;
+    doc["version"] = json!("test-next");
+    let rules = doc["interactions"].as_array_mut().ok_or_else(|| anyhow::anyhow!("no interactions"))?;
+    rules.push(json!({ "a": { "ingredient": "6809" }, "b": { "ingredient": "4603" }, "severity": "low",
+        "note": "A rule made up for this test.", "source": "phansalkar-2012" }));
+    let dir = state_dir().join(unique("kb"));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("next.json");
+    std::fs::write(&path, doc.to_string())?;
+    let path = path.display().to_string();
+    let composer = app.composer(&["--insights-knowledge-base", &path]).await?;
+    eventually(Duration::from_secs(30), "the new knowledge base applied", || async {
+        let applied: Option<bool> = sqlx::query_scalar("SELECT applied_at IS NOT NULL FROM insight_knowledge_bases WHERE version = 'test-next'")
+            .fetch_optional(&app.pool)
+            .await?;
+        Ok(applied.filter(|a| *a))
+    })
+    .await?;
+    let after = versions().await?;
+    anyhow::ensure!(after[a] == before[a] && after[c] == before[c], "unaffected members keep their versions: {before:?} → {after:?}");
+    anyhow::ensure!(after[b] == before[b] + 1, "the affected member has one new version: {before:?} → {after:?}");
+    let found = insights().await?;
+    anyhow::ensure!(found.len() == 2, "{found:?}");
+    let version_on = |body: &str| serde_json::from_str::<Value>(body).ok().and_then(|v| v["extension"][0]["valueString"].as_str().map(str::to_owned));
+    anyhow::ensure!(
+        found[0].0 == a && found[0].2 == 1 && version_on(&found[0].3) == Some(built_in.clone()),
+        "A's insight is untouched: {:?}",
+        found[0]
+    );
+    anyhow::ensure!(found[1].0 == b && found[1].1 == "DRG" && version_on(&found[1].3).as_deref() == Some("test-next"), "B's is new: {:?}", found[1]);
+    composer.stop().await?;
+
+    step("an invalid knowledge base stops the composer at start, naming what is wrong");
+    doc["interactions"][0]["severity"] = json!("catastrophic");
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, doc.to_string())?;
+    let refused = app.composer(&["--insights-knowledge-base", &bad.display().to_string()]).await;
+    let message = refused.err().map(|e| format!("{e:#}")).unwrap_or_default();
+    anyhow::ensure!(message.contains("knowledge-base.schema.json") && message.contains("/interactions/0/severity"), "{message}");
+    Ok(())
+}
