@@ -8,8 +8,11 @@
 //! statements, and a broker started moments ago compiles its hot paths: the first 30 s after a
 //! restart had p99 above 300 ms). Production durability: fsync and synchronous commit on,
 //! acks=all everywhere. With `--retention`, retention runs during every other 5 seconds of the
-//! measured phase and freshness is reported inside and outside those windows.
-//! Run: `scripts/bench freshness [--retention]`.
+//! measured phase and freshness is reported inside and outside those windows. With
+//! `--insights`, every member also has demographics and warfarin before the clock starts, and the
+//! measured events add aspirin: each one makes a new composite version and a high-severity
+//! interaction, and the time to its `fhir.insights.v1` record is reported too.
+//! Run: `scripts/bench freshness [--retention] [--insights]`.
 
 use clap::Parser;
 use rdkafka::Message;
@@ -40,6 +43,10 @@ struct Cli {
     /// them separately: retention's cost to the pipeline, in one run.
     #[arg(long)]
     retention: bool,
+    /// Measure insights: members start with warfarin, each measured event adds aspirin (an
+    /// interaction), and the time to its record on `fhir.insights.v1` is reported as well.
+    #[arg(long)]
+    insights: bool,
 }
 
 /// The retention windows alternate every this long.
@@ -114,10 +121,44 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    // With insights, every member has demographics and warfarin before the clock starts.
+    let preloaded = if cli.insights { 2 * (warmup + total) } else { 0 };
+    if cli.insights {
+        for i in 0..warmup + total {
+            let member = format!("F{i:07}");
+            let events = [
+                (platform::topics::DEMOGRAPHICS, "enrollment", member.clone(), serde_json::json!({ "given_name": "Fresh", "sex": "other" })),
+                (
+                    platform::topics::MEDICATIONS,
+                    "rx-claims",
+                    format!("RX-W-{member}"),
+                    serde_json::json!({ "rxnorm_code": "855332", "status": "active" }),
+                ),
+            ];
+            for (topic, source, record, data) in events {
+                let payload = serde_json::to_vec(&serde_json::json!({
+                    "event_id": uuid::Uuid::new_v4().to_string(), "op": "upsert", "source": source,
+                    "occurred_at": "2026-11-27T00:00:00Z", "version": 1, "member_id": member, "record_id": record, "data": data }))?;
+                let topic = kafka.topic(topic);
+                loop {
+                    match producer.send_result(FutureRecord::to(&topic).key(&member).payload(&payload)) {
+                        Ok(ack) => {
+                            acks.push(ack);
+                            break;
+                        }
+                        Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), _)) => {
+                            tokio::time::sleep(Duration::from_millis(5)).await
+                        }
+                        Err((e, _)) => anyhow::bail!("produce: {e}"),
+                    }
+                }
+            }
+        }
+    }
     for ack in acks.drain(..) {
         ack.await.map_err(|_| anyhow::anyhow!("producer gone"))?.map_err(|(e, _)| anyhow::anyhow!("not acknowledged: {e}"))?;
     }
-    while db::offsets::total_position(&pool, &run).await? < (warmup + total) as i64 {
+    while db::offsets::total_position(&pool, &run).await? < (warmup + total + preloaded) as i64 {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Steady state before the clock: the relay has published what the attributions produced and
@@ -167,6 +208,31 @@ async fn main() -> anyhow::Result<()> {
         }
         (latencies, to_composer, to_topic, by_retention)
     });
+    // With insights: the time to each member's record on fhir.insights.v1 (its first, the
+    // interaction aspirin brought).
+    let insight_sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let insight_reader = if cli.insights {
+        let consumer: StreamConsumer = platform::kafka::client(&kafka)?
+            .set("group.id", format!("{run}-insights"))
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "5")
+            .create()?;
+        consumer.subscribe(&[&kafka.topic(platform::topics::INSIGHTS)])?;
+        let seen = insight_sent.clone();
+        Some(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(total);
+            while latencies.len() < total {
+                let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(60), consumer.recv()).await else { break };
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                if let Some(at) = seen.lock().unwrap_or_else(|p| p.into_inner()).remove(&key) {
+                    latencies.push(at.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            latencies
+        }))
+    } else {
+        None
+    };
     // The clock starts once the reader owns the topic's partitions (it reads from the start).
     while consumer.assignment().map_or(0, |a| a.count()) == 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -175,7 +241,7 @@ async fn main() -> anyhow::Result<()> {
     // linger.ms=1, not the bulk loader's 10 ms.
     let producer = platform::kafka::prompt_producer(&kafka)?;
 
-    let topic = kafka.topic(platform::topics::DEMOGRAPHICS);
+    let topic = kafka.topic(if cli.insights { platform::topics::MEDICATIONS } else { platform::topics::DEMOGRAPHICS });
     let mut started = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / cli.rate));
     for i in 0..warmup + total {
@@ -196,15 +262,25 @@ async fn main() -> anyhow::Result<()> {
         }
         ticker.tick().await;
         let member = format!("F{i:07}");
-        let payload = serde_json::to_vec(&serde_json::json!({
-            "event_id": uuid::Uuid::new_v4().to_string(), "op": "upsert", "source": "enrollment",
-            "occurred_at": "2026-11-27T00:00:00Z", "version": 1, "member_id": member, "record_id": member,
-            "data": { "given_name": "Fresh", "sex": "other" } }))?;
+        let payload = if cli.insights {
+            serde_json::to_vec(&serde_json::json!({
+                "event_id": uuid::Uuid::new_v4().to_string(), "op": "upsert", "source": "rx-claims",
+                "occurred_at": "2026-11-27T00:00:00Z", "version": 1, "member_id": member, "record_id": format!("RX-A-{member}"),
+                "data": { "rxnorm_code": "1191", "status": "active" } }))?
+        } else {
+            serde_json::to_vec(&serde_json::json!({
+                "event_id": uuid::Uuid::new_v4().to_string(), "op": "upsert", "source": "enrollment",
+                "occurred_at": "2026-11-27T00:00:00Z", "version": 1, "member_id": member, "record_id": member,
+                "data": { "given_name": "Fresh", "sex": "other" } }))?
+        };
         let now = Instant::now();
         if i >= warmup {
             let on = retaining.load(std::sync::atomic::Ordering::Relaxed);
             sent_at.lock().unwrap_or_else(|p| p.into_inner()).insert(member.clone(), (now, time::OffsetDateTime::now_utc(), on));
             hooked.lock().unwrap_or_else(|p| p.into_inner()).insert(member.clone(), now);
+            if cli.insights {
+                insight_sent.lock().unwrap_or_else(|p| p.into_inner()).insert(member.clone(), now);
+            }
         }
         match producer.send_result(FutureRecord::to(&topic).key(&member).payload(&payload)) {
             Ok(ack) => acks.push(ack),
@@ -222,6 +298,11 @@ async fn main() -> anyhow::Result<()> {
     };
     let (mut latencies, mut to_composer, mut to_topic, mut by_retention) = reader.await?;
     let mut hooks = tokio::time::timeout(Duration::from_secs(120), hook_latencies).await???;
+    let mut insights = match insight_reader {
+        Some(reader) => reader.await?,
+        None => Vec::new(),
+    };
+    insights.sort_by(f64::total_cmp);
     composer::stop(&stop, thread).await?;
     relay.stop().await?;
     notifier.stop().await?;
@@ -260,6 +341,16 @@ async fn main() -> anyhow::Result<()> {
         pct_of(&hooks, 0.99),
         hooks.last().copied().unwrap_or(f64::NAN)
     );
+    if cli.insights {
+        println!(
+            "event produced → insight on fhir.insights.v1 ({} seen): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            insights.len(),
+            pct_of(&insights, 0.50),
+            pct_of(&insights, 0.90),
+            pct_of(&insights, 0.99),
+            insights.last().copied().unwrap_or(f64::NAN)
+        );
+    }
     if cli.retention {
         let (without, with) = (&by_retention[0], &by_retention[1]);
         println!(

@@ -272,6 +272,17 @@ async fn insights_follow_the_medication_profile_on_every_path() -> anyhow::Resul
     tokio::time::sleep(Duration::from_secs(2)).await;
     anyhow::ensure!(hook.foci() == expected_foci, "notified {:?}, expected {expected_foci:?}", hook.foci());
 
+    step("a partner attributed later gets the member's current insights, and a tombstone when it ends");
+    app.apply(&[attribution(OTHER, "plate")]).await?;
+    let late = app.topic(&platform::topics::partner_insights("plate"));
+    let records = read_topic(&late, 1).await?;
+    anyhow::ensure!(records.len() == 1 && records[0].key == OTHER, "{} records", records.len());
+    let bundle: Value = serde_json::from_slice(records[0].value.as_deref().unwrap_or_default())?;
+    anyhow::ensure!(findings(bundle["entry"].as_array().into_iter().flatten().map(|e| &e["resource"])) == f(&[("DRG", "final", "high")]));
+    app.apply(&[deletion(platform::topics::ATTRIBUTION, "attribution", 2, OTHER, &format!("AT-{OTHER}-plate"))]).await?;
+    let records = read_topic(&late, 2).await?;
+    anyhow::ensure!(records.len() == 2 && records[1].value.is_none(), "a tombstone follows: {} records", records.len());
+
     composer.stop().await?;
     relay.stop().await?;
     notifier.stop().await?;
