@@ -379,8 +379,8 @@ fn trace_versions(rebuilt: &mut fhir::composite::Rebuilt, consumed: &[impl Borro
         v.traceparent = Some(span.to_string());
     }
     for b in &mut rebuilt.insight_bundles {
-        let Some(trace) = last.get(b.member_id.as_str()) else { continue };
-        b.traceparent = Some(trace.child().to_string());
+        let Some(trace) = last.get(b.version.member_id.as_str()) else { continue };
+        b.version.traceparent = Some(trace.child().to_string());
     }
 }
 

@@ -35,19 +35,40 @@ pub struct CompositeVersion {
     pub traceparent: Option<String>,
 }
 
+/// The columns every versioned record's outbox row has, one array each (for `unnest`).
+pub(crate) struct VersionColumns<'a> {
+    pub members: Vec<&'a str>,
+    pub ids: Vec<i64>,
+    pub hashes: Vec<&'a [u8]>,
+    pub topics: Vec<&'a str>,
+    pub events: Vec<Uuid>,
+    pub traces: Vec<Option<&'a str>>,
+}
+
+impl<'a> VersionColumns<'a> {
+    pub fn of(versions: impl Iterator<Item = &'a CompositeVersion>) -> Self {
+        let mut c =
+            VersionColumns { members: Vec::new(), ids: Vec::new(), hashes: Vec::new(), topics: Vec::new(), events: Vec::new(), traces: Vec::new() };
+        for v in versions {
+            c.members.push(v.member_id.as_str());
+            c.ids.push(v.version_id);
+            c.hashes.push(v.content_hash.as_slice());
+            c.topics.push(v.topic.as_str());
+            c.events.push(v.event_id);
+            c.traces.push(v.traceparent.as_deref());
+        }
+        c
+    }
+}
+
 /// Stores new composite versions: the body once in history, the current row and an outbox
 /// row referring to it.
 pub async fn write_composites(tx: &mut PgConnection, versions: &[CompositeVersion], now: OffsetDateTime) -> crate::Result<()> {
     if versions.is_empty() {
         return Ok(());
     }
-    let members: Vec<&str> = versions.iter().map(|v| v.member_id.as_str()).collect();
-    let ids: Vec<i64> = versions.iter().map(|v| v.version_id).collect();
-    let hashes: Vec<&[u8]> = versions.iter().map(|v| v.content_hash.as_slice()).collect();
+    let c = VersionColumns::of(versions.iter());
     let bodies: Vec<Option<&str>> = versions.iter().map(|v| v.body.as_deref()).collect();
-    let topics: Vec<&str> = versions.iter().map(|v| v.topic.as_str()).collect();
-    let events: Vec<Uuid> = versions.iter().map(|v| v.event_id).collect();
-    let traces: Vec<Option<&str>> = versions.iter().map(|v| v.traceparent.as_deref()).collect();
     sqlx::query(
         "WITH v AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::text[], $5::text[], $6::uuid[], $8::text[])
                     AS v(member_id, version_id, content_hash, body, topic, event_id, traceparent)),
@@ -62,14 +83,14 @@ pub async fn write_composites(tx: &mut PgConnection, versions: &[CompositeVersio
          INSERT INTO outbox (topic, message_key, event_id, member_id, version_id, traceparent)
          SELECT topic, member_id, event_id, member_id, version_id, traceparent FROM v ORDER BY member_id, version_id",
     )
-    .bind(&members)
-    .bind(&ids)
-    .bind(&hashes)
+    .bind(&c.members)
+    .bind(&c.ids)
+    .bind(&c.hashes)
     .bind(&bodies)
-    .bind(&topics)
-    .bind(&events)
+    .bind(&c.topics)
+    .bind(&c.events)
     .bind(now)
-    .bind(&traces)
+    .bind(&c.traces)
     .execute(&mut *tx)
     .await?;
     crate::notify(tx, crate::channels::OUTBOX).await

@@ -2,9 +2,9 @@
 //! `fhir.insights.v1` Bundle and its outbox rows, the day each member is evaluated again, and
 //! the knowledge bases used.
 
+use crate::composites::{CompositeState, CompositeVersion, VersionColumns};
 use sqlx::{PgConnection, PgPool};
 use time::{Date, OffsetDateTime};
-use uuid::Uuid;
 
 /// Sets (or, with `None`, clears) the day each member's insights are evaluated again.
 pub async fn set_rechecks(tx: &mut PgConnection, rechecks: &[(String, Option<Date>)]) -> crate::Result<()> {
@@ -34,31 +34,19 @@ pub async fn due_rechecks(pool: &PgPool, today: Date, limit: i64) -> crate::Resu
         .await?)
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct BundleState {
-    pub member_id: String,
-    pub version_id: i64,
-    pub content_hash: Vec<u8>,
-}
-
-pub async fn bundle_states(tx: &mut PgConnection, members: &[String]) -> crate::Result<Vec<BundleState>> {
-    Ok(sqlx::query_as("SELECT member_id, version_id, content_hash FROM insight_bundles WHERE member_id = ANY($1)")
+/// Each of `members`' current insights Bundle (a Bundle is never deleted).
+pub async fn bundle_states(tx: &mut PgConnection, members: &[String]) -> crate::Result<Vec<CompositeState>> {
+    Ok(sqlx::query_as("SELECT member_id, version_id, false AS deleted, content_hash FROM insight_bundles WHERE member_id = ANY($1)")
         .bind(members)
         .fetch_all(&mut *tx)
         .await?)
 }
 
-/// A new version of a member's insights Bundle.
+/// A new version of a member's insights Bundle: versioned like a composite (its body always
+/// there), with the DetectedIssue versions it brought, for the notifier.
 #[derive(Debug, Clone)]
 pub struct BundleVersion {
-    pub member_id: String,
-    pub version_id: i64,
-    pub content_hash: Vec<u8>,
-    pub body: String,
-    pub topic: String,
-    pub event_id: Uuid,
-    pub traceparent: Option<String>,
-    /// The DetectedIssue versions this Bundle version brought, for the notifier.
+    pub version: CompositeVersion,
     pub changes: Vec<InsightChange>,
 }
 
@@ -76,13 +64,8 @@ pub async fn write_bundles(tx: &mut PgConnection, versions: &[BundleVersion], no
     if versions.is_empty() {
         return Ok(());
     }
-    let members: Vec<&str> = versions.iter().map(|v| v.member_id.as_str()).collect();
-    let ids: Vec<i64> = versions.iter().map(|v| v.version_id).collect();
-    let hashes: Vec<&[u8]> = versions.iter().map(|v| v.content_hash.as_slice()).collect();
-    let bodies: Vec<&str> = versions.iter().map(|v| v.body.as_str()).collect();
-    let topics: Vec<&str> = versions.iter().map(|v| v.topic.as_str()).collect();
-    let events: Vec<Uuid> = versions.iter().map(|v| v.event_id).collect();
-    let traces: Vec<Option<&str>> = versions.iter().map(|v| v.traceparent.as_deref()).collect();
+    let c = VersionColumns::of(versions.iter().map(|b| &b.version));
+    let bodies: Vec<&str> = versions.iter().map(|b| b.version.body.as_deref().unwrap_or("{}")).collect();
     let changes: Vec<String> = versions.iter().map(|v| serde_json::to_string(&v.changes).unwrap_or_else(|_| "[]".into())).collect();
     sqlx::query(
         "WITH v AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::text[], $5::text[], $6::uuid[], $8::text[], $9::jsonb[])
@@ -95,14 +78,14 @@ pub async fn write_bundles(tx: &mut PgConnection, versions: &[BundleVersion], no
          INSERT INTO outbox (topic, message_key, event_id, member_id, version_id, traceparent, payload, changes)
          SELECT topic, member_id, event_id, member_id, version_id, traceparent, body::json, changes FROM v ORDER BY member_id, version_id",
     )
-    .bind(&members)
-    .bind(&ids)
-    .bind(&hashes)
+    .bind(&c.members)
+    .bind(&c.ids)
+    .bind(&c.hashes)
     .bind(&bodies)
-    .bind(&topics)
-    .bind(&events)
+    .bind(&c.topics)
+    .bind(&c.events)
     .bind(now)
-    .bind(&traces)
+    .bind(&c.traces)
     .bind(&changes)
     .execute(&mut *tx)
     .await?;

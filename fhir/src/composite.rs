@@ -4,7 +4,7 @@
 use crate::insights::{self, Current, Engine, Refreshed};
 use db::components as q;
 use db::composites::{CompositeState, CompositeVersion, composite_states};
-use db::insights::{BundleState, BundleVersion};
+use db::insights::BundleVersion;
 use platform::MemberId;
 use platform::time::instant;
 use schemas::RecordKind;
@@ -433,7 +433,7 @@ pub async fn rebuild(
     }
     if !current.is_empty() {
         let with: Vec<String> = members.iter().filter(|m| current.contains_key(*m)).cloned().collect();
-        let bundles: HashMap<String, BundleState> =
+        let bundles: HashMap<String, CompositeState> =
             db::insights::bundle_states(tx, &with).await?.into_iter().map(|s| (s.member_id.clone(), s)).collect();
         for member in with {
             let (entries, hash) = insights::bundle_entries(&composites.base_url, &member, &current[&member]);
@@ -453,16 +453,16 @@ pub async fn rebuild(
                     })
                 })
                 .collect();
-            rebuilt.insight_bundles.push(BundleVersion {
-                body: collection(&member, &entries, next, now_text),
+            let version = CompositeVersion {
+                body: Some(collection(&member, &entries, next, now_text)),
                 event_id: event_id(platform::topics::INSIGHTS, &member, next),
                 topic: platform::topics::INSIGHTS.to_owned(),
                 member_id: member,
                 version_id: next,
                 content_hash: hash,
                 traceparent: None,
-                changes,
-            });
+            };
+            rebuilt.insight_bundles.push(BundleVersion { version, changes });
         }
     }
     Ok(rebuilt)

@@ -480,7 +480,7 @@ pub async fn write(pool: &db::Pool, composites: &Composites, author: Author<'_>,
         v.traceparent = traceparent.clone();
     }
     for b in &mut rebuilt.insight_bundles {
-        b.traceparent = traceparent.clone();
+        b.version.traceparent = traceparent.clone();
     }
     rebuilt.write(&mut tx, now).await?;
 

@@ -104,22 +104,9 @@ async fn main() -> anyhow::Result<()> {
     let mut acks = Vec::with_capacity(warmup + total);
     for i in 0..warmup + total {
         let member = format!("F{i:07}");
-        let payload = serde_json::to_vec(&serde_json::json!({
-            "event_id": uuid::Uuid::new_v4().to_string(), "op": "upsert", "source": "attribution",
-            "occurred_at": "2026-11-27T00:00:00Z", "version": 1, "member_id": member, "record_id": format!("AT-{member}"),
-            "data": { "partner_id": "bench", "period_start": "2026-01-01" } }))?;
-        loop {
-            match producer.send_result(FutureRecord::to(&attribution).key(&member).payload(&payload)) {
-                Ok(ack) => {
-                    acks.push(ack);
-                    break;
-                }
-                Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(5)).await
-                }
-                Err((e, _)) => anyhow::bail!("produce: {e}"),
-            }
-        }
+        let payload =
+            event("attribution", &member, &format!("AT-{member}"), serde_json::json!({ "partner_id": "bench", "period_start": "2026-01-01" }))?;
+        acks.push(enqueue(&producer, &attribution, &member, &payload).await?);
     }
     // With insights, every member has demographics and warfarin before the clock starts.
     let preloaded = if cli.insights { 2 * (warmup + total) } else { 0 };
@@ -136,22 +123,7 @@ async fn main() -> anyhow::Result<()> {
                 ),
             ];
             for (topic, source, record, data) in events {
-                let payload = serde_json::to_vec(&serde_json::json!({
-                    "event_id": uuid::Uuid::new_v4().to_string(), "op": "upsert", "source": source,
-                    "occurred_at": "2026-11-27T00:00:00Z", "version": 1, "member_id": member, "record_id": record, "data": data }))?;
-                let topic = kafka.topic(topic);
-                loop {
-                    match producer.send_result(FutureRecord::to(&topic).key(&member).payload(&payload)) {
-                        Ok(ack) => {
-                            acks.push(ack);
-                            break;
-                        }
-                        Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), _)) => {
-                            tokio::time::sleep(Duration::from_millis(5)).await
-                        }
-                        Err((e, _)) => anyhow::bail!("produce: {e}"),
-                    }
-                }
+                acks.push(enqueue(&producer, &kafka.topic(topic), &member, &event(source, &member, &record, data)?).await?);
             }
         }
     }
@@ -263,15 +235,9 @@ async fn main() -> anyhow::Result<()> {
         ticker.tick().await;
         let member = format!("F{i:07}");
         let payload = if cli.insights {
-            serde_json::to_vec(&serde_json::json!({
-                "event_id": uuid::Uuid::new_v4().to_string(), "op": "upsert", "source": "rx-claims",
-                "occurred_at": "2026-11-27T00:00:00Z", "version": 1, "member_id": member, "record_id": format!("RX-A-{member}"),
-                "data": { "rxnorm_code": "1191", "status": "active" } }))?
+            event("rx-claims", &member, &format!("RX-A-{member}"), serde_json::json!({ "rxnorm_code": "1191", "status": "active" }))?
         } else {
-            serde_json::to_vec(&serde_json::json!({
-                "event_id": uuid::Uuid::new_v4().to_string(), "op": "upsert", "source": "enrollment",
-                "occurred_at": "2026-11-27T00:00:00Z", "version": 1, "member_id": member, "record_id": member,
-                "data": { "given_name": "Fresh", "sex": "other" } }))?
+            event("enrollment", &member, &member, serde_json::json!({ "given_name": "Fresh", "sex": "other" }))?
         };
         let now = Instant::now();
         if i >= warmup {
@@ -369,6 +335,31 @@ async fn main() -> anyhow::Result<()> {
     db::bench::drop_database(&admin, &run).await?;
     platform::kafka::delete_namespace(&kafka).await?;
     Ok(())
+}
+
+/// A native-envelope upsert (version 1) of `record` of `member` by `source`.
+fn event(source: &str, member: &str, record: &str, data: serde_json::Value) -> anyhow::Result<Vec<u8>> {
+    Ok(serde_json::to_vec(&serde_json::json!({
+        "event_id": uuid::Uuid::new_v4().to_string(), "op": "upsert", "source": source,
+        "occurred_at": "2026-11-27T00:00:00Z", "version": 1, "member_id": member, "record_id": record, "data": data }))?)
+}
+
+/// Enqueues one record, waiting while the producer's queue is full; returns its acknowledgement.
+async fn enqueue(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+) -> anyhow::Result<rdkafka::producer::DeliveryFuture> {
+    loop {
+        match producer.send_result(FutureRecord::to(topic).key(key).payload(payload)) {
+            Ok(ack) => return Ok(ack),
+            Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), _)) => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err((e, _)) => anyhow::bail!("produce: {e}"),
+        }
+    }
 }
 
 /// Runs retention on `url` with every window at 0 (all it may remove, at once) during every
