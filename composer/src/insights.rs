@@ -102,11 +102,13 @@ pub async fn recheck(pool: &db::Pool, composites: &Composites) -> anyhow::Result
     let Some(engine) = &composites.insights else { return Ok(0) };
     let mut done = 0;
     loop {
-        let page = db::insights::due_rechecks(pool, engine.today(), PAGE).await?;
+        let today = engine.today();
+        let page = db::insights::due_rechecks(pool, today, PAGE).await?;
         if page.is_empty() {
             return Ok(done);
         }
         rebuild_members(pool, composites, &page).await?;
+        db::insights::clear_rechecks(pool, &page, today).await?;
         done += page.len() as u64;
     }
 }

@@ -6,22 +6,28 @@ use crate::composites::{CompositeState, CompositeVersion, VersionColumns};
 use sqlx::{PgConnection, PgPool};
 use time::{Date, OffsetDateTime};
 
-/// Sets (or, with `None`, clears) the day each member's insights are evaluated again.
-pub async fn set_rechecks(tx: &mut PgConnection, rechecks: &[(String, Option<Date>)]) -> crate::Result<()> {
+/// Sets the day each member's insights are to be evaluated again (unchanged rows are not
+/// rewritten).
+pub async fn set_rechecks(tx: &mut PgConnection, rechecks: &[(String, Date)]) -> crate::Result<()> {
     if rechecks.is_empty() {
         return Ok(());
     }
-    let (members, days): (Vec<&str>, Vec<Option<Date>>) = rechecks.iter().map(|(m, d)| (m.as_str(), *d)).unzip();
+    let (members, days): (Vec<&str>, Vec<Date>) = rechecks.iter().map(|(m, d)| (m.as_str(), *d)).unzip();
     sqlx::query(
-        "WITH r AS (SELECT * FROM unnest($1::text[], $2::date[]) AS r(member_id, recheck_on)),
-         gone AS (DELETE FROM insight_rechecks i USING r WHERE i.member_id = r.member_id AND r.recheck_on IS NULL)
-         INSERT INTO insight_rechecks (member_id, recheck_on) SELECT member_id, recheck_on FROM r WHERE recheck_on IS NOT NULL
-         ON CONFLICT (member_id) DO UPDATE SET recheck_on = EXCLUDED.recheck_on",
+        "INSERT INTO insight_rechecks (member_id, recheck_on) SELECT * FROM unnest($1::text[], $2::date[])
+         ON CONFLICT (member_id) DO UPDATE SET recheck_on = EXCLUDED.recheck_on WHERE insight_rechecks.recheck_on <> EXCLUDED.recheck_on",
     )
     .bind(&members)
     .bind(&days)
     .execute(&mut *tx)
     .await?;
+    Ok(())
+}
+
+/// Clears the rechecks of `members` due on or before `today` (they were just rebuilt; a day to
+/// come that the rebuild set stays).
+pub async fn clear_rechecks(pool: &PgPool, members: &[String], today: Date) -> crate::Result<()> {
+    sqlx::query("DELETE FROM insight_rechecks WHERE member_id = ANY($1) AND recheck_on <= $2").bind(members).bind(today).execute(pool).await?;
     Ok(())
 }
 

@@ -432,7 +432,8 @@ pub async fn rebuild(
         }
     }
     if !current.is_empty() {
-        let with: Vec<String> = members.iter().filter(|m| current.contains_key(*m)).cloned().collect();
+        // A Bundle changes only when one of its DetectedIssues did.
+        let with: Vec<String> = members.iter().filter(|m| current.get(*m).is_some_and(|c| c.iter().any(|i| i.changed.is_some()))).cloned().collect();
         let bundles: HashMap<String, CompositeState> =
             db::insights::bundle_states(tx, &with).await?.into_iter().map(|s| (s.member_id.clone(), s)).collect();
         for member in with {

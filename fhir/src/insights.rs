@@ -635,7 +635,11 @@ pub async fn refresh(
     for member in members {
         let evaluation = evaluate(engine, member, components.get(member).unwrap_or(&empty), today);
         refreshed.unknown_products += evaluation.unknown_products;
-        rechecks.push((member.clone(), evaluation.recheck_on));
+        // Only days to come are written: a member whose day passed is cleared by the recheck
+        // that rebuilt it (`db::insights::clear_rechecks`), so steady flow writes nothing here.
+        if let Some(day) = evaluation.recheck_on {
+            rechecks.push((member.clone(), day));
+        }
         let mut before = stored.remove(member).unwrap_or_default();
         let mut after: Vec<Current> = Vec::new();
         let mut write = |d: &Derived, status: &str, body: String, version: i64| {

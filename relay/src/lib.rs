@@ -427,7 +427,10 @@ pub async fn spawn(config: RelayConfig) -> anyhow::Result<Running> {
     let stop = Arc::new(AtomicBool::new(false));
     let retention = retention::Metrics::default();
     retention.register(ops.registry());
-    retention::schedule(pool.clone(), config.retention.clone(), config.common.fhir_base_url.clone(), retention, stop.clone());
+    // Retention has a connection of its own: its statements on large tables hold one for seconds,
+    // which the relay's two would otherwise wait for (acquire timeout: 5 s without publishing).
+    let retention_pool = db::connect_lazy(&config.common, 2)?;
+    retention::schedule(retention_pool, config.retention.clone(), config.common.fhir_base_url.clone(), retention, stop.clone());
     let metrics = relay.metrics.clone();
     ops.on_scrape(move || {
         let (metrics, pool) = (metrics.clone(), pool.clone());

@@ -76,8 +76,9 @@ async fn main() -> anyhow::Result<()> {
     composer::stop(&stop, thread).await?;
     let rate = total as f64 / elapsed.as_secs_f64();
     println!(
-        "composer: {total} events in {elapsed:.1?} = {rate:.0} events/s sustained ({} composite versions, {} stale, {} duplicates)",
+        "composer: {total} events in {elapsed:.1?} = {rate:.0} events/s sustained ({} composite versions, {} DetectedIssue versions, {} stale, {} duplicates)",
         metrics.composite_versions.get(),
+        metrics.insight_versions.get(),
         metrics.events("stale"),
         metrics.events("duplicate")
     );

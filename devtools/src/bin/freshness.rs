@@ -9,10 +9,10 @@
 //! restart had p99 above 300 ms). Production durability: fsync and synchronous commit on,
 //! acks=all everywhere. With `--retention`, retention runs during every other 5 seconds of the
 //! measured phase and freshness is reported inside and outside those windows. With
-//! `--insights`, every member also has demographics and warfarin before the clock starts, and the
+//! `--measure-insights`, every member also has demographics and warfarin before the clock starts, and the
 //! measured events add aspirin: each one makes a new composite version and a high-severity
 //! interaction, and the time to its `fhir.insights.v1` record is reported too.
-//! Run: `scripts/bench freshness [--retention] [--insights]`.
+//! Run: `scripts/bench freshness [--retention] [--measure-insights]`.
 
 use clap::Parser;
 use rdkafka::Message;
@@ -46,7 +46,7 @@ struct Cli {
     /// Measure insights: members start with warfarin, each measured event adds aspirin (an
     /// interaction), and the time to its record on `fhir.insights.v1` is reported as well.
     #[arg(long)]
-    insights: bool,
+    measure_insights: bool,
 }
 
 /// The retention windows alternate every this long.
@@ -109,8 +109,8 @@ async fn main() -> anyhow::Result<()> {
         acks.push(enqueue(&producer, &attribution, &member, &payload).await?);
     }
     // With insights, every member has demographics and warfarin before the clock starts.
-    let preloaded = if cli.insights { 2 * (warmup + total) } else { 0 };
-    if cli.insights {
+    let preloaded = if cli.measure_insights { 2 * (warmup + total) } else { 0 };
+    if cli.measure_insights {
         for i in 0..warmup + total {
             let member = format!("F{i:07}");
             let events = [
@@ -143,6 +143,15 @@ async fn main() -> anyhow::Result<()> {
     db::bench::analyze_pipeline(&pool).await?;
     while db::subscriptions::get(&pool, "bench", &subscription.id).await?.is_none_or(|s| s.status != "active") {
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The notifier has delivered what the preparation produced (with --measure-insights, every
+    // member's first profile version): measured notifications do not queue behind them.
+    loop {
+        let queues = db::subscriptions::queues(&pool).await?;
+        if queues.unnotified == 0 && queues.partners.iter().all(|p| p.undelivered == 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     let sent_at: Arc<Mutex<HashMap<String, (Instant, time::OffsetDateTime, bool)>>> = Arc::default();
@@ -183,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
     // With insights: the time to each member's record on fhir.insights.v1 (its first, the
     // interaction aspirin brought).
     let insight_sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let insight_reader = if cli.insights {
+    let insight_reader = if cli.measure_insights {
         let consumer: StreamConsumer = platform::kafka::client(&kafka)?
             .set("group.id", format!("{run}-insights"))
             .set("auto.offset.reset", "earliest")
@@ -213,7 +222,7 @@ async fn main() -> anyhow::Result<()> {
     // linger.ms=1, not the bulk loader's 10 ms.
     let producer = platform::kafka::prompt_producer(&kafka)?;
 
-    let topic = kafka.topic(if cli.insights { platform::topics::MEDICATIONS } else { platform::topics::DEMOGRAPHICS });
+    let topic = kafka.topic(if cli.measure_insights { platform::topics::MEDICATIONS } else { platform::topics::DEMOGRAPHICS });
     let mut started = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / cli.rate));
     for i in 0..warmup + total {
@@ -234,7 +243,7 @@ async fn main() -> anyhow::Result<()> {
         }
         ticker.tick().await;
         let member = format!("F{i:07}");
-        let payload = if cli.insights {
+        let payload = if cli.measure_insights {
             event("rx-claims", &member, &format!("RX-A-{member}"), serde_json::json!({ "rxnorm_code": "1191", "status": "active" }))?
         } else {
             event("enrollment", &member, &member, serde_json::json!({ "given_name": "Fresh", "sex": "other" }))?
@@ -244,7 +253,7 @@ async fn main() -> anyhow::Result<()> {
             let on = retaining.load(std::sync::atomic::Ordering::Relaxed);
             sent_at.lock().unwrap_or_else(|p| p.into_inner()).insert(member.clone(), (now, time::OffsetDateTime::now_utc(), on));
             hooked.lock().unwrap_or_else(|p| p.into_inner()).insert(member.clone(), now);
-            if cli.insights {
+            if cli.measure_insights {
                 insight_sent.lock().unwrap_or_else(|p| p.into_inner()).insert(member.clone(), now);
             }
         }
@@ -307,7 +316,7 @@ async fn main() -> anyhow::Result<()> {
         pct_of(&hooks, 0.99),
         hooks.last().copied().unwrap_or(f64::NAN)
     );
-    if cli.insights {
+    if cli.measure_insights {
         println!(
             "event produced → insight on fhir.insights.v1 ({} seen): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             insights.len(),
