@@ -25,7 +25,7 @@ const SIMVA_20: &str = "312961";
 const SIMVA_40: &str = "198211";
 const AMOXICILLIN: &str = "308182";
 const PENICILLIN_ALLERGY: &str = "91936005";
-const SCOPES: &str = "system/*.read system/Subscription.write";
+const SCOPES: &str = "system/*.read system/Subscription.write system/MedicationStatement.write";
 
 fn day(offset: i64) -> String {
     (time::OffsetDateTime::now_utc().date() + time::Duration::days(offset)).to_string()
@@ -271,6 +271,25 @@ async fn insights_follow_the_medication_profile_on_every_path() -> anyhow::Resul
         .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     anyhow::ensure!(hook.foci() == expected_foci, "notified {:?}, expected {expected_foci:?}", hook.foci());
+
+    step("the partner reports over-the-counter ibuprofen: an interaction with warfarin, in the write-back's transaction");
+    let report = json!({
+        "resourceType": "MedicationStatement", "status": "active",
+        "identifier": [{ "system": "urn:example:pins:statements", "value": "OTC-1" }],
+        "medicationCodeableConcept": { "coding": [{ "system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "310965" }] },
+        "subject": { "reference": format!("Patient/{M}") }, "dateAsserted": day(0)
+    });
+    let written = send(post_fhir(&client, &format!("{fhir}/MedicationStatement"), &report)).await?;
+    anyhow::ensure!(written.status == 201, "write-back: {} {}", written.status, written.body);
+    let open = search("code=DRG&status=final".into()).await?;
+    anyhow::ensure!(open.len() == 1 && open[0]["id"] != drg.as_str(), "a new interaction, not the aspirin one: {open:?}");
+    let ibuprofen = open[0]["id"].as_str().unwrap_or_default().to_owned();
+    let with_ibuprofen = format!("{base}/DetectedIssue/{ibuprofen}/_history/1");
+    eventually(Duration::from_secs(30), "the write-back's interaction is notified", || async {
+        Ok(hook.foci().contains(&with_ibuprofen).then_some(()))
+    })
+    .await?;
+    anyhow::ensure!(hook.foci().len() == expected_foci.len() + 1, "one more notification: {:?}", hook.foci());
 
     step("a partner attributed later gets the member's current insights, and a tombstone when it ends");
     app.apply(&[attribution(OTHER, "plate")]).await?;
