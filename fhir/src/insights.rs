@@ -642,15 +642,16 @@ pub async fn refresh(
         }
         let mut before = stored.remove(member).unwrap_or_default();
         let mut after: Vec<Current> = Vec::new();
-        let mut write = |d: &Derived, status: &str, body: String, version: i64| {
+        // One DetectedIssue version, as a component write: (key, kind, status, body, version).
+        let mut write = |key: &str, kind: Kind, status: &str, body: String, version: i64| {
             writes.push(ComponentWrite {
-                key: ComponentKey { kind: KIND.into(), source: SOURCE.into(), record_id: d.key.clone() },
+                key: ComponentKey { kind: KIND.into(), source: SOURCE.into(), record_id: key.to_owned() },
                 member_id: member.clone(),
                 version,
-                event_id: Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("insight|{}|{version}", d.key).as_bytes()),
-                resource: Some(("DetectedIssue".into(), d.id())),
-                code_system: Some(d.kind.coding().0.into()),
-                code: Some(d.kind.code().into()),
+                event_id: Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("insight|{key}|{version}").as_bytes()),
+                resource: Some(("DetectedIssue".into(), insight_id(key))),
+                code_system: Some(kind.coding().0.into()),
+                code: Some(kind.code().into()),
                 status: Some(status.into()),
                 body: Some(body),
             });
@@ -675,7 +676,7 @@ pub async fn refresh(
             let (json, changed) = match body {
                 Some(body) => {
                     let version = previous.as_ref().map_or(1, |p| p.version + 1);
-                    write(d, OPEN, body.clone(), version);
+                    write(&d.key, d.kind, OPEN, body.clone(), version);
                     (body, Some(version))
                 }
                 None => (previous.map(|p| p.json).unwrap_or_default(), None),
@@ -694,8 +695,7 @@ pub async fn refresh(
                     obj.insert("extension".into(), json!([{ "url": EXT_KNOWLEDGE_BASE, "valueString": kb_version }]));
                 }
                 let body = v.to_string();
-                let d = Derived { key: key.clone(), kind, severity: Severity::Low, implicated: Vec::new(), detail: String::new() };
-                write(&d, CLOSED, body.clone(), p.version + 1);
+                write(&key, kind, CLOSED, body.clone(), p.version + 1);
                 after.push(Current { id, json: body, open: false, code: kind.code(), severity, changed: Some(p.version + 1) });
             } else {
                 after.push(Current { id, json: p.json, open: false, code: kind.code(), severity, changed: None });
