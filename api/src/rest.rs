@@ -211,50 +211,45 @@ pub fn parse_date_param(name: &str, raw: &str) -> Result<(Option<OffsetDateTime>
     };
     let (start, end) =
         date_interval(value).ok_or_else(|| ApiError::BadRequest(format!("{name}: expected [prefix]YYYY, YYYY-MM, YYYY-MM-DD or an instant")))?;
-    // Where the interval's end is needed and lies past what this server represents.
-    let end =
-        || end.ok_or_else(|| ApiError::BadRequest(format!("{name}: {value} ends past the last instant this server represents ({LAST_INSTANT})")));
     Ok(match prefix {
-        "eq" => (Some(start), Some(end()?)),
-        "gt" | "sa" => (Some(end()?), None),
+        "eq" => (Some(start), Some(end)),
+        "gt" | "sa" => (Some(end), None),
         "ge" => (Some(start), None),
         "lt" | "eb" => (None, Some(start)),
-        _ => (None, Some(end()?)), // le
+        _ => (None, Some(end)), // le
     })
 }
 
-/// The latest instant dates are compared with: the `time` crate (and so this server) stops at
-/// the end of year 9999.
-const LAST_INSTANT: &str = "9999-12-31T23:59:59.999Z";
-
-/// The interval a FHIR date or dateTime value covers at its precision; its end is `None` when
-/// it lies past [`LAST_INSTANT`].
-fn date_interval(v: &str) -> Option<(OffsetDateTime, Option<OffsetDateTime>)> {
+/// The interval a FHIR date or dateTime value covers at its precision. An interval that ends
+/// past the last instant the `time` crate (and so this server) represents, the end of year
+/// 9999, ends at that instant: `gt9999` is a valid search that matches nothing, not an error.
+fn date_interval(v: &str) -> Option<(OffsetDateTime, OffsetDateTime)> {
     use time::format_description::well_known::Rfc3339;
-    use time::{Date, Month};
+    use time::{Date, Month, Time};
     let bytes = v.as_bytes();
     let num = |r: std::ops::Range<usize>| v.get(r).filter(|s| s.bytes().all(|b| b.is_ascii_digit())).and_then(|s| s.parse::<i32>().ok());
     let day = |y, m, d| Date::from_calendar_date(y, Month::try_from(m as u8).ok()?, d as u8).ok().map(|d| d.midnight().assume_utc());
-    match bytes.len() {
+    let end_of_time = Date::MAX.with_time(Time::MAX).assume_utc();
+    let (start, end) = match bytes.len() {
         4 => {
             let y = num(0..4)?;
-            Some((day(y, 1, 1)?, day(y + 1, 1, 1)))
+            (day(y, 1, 1)?, day(y + 1, 1, 1))
         }
         7 if bytes[4] == b'-' => {
             let (y, m) = (num(0..4)?, num(5..7)?);
             let start = day(y, m, 1)?;
-            let end = if m == 12 { day(y + 1, 1, 1) } else { day(y, m + 1, 1) };
-            Some((start, end))
+            (start, if m == 12 { day(y + 1, 1, 1) } else { day(y, m + 1, 1) })
         }
         10 if bytes[4] == b'-' && bytes[7] == b'-' => {
             let start = day(num(0..4)?, num(5..7)?, num(8..10)?)?;
-            Some((start, start.checked_add(Duration::days(1))))
+            (start, start.checked_add(Duration::days(1)))
         }
         _ => {
             let t = OffsetDateTime::parse(v, &Rfc3339).ok()?;
-            Some((t, t.checked_add(Duration::milliseconds(1))))
+            (t, t.checked_add(Duration::milliseconds(1)))
         }
-    }
+    };
+    Some((start, end.unwrap_or(end_of_time)))
 }
 
 /// FHIR instant with milliseconds, UTC.
@@ -473,12 +468,15 @@ mod tests {
         assert_eq!(instant(hi.unwrap()), "2026-11-21T00:00:00.000Z");
         assert_eq!(parse_date_param("_lastUpdated", "gt2026-11").unwrap(), (date_interval("2026-12").map(|d| d.0), None));
         assert_eq!(parse_date_param("_lastUpdated", "lt2026").unwrap().1, date_interval("2026").map(|d| d.0));
-        // The last day, month and year this server represents have no end it can represent:
-        // refused, not a panic.
-        for last in ["9999-12-31", "gt9999-12", "le9999", "9999-12-31T23:59:59.999Z"] {
-            assert!(matches!(parse_date_param("_lastUpdated", last), Err(ApiError::BadRequest(_))), "{last}");
+        // The last day, month and year this server represents end at its last instant: after
+        // them is an empty range (schemathesis sent `gt9999`), up to them is everything.
+        let end_of_time = time::Date::MAX.with_time(time::Time::MAX).assume_utc();
+        for after in ["gt9999", "sa9999-12", "gt9999-12-31", "gt9999-12-31T23:59:59.999Z"] {
+            assert_eq!(parse_date_param("_lastUpdated", after).unwrap(), (Some(end_of_time), None), "{after}");
         }
-        // Their start is enough for these.
+        for upto in ["le9999", "9999-12-31", "le9999-12-31T23:59:59.999Z"] {
+            assert_eq!(parse_date_param("_lastUpdated", upto).unwrap().1, Some(end_of_time), "{upto}");
+        }
         for fine in ["9999-12-30", "ge9999-12-31", "lt9999"] {
             assert!(parse_date_param("_lastUpdated", fine).is_ok(), "{fine}");
         }
@@ -531,6 +529,13 @@ mod tests {
             for value in [format!("{y:04}"), format!("{y:04}-{m:02}"), format!("{y:04}-{m:02}-{d:02}"), format!("{y:04}-{m:02}-{d:02}T23:59:59.999Z")] {
                 let _ = parse_date_param("_lastUpdated", &format!("{prefix}{value}"));
             }
+        }
+
+        /// Every value the OpenAPI document allows for a date parameter (the `pattern` of
+        /// `_lastUpdated` and `date`) is a range, never a 400 (schemathesis checks the same).
+        #[test]
+        fn every_documented_date_is_accepted(value in "(eq|gt|ge|lt|le|sa|eb)?[0-9]{4}(-(0[1-9]|1[0-2])(-(0[1-9]|1[0-9]|2[0-8]))?)?") {
+            prop_assert!(parse_date_param("_lastUpdated", &value).is_ok(), "{}", value);
         }
 
         #[test]
