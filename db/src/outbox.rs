@@ -57,6 +57,9 @@ pub async fn mark_published(tx: &mut PgConnection, ids: &[i64]) -> crate::Result
 
 /// Parks outbox rows the broker refused for what they are: (id, reason).
 pub async fn park(tx: &mut PgConnection, rows: &[(i64, String)]) -> crate::Result<()> {
+    if rows.is_empty() {
+        return Ok(()); // the usual case: a statement per batch saved
+    }
     let (ids, reasons): (Vec<i64>, Vec<&str>) = rows.iter().map(|(id, r)| (*id, r.as_str())).unzip();
     sqlx::query(
         "UPDATE outbox o SET parked_at = now(), park_reason = r.reason FROM unnest($1::int8[], $2::text[]) AS r(id, reason) WHERE o.id = r.id",

@@ -45,18 +45,25 @@ pub async fn partners_of(tx: &mut PgConnection, members: &[String], day: Date) -
 
 /// Records which (partner, member) pairs the partner topics now carry, and which they no longer do.
 pub async fn carried(tx: &mut PgConnection, added: &[(String, String)], removed: &[(String, String)]) -> crate::Result<()> {
-    let (p, m): (Vec<&str>, Vec<&str>) = added.iter().map(|(p, m)| (p.as_str(), m.as_str())).unzip();
-    sqlx::query("INSERT INTO partner_topic_members SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING")
+    // A statement only for what there is: most batches remove nothing.
+    if !added.is_empty() {
+        let (p, m): (Vec<&str>, Vec<&str>) = added.iter().map(|(p, m)| (p.as_str(), m.as_str())).unzip();
+        sqlx::query("INSERT INTO partner_topic_members SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING")
+            .bind(&p)
+            .bind(&m)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if !removed.is_empty() {
+        let (p, m): (Vec<&str>, Vec<&str>) = removed.iter().map(|(p, m)| (p.as_str(), m.as_str())).unzip();
+        sqlx::query(
+            "DELETE FROM partner_topic_members t USING unnest($1::text[], $2::text[]) AS r(p, m) WHERE t.partner_id = r.p AND t.member_id = r.m",
+        )
         .bind(&p)
         .bind(&m)
         .execute(&mut *tx)
         .await?;
-    let (p, m): (Vec<&str>, Vec<&str>) = removed.iter().map(|(p, m)| (p.as_str(), m.as_str())).unzip();
-    sqlx::query("DELETE FROM partner_topic_members t USING unnest($1::text[], $2::text[]) AS r(p, m) WHERE t.partner_id = r.p AND t.member_id = r.m")
-        .bind(&p)
-        .bind(&m)
-        .execute(&mut *tx)
-        .await?;
+    }
     Ok(())
 }
 

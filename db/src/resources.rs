@@ -23,12 +23,25 @@ pub(crate) fn attributed(member_column: &str, p: u8, d: u8) -> String {
 /// SQL: the member in `member_column` is attributed to the partner in `partner` on `day`
 /// (columns or parameters).
 pub(crate) fn attributed_to(member_column: &str, partner: &str, day: &str) -> String {
+    format!("EXISTS (SELECT 1 FROM components a WHERE {})", attribution_condition(member_column, partner, day))
+}
+
+/// The condition on `components a` that makes a row the attribution of `member_column` to
+/// `partner` on `day`.
+fn attribution_condition(member_column: &str, partner: &str, day: &str) -> String {
     format!(
-        "EXISTS (SELECT 1 FROM components a WHERE a.kind = 'attribution' AND NOT a.deleted
+        "a.kind = 'attribution' AND NOT a.deleted
            AND a.body ->> 'partner_id' = {partner} AND a.member_id = {member_column}
            AND (a.body ->> 'period_start')::date <= {day}
-           AND coalesce((a.body ->> 'period_end')::date >= {day}, true))"
+           AND coalesce((a.body ->> 'period_end')::date >= {day}, true)"
     )
+}
+
+/// One attribution row of `member_column` to `partner` on `day`, if any: for a `LEFT JOIN
+/// LATERAL` that must probe the index per row (an `EXISTS` may be planned as a hash of all the
+/// partner's attributions).
+pub(crate) fn attribution_of(member_column: &str, partner: &str, day: &str) -> String {
+    format!("SELECT a.member_id FROM components a WHERE {} LIMIT 1", attribution_condition(member_column, partner, day))
 }
 
 /// Whether `member_id` is attributed to the viewer on its day.

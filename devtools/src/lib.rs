@@ -3,4 +3,5 @@
 //! (`bench`, `freshness`, `match-bench`, run by `scripts/bench`). Nothing in the platform's
 //! components depends on this crate.
 
+pub mod cpu;
 pub mod generator;

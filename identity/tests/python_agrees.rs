@@ -43,7 +43,7 @@ fn python_and_rust_agree_on_generated_identities() {
         identities.push(Identity {
             given: g.text(&NAME_BITS, 6),
             family: g.text(&NAME_BITS, 6),
-            birth_date: if g.next() % 5 == 0 { g.text(&DIGIT_BITS, 10) } else { dob },
+            birth_date: if g.next().is_multiple_of(5) { g.text(&DIGIT_BITS, 10) } else { dob },
             gender: g.pick(&["male", "female", "other", "unknown", "Male", ""]).to_owned(),
             line1: g.text(&LINE_BITS, 5),
             postal_code: g.text(&DIGIT_BITS, 11),

@@ -30,6 +30,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::OffsetDateTime;
 
+/// Outbox rows the fan-out turns into subscription events per transaction.
+const FAN_OUT_BATCH: i64 = 1000;
+
 #[derive(Debug, Clone, Parser)]
 #[command(name = "notifier", about = "Deliver FHIR Subscription notifications")]
 pub struct NotifierConfig {
@@ -168,18 +171,28 @@ impl Notifier {
                 deliveries.spawn(async move {
                     let id = s.id.clone();
                     // `deliver` leaves the in-flight set itself, just before releasing the lease.
-                    if let Err(e) = this.deliver(s).await {
+                    this.deliver(s).await.unwrap_or_else(|e| {
                         tracing::warn!(subscription = %id, error = %e, "notifier: delivery bookkeeping failed; the lease will expire and it is sent again");
                         this.done(&id);
-                    }
+                        false
+                    })
                 });
             }
             if idle {
-                // New events and finished deliveries (whose queue may hold more) wake it at
-                // once; retries and heartbeats come due at the poll.
-                tokio::select! {
-                    _ = wakeup.wait(poll) => {}
-                    Some(_) = deliveries.join_next(), if !deliveries.is_empty() => {}
+                // New events and a finished delivery whose queue may hold more (it sent a full
+                // notification) wake it at once; retries and heartbeats come due at the poll. A
+                // delivery that emptied its queue wakes nothing: claiming again would find only
+                // what a notification announces anyway (at a statement and a commit per delivery).
+                let until = tokio::time::Instant::now() + poll;
+                loop {
+                    tokio::select! {
+                        _ = wakeup.wait(until.saturating_duration_since(tokio::time::Instant::now())) => break,
+                        Some(joined) = deliveries.join_next(), if !deliveries.is_empty() => {
+                            if joined.unwrap_or(true) {
+                                break;
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -193,11 +206,17 @@ impl Notifier {
         let mut last_expiry = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let today = OffsetDateTime::now_utc().date();
-            match q::fan_out(&self.pool, today, 1000, fhir::subscriptions::TOPICS).await {
+            match q::fan_out(&self.pool, today, FAN_OUT_BATCH, fhir::subscriptions::TOPICS).await {
                 Ok((0, _)) => wakeup.wait(poll).await,
                 Ok((rows, events)) => {
                     self.metrics.events_queued.inc_by(events as u64);
                     tracing::debug!(rows, events, "notifier: queued subscription events");
+                    // Fewer than a batch: the outbox was drained as of that transaction, and
+                    // what committed since notified the listener, which returns at once. Looking
+                    // again now would find nothing, at a transaction's cost per batch.
+                    if (rows as i64) < FAN_OUT_BATCH {
+                        wakeup.wait(poll).await;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "notifier: fan-out failed; it is retried");
@@ -216,8 +235,9 @@ impl Notifier {
         Ok(())
     }
 
-    /// Sends what is due for one leased subscription and records the outcome.
-    async fn deliver(&self, s: Subscription) -> anyhow::Result<()> {
+    /// Sends what is due for one leased subscription and records the outcome. True when its
+    /// queue may hold more now (a full notification went out, or the handshake).
+    async fn deliver(&self, s: Subscription) -> anyhow::Result<bool> {
         let (kind, events) = if s.status == "requested" {
             (Kind::Handshake, Vec::new())
         } else {
@@ -232,7 +252,7 @@ impl Notifier {
                 (true, false) => {
                     self.done(&s.id);
                     q::release(&self.pool, &s.id).await?;
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         };
@@ -245,6 +265,7 @@ impl Notifier {
             _ => ("kafka", self.produce(&s, body, &events, trace).await),
         };
         let outcome = if sent.is_ok() { "delivered" } else { "failed" };
+        let more = sent.is_ok() && (kind == Kind::Handshake || events.len() >= s.max_count as usize);
         self.metrics.delivered(channel, kind.code(), outcome, events.len(), started.elapsed());
         // Before the lease is released: once it is, this notifier may claim the subscription
         // again at once, and must not find it still "in flight" (it would skip it, and the new
@@ -273,7 +294,7 @@ impl Notifier {
                 }
             }
         }
-        Ok(())
+        Ok(more)
     }
 
     /// Deliveries in flight per partner.

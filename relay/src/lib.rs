@@ -106,8 +106,9 @@ impl Relay {
         let mut wakeup = db::Wakeup::new(&self.pool, &[db::channels::OUTBOX]).await;
         while !stop.load(Ordering::Relaxed) {
             match self.step().await {
-                Ok(0) => wakeup.wait(Duration::from_millis(self.config.poll_ms)).await,
-                Ok(_) => {}
+                // Drained: what commits next notifies the listener, which returns at once.
+                Ok((_, false)) => wakeup.wait(Duration::from_millis(self.config.poll_ms)).await,
+                Ok((_, true)) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "relay: publishing failed; the batch will be sent again");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -117,41 +118,54 @@ impl Relay {
         Ok(())
     }
 
-    /// One transaction: a batch of the outbox, or (when it is empty) the partner topics'
-    /// attribution changes. Returns how many records were published or changes handled (0:
-    /// nothing to do).
-    pub async fn step(&mut self) -> anyhow::Result<usize> {
+    /// One transaction: a batch of the outbox and, when that drained it, the partner topics'
+    /// attribution changes (in the same transaction: a step per batch, not one more to find the
+    /// outbox empty). Returns how many records were published or changes handled, and whether
+    /// more may be waiting now (a full batch of either).
+    pub async fn step(&mut self) -> anyhow::Result<(usize, bool)> {
         let mut tx = self.pool.begin().await?;
         q::lock(&mut tx).await?;
         let today = OffsetDateTime::now_utc().date();
         let rows = q::unpublished(&mut tx, self.config.batch_size).await?;
-        if rows.is_empty() {
-            let done = if self.reconciled_on != Some(today) {
-                let (n, complete) = self.reconcile(&mut tx, today, None).await?;
-                if complete {
-                    self.reconciled_on = Some(today);
-                }
-                n
-            } else {
-                let (ids, members) = pt::attribution_changes(&mut tx, ATTRIBUTION_CHANGES_PER_STEP).await?;
-                if ids.is_empty() {
-                    return Ok(0);
-                }
-                // The changes are forgotten once all of their members' records were sent.
-                let (n, complete) = self.reconcile(&mut tx, today, Some(&members)).await?;
-                if complete {
-                    pt::forget_attribution_changes(&mut tx, &ids).await?;
-                }
-                n.max(ids.len())
-            };
+        let more_rows = rows.len() as i64 >= self.config.batch_size;
+        let published = if rows.is_empty() { 0 } else { self.publish(&mut tx, rows, today).await? };
+        let (followed, more_changes) = if more_rows { (0, false) } else { self.follow_attribution(&mut tx, today).await? };
+        if published + followed > 0 {
             tx.commit().await?;
-            return Ok(done);
         }
+        Ok((published + followed, more_rows || more_changes))
+    }
+
+    /// The partner topics' attribution changes (every attribution when the date changed): how
+    /// many were handled, and whether more are left.
+    async fn follow_attribution(&mut self, tx: &mut sqlx::PgConnection, today: time::Date) -> anyhow::Result<(usize, bool)> {
+        if self.reconciled_on != Some(today) {
+            let (n, complete) = self.reconcile(tx, today, None).await?;
+            if complete {
+                self.reconciled_on = Some(today);
+            }
+            return Ok((n, !complete));
+        }
+        let (ids, members) = pt::attribution_changes(tx, ATTRIBUTION_CHANGES_PER_STEP).await?;
+        if ids.is_empty() {
+            return Ok((0, false));
+        }
+        // The changes are forgotten once all of their members' records were sent.
+        let (n, complete) = self.reconcile(tx, today, Some(&members)).await?;
+        if complete {
+            pt::forget_attribution_changes(tx, &ids).await?;
+        }
+        Ok((n.max(ids.len()), !complete || ids.len() as i64 >= ATTRIBUTION_CHANGES_PER_STEP))
+    }
+
+    /// Publishes `rows` (the main topic and the partner topics of the members' partners) and
+    /// marks them published, or parks those the broker refused. Returns the records sent.
+    async fn publish(&mut self, tx: &mut sqlx::PgConnection, rows: Vec<OutboxRow>, today: time::Date) -> anyhow::Result<usize> {
         let mut members: Vec<String> = rows.iter().map(|r| r.member_id.clone()).collect();
         members.sort();
         members.dedup();
         let mut partners: HashMap<String, Vec<String>> = HashMap::new();
-        for a in pt::partners_of(&mut tx, &members, today).await? {
+        for a in pt::partners_of(tx, &members, today).await? {
             partners.entry(a.member_id).or_default().push(a.partner_id);
         }
         // Each record with the row it publishes and, for a partner topic, the (partner, member)
@@ -207,10 +221,9 @@ impl Relay {
                 }
             }
         }
-        q::mark_published(&mut tx, &published).await?;
-        q::park(&mut tx, &parked).await?;
-        pt::carried(&mut tx, &added, &removed).await?;
-        tx.commit().await?;
+        q::mark_published(tx, &published).await?;
+        q::park(tx, &parked).await?;
+        pt::carried(tx, &added, &removed).await?;
         Ok(records.len())
     }
 
