@@ -18,9 +18,12 @@ pub struct ComposerConfig {
     #[arg(long, env = "COMPOSER_BATCH_SIZE", default_value_t = 10_000)]
     pub batch_size: usize,
 
-    /// How long a message waits for others to join its batch when its applier is idle, in
-    /// milliseconds. A busy applier's next batch grows meanwhile without it.
-    #[arg(long, env = "COMPOSER_BATCH_WAIT_MS", default_value_t = 5)]
+    /// The least time between two batches of one applier while changes keep coming, in
+    /// milliseconds: a change that finds its applier idle after a quiet spell that long is
+    /// applied at once; changes right behind it wait for the rest of the window and go as one
+    /// batch (a busy applier's next batch grows meanwhile). Each batch costs a transaction in
+    /// every stage behind it, so this trades a few milliseconds for CPU (docs/benchmarks.md).
+    #[arg(long, env = "COMPOSER_BATCH_WAIT_MS", default_value_t = 20)]
     pub batch_wait_ms: u64,
 
     /// Threads applying batches concurrently, each in its own transaction; partition `p` of

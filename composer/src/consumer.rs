@@ -8,9 +8,9 @@
 //! applier `p % appliers`; members are keyed alike on every topic), so each partition is
 //! applied in order by one applier, and concurrent batches rarely touch the same member (when
 //! they do, the member lock orders them). What the consumer prepares while an applier is busy
-//! becomes that applier's next batch (up to `batch_size`), so batches grow with the load
-//! instead of waiting on a timer: `batch_wait_ms` only bounds how long a message waits for
-//! others when its applier is idle.
+//! becomes that applier's next batch (up to `batch_size`), so batches grow with the load. A
+//! change after a quiet spell goes at once; while changes keep coming, one applier's batches
+//! are at least `batch_wait_ms` apart (see [`Hand::push`]).
 
 use crate::apply::{self as batch, Consumed, Outcome};
 use crate::config::ComposerConfig;
@@ -144,14 +144,25 @@ struct Chunk {
 struct Hand {
     sealed: std::collections::VecDeque<Chunk>,
     growing: Option<(Chunk, Instant)>,
+    /// When a chunk last left this hand for its applier.
+    handed: Option<Instant>,
 }
 
 /// Full-sized chunks a hand holds before the consumer thread stops polling.
 const SEALED: usize = 2;
 
 impl Hand {
+    /// Adds a prepared message. A chunk it starts is due at once after a quiet spell (no chunk
+    /// handed over for `wait`), else `wait` after the last one: a change that finds the
+    /// pipeline idle waits for no timer, and while changes keep coming, batches of one applier
+    /// are at least `wait` apart, so they grow with the rate instead of multiplying.
     fn push(&mut self, item: Prepared, generation: u64, wait: Duration, batch_size: usize) {
-        let (chunk, _) = self.growing.get_or_insert_with(|| (Chunk { generation, items: Vec::new() }, Instant::now() + wait));
+        let handed = self.handed;
+        let (chunk, _) = self.growing.get_or_insert_with(|| {
+            let now = Instant::now();
+            let due = handed.map_or(now, |h| (h + wait).max(now));
+            (Chunk { generation, items: Vec::new() }, due)
+        });
         chunk.items.push(item);
         if chunk.items.len() >= batch_size
             && let Some((chunk, _)) = self.growing.take()
@@ -181,10 +192,14 @@ impl Hand {
     /// (`false`).
     fn take_due(&mut self) -> Option<(Chunk, bool)> {
         if let Some(chunk) = self.sealed.pop_front() {
+            self.handed = Some(Instant::now());
             return Some((chunk, true));
         }
         match self.growing.take() {
-            Some((chunk, due)) if Instant::now() >= due => Some((chunk, false)),
+            Some((chunk, due)) if Instant::now() >= due => {
+                self.handed = Some(Instant::now());
+                Some((chunk, false))
+            }
             growing => {
                 self.growing = growing;
                 None
@@ -821,6 +836,8 @@ mod tests {
     #[test]
     fn a_hand_seals_full_chunks_and_hands_them_over_in_order() {
         let mut hand = Hand::default();
+        hand.push(item(100), 1, Duration::from_secs(60), 3);
+        assert_eq!(offsets(&hand.take_due().unwrap().0), [100], "the first change finds the pipeline idle");
         for offset in 0..8 {
             hand.push(item(offset), 1, Duration::from_secs(60), 3);
         }
@@ -846,6 +863,23 @@ mod tests {
         hand.put_back(chunk, false);
         hand.push(item(1), 1, Duration::ZERO, 100);
         assert_eq!(offsets(&hand.take_due().unwrap().0), [0, 1]);
+    }
+
+    #[test]
+    fn a_change_after_a_quiet_spell_goes_at_once_and_a_stream_is_batched_by_the_wait() {
+        let wait = Duration::from_millis(200);
+        let mut hand = Hand::default();
+        hand.push(item(0), 1, wait, 100);
+        assert_eq!(offsets(&hand.take_due().unwrap().0), [0], "no timer for a change to an idle pipeline");
+        hand.push(item(1), 1, wait, 100);
+        hand.push(item(2), 1, wait, 100);
+        assert!(hand.take_due().is_none(), "changes right behind it wait for the batch window");
+        std::thread::sleep(wait);
+        assert_eq!(offsets(&hand.take_due().unwrap().0), [1, 2]);
+        // A quiet spell longer than the wait: the next change goes at once again.
+        std::thread::sleep(wait);
+        hand.push(item(3), 1, wait, 100);
+        assert_eq!(offsets(&hand.take_due().unwrap().0), [3]);
     }
 
     #[test]

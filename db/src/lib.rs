@@ -81,6 +81,15 @@ pub fn connect_for_batches(common: &platform::CommonConfig, max_connections: u32
     Ok(pool_options(max_connections).connect_lazy_with(options))
 }
 
+/// As [`connect_configured`], for a pipeline stage (composer, relay, notifier) whose statements
+/// bind arrays of another length every batch: planned once, generically, as
+/// [`connect_for_batches`] does. Planned anew per batch, planning took a sixth of PostgreSQL's
+/// CPU in steady flow (docs/benchmarks.md).
+pub async fn connect_for_stage(common: &platform::CommonConfig, max_connections: u32) -> Result<PgPool> {
+    let options = connect_options(&common.database_url, common.statement_timeout(), &[("plan_cache_mode", "force_generic_plan")])?;
+    Ok(pool_options(max_connections).connect_with(options).await?)
+}
+
 fn connect_options(url: &str, statement_timeout: Duration, settings: &[(&str, &str)]) -> Result<PgConnectOptions> {
     let timeout = statement_timeout.as_millis().to_string();
     let settings = settings.iter().copied().chain([("statement_timeout", timeout.as_str())]);

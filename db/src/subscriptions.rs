@@ -148,8 +148,9 @@ pub async fn fan_out(pool: &PgPool, day: Date, limit: i64, topics: Topics<'_>) -
         tx.rollback().await?;
         return Ok((0, 0));
     }
-    // The member is attributed to the subscription's partner on `day` ($2).
-    let attributed = crate::resources::attributed_to("r.member_id", "s.partner_id", "$2");
+    // The member is attributed to the subscription's partner on `day` ($2), probed per row (as
+    // an EXISTS it may be planned as a hash of all of a partner's attributions, per batch).
+    let attribution = crate::resources::attribution_of("r.member_id", "s.partner_id", "$2");
     let sql = format!(
         "WITH rows AS (
            SELECT o.id, 0::bigint AS ord, o.member_id, o.version_id, h.deleted, h.last_updated, o.traceparent,
@@ -162,7 +163,8 @@ pub async fn fan_out(pool: &PgPool, day: Date, limit: i64, topics: Topics<'_>) -
          ),
          matches AS (
            SELECT s.id AS sid, r.* FROM rows r JOIN subscriptions s ON (s.member_id IS NULL OR s.member_id = r.member_id)
-           WHERE s.topic = r.topic AND s.status <> 'off' AND {attributed}
+           JOIN LATERAL ({attribution}) a ON true
+           WHERE s.topic = r.topic AND s.status <> 'off'
              AND (r.severity IS NULL OR s.severities IS NULL OR r.severity = ANY(s.severities))
              AND (r.code IS NULL OR s.codes IS NULL OR r.code = ANY(s.codes))
          ),

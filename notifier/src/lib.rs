@@ -432,7 +432,7 @@ pub type Running = platform::ops::Running<tokio::task::JoinHandle<anyhow::Result
 
 /// Starts a notifier task (connects, migrates first) and its operations listener.
 pub async fn spawn(config: NotifierConfig) -> anyhow::Result<Running> {
-    let pool = db::connect_configured(&config.common, (config.concurrency as u32 / 4).clamp(4, 16)).await?;
+    let pool = db::connect_for_stage(&config.common, (config.concurrency as u32 / 4).clamp(4, 16)).await?;
     db::migrate(&pool).await?;
     let notifier = Notifier::new(config.clone(), pool.clone())?;
     let mut ops = config.common.ops();

@@ -430,7 +430,7 @@ pub type Running = platform::ops::Running<tokio::task::JoinHandle<anyhow::Result
 
 /// Starts a relay task (connects, migrates first) and its operations listener.
 pub async fn spawn(config: RelayConfig) -> anyhow::Result<Running> {
-    let pool = db::connect_configured(&config.common, 2).await?;
+    let pool = db::connect_for_stage(&config.common, 2).await?;
     db::migrate(&pool).await?;
     let relay = Relay::new(config.clone(), pool.clone())?;
     let mut ops = config.common.ops();

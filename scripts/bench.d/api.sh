@@ -43,7 +43,8 @@ psql -X -h 127.0.0.1 -U fhir -d "$run" -tAc "SELECT c.member_id FROM composites 
   AND a.body ->> 'partner_id' = 'partner-1' AND (a.body ->> 'period_start')::date <= current_date)" >"$list"
 echo "populated: $(wc -l <"$list") live medication profiles attributed to partner-1, average $(psql -X -h 127.0.0.1 -U fhir -d "$run" -tAc "SELECT avg(length(h.body::text))::int FROM composites c JOIN composite_history h USING (member_id, version_id) WHERE NOT c.deleted") bytes"
 
-AUTH_TOKEN_LIFETIME_SECS=3600 "$bin/api" & api=$!
+# BENCH_API_BINARY: another build's API under the same load (a same-session comparison).
+AUTH_TOKEN_LIFETIME_SECS=3600 "${BENCH_API_BINARY:-$bin/api}" & api=$!
 until curl -sf "127.0.0.1:$port/health" >/dev/null; do sleep 0.2; done
 # A partner whose rate limit is far above what wrk can send, so the figures are the server's.
 TOKEN=$("$bin/partners" demo-token --id partner-1 --rate 1000000 --burst 1000000)
