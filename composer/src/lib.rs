@@ -32,7 +32,7 @@ pub struct Running {
 /// operations listener; used by `main` and by the end-to-end tests.
 pub async fn spawn(mut config: ComposerConfig) -> anyhow::Result<Running> {
     config.common.check_limits().map_err(anyhow::Error::msg)?;
-    let pool = db::connect_for_stage(&config.common, config.common.database_max_connections).await?;
+    let pool = db::connect_configured(&config.common, config.common.database_max_connections).await?;
     db::migrate(&pool).await?;
     platform::kafka::ensure(&config.common.kafka).await?;
     config.batch_size = fit_batch_size(config.batch_size, config.appliers, db::components::lock_capacity(&pool).await?);
