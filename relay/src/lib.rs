@@ -139,17 +139,28 @@ impl Relay {
     /// The partner topics' attribution changes (every attribution when the date changed): how
     /// many were handled, and whether more are left.
     async fn follow_attribution(&mut self, tx: &mut sqlx::PgConnection, today: time::Date) -> anyhow::Result<(usize, bool)> {
-        if self.reconciled_on != Some(today) {
+        let changes = if self.reconciled_on == Some(today) {
+            let changes = pt::attribution_changes(tx, ATTRIBUTION_CHANGES_PER_STEP).await?;
+            if changes.0.is_empty() {
+                return Ok((0, false));
+            }
+            Some(changes)
+        } else {
+            None
+        };
+        // Reconciling sends members' current composites: only while the outbox is empty, or a
+        // version committed since this step read its batch (each statement sees the latest
+        // commits) would reach a partner topic here and again from its own outbox row.
+        if !q::unpublished(tx, 1).await?.is_empty() {
+            return Ok((0, true));
+        }
+        let Some((ids, members)) = changes else {
             let (n, complete) = self.reconcile(tx, today, None).await?;
             if complete {
                 self.reconciled_on = Some(today);
             }
             return Ok((n, !complete));
-        }
-        let (ids, members) = pt::attribution_changes(tx, ATTRIBUTION_CHANGES_PER_STEP).await?;
-        if ids.is_empty() {
-            return Ok((0, false));
-        }
+        };
         // The changes are forgotten once all of their members' records were sent.
         let (n, complete) = self.reconcile(tx, today, Some(&members)).await?;
         if complete {
