@@ -77,8 +77,7 @@ pub fn connect_lazy(common: &platform::CommonConfig, max_connections: u32) -> Re
 /// PostgreSQL, seeing a cheaper custom plan for every length, would otherwise plan every call
 /// anew, which costs more than running it. It connects when first used.
 pub fn connect_for_batches(common: &platform::CommonConfig, max_connections: u32) -> Result<PgPool> {
-    let options = connect_options(&common.database_url, common.statement_timeout(), &[("plan_cache_mode", "force_generic_plan")])?;
-    Ok(pool_options(max_connections).connect_lazy_with(options))
+    Ok(pool_options(max_connections).connect_lazy_with(generic_plans(common)?))
 }
 
 /// As [`connect_configured`], for a stage behind the composer (relay, notifier) whose statements
@@ -87,8 +86,12 @@ pub fn connect_for_batches(common: &platform::CommonConfig, max_connections: u32
 /// CPU in steady flow (docs/benchmarks.md). Not the composer's: its batches of up to 10,000
 /// members ran 12 % slower on generic plans.
 pub async fn connect_for_stage(common: &platform::CommonConfig, max_connections: u32) -> Result<PgPool> {
-    let options = connect_options(&common.database_url, common.statement_timeout(), &[("plan_cache_mode", "force_generic_plan")])?;
-    Ok(pool_options(max_connections).connect_with(options).await?)
+    Ok(pool_options(max_connections).connect_with(generic_plans(common)?).await?)
+}
+
+/// The configured connection, with every statement planned once, generically.
+fn generic_plans(common: &platform::CommonConfig) -> Result<PgConnectOptions> {
+    connect_options(&common.database_url, common.statement_timeout(), &[("plan_cache_mode", "force_generic_plan")])
 }
 
 fn connect_options(url: &str, statement_timeout: Duration, settings: &[(&str, &str)]) -> Result<PgConnectOptions> {

@@ -270,23 +270,19 @@ fn event_query(partner: &str, day: &str, with_bodies: &str, selection: &str) -> 
     ))
 }
 
+/// [`event_query`]'s selection for [`pending`]: a subscription's oldest undelivered events.
+const PENDING: &str = "subscription_id = $1 AND delivered_at IS NULL ORDER BY event_number LIMIT $2";
+
 /// The oldest undelivered events of a subscription of `partner`, in order, at most `limit`.
 pub async fn pending(pool: &PgPool, id: &str, partner: &str, day: Date, limit: i64, with_bodies: bool) -> crate::Result<Vec<Event>> {
-    Ok(sqlx::query_as(event_query("$4", "$5", "$3", "subscription_id = $1 AND delivered_at IS NULL ORDER BY event_number LIMIT $2"))
-        .bind(id)
-        .bind(limit)
-        .bind(with_bodies)
-        .bind(partner)
-        .bind(day)
-        .fetch_all(pool)
-        .await?)
+    Ok(sqlx::query_as(event_query("$4", "$5", "$3", PENDING)).bind(id).bind(limit).bind(with_bodies).bind(partner).bind(day).fetch_all(pool).await?)
 }
 
 /// The plan [`pending`] ran with, executed (`EXPLAIN (ANALYZE, FORMAT JSON)`), for tests that
 /// check how much a delivery reads.
 #[cfg(feature = "test-support")]
 pub async fn explain_pending(pool: &PgPool, id: &str, partner: &str, day: Date, limit: i64) -> crate::Result<serde_json::Value> {
-    let sql = event_query("$4", "$5", "$3", "subscription_id = $1 AND delivered_at IS NULL ORDER BY event_number LIMIT $2");
+    let sql = event_query("$4", "$5", "$3", PENDING);
     let explain = format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", sql.0);
     let (plan,): (serde_json::Value,) =
         sqlx::query_as(sqlx::AssertSqlSafe(explain)).bind(id).bind(limit).bind(false).bind(partner).bind(day).fetch_one(pool).await?;
