@@ -43,7 +43,7 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
         _ => match authenticate(&state.auth, &state.pool, request.headers()).await {
             Ok(caller) => {
                 partner_id = Some(caller.partner_id.clone());
-                match state.auth.limiter.take(&caller.partner_id, caller.limit) {
+                match state.auth.limiter.take(&caller.partner_id, caller.limit).await {
                     Ok(()) => {
                         request.extensions_mut().insert(caller);
                         next.run(request).await

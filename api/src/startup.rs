@@ -2,7 +2,7 @@
 //! on a given (or random) port, against a given database and broker.
 
 use crate::audit::{self, writer::Auditor};
-use crate::auth::{Auth, rate::Limit};
+use crate::auth::{Auth, rate::{Limit, SharedLimiter}};
 use crate::config::Config;
 use crate::doc::ApiDoc;
 use crate::http;
@@ -62,7 +62,7 @@ impl Application {
             token_url: config.token_url(),
             token_lifetime: Duration::from_secs(config.auth_token_lifetime_secs),
             default_limit: Limit { rate: config.rate_limit_per_second, burst: f64::from(config.rate_limit_burst) },
-            limiter: Default::default(),
+            limiter: SharedLimiter::new(pool.clone()),
             address_limit: Limit { rate: config.address_rate_limit_per_second, burst: f64::from(config.address_rate_limit_burst) },
             address_limiter: Default::default(),
             grants: Default::default(),

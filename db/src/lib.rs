@@ -16,6 +16,7 @@ pub mod offsets;
 pub mod outbox;
 pub mod partner_topics;
 pub mod partners;
+pub mod rate_limits;
 pub mod resources;
 pub mod retention;
 pub mod subscriptions;

@@ -11,7 +11,7 @@ pub mod token;
 use crate::error::ApiError;
 use axum::http::{HeaderMap, header};
 use db::resources::Viewer;
-use rate::{Limit, RateLimiter};
+use rate::{Limit, RateLimiter, SharedLimiter};
 use scope::{Interaction, Scopes};
 use sha2::{Digest, Sha256};
 use std::time::Duration;
@@ -24,7 +24,8 @@ pub struct Auth {
     pub token_url: String,
     pub token_lifetime: Duration,
     pub default_limit: Limit,
-    pub limiter: RateLimiter,
+    /// Every partner's limits, shared with the other API instances.
+    pub limiter: SharedLimiter,
     pub grants: std::sync::Arc<cache::GrantCache>,
     /// What one client address may send without a valid token (refused attempts, token
     /// requests), checked before authentication.

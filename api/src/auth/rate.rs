@@ -1,11 +1,14 @@
-//! Token buckets, per partner and per client address. Each API instance keeps its own buckets:
-//! with N instances behind a load balancer a partner gets up to N times its rate, which the
-//! operator sizes for. Buckets that have refilled are forgotten once there are many, so that
-//! callers from ever new addresses cannot grow the table without bound.
+//! Token buckets. A partner's limits (`SharedLimiter`) hold in total across every API instance:
+//! the buckets live in PostgreSQL and each instance spends them in short leases. The limit per
+//! client address (`RateLimiter`, checked before a caller is authenticated) is each instance's
+//! own: it must cost a flood of bad tokens a hash-map lookup, not a database query. Buckets that
+//! have refilled are forgotten once there are many, so that callers from ever new addresses
+//! cannot grow the table without bound.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limit {
@@ -60,7 +63,7 @@ impl RateLimiter {
             }
             Ok(())
         } else {
-            Err(((1.0 - bucket.tokens) / limit.rate).ceil().max(1.0) as u64)
+            Err(retry_after(bucket.tokens, limit.rate))
         }
     }
 
@@ -70,10 +73,97 @@ impl RateLimiter {
     }
 }
 
+/// A lease lasts this long; tokens not spent by then lapse (the partner gets less, never more).
+const LEASE_FOR: Duration = Duration::from_secs(1);
+
+/// Each lease is this many seconds of the partner's rate (at least one token, at most its burst):
+/// an instance asks the database once per tenth of a second of a partner's traffic.
+const LEASE_SECONDS: f64 = 0.1;
+
+#[derive(Debug)]
+struct Lease {
+    tokens: u32,
+    until: Instant,
+}
+
+/// Buckets shared by every API instance through PostgreSQL (`db::rate_limits`). An instance
+/// takes whole tokens in leases and spends them here; the database never grants more than the
+/// bucket holds, so across N instances a partner gets its rate, not N times it. While the
+/// database does not answer, each instance falls back to a bucket of its own.
+#[derive(Debug)]
+pub struct SharedLimiter {
+    pool: db::Pool,
+    leases: Mutex<HashMap<String, Lease>>,
+    fallback: RateLimiter,
+    degraded: AtomicBool,
+}
+
+impl SharedLimiter {
+    pub fn new(pool: db::Pool) -> Self {
+        SharedLimiter { pool, leases: Mutex::default(), fallback: RateLimiter::default(), degraded: AtomicBool::new(false) }
+    }
+
+    /// Takes one request from `key`'s bucket, or says in how many whole seconds one is available.
+    pub async fn take(&self, key: &str, limit: Limit) -> Result<(), u64> {
+        if self.spend_leased(key) {
+            return Ok(());
+        }
+        match db::rate_limits::take(&self.pool, key, limit.rate, limit.burst, lease_size(limit)).await {
+            Ok(taken) => {
+                if self.degraded.swap(false, Ordering::Relaxed) {
+                    tracing::warn!("rate limits are shared across instances again");
+                }
+                if taken.granted < 1 {
+                    return Err(retry_after(taken.tokens_left, limit.rate));
+                }
+                if taken.granted > 1 {
+                    self.lease(key, taken.granted as u32 - 1);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if !self.degraded.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "rate limits: the shared buckets are unavailable; this instance limits on its own until they answer");
+                }
+                self.fallback.take(key, limit)
+            }
+        }
+    }
+
+    fn spend_leased(&self, key: &str) -> bool {
+        let mut leases = self.leases.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match leases.get_mut(key) {
+            Some(lease) if lease.tokens > 0 && lease.until > Instant::now() => {
+                lease.tokens -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn lease(&self, key: &str, tokens: u32) {
+        let mut leases = self.leases.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        if leases.len() >= PRUNE_ABOVE {
+            leases.retain(|_, l| l.until > now && l.tokens > 0);
+        }
+        leases.insert(key.to_owned(), Lease { tokens, until: now + LEASE_FOR });
+    }
+}
+
+fn lease_size(limit: Limit) -> i32 {
+    let most = (limit.burst.floor() as i32).max(1);
+    ((limit.rate * LEASE_SECONDS).floor() as i32).clamp(1, most)
+}
+
+/// Whole seconds until a bucket holding `tokens` has one.
+fn retry_after(tokens: f64, rate: f64) -> u64 {
+    ((1.0 - tokens) / rate).ceil().max(1.0) as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn a_burst_then_the_sustained_rate() {
@@ -90,6 +180,16 @@ mod tests {
         let slow = Limit { rate: 0.1, burst: 1.0 };
         assert_eq!(limiter.take_at("s", slow, t0, true), Ok(()));
         assert_eq!(limiter.take_at("s", slow, t0, true), Err(10));
+    }
+
+    #[test]
+    fn leases_are_a_tenth_of_a_second_of_the_rate_within_the_burst() {
+        assert_eq!(lease_size(Limit { rate: 0.5, burst: 5.0 }), 1);
+        assert_eq!(lease_size(Limit { rate: 50.0, burst: 100.0 }), 5);
+        assert_eq!(lease_size(Limit { rate: 1000.0, burst: 20.0 }), 20);
+        assert_eq!(lease_size(Limit { rate: 1000.0, burst: 0.0 }), 1);
+        assert_eq!(retry_after(0.25, 0.5), 2);
+        assert_eq!(retry_after(0.9, 100.0), 1);
     }
 
     #[test]

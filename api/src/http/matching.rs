@@ -83,7 +83,7 @@ pub async fn hashed_match(
     let response = match &state.matcher {
         None => ApiError::Unavailable("hashed-identity matching is not configured on this server".into()).into_response(),
         Some(matcher) => {
-            if let Err(retry_after) = state.auth.limiter.take(&format!("match:{}", caller.partner_id), matcher.limit) {
+            if let Err(retry_after) = state.auth.limiter.take(&format!("match:{}", caller.partner_id), matcher.limit).await {
                 ApiError::TooManyRequests(retry_after).into_response()
             } else {
                 let deadline = tokio::time::Instant::now() + matcher.floor;

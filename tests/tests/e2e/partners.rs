@@ -324,6 +324,55 @@ async fn partners_read_only_their_members_within_their_rate_and_everything_is_au
 
 /// One group commit stores each record's own member ids (none, one, several) and nullable fields
 /// as given, and each record then waits for the audit relay.
+/// Two API instances share every partner's buckets (issue 27): hammered through both at once,
+/// a partner gets its rate in total (a burst of 10, then 20/s), not that rate from each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_hold_in_total_across_api_instances() -> anyhow::Result<()> {
+    let app = TestApp::new("shared_limits").await?;
+    let origins = [app.api(&[]).await?, app.api(&[]).await?];
+    let (rate, burst) = (20.0, 10);
+    let partner = register_partner(&app.pool, "busy", "system/*.read", KeyKind::Es384, Some((rate, burst))).await?;
+    let mut clients = Vec::new();
+    for origin in origins.iter().chain(&origins) {
+        clients.push((partner.client(origin).await?, format!("{origin}/fhir/Patient/NOBODY")));
+    }
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs(3);
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|(client, url)| {
+            tokio::spawn(async move {
+                let (mut served, mut refused) = (0u32, 0u32);
+                while std::time::Instant::now() < deadline {
+                    let reply = get(&client, &url).await?;
+                    match reply.status {
+                        404 => served += 1,
+                        429 => {
+                            reply.assert_refused(429, "over the shared rate");
+                            refused += 1;
+                        }
+                        other => anyhow::bail!("unexpected {other}: {}", reply.body),
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                anyhow::Ok((served, refused))
+            })
+        })
+        .collect();
+    let (mut served, mut refused) = (0, 0);
+    for task in tasks {
+        let (s, r) = task.await??;
+        served += s;
+        refused += r;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let allowed = f64::from(burst) + rate * elapsed;
+    println!("{served} served and {refused} refused in {elapsed:.2} s through two instances; the limit allows {allowed:.1}");
+    assert!(refused > served, "the clients did not press hard enough to test the limit");
+    assert!(f64::from(served) <= allowed * 1.1 && f64::from(served) >= allowed * 0.9, "{served} served, {allowed:.1} allowed in total");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_of_audit_records_is_stored_exactly() -> anyhow::Result<()> {
     let (_, pool) = fresh_database("audit_group", true).await?;
