@@ -2,7 +2,8 @@
 //! on a given (or random) port, against a given database and broker.
 
 use crate::audit::{self, writer::Auditor};
-use crate::auth::{Auth, rate::{Limit, SharedLimiter}};
+use crate::auth::Auth;
+use crate::auth::rate::{Limit, SharedLimiter};
 use crate::config::Config;
 use crate::doc::ApiDoc;
 use crate::http;

@@ -26,9 +26,19 @@ pub struct OutboxRow {
     pub traceparent: Option<String>,
 }
 
-/// Serializes relays: one publishes at a time, so per-member order holds across instances.
-pub async fn lock(tx: &mut PgConnection) -> crate::Result<()> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('fhir-event-platform relay'))").execute(&mut *tx).await?;
+/// Takes the relays' lead on this connection if no other relay holds it: one publishes at a
+/// time (per-member order, and one Kafka transactional id), until its connection ends.
+pub async fn lead(conn: &mut PgConnection) -> crate::Result<bool> {
+    Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('fhir-event-platform relay'))").fetch_one(&mut *conn).await?)
+}
+
+/// The number of the relay's last step committed here, locked until the transaction ends.
+pub async fn relay_step(tx: &mut PgConnection) -> crate::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT step FROM relay_state FOR UPDATE").fetch_one(&mut *tx).await?)
+}
+
+pub async fn set_relay_step(tx: &mut PgConnection, step: i64) -> crate::Result<()> {
+    sqlx::query("UPDATE relay_state SET step = $1").bind(step).execute(&mut *tx).await?;
     Ok(())
 }
 

@@ -14,6 +14,9 @@ pub const INSIGHTS: &str = "fhir.insights.v1";
 pub const PARTNER_INBOUND: &str = "partner.inbound.v1";
 /// Every audited access, as a FHIR AuditEvent (key: partner id).
 pub const AUDIT_EVENTS: &str = "audit.events.v1";
+/// The relay's own: what each of its Kafka transactions changed in PostgreSQL (one partition,
+/// read back by a relay taking over; nobody else reads or writes it).
+pub const RELAY_TRANSACTIONS: &str = "relay.transactions.v1";
 
 /// Every inbound system-of-record topic.
 pub const SOR_TOPICS: [&str; 6] = [DEMOGRAPHICS, MEDICATIONS, ALLERGIES, IMMUNIZATIONS, CARE_TASKS, ATTRIBUTION];

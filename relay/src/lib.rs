@@ -1,8 +1,15 @@
 //! The relay: publishes the outbox (written in the same transaction as each composite version)
 //! to `fhir.medication-profile.v1` and to the topic of every partner the member is attributed
-//! to, with an idempotent producer (acks=all), in version order per member, and marks rows
-//! published only after the broker acknowledged every record of the batch. A crash in between
-//! publishes the batch again: duplicates carry the same event id and versionId.
+//! to, in version order per member, exactly once.
+//!
+//! Each step is one Kafka transaction (acks=all) and one PostgreSQL transaction. The Kafka one
+//! carries the step's records and, last, what the step changes in PostgreSQL (which rows it
+//! published, which members the partner topics now carry) on `relay.transactions.v1`; once
+//! Kafka committed, PostgreSQL commits those changes with the step's number. A relay killed in
+//! between left a step that Kafka committed and PostgreSQL did not: the relay that takes the
+//! lead next fences it (the same transactional id), reads that last step back, and applies its
+//! changes instead of publishing its records again. Consumers read committed records only
+//! (`isolation.level=read_committed`, librdkafka's default): a step aborted leaves nothing they see.
 //!
 //! The outbox also holds partner write-backs for `partner.inbound.v1`, published the same way
 //! (in order, marked once acknowledged) with their own headers.
@@ -23,7 +30,8 @@ use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,7 +73,11 @@ struct Out {
 pub struct Relay {
     config: RelayConfig,
     pool: db::Pool,
-    producer: FutureProducer,
+    /// While this relay has the lead: the connection that holds it (steps run on it) and a
+    /// producer whose transactions fenced every earlier one.
+    lead: Option<Lead>,
+    /// The last step committed in PostgreSQL, as this relay knows it.
+    step: i64,
     admin: AdminClient<DefaultClientContext>,
     known_topics: HashSet<String>,
     /// The day every partner topic was last compared with every attribution. Between those
@@ -75,6 +87,61 @@ pub struct Relay {
     pub metrics: Arc<metrics::Metrics>,
 }
 
+struct Lead {
+    conn: sqlx::PgConnection,
+    kafka: Transactional,
+}
+
+/// The lead's producer, and whether a Kafka transaction is open (begun at a step's first record).
+struct Transactional {
+    producer: FutureProducer,
+    open: bool,
+}
+
+/// What a step changes in PostgreSQL besides parking, written to `relay.transactions.v1` in the
+/// step's Kafka transaction and applied with the step's number.
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Effects {
+    step: i64,
+    /// Outbox ids published, as inclusive ranges (a batch is mostly consecutive ids).
+    published: Vec<(i64, i64)>,
+    /// (partner, member) pairs the partner topics now carry, and no longer carry.
+    carried: Vec<(String, String)>,
+    dropped: Vec<(String, String)>,
+    /// Attribution changes handled.
+    forgotten: Vec<i64>,
+}
+
+impl Effects {
+    fn publish(&mut self, ids: &[i64]) {
+        for &id in ids {
+            match self.published.last_mut() {
+                Some((_, end)) if *end + 1 == id => *end = id,
+                _ => self.published.push((id, id)),
+            }
+        }
+    }
+
+    fn published_ids(&self) -> Vec<i64> {
+        self.published.iter().flat_map(|&(start, end)| start..=end).collect()
+    }
+
+    async fn apply(&self, tx: &mut sqlx::PgConnection) -> anyhow::Result<()> {
+        if !self.published.is_empty() {
+            q::mark_published(tx, &self.published_ids()).await?;
+        }
+        pt::carried(tx, &self.carried, &self.dropped).await?;
+        if !self.forgotten.is_empty() {
+            pt::forget_attribution_changes(tx, &self.forgotten).await?;
+        }
+        Ok(())
+    }
+}
+
+/// How long a Kafka transaction may stay open before the broker aborts it (a step takes
+/// milliseconds; a relay that stopped mid-step is fenced sooner by the next one to lead).
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Members whose attribution changed, reconciled per step. The outbox waits while a step runs
 /// (it goes first only between steps), so a step is kept to a few milliseconds.
 const ATTRIBUTION_CHANGES_PER_STEP: i64 = 100;
@@ -82,17 +149,84 @@ const ATTRIBUTION_CHANGES_PER_STEP: i64 = 100;
 impl Relay {
     pub fn new(config: RelayConfig, pool: db::Pool) -> anyhow::Result<Self> {
         config.common.check_limits().map_err(anyhow::Error::msg)?;
-        let kafka = &config.common.kafka;
+        let admin = platform::kafka::admin(&config.common.kafka)?;
+        Ok(Relay { config, pool, lead: None, step: 0, admin, known_topics: HashSet::new(), reconciled_on: None, metrics: Arc::default() })
+    }
+
+    /// A producer whose transactions are the relays' (one transactional id per deployment):
+    /// initializing it aborts or completes whatever an earlier one left open, and fences it.
+    async fn transactional_producer(&self) -> anyhow::Result<FutureProducer> {
+        let kafka = self.kafka();
+        let timeout = TRANSACTION_TIMEOUT.as_millis().to_string();
         let producer: FutureProducer = platform::kafka::producer(kafka)?
             // A batch is enqueued at once and awaited: no need to linger for more.
             .set("linger.ms", "1")
             .set("compression.type", "zstd")
-            // Keep trying through a broker restart; a batch that still fails is sent again.
-            .set("message.timeout.ms", "300000")
+            .set("transactional.id", kafka.topic("fhir-relay"))
+            .set("transaction.timeout.ms", &timeout)
+            // A record not acknowledged within the transaction fails the step, which is retried.
+            .set("message.timeout.ms", &timeout)
             .set("log_level", "4")
             .create()?;
-        let admin = platform::kafka::admin(kafka)?;
-        Ok(Relay { config, pool, producer, admin, known_topics: HashSet::new(), reconciled_on: None, metrics: Arc::default() })
+        let init = producer.clone();
+        tokio::task::spawn_blocking(move || init.init_transactions(Duration::from_secs(30))).await??;
+        Ok(producer)
+    }
+
+    /// Takes the lead if no other relay has it: fences the last leader's Kafka transactions and
+    /// applies the step Kafka committed for it but PostgreSQL did not, if there is one.
+    async fn take_lead(&mut self) -> anyhow::Result<bool> {
+        let mut pooled = self.pool.acquire().await?;
+        if !q::lead(&mut pooled).await? {
+            return Ok(false);
+        }
+        // The lock lives as long as this session: the connection leaves the pool with it, and
+        // closes (releasing the lead) when dropped, however the lead ends.
+        let mut conn = pooled.detach();
+        let producer = self.transactional_producer().await?;
+        let last = self.last_committed_step().await?;
+        let mut tx = sqlx::Connection::begin(&mut conn).await?;
+        let mut step = q::relay_step(&mut tx).await?;
+        if let Some(effects) = last.filter(|e| e.step > step) {
+            effects.apply(&mut tx).await?;
+            q::set_relay_step(&mut tx, effects.step).await?;
+            tracing::warn!(
+                step = effects.step,
+                rows = effects.published_ids().len(),
+                "relay: the last leader stopped after Kafka committed a step and before PostgreSQL did; applied it instead of publishing it again"
+            );
+            step = effects.step;
+        }
+        tx.commit().await?;
+        self.step = step;
+        self.reconciled_on = None;
+        self.lead = Some(Lead { conn, kafka: Transactional { producer, open: false } });
+        Ok(true)
+    }
+
+    /// Gives up the lead: aborts an open Kafka transaction and ends the session that held it.
+    async fn resign(&mut self) {
+        self.reconciled_on = None;
+        if let Some(lead) = self.lead.take() {
+            if lead.kafka.open {
+                let producer = lead.kafka.producer.clone();
+                let _ = tokio::task::spawn_blocking(move || producer.abort_transaction(Duration::from_secs(10))).await;
+            }
+            let _ = sqlx::Connection::close(lead.conn).await;
+        }
+    }
+
+    /// The last step on `relay.transactions.v1` (committed records only).
+    async fn last_committed_step(&self) -> anyhow::Result<Option<Effects>> {
+        let topic = self.kafka().topic(topics::RELAY_TRANSACTIONS);
+        let consumer: rdkafka::consumer::BaseConsumer = platform::kafka::client(self.kafka())?
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("enable.auto.commit", "false")
+            .set("group.id", kafka_unused_group())
+            .set("log_level", "4")
+            .create()?;
+        tokio::task::spawn_blocking(move || last_record(&consumer, &topic)).await?
     }
 
     fn kafka(&self) -> &KafkaConfig {
@@ -102,19 +236,45 @@ impl Relay {
     /// Publishes until `stop` is set; failures are retried (nothing is marked until acknowledged).
     pub async fn run(mut self, stop: &AtomicBool) -> anyhow::Result<()> {
         platform::kafka::ensure(self.kafka()).await?;
-        tracing::info!("relay publishing");
+        let own = [(self.kafka().topic(topics::RELAY_TRANSACTIONS), Retention::Delete(Some(24 * 3600 * 1000)))];
+        platform::kafka::create_with(&self.admin, self.kafka(), &own).await?;
         let mut wakeup = db::Wakeup::new(&self.pool, &[db::channels::OUTBOX]).await;
+        let mut waiting_since = None;
         while !stop.load(Ordering::Relaxed) {
+            if self.lead.is_none() {
+                match self.take_lead().await {
+                    Ok(true) => {
+                        tracing::info!(step = self.step, "relay publishing (this relay has the lead)");
+                        waiting_since = None;
+                    }
+                    Ok(false) => {
+                        if waiting_since.is_none() {
+                            tracing::info!("relay standing by: another relay has the lead");
+                            waiting_since = Some(());
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "relay: could not take the lead; trying again");
+                        self.resign().await;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
             match self.step().await {
                 // Drained: what commits next notifies the listener, which returns at once.
                 Ok((_, false)) => wakeup.wait(Duration::from_millis(self.config.poll_ms)).await,
                 Ok((_, true)) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "relay: publishing failed; the batch will be sent again");
+                    tracing::warn!(error = %e, "relay: publishing failed; the step is aborted and will be sent again");
+                    self.resign().await;
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
+        self.resign().await;
         Ok(())
     }
 
@@ -123,22 +283,60 @@ impl Relay {
     /// outbox empty). Returns how many records were published or changes handled, and whether
     /// more may be waiting now (a full batch of either).
     pub async fn step(&mut self) -> anyhow::Result<(usize, bool)> {
-        let mut tx = self.pool.begin().await?;
-        q::lock(&mut tx).await?;
+        let mut lead = self.lead.take().ok_or_else(|| anyhow::anyhow!("this relay does not have the lead"))?;
+        let result = self.step_on(&mut lead).await;
+        // A failed step ends with `resign`, which needs the lead to abort its transaction.
+        self.lead = Some(lead);
+        result
+    }
+
+    async fn step_on(&mut self, lead: &mut Lead) -> anyhow::Result<(usize, bool)> {
+        let mut tx = sqlx::Connection::begin(&mut lead.conn).await?;
+        let at = q::relay_step(&mut tx).await?;
+        anyhow::ensure!(at == self.step, "another relay published meanwhile (step {at}; this relay knew {})", self.step);
         let today = OffsetDateTime::now_utc().date();
         let rows = q::unpublished(&mut tx, self.config.batch_size).await?;
         let more_rows = rows.len() as i64 >= self.config.batch_size;
-        let published = if rows.is_empty() { 0 } else { self.publish(&mut tx, rows, today).await? };
-        let (followed, more_changes) = if more_rows { (0, false) } else { self.follow_attribution(&mut tx, today).await? };
-        if published + followed > 0 {
+        let mut effects = Effects { step: at + 1, ..Effects::default() };
+        let published = if rows.is_empty() { 0 } else { self.publish(&mut tx, &mut lead.kafka, rows, today, &mut effects).await? };
+        let (followed, more_changes) =
+            if more_rows { (0, false) } else { self.follow_attribution(&mut tx, &mut lead.kafka, today, &mut effects).await? };
+        if lead.kafka.open {
+            self.commit_to_kafka(&mut lead.kafka, &effects).await?;
+            effects.apply(&mut tx).await?;
+            q::set_relay_step(&mut tx, effects.step).await?;
+            tx.commit().await?;
+            self.step = effects.step;
+        } else if published + followed > 0 {
+            // Nothing went to Kafka (attribution changes that changed no partner topic, records
+            // refused before they were sent): PostgreSQL alone.
+            effects.apply(&mut tx).await?;
             tx.commit().await?;
         }
         Ok((published + followed, more_rows || more_changes))
     }
 
+    /// Ends the step's Kafka transaction with what it changes in PostgreSQL, and commits it.
+    async fn commit_to_kafka(&mut self, kafka: &mut Transactional, effects: &Effects) -> anyhow::Result<()> {
+        let topic = self.kafka().topic(topics::RELAY_TRANSACTIONS);
+        let payload = serde_json::to_vec(effects)?;
+        let record = FutureRecord::to(&topic).partition(0).key("relay").payload(&payload);
+        kafka.producer.send_result(record).map_err(|(e, _)| e)?.await?.map_err(|(e, _)| e)?;
+        let producer = kafka.producer.clone();
+        tokio::task::spawn_blocking(move || producer.commit_transaction(TRANSACTION_TIMEOUT)).await??;
+        kafka.open = false;
+        Ok(())
+    }
+
     /// The partner topics' attribution changes (every attribution when the date changed): how
     /// many were handled, and whether more are left.
-    async fn follow_attribution(&mut self, tx: &mut sqlx::PgConnection, today: time::Date) -> anyhow::Result<(usize, bool)> {
+    async fn follow_attribution(
+        &mut self,
+        tx: &mut sqlx::PgConnection,
+        kafka: &mut Transactional,
+        today: time::Date,
+        effects: &mut Effects,
+    ) -> anyhow::Result<(usize, bool)> {
         let changes = if self.reconciled_on == Some(today) {
             let changes = pt::attribution_changes(tx, ATTRIBUTION_CHANGES_PER_STEP).await?;
             if changes.0.is_empty() {
@@ -155,23 +353,30 @@ impl Relay {
             return Ok((0, true));
         }
         let Some((ids, members)) = changes else {
-            let (n, complete) = self.reconcile(tx, today, None).await?;
+            let (n, complete) = self.reconcile(tx, kafka, today, None, effects).await?;
             if complete {
                 self.reconciled_on = Some(today);
             }
             return Ok((n, !complete));
         };
         // The changes are forgotten once all of their members' records were sent.
-        let (n, complete) = self.reconcile(tx, today, Some(&members)).await?;
+        let (n, complete) = self.reconcile(tx, kafka, today, Some(&members), effects).await?;
         if complete {
-            pt::forget_attribution_changes(tx, &ids).await?;
+            effects.forgotten.extend(&ids);
         }
         Ok((n.max(ids.len()), !complete || ids.len() as i64 >= ATTRIBUTION_CHANGES_PER_STEP))
     }
 
     /// Publishes `rows` (the main topic and the partner topics of the members' partners) and
     /// marks them published, or parks those the broker refused. Returns the records sent.
-    async fn publish(&mut self, tx: &mut sqlx::PgConnection, rows: Vec<OutboxRow>, today: time::Date) -> anyhow::Result<usize> {
+    async fn publish(
+        &mut self,
+        tx: &mut sqlx::PgConnection,
+        kafka: &mut Transactional,
+        rows: Vec<OutboxRow>,
+        today: time::Date,
+        effects: &mut Effects,
+    ) -> anyhow::Result<usize> {
         let mut members: Vec<String> = rows.iter().map(|r| r.member_id.clone()).collect();
         members.sort();
         members.dedup();
@@ -202,9 +407,9 @@ impl Relay {
                 owners.push((i, profile.then(|| (row.body.is_some(), (partner.clone(), row.member_id.clone())))));
             }
         }
-        let refusals = self.send(&records).await?;
-        // A row the broker refused any of its records for is parked with the reasons; the rest
-        // are published. (A refused row's other records may have been published: its retry
+        let refusals = self.send(kafka, &records).await?;
+        // A row the producer refused any of its records for is parked with the reasons; the
+        // rest are published. (A refused row's other records may have been published: its retry
         // sends them again, with the same event ids.)
         let mut reasons: HashMap<usize, Vec<String>> = HashMap::new();
         for ((row, _), refusal) in owners.iter().zip(&refusals) {
@@ -232,9 +437,10 @@ impl Relay {
                 }
             }
         }
-        q::mark_published(tx, &published).await?;
         q::park(tx, &parked).await?;
-        pt::carried(tx, &added, &removed).await?;
+        effects.publish(&published);
+        effects.carried.extend(added);
+        effects.dropped.extend(removed);
         Ok(records.len())
     }
 
@@ -254,7 +460,14 @@ impl Relay {
     /// Newly attributed members' current composites, and tombstones where attributions ended,
     /// among `members` (all when `None`). Returns how many records were published, and whether
     /// that was everything (at most a batch of each kind is done at once).
-    async fn reconcile(&mut self, tx: &mut sqlx::PgConnection, today: time::Date, members: Option<&[String]>) -> anyhow::Result<(usize, bool)> {
+    async fn reconcile(
+        &mut self,
+        tx: &mut sqlx::PgConnection,
+        kafka: &mut Transactional,
+        today: time::Date,
+        members: Option<&[String]>,
+        effects: &mut Effects,
+    ) -> anyhow::Result<(usize, bool)> {
         let limit = self.config.batch_size;
         let started = pt::newly_attributed(tx, today, limit, members).await?;
         let ended = pt::no_longer_attributed(tx, today, limit, members).await?;
@@ -310,7 +523,7 @@ impl Relay {
             });
             insight_rows.push((partner.clone(), member.clone(), *version, event, live.then(|| body.clone())));
         }
-        let refusals = self.send(&records).await?;
+        let refusals = self.send(kafka, &records).await?;
         // A composite the broker refuses for a partner topic is parked as an outbox row of that
         // topic (an operator retries or drops it) and counts as carried, so that reconciling
         // does not send it again and again. A tombstone cannot be too large: its refusal is the
@@ -338,18 +551,25 @@ impl Relay {
         }
         let added: Vec<(String, String)> = started.iter().map(|a| (a.partner_id.clone(), a.member_id.clone())).collect();
         let removed: Vec<(String, String)> = ended.iter().map(|u| (u.partner_id.clone(), u.member_id.clone())).collect();
-        pt::carried(tx, &added, &removed).await?;
         tracing::info!(attributed = added.len(), ended = removed.len(), "relay: partner topics follow attribution");
+        effects.carried.extend(added);
+        effects.dropped.extend(removed);
         Ok((records.len(), complete))
     }
 
-    /// Enqueues every record in order (so per-partition order is the outbox's), then waits for
-    /// the broker to acknowledge all of them. Returns, per record, why the broker (or the
-    /// producer, before sending) refused it for what it is (too large, an invalid topic): such
-    /// a record would be refused again. `Err`: the broker is not reachable or did not answer in
-    /// time, and the whole batch is to be sent again.
-    async fn send(&mut self, records: &[Out]) -> anyhow::Result<Vec<Option<String>>> {
+    /// Enqueues every record in order (so per-partition order is the outbox's) in the step's
+    /// Kafka transaction, then waits for the broker to acknowledge all of them. Returns, per
+    /// record, why the producer refused it before sending it for what it is (larger than the
+    /// deployment's limit, an invalid topic): such a record would be refused again, and the
+    /// transaction goes on without it. `Err`: the broker is not reachable, did not answer in
+    /// time, or refused a record it had been sent (the transaction cannot commit then); the
+    /// step is aborted and sent again.
+    async fn send(&mut self, kafka: &mut Transactional, records: &[Out]) -> anyhow::Result<Vec<Option<String>>> {
         self.ensure_topics(records).await?;
+        if !kafka.open {
+            kafka.producer.begin_transaction()?;
+            kafka.open = true;
+        }
         let started = std::time::Instant::now();
         let mut deliveries = Vec::with_capacity(records.len());
         for r in records {
@@ -366,7 +586,7 @@ impl Relay {
                 record = record.payload(payload);
             }
             loop {
-                match self.producer.send_result(record) {
+                match kafka.producer.send_result(record) {
                     Ok(delivery) => {
                         deliveries.push(Ok(delivery));
                         break;
@@ -391,10 +611,7 @@ impl Relay {
                 Err(why) => Some(why),
                 Ok(delivery) => match delivery.await {
                     Ok(Ok(_)) => None,
-                    Ok(Err((e, _))) => match refused(&e, r) {
-                        Some(why) => Some(why),
-                        None => return Err(anyhow::anyhow!("not acknowledged: {e}")),
-                    },
+                    Ok(Err((e, _))) => return Err(anyhow::anyhow!("{} did not take a record: {e}", r.topic)),
                     Err(_) => return Err(anyhow::anyhow!("the producer went away")),
                 },
             };
@@ -463,4 +680,44 @@ pub async fn spawn(config: RelayConfig) -> anyhow::Result<Running> {
     let ops_addr = ops.serve(config.common.ops_addr(platform::config::ops_port::RELAY), stop.clone()).await?;
     let flag = stop.clone();
     Ok(platform::ops::Running { stop, handle: tokio::spawn(async move { relay.run(&flag).await }), ops_addr })
+}
+
+/// A consumer group id for a client that never joins one (librdkafka wants one set).
+fn kafka_unused_group() -> String {
+    format!("fhir-relay-reader-{}", Uuid::new_v4())
+}
+
+/// The last record of `topic`'s partition 0, read committed. Blocking.
+fn last_record(consumer: &rdkafka::consumer::BaseConsumer, topic: &str) -> anyhow::Result<Option<Effects>> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let timeout = Duration::from_secs(10);
+    let (low, high) = consumer.fetch_watermarks(topic, 0, timeout)?;
+    // Aborted steps and transaction markers take offsets too: look further back until a
+    // committed record turns up.
+    let mut back = 64;
+    loop {
+        let from = (high - back).max(low);
+        if from >= high {
+            return Ok(None);
+        }
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(topic, 0, Offset::Offset(from))?;
+        consumer.assign(&assignment)?;
+        let mut last = None;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "{topic} was not read to its end in {timeout:?}");
+            match consumer.poll(Duration::from_millis(200)) {
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(m)) => last = m.payload().map(serde_json::from_slice::<Effects>).transpose()?,
+            }
+        }
+        if last.is_some() || from == low {
+            return Ok(last);
+        }
+        back *= 4;
+    }
 }

@@ -1,7 +1,8 @@
-//! Issue 6 (relay part): the relay process is killed (SIGKILL) again and again and the Kafka
-//! broker is restarted while 50,000 composite changes flow; afterwards every version reached
-//! `fhir.medication-profile.v1`, in order per member, and duplicates (if any) carry the same
-//! event id and versionId. Ignored by default because it restarts the shared broker;
+//! Issue 6 (relay part) and issue 27 (no duplicates): the relay process is killed (SIGKILL)
+//! again and again and the Kafka broker is restarted while 50,000 composite changes flow;
+//! afterwards every version reached `fhir.medication-profile.v1` and the partner topic of the
+//! members' partner exactly once, in order per member (a read-committed consumer, as every
+//! partner's should be). Ignored by default because it restarts the shared broker;
 //! `scripts/test` runs it alone.
 
 use devtools::generator::SorMessage;
@@ -29,6 +30,9 @@ fn restart_kafka() -> anyhow::Result<()> {
 async fn every_version_survives_relay_kills_and_a_broker_restart() -> anyhow::Result<()> {
     let app = TestApp::new("relaycrash").await?;
     let composer = app.composer(&[]).await?;
+    // Every member is attributed to one partner, whose topic carries each version too.
+    let attributions: Vec<SorMessage> = (0..MEMBERS).map(|i| attribution(&format!("RC{i:05}"), "rc")).collect();
+    app.publish(&attributions).await?;
     let start_relay = || spawn_child("relay", &app.url, &app.prefix, &[]);
     let mut relay = start_relay()?;
     let started = Instant::now();
@@ -61,18 +65,114 @@ async fn every_version_survives_relay_kills_and_a_broker_restart() -> anyhow::Re
     relay.wait()?;
     let elapsed = started.elapsed();
 
+    let main = read_versions(&app.topic(platform::topics::MEDICATION_PROFILE), MEMBERS * WAVES as usize).await?;
+    assert_eq!(main.first.len(), MEMBERS);
+    assert!(main.first.values().all(|v| *v == 1), "the main topic has every version from the first");
+    // The partner topic starts with the version current when the attribution was followed
+    // (read until nothing more comes), and goes up by one from there.
+    let partner = read_versions(&app.topic(&platform::topics::partner_profile("rc")), 0).await?;
+    for (topic, read) in [("main", &main), ("partner", &partner)] {
+        assert_eq!(read.last.len(), MEMBERS, "{topic}: every member");
+        assert!(read.last.values().all(|(v, _)| *v == WAVES), "{topic}: every member reached version {WAVES}");
+        assert_eq!(read.duplicates, 0, "{topic}: a version was published twice");
+    }
+    println!(
+        "{} versions on the topic and {} on the partner topic, {} and {} duplicates, after {kills} relay kills and a broker restart, in {:.0} s",
+        main.versions,
+        partner.versions,
+        main.duplicates,
+        partner.duplicates,
+        elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The narrow window, held open: a relay whose step Kafka committed is killed before PostgreSQL
+/// commits it (the test holds a lock the step's last statement waits for). The next relay
+/// applies that step from `relay.transactions.v1` instead of publishing its records again.
+/// Then two relays run at once, and the one that leads is killed (or the one standing by).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_after_kafka_committed_publishes_nothing_twice() -> anyhow::Result<()> {
+    const N: usize = 100;
+    let app = TestApp::new("relaywindow").await?;
+    let composer = app.composer(&[]).await?;
+    let wave = |version: i64| -> Vec<SorMessage> {
+        (0..N)
+            .map(|i| {
+                let member = format!("RW{i:03}");
+                upsert(platform::topics::DEMOGRAPHICS, "enrollment", version, &member, &member, json!({ "given_name": format!("V{version}") }))
+            })
+            .collect()
+    };
+    let mut relay = spawn_child("relay", &app.url, &app.prefix, &[])?;
+    app.publish(&wave(1)).await?;
+    app.wait_applied(Duration::from_secs(60)).await?;
+    wait_relayed(&app.pool, Duration::from_secs(60)).await?;
+    relay.kill()?;
+    relay.wait()?;
+
+    // The second wave waits in the outbox; one of its rows is locked, so the next relay's step
+    // stops at marking it published, after Kafka committed the step.
+    app.publish(&wave(2)).await?;
+    app.wait_applied(Duration::from_secs(60)).await?;
+    let mut holder = app.pool.begin().await?;
+    let locked: i64 =
+        sqlx::query_scalar("SELECT id FROM outbox WHERE published_at IS NULL ORDER BY id DESC LIMIT 1 FOR UPDATE").fetch_one(&mut *holder).await?;
+    let mut relay = spawn_child("relay", &app.url, &app.prefix, &[])?;
+    let topic = app.topic(platform::topics::MEDICATION_PROFILE);
+    read_versions(&topic, 2 * N).await?;
+    let unpublished: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetch_one(&app.pool).await?;
+    assert_eq!(unpublished as usize, N, "Kafka has the step and PostgreSQL does not (row {locked} is held)");
+    relay.kill()?;
+    relay.wait()?;
+    holder.rollback().await?;
+
+    // Two relays now: one leads, the other stands by, and takes over when the first is killed
+    // with the third wave in flight.
+    let mut first = spawn_child("relay", &app.url, &app.prefix, &[])?;
+    let mut second = spawn_child("relay", &app.url, &app.prefix, &[])?;
+    wait_relayed(&app.pool, Duration::from_secs(60)).await?;
+    app.publish(&wave(3)).await?;
+    first.kill()?;
+    first.wait()?;
+    app.wait_applied(Duration::from_secs(60)).await?;
+    wait_relayed(&app.pool, Duration::from_secs(60)).await?;
+    let read = read_versions(&topic, 0).await?;
+    second.kill()?;
+    second.wait()?;
+    composer.stop().await?;
+    assert_eq!((read.versions, read.duplicates), (3 * N, 0), "every version once");
+    assert!(read.last.values().all(|(v, _)| *v == 3));
+    Ok(())
+}
+
+/// What a read-committed consumer of a topic saw: per member its first and last version (with
+/// the event id), how many versions in all, and how many records repeated a version.
+struct Versions {
+    first: HashMap<String, i64>,
+    last: HashMap<String, (i64, String)>,
+    versions: usize,
+    duplicates: usize,
+}
+
+/// Reads `topic` from the start until `expected` versions arrived (or, with 0, until nothing
+/// more comes for 10 s), checking that each member's versions go up by one.
+async fn read_versions(topic: &str, expected: usize) -> anyhow::Result<Versions> {
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", kafka_bootstrap())
         .set("group.id", unique("relaycrash-reader"))
         .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
         .create()?;
-    consumer.subscribe(&[&app.topic(platform::topics::MEDICATION_PROFILE)])?;
-    let expected = MEMBERS * WAVES as usize;
-    let mut last: HashMap<String, (i64, String)> = HashMap::new();
-    let (mut records, mut duplicates, mut versions) = (0usize, 0usize, 0usize);
-    while versions < expected {
-        let m = tokio::time::timeout(Duration::from_secs(60), consumer.recv()).await??;
-        records += 1;
+    consumer.subscribe(&[topic])?;
+    let mut read = Versions { first: HashMap::new(), last: HashMap::new(), versions: 0, duplicates: 0 };
+    while expected == 0 || read.versions < expected {
+        let wait = if expected == 0 { 10 } else { 60 };
+        let m = match tokio::time::timeout(Duration::from_secs(wait), consumer.recv()).await {
+            Ok(m) => m?,
+            Err(_) if expected == 0 => break,
+            Err(_) => anyhow::bail!("{topic}: {} of {expected} versions", read.versions),
+        };
         let header = |name: &str| {
             m.headers()
                 .and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).into_owned()))
@@ -80,23 +180,19 @@ async fn every_version_survives_relay_kills_and_a_broker_restart() -> anyhow::Re
         };
         let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
         let (version, event_id): (i64, String) = (header("versionId").parse()?, header("event_id"));
-        match last.get(&key) {
+        match read.last.get(&key) {
             Some((v, e)) if *v == version => {
                 assert_eq!(*e, event_id, "{key} v{version}: a duplicate with another event id");
-                duplicates += 1;
+                read.duplicates += 1;
                 continue;
             }
-            Some((v, _)) => assert_eq!(version, v + 1, "{key}: version {version} after {v}"),
-            None => assert_eq!(version, 1, "{key}: first version {version}"),
+            Some((v, _)) => assert_eq!(version, v + 1, "{topic} {key}: version {version} after {v}"),
+            None => {
+                read.first.insert(key.clone(), version);
+            }
         }
-        last.insert(key, (version, event_id));
-        versions += 1;
+        read.last.insert(key, (version, event_id));
+        read.versions += 1;
     }
-    assert_eq!(last.len(), MEMBERS);
-    assert!(last.values().all(|(v, _)| *v == WAVES), "every member reached version {WAVES}");
-    println!(
-        "{versions} versions on the topic in {records} records ({duplicates} duplicates) after {kills} relay kills and a broker restart, in {:.0} s",
-        elapsed.as_secs_f64()
-    );
-    Ok(())
+    Ok(read)
 }

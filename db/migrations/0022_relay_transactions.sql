@@ -1,0 +1,9 @@
+-- The relay publishes each step in a Kafka transaction that also carries what the step changes
+-- here (a record on `relay.transactions.v1`), then commits those changes with the step's number.
+-- A relay taking over compares the last step committed to Kafka with this number: a step Kafka
+-- committed and PostgreSQL did not (a relay killed in between) is applied, not published again.
+CREATE TABLE relay_state (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    step bigint NOT NULL
+);
+INSERT INTO relay_state (step) VALUES (0);
