@@ -32,9 +32,10 @@ pub async fn lead(conn: &mut PgConnection) -> crate::Result<bool> {
     Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('fhir-event-platform relay'))").fetch_one(&mut *conn).await?)
 }
 
-/// The number of the relay's last step committed here, locked until the transaction ends.
-pub async fn relay_step(tx: &mut PgConnection) -> crate::Result<i64> {
-    Ok(sqlx::query_scalar("SELECT step FROM relay_state FOR UPDATE").fetch_one(&mut *tx).await?)
+/// The number of the relay's last step committed here and this database's lineage of steps,
+/// locked until the transaction ends.
+pub async fn relay_step(tx: &mut PgConnection) -> crate::Result<(i64, Uuid)> {
+    Ok(sqlx::query_as("SELECT step, lineage FROM relay_state FOR UPDATE").fetch_one(&mut *tx).await?)
 }
 
 pub async fn set_relay_step(tx: &mut PgConnection, step: i64) -> crate::Result<()> {

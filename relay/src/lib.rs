@@ -54,6 +54,13 @@ pub struct RelayConfig {
     #[arg(long, env = "RELAY_POLL_MS", default_value_t = 200)]
     pub poll_ms: u64,
 
+    /// Publish each step in a Kafka transaction, so that consumers reading committed records
+    /// see every version once even across relay crashes. `false`: at least once (a relay killed
+    /// between the broker's acknowledgement and its own commit publishes those records again,
+    /// with the same event ids), for less latency and broker CPU (docs/benchmarks.md).
+    #[arg(long, env = "RELAY_EXACTLY_ONCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub exactly_once: bool,
+
     /// The relay also runs retention on a schedule (`retention`).
     #[command(flatten)]
     pub retention: retention::RetentionConfig,
@@ -92,10 +99,22 @@ struct Lead {
     kafka: Transactional,
 }
 
-/// The lead's producer, and whether a Kafka transaction is open (begun at a step's first record).
+/// The lead's producer and its open Kafka transaction, if any (begun at a step's first record):
+/// the deliveries it awaits at commit, and what it sent, for the metrics.
 struct Transactional {
     producer: FutureProducer,
+    /// Whether the producer is transactional (`RELAY_EXACTLY_ONCE`).
+    transactions: bool,
     open: bool,
+    pending: Vec<(rdkafka::producer::DeliveryFuture, String)>,
+    sent: Vec<(String, bool)>,
+    began: Option<std::time::Instant>,
+}
+
+impl Transactional {
+    fn new(producer: FutureProducer, transactions: bool) -> Self {
+        Transactional { producer, transactions, open: false, pending: Vec::new(), sent: Vec::new(), began: None }
+    }
 }
 
 /// What a step changes in PostgreSQL besides parking, written to `relay.transactions.v1` in the
@@ -103,6 +122,8 @@ struct Transactional {
 #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
 struct Effects {
     step: i64,
+    /// The database's lineage of steps (`relay_state.lineage`).
+    lineage: Uuid,
     /// Outbox ids published, as inclusive ranges (a batch is mostly consecutive ids).
     published: Vec<(i64, i64)>,
     /// (partner, member) pairs the partner topics now carry, and no longer carry.
@@ -155,18 +176,22 @@ impl Relay {
 
     /// A producer whose transactions are the relays' (one transactional id per deployment):
     /// initializing it aborts or completes whatever an earlier one left open, and fences it.
+    /// Without `RELAY_EXACTLY_ONCE`, an idempotent producer that keeps trying through a broker
+    /// restart (a batch that still fails is sent again).
     async fn transactional_producer(&self) -> anyhow::Result<FutureProducer> {
         let kafka = self.kafka();
+        let mut config = platform::kafka::producer(kafka)?;
+        // A batch is enqueued at once and awaited: no need to linger for more.
+        config.set("linger.ms", "1").set("compression.type", "zstd").set("log_level", "4");
+        if !self.config.exactly_once {
+            return Ok(config.set("message.timeout.ms", "300000").create()?);
+        }
         let timeout = TRANSACTION_TIMEOUT.as_millis().to_string();
-        let producer: FutureProducer = platform::kafka::producer(kafka)?
-            // A batch is enqueued at once and awaited: no need to linger for more.
-            .set("linger.ms", "1")
-            .set("compression.type", "zstd")
+        let producer: FutureProducer = config
             .set("transactional.id", kafka.topic("fhir-relay"))
             .set("transaction.timeout.ms", &timeout)
             // A record not acknowledged within the transaction fails the step, which is retried.
             .set("message.timeout.ms", &timeout)
-            .set("log_level", "4")
             .create()?;
         let init = producer.clone();
         tokio::task::spawn_blocking(move || init.init_transactions(Duration::from_secs(30))).await??;
@@ -184,10 +209,10 @@ impl Relay {
         // closes (releasing the lead) when dropped, however the lead ends.
         let mut conn = pooled.detach();
         let producer = self.transactional_producer().await?;
-        let last = self.last_committed_step().await?;
+        let last = if self.config.exactly_once { self.last_committed_step().await? } else { None };
         let mut tx = sqlx::Connection::begin(&mut conn).await?;
-        let mut step = q::relay_step(&mut tx).await?;
-        if let Some(effects) = last.filter(|e| e.step > step) {
+        let (mut step, lineage) = q::relay_step(&mut tx).await?;
+        if let Some(effects) = last.filter(|e| e.lineage == lineage && e.step == step + 1) {
             effects.apply(&mut tx).await?;
             q::set_relay_step(&mut tx, effects.step).await?;
             tracing::warn!(
@@ -200,7 +225,7 @@ impl Relay {
         tx.commit().await?;
         self.step = step;
         self.reconciled_on = None;
-        self.lead = Some(Lead { conn, kafka: Transactional { producer, open: false } });
+        self.lead = Some(Lead { conn, kafka: Transactional::new(producer, self.config.exactly_once) });
         Ok(true)
     }
 
@@ -208,7 +233,8 @@ impl Relay {
     async fn resign(&mut self) {
         self.reconciled_on = None;
         if let Some(lead) = self.lead.take() {
-            if lead.kafka.open {
+            if lead.kafka.open && lead.kafka.transactions {
+                drop(lead.kafka.pending);
                 let producer = lead.kafka.producer.clone();
                 let _ = tokio::task::spawn_blocking(move || producer.abort_transaction(Duration::from_secs(10))).await;
             }
@@ -222,8 +248,10 @@ impl Relay {
         let consumer: rdkafka::consumer::BaseConsumer = platform::kafka::client(self.kafka())?
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
+            // The partition is assigned and read to its end; no offset is ever committed (librdkafka
+            // wants a group to assign partitions; the cluster profile grants the relay `fhir-relay*`).
             .set("enable.auto.commit", "false")
-            .set("group.id", kafka_unused_group())
+            .set("group.id", self.kafka().topic("fhir-relay-reader"))
             .set("log_level", "4")
             .create()?;
         tokio::task::spawn_blocking(move || last_record(&consumer, &topic)).await?
@@ -292,12 +320,12 @@ impl Relay {
 
     async fn step_on(&mut self, lead: &mut Lead) -> anyhow::Result<(usize, bool)> {
         let mut tx = sqlx::Connection::begin(&mut lead.conn).await?;
-        let at = q::relay_step(&mut tx).await?;
+        let (at, lineage) = q::relay_step(&mut tx).await?;
         anyhow::ensure!(at == self.step, "another relay published meanwhile (step {at}; this relay knew {})", self.step);
         let today = OffsetDateTime::now_utc().date();
         let rows = q::unpublished(&mut tx, self.config.batch_size).await?;
         let more_rows = rows.len() as i64 >= self.config.batch_size;
-        let mut effects = Effects { step: at + 1, ..Effects::default() };
+        let mut effects = Effects { step: at + 1, lineage, ..Effects::default() };
         let published = if rows.is_empty() { 0 } else { self.publish(&mut tx, &mut lead.kafka, rows, today, &mut effects).await? };
         let (followed, more_changes) =
             if more_rows { (0, false) } else { self.follow_attribution(&mut tx, &mut lead.kafka, today, &mut effects).await? };
@@ -316,15 +344,34 @@ impl Relay {
         Ok((published + followed, more_rows || more_changes))
     }
 
-    /// Ends the step's Kafka transaction with what it changes in PostgreSQL, and commits it.
+    /// Ends the step's Kafka transaction with what it changes in PostgreSQL, waits for the
+    /// broker to acknowledge every record, and commits it. The step's record goes out with the
+    /// others (what it says is known once they are enqueued), so the transaction's partitions
+    /// are added together and its records travel in one round of requests.
     async fn commit_to_kafka(&mut self, kafka: &mut Transactional, effects: &Effects) -> anyhow::Result<()> {
-        let topic = self.kafka().topic(topics::RELAY_TRANSACTIONS);
-        let payload = serde_json::to_vec(effects)?;
-        let record = FutureRecord::to(&topic).partition(0).key("relay").payload(&payload);
-        kafka.producer.send_result(record).map_err(|(e, _)| e)?.await?.map_err(|(e, _)| e)?;
-        let producer = kafka.producer.clone();
-        tokio::task::spawn_blocking(move || producer.commit_transaction(TRANSACTION_TIMEOUT)).await??;
+        if kafka.transactions {
+            let topic = self.kafka().topic(topics::RELAY_TRANSACTIONS);
+            let payload = serde_json::to_vec(effects)?;
+            let record = FutureRecord::to(&topic).partition(0).key("relay").payload(&payload);
+            let delivery = kafka.producer.send_result(record).map_err(|(e, _)| e)?;
+            kafka.pending.push((delivery, topic));
+        }
+        for (delivery, topic) in kafka.pending.drain(..) {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => anyhow::bail!("{topic} did not take a record: {e}"),
+                Err(_) => anyhow::bail!("the producer went away"),
+            }
+        }
+        if kafka.transactions {
+            let producer = kafka.producer.clone();
+            tokio::task::spawn_blocking(move || producer.commit_transaction(TRANSACTION_TIMEOUT)).await??;
+        }
         kafka.open = false;
+        let cfg = &self.config.common.kafka;
+        let took = kafka.began.take().map(|t| t.elapsed()).unwrap_or_default();
+        self.metrics.sent(kafka.sent.iter().map(|(t, refused)| (cfg.contract_name(t), *refused)), took);
+        kafka.sent.clear();
         Ok(())
     }
 
@@ -558,20 +605,20 @@ impl Relay {
     }
 
     /// Enqueues every record in order (so per-partition order is the outbox's) in the step's
-    /// Kafka transaction, then waits for the broker to acknowledge all of them. Returns, per
-    /// record, why the producer refused it before sending it for what it is (larger than the
-    /// deployment's limit, an invalid topic): such a record would be refused again, and the
-    /// transaction goes on without it. `Err`: the broker is not reachable, did not answer in
-    /// time, or refused a record it had been sent (the transaction cannot commit then); the
-    /// step is aborted and sent again.
+    /// Kafka transaction; `commit_to_kafka` awaits them. Returns, per record, why the producer
+    /// refused it for what it is (larger than the deployment's limit, an invalid topic): such a
+    /// record would be refused again, and the transaction goes on without it. A record the
+    /// broker refuses later fails the transaction at commit: the step is aborted and sent again.
     async fn send(&mut self, kafka: &mut Transactional, records: &[Out]) -> anyhow::Result<Vec<Option<String>>> {
         self.ensure_topics(records).await?;
         if !kafka.open {
-            kafka.producer.begin_transaction()?;
+            if kafka.transactions {
+                kafka.producer.begin_transaction()?;
+            }
             kafka.open = true;
+            kafka.began = Some(std::time::Instant::now());
         }
-        let started = std::time::Instant::now();
-        let mut deliveries = Vec::with_capacity(records.len());
+        let mut refusals = Vec::with_capacity(records.len());
         for r in records {
             let version = r.version_id.to_string();
             let event_id = r.event_id.to_string();
@@ -588,7 +635,8 @@ impl Relay {
             loop {
                 match kafka.producer.send_result(record) {
                     Ok(delivery) => {
-                        deliveries.push(Ok(delivery));
+                        kafka.pending.push((delivery, r.topic.clone()));
+                        refusals.push(None);
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -597,7 +645,7 @@ impl Relay {
                     }
                     Err((e, _)) => match refused(&e, r) {
                         Some(why) => {
-                            deliveries.push(Err(why));
+                            refusals.push(Some(why));
                             break;
                         }
                         None => return Err(e.into()),
@@ -605,20 +653,7 @@ impl Relay {
                 }
             }
         }
-        let mut refusals = Vec::with_capacity(records.len());
-        for (delivery, r) in deliveries.into_iter().zip(records) {
-            let refusal = match delivery {
-                Err(why) => Some(why),
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(_)) => None,
-                    Ok(Err((e, _))) => return Err(anyhow::anyhow!("{} did not take a record: {e}", r.topic)),
-                    Err(_) => return Err(anyhow::anyhow!("the producer went away")),
-                },
-            };
-            refusals.push(refusal);
-        }
-        let kafka = &self.config.common.kafka;
-        self.metrics.sent(records.iter().zip(&refusals).map(|(r, why)| (kafka.contract_name(&r.topic), why.is_some())), started.elapsed());
+        kafka.sent.extend(records.iter().zip(&refusals).map(|(r, why)| (r.topic.clone(), why.is_some())));
         Ok(refusals)
     }
 
@@ -680,11 +715,6 @@ pub async fn spawn(config: RelayConfig) -> anyhow::Result<Running> {
     let ops_addr = ops.serve(config.common.ops_addr(platform::config::ops_port::RELAY), stop.clone()).await?;
     let flag = stop.clone();
     Ok(platform::ops::Running { stop, handle: tokio::spawn(async move { relay.run(&flag).await }), ops_addr })
-}
-
-/// A consumer group id for a client that never joins one (librdkafka wants one set).
-fn kafka_unused_group() -> String {
-    format!("fhir-relay-reader-{}", Uuid::new_v4())
 }
 
 /// The last record of `topic`'s partition 0, read committed. Blocking.

@@ -13,8 +13,23 @@ struct Cli {
     common: platform::CommonConfig,
     #[command(flatten)]
     pmm1: platform::Pmm1Config,
+    /// A command that gives a partner its Kafka principal and ACLs, run as `<command> grant <id>`
+    /// after `register` and `enable`, and `<command> revoke <id>` after `disable` (the cluster
+    /// profile's: `scripts/services partner-principal`). Split on spaces; the id is one argument.
+    #[arg(long, env = "PARTNER_KAFKA_PRINCIPAL_COMMAND")]
+    kafka_principal_command: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Runs the Kafka principal command, if there is one, for `action` on partner `id`.
+fn kafka_principal(command: Option<&str>, action: &str, id: &str) -> anyhow::Result<()> {
+    let Some(command) = command else { return Ok(()) };
+    let mut words = command.split_whitespace();
+    let program = words.next().ok_or_else(|| anyhow::anyhow!("PARTNER_KAFKA_PRINCIPAL_COMMAND is empty"))?;
+    let status = std::process::Command::new(program).args(words).args([action, id]).stdout(std::process::Stdio::null()).status()?;
+    anyhow::ensure!(status.success(), "the Kafka principal command failed ({status}) to {action} {id}; the registry is changed: run it again");
+    Ok(())
 }
 
 /// A partner's rate limit and PMM1 key ids.
@@ -102,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
             check_jwks(&jwks).map_err(anyhow::Error::msg)?;
             let scopes = parse_scopes(&scopes)?;
             register(&pool, &id, &name, &jwks, &scopes, &limits).await?;
+            kafka_principal(cli.kafka_principal_command.as_deref(), "grant", &id)?;
             println!("registered {id}");
         }
         Command::List => {
@@ -122,8 +138,14 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Disable { id } => toggle(&pool, &id, true).await?,
-        Command::Enable { id } => toggle(&pool, &id, false).await?,
+        Command::Disable { id } => {
+            toggle(&pool, &id, true).await?;
+            kafka_principal(cli.kafka_principal_command.as_deref(), "revoke", &id)?;
+        }
+        Command::Enable { id } => {
+            toggle(&pool, &id, false).await?;
+            kafka_principal(cli.kafka_principal_command.as_deref(), "grant", &id)?;
+        }
         Command::DemoToken { id, scopes, limits, token_url } => {
             let token_url = token_url.unwrap_or_else(|| {
                 let base = cli.common.fhir_base_url.trim_end_matches('/');

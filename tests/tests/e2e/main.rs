@@ -7,6 +7,7 @@
 //! shared services, and `log_scan` reads the logs the rest of the suite wrote.
 
 mod clients;
+mod cluster;
 mod composer_crash;
 mod composition;
 mod foundation;
