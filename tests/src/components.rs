@@ -127,6 +127,19 @@ pub fn api_topic_prefix(database_url: &str) -> String {
     path.rsplit('/').next().unwrap_or("api").to_owned()
 }
 
+/// Child processes killed when dropped, however the test ends (a child left running would also
+/// hold the test's output open).
+pub struct Children(pub Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A component as a child process of this workspace's binary `name` (configured through its
 /// environment, as a deployment does), for tests that SIGKILL it.
 pub fn spawn_child(name: &str, database_url: &str, prefix: &str, env: &[(&str, &str)]) -> anyhow::Result<std::process::Child> {

@@ -20,7 +20,7 @@ pub mod wait;
 
 pub use app::TestApp;
 pub use components::{
-    Composer, FHIR_BASE_URL, Task, api_topic_prefix, spawn_child, start_api, start_api_lazily, start_composer, start_notifier, start_relay,
+    Children, Composer, FHIR_BASE_URL, Task, api_topic_prefix, spawn_child, start_api, start_api_lazily, start_composer, start_notifier, start_relay,
 };
 pub use env::{
     admin_client, create_topic, database_url, fresh_database, kafka_bootstrap, kafka_config, repo_path, state_dir, unique, workspace_binary,

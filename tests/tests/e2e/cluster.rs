@@ -57,19 +57,6 @@ fn component_env(principal: &str, group: &str) -> Vec<(String, String)> {
     .collect()
 }
 
-/// Child processes killed when dropped, whatever the test's outcome (they would otherwise hold
-/// the test's output open).
-struct Children(Vec<std::process::Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn spawn_as(name: &str, principal: &str, database_url: &str, group: &str, extra: &[(&str, &str)]) -> anyhow::Result<std::process::Child> {
     let env = component_env(principal, group);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).chain(extra.iter().copied()).collect();
