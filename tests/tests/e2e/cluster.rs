@@ -119,7 +119,9 @@ fn register(database_url: &str, id: &str) -> anyhow::Result<()> {
     let key = api::auth::client::ClientKey::generate_es384(&format!("{id}-key"))?.0;
     let jwks = std::env::temp_dir().join(format!("{id}.jwks.json"));
     std::fs::write(&jwks, api::auth::client::ClientKey::jwks(&[&key]).to_string())?;
-    partners(database_url, &["register", "--id", id, "--name", id, "--jwks", &jwks.display().to_string()])
+    let registered = partners(database_url, &["register", "--id", id, "--name", id, "--jwks", &jwks.display().to_string()]);
+    let _ = std::fs::remove_file(&jwks);
+    registered
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
