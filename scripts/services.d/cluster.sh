@@ -133,6 +133,13 @@ cluster_tool() {
   java -Xmx256m -Dlog4j2.configurationFile="$here/services/kafka/log4j2-tools.xml" -cp "$kafka_libs/*" "$@"
 }
 
+# One of Kafka's admin tools (a main class and its arguments) against the cluster, as admin.
+cluster_admin() {
+  local class=$1
+  shift
+  cluster_tool "$class" --bootstrap-server "$cluster_bootstrap" --command-config "$(cluster_admin_config)" "$@" >/dev/null
+}
+
 cluster_up() {
   kafka_fetch
   cluster_tls
@@ -183,9 +190,7 @@ cluster_up() {
 # The ACLs of the platform's principals: only what each uses. Adding an ACL that exists is a
 # no-op, so this runs at every `up`.
 cluster_acls() {
-  local admin
-  admin=$(cluster_admin_config)
-  acl() { cluster_tool org.apache.kafka.tools.AclCommand --bootstrap-server "$cluster_bootstrap" --command-config "$admin" --add --force "$@" >/dev/null; }
+  acl() { cluster_admin org.apache.kafka.tools.AclCommand --add --force "$@"; }
   say "cluster: granting the platform's principals their ACLs"
   # composer: reads sor.*, writes dead letters, creates the platform's topics at start.
   acl --allow-principal User:composer --operation Read --operation Describe --topic sor. --resource-pattern-type prefixed
@@ -213,26 +218,25 @@ cluster_acls() {
 # its id, nothing else. `grant` creates its SCRAM credential (its password kept in secrets/) and
 # ACLs and prints its librdkafka properties file; `revoke` removes both (a disabled partner).
 cluster_partner() {
-  local action=$1 id=$2 admin
+  local action=$1 id=$2
   [[ $id =~ ^[A-Za-z0-9._-]+$ ]] || die "a partner id is letters, digits, '.', '_' and '-'"
-  admin=$(cluster_admin_config)
   local principal=partner-$id
   local acls=(--allow-principal "User:$principal" --operation Read --operation Describe --topic "fhir.partner.$id." --resource-pattern-type prefixed)
   local group=(--allow-principal "User:$principal" --operation Read --group "$id" --resource-pattern-type prefixed)
   case "$action" in
     grant)
       cluster_secret "$principal"
-      cluster_tool org.apache.kafka.tools.ConfigCommand --bootstrap-server "$cluster_bootstrap" --command-config "$admin" --alter \
-        --add-config "SCRAM-SHA-512=[password=$(cluster_password "$principal")]" --entity-type users --entity-name "$principal" >/dev/null
-      cluster_tool org.apache.kafka.tools.AclCommand --bootstrap-server "$cluster_bootstrap" --command-config "$admin" --add --force "${acls[@]}" >/dev/null
-      cluster_tool org.apache.kafka.tools.AclCommand --bootstrap-server "$cluster_bootstrap" --command-config "$admin" --add --force "${group[@]}" >/dev/null
+      cluster_admin org.apache.kafka.tools.ConfigCommand --alter \
+        --add-config "SCRAM-SHA-512=[password=$(cluster_password "$principal")]" --entity-type users --entity-name "$principal"
+      cluster_admin org.apache.kafka.tools.AclCommand --add --force "${acls[@]}"
+      cluster_admin org.apache.kafka.tools.AclCommand --add --force "${group[@]}"
       echo "$cluster_home/clients/$principal.properties" ;;
     revoke)
-      cluster_tool org.apache.kafka.tools.AclCommand --bootstrap-server "$cluster_bootstrap" --command-config "$admin" --remove --force "${acls[@]}" >/dev/null
-      cluster_tool org.apache.kafka.tools.AclCommand --bootstrap-server "$cluster_bootstrap" --command-config "$admin" --remove --force "${group[@]}" >/dev/null
+      cluster_admin org.apache.kafka.tools.AclCommand --remove --force "${acls[@]}"
+      cluster_admin org.apache.kafka.tools.AclCommand --remove --force "${group[@]}"
       # A credential that was never made is already gone.
-      cluster_tool org.apache.kafka.tools.ConfigCommand --bootstrap-server "$cluster_bootstrap" --command-config "$admin" --alter \
-        --delete-config SCRAM-SHA-512 --entity-type users --entity-name "$principal" >/dev/null 2>&1 || true ;;
+      cluster_admin org.apache.kafka.tools.ConfigCommand --alter \
+        --delete-config SCRAM-SHA-512 --entity-type users --entity-name "$principal" 2>/dev/null || true ;;
     *) die "partner-principal grant|revoke ID" ;;
   esac
 }
