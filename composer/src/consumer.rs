@@ -55,6 +55,10 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How long an assignment waits for PostgreSQL to answer before the composer gives up (well
+/// within the group's `max.poll.interval.ms`, 5 minutes).
+const OFFSETS_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Seeks every assigned partition to the offset stored in PostgreSQL. Runs inside `poll` on
 /// the consumer thread, so it may block on the database.
 struct ComposerContext {
@@ -74,15 +78,25 @@ impl ConsumerContext for ComposerContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let topics: Vec<String> = tpl.elements().iter().map(|e| e.topic().to_owned()).collect();
-                let stored = self.runtime.block_on(db::offsets::load_offsets(&self.pool, &self.group, &topics));
-                let stored: HashMap<(String, i32), i64> = match stored {
-                    Ok(rows) => rows.into_iter().map(|o| ((o.topic, o.partition), o.next_offset)).collect(),
-                    Err(e) => {
-                        state.error = Some(format!("loading stored offsets: {e}"));
-                        let _ = consumer.unassign();
-                        return;
+                // A rebalance while PostgreSQL restarts (or fails over) waits for it, up to
+                // OFFSETS_PATIENCE: the group waits too, and the composer does not exit for it.
+                let mut attempt = 0;
+                let stored = loop {
+                    match self.runtime.block_on(db::offsets::load_offsets(&self.pool, &self.group, &topics)) {
+                        Ok(rows) => break rows,
+                        Err(e) if attempt < OFFSETS_PATIENCE.as_secs() => {
+                            attempt += 1;
+                            tracing::warn!(error = %e, attempt, "partitions assigned, but their positions could not be loaded from PostgreSQL; retrying in 1 s");
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                        Err(e) => {
+                            state.error = Some(format!("loading stored offsets: {e}"));
+                            let _ = consumer.unassign();
+                            return;
+                        }
                     }
                 };
+                let stored: HashMap<(String, i32), i64> = stored.into_iter().map(|o| ((o.topic, o.partition), o.next_offset)).collect();
                 state.stored.clear();
                 for e in tpl.elements() {
                     let key = (e.topic().to_owned(), e.partition());

@@ -12,7 +12,12 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         _ = platform::shutdown::signal() => {}
         joined = &mut waiter => {
-            return joined?.map_err(|_| anyhow::anyhow!("composer thread panicked"))?;
+            let ended = joined?.map_err(|_| anyhow::anyhow!("composer thread panicked"))?;
+            // In the log too (a deployment's log file, not only stderr): why the composer exited.
+            if let Err(e) = &ended {
+                tracing::error!(error = %e, "composer stopped");
+            }
+            return ended;
         }
     }
     // Finish the batch in hand, then stop: its transaction either commits or never happened.
