@@ -226,12 +226,14 @@ impl Relay {
         self.step = step;
         self.reconciled_on = None;
         self.lead = Some(Lead { conn, kafka: Transactional::new(producer, self.config.exactly_once) });
+        self.metrics.leading.set(1);
         Ok(true)
     }
 
     /// Gives up the lead: aborts an open Kafka transaction and ends the session that held it.
     async fn resign(&mut self) {
         self.reconciled_on = None;
+        self.metrics.leading.set(0);
         if let Some(lead) = self.lead.take() {
             if lead.kafka.open && lead.kafka.transactions {
                 drop(lead.kafka.pending);

@@ -25,6 +25,8 @@ pub struct Metrics {
     outbox_unpublished: Gauge,
     outbox_oldest: Gauge<f64, AtomicU64>,
     outbox_parked: Gauge,
+    /// 1 while this relay has the lead (of several relays on one database, one publishes).
+    pub leading: Gauge,
 }
 
 impl Default for Metrics {
@@ -36,6 +38,7 @@ impl Default for Metrics {
             outbox_unpublished: Gauge::default(),
             outbox_oldest: Gauge::default(),
             outbox_parked: Gauge::default(),
+            leading: Gauge::default(),
         };
         for topic in [platform::topics::MEDICATION_PROFILE, PARTNER_TOPICS, platform::topics::PARTNER_INBOUND] {
             let _ = m.published.get_or_create(&TopicLabel { topic });
@@ -51,6 +54,7 @@ impl Metrics {
         let r = registry.sub_registry_with_prefix("relay");
         r.register("records_published", "Records the broker acknowledged, by topic family", self.published.clone());
         r.register("records_parked", "Records the broker refused for what they are (parked for fhirctl outbox)", self.parked.clone());
+        r.register("leading", "1 while this relay has the lead and publishes; 0 while it stands by", self.leading.clone());
         r.register("publish_seconds", "From enqueueing a batch to the broker's last acknowledgement", self.publish_seconds.clone());
         registry.register("outbox_unpublished", "Outbox rows not yet acknowledged by Kafka (parked ones apart)", self.outbox_unpublished.clone());
         registry.register("outbox_oldest_unpublished_seconds", "Age of the oldest of them (0 when none)", self.outbox_oldest.clone());
