@@ -115,6 +115,10 @@ share.coordinator.state.topic.min.isr=2
 auto.create.topics.enable=false
 delete.topic.enable=true
 group.initial.rebalance.delay.ms=0
+# A broker that stops heartbeating is fenced (and its partitions led by others) after 3 s, not
+# Kafka's 9 s: the fault test's SIGKILLed leader stalled its partitions for the whole session.
+broker.heartbeat.interval.ms=1000
+broker.session.timeout.ms=3000
 log.segment.bytes=134217728
 num.network.threads=2
 num.io.threads=2

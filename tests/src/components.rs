@@ -2,7 +2,7 @@
 //! relay, notifier, API) or as a child process (for SIGKILL tests). Each takes the test's
 //! database and topic namespace plus extra flags; a flag given there replaces the test default.
 
-use crate::env::{kafka_bootstrap, workspace_binary};
+use crate::env::{component_binary, kafka_bootstrap};
 use crate::logs::{collect_logs, init_logs};
 use clap::Parser;
 use std::sync::Arc;
@@ -143,7 +143,7 @@ impl Drop for Children {
 /// A component as a child process of this workspace's binary `name` (configured through its
 /// environment, as a deployment does), for tests that SIGKILL it.
 pub fn spawn_child(name: &str, database_url: &str, prefix: &str, env: &[(&str, &str)]) -> anyhow::Result<std::process::Child> {
-    let mut command = std::process::Command::new(workspace_binary(name)?);
+    let mut command = std::process::Command::new(component_binary(name)?);
     command
         .env("DATABASE_URL", database_url)
         .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())

@@ -75,6 +75,20 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
     Ok(bin)
 }
 
+/// The binary of the component `name` a test runs as a child process: from
+/// `PLATFORM_TEST_COMPONENTS` (a directory, e.g. a release build's, for the fault test, which
+/// measures freshness) when set, else this workspace's build the tests run from.
+pub fn component_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    match std::env::var_os("PLATFORM_TEST_COMPONENTS") {
+        Some(dir) => {
+            let bin = std::path::PathBuf::from(dir).join(name);
+            anyhow::ensure!(bin.exists(), "{} not built (PLATFORM_TEST_COMPONENTS)", bin.display());
+            Ok(bin)
+        }
+        None => workspace_binary(name),
+    }
+}
+
 /// Where `scripts/test` keeps the test tools (the Python venv, the Java classpath) and the
 /// services' state: `PLATFORM_STATE_DIR`, else `~/.cache/fhir-platform`.
 pub fn state_dir() -> std::path::PathBuf {

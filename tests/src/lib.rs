@@ -8,6 +8,7 @@
 //! database.
 
 pub mod app;
+pub mod cluster;
 pub mod components;
 pub mod env;
 pub mod events;

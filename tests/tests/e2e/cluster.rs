@@ -6,100 +6,11 @@
 //! of record's principal writes its topic and no other. Ignored by default: `scripts/test`
 //! brings the cluster up and runs it.
 
-use rdkafka::ClientConfig;
-use rdkafka::Message;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::error::RDKafkaErrorCode;
 use serde_json::json;
-use std::path::PathBuf;
 use std::time::Duration;
+use tests::cluster::{first_record, produce, spawn_as};
 use tests::*;
-
-const BOOTSTRAP: &str = "127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094";
-
-fn cluster_home() -> PathBuf {
-    state_dir().join("kafka-cluster")
-}
-
-fn properties_file(principal: &str) -> PathBuf {
-    cluster_home().join("clients").join(format!("{principal}.properties"))
-}
-
-fn password_file(principal: &str) -> PathBuf {
-    cluster_home().join("secrets").join(format!("{principal}.password"))
-}
-
-/// A client of the cluster as `principal`, configured from the files the profile wrote.
-fn client(principal: &str) -> anyhow::Result<ClientConfig> {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", BOOTSTRAP).set("log_level", "3");
-    for (name, value) in platform::kafka::parse_properties(&std::fs::read_to_string(properties_file(principal))?).map_err(anyhow::Error::msg)? {
-        config.set(name, value);
-    }
-    config.set("sasl.password", std::fs::read_to_string(password_file(principal))?.trim());
-    Ok(config)
-}
-
-/// The environment of a component that runs as `principal` on the cluster (as deployed: the
-/// password from a file).
-fn component_env(principal: &str, group: &str) -> Vec<(String, String)> {
-    [
-        ("KAFKA_BOOTSTRAP_SERVERS", BOOTSTRAP.to_owned()),
-        ("KAFKA_PROPERTIES_FILE", properties_file(principal).display().to_string()),
-        ("KAFKA_CLIENT_SASL_PASSWORD_FILE", password_file(principal).display().to_string()),
-        ("KAFKA_REPLICATION_FACTOR", "3".to_owned()),
-        ("KAFKA_TOPIC_MIN_INSYNC_REPLICAS", "2".to_owned()),
-        ("COMPOSER_GROUP_ID", group.to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
-}
-
-fn spawn_as(name: &str, principal: &str, database_url: &str, group: &str, extra: &[(&str, &str)]) -> anyhow::Result<std::process::Child> {
-    let env = component_env(principal, group);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).chain(extra.iter().copied()).collect();
-    // The cluster's ACLs name the contract's topics: no namespace prefix.
-    spawn_child(name, database_url, "", &env)
-}
-
-/// Sends one record as `principal`; the broker's answer.
-async fn produce(principal: &str, topic: &str, key: &str, payload: &[u8]) -> anyhow::Result<Result<(), RDKafkaErrorCode>> {
-    let producer: FutureProducer = client(principal)?.set("message.timeout.ms", "20000").create()?;
-    let result = producer.send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(20)).await;
-    Ok(match result {
-        Ok(_) => Ok(()),
-        Err((e, _)) => Err(e.rdkafka_error_code().ok_or_else(|| anyhow::anyhow!("{e}"))?),
-    })
-}
-
-/// Reads `topic` from the start as `principal` in `group`: the first record's key, or the error
-/// the broker answered with.
-async fn first_record(principal: &str, group: &str, topic: &str, within: Duration) -> anyhow::Result<Result<String, RDKafkaErrorCode>> {
-    let consumer: StreamConsumer = client(principal)?.set("group.id", group).set("auto.offset.reset", "earliest").create()?;
-    consumer.subscribe(&[topic])?;
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Err(_) => anyhow::bail!("{principal}: nothing from {topic} within {within:?}"),
-            Ok(Ok(m)) => return Ok(Ok(String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned())),
-            Ok(Err(KafkaError::MessageConsumption(code) | KafkaError::MessageConsumptionFatal(code))) if is_refusal(code) => return Ok(Err(code)),
-            Ok(Err(KafkaError::MessageConsumption(_))) => continue, // not there yet (a topic about to be created)
-            Ok(Err(e)) => match e.rdkafka_error_code() {
-                Some(code) if is_refusal(code) => return Ok(Err(code)),
-                _ => anyhow::bail!("{principal} reading {topic}: {e}"),
-            },
-        }
-    }
-}
-
-fn is_refusal(code: RDKafkaErrorCode) -> bool {
-    matches!(
-        code,
-        RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::GroupAuthorizationFailed | RDKafkaErrorCode::ClusterAuthorizationFailed
-    )
-}
 
 /// The `partners` command, with the cluster profile's principal command: `register` and
 /// `enable` grant the partner its principal and ACLs, `disable` revokes them.
@@ -128,6 +39,7 @@ fn register(database_url: &str, id: &str) -> anyhow::Result<()> {
 #[ignore = "needs the secured cluster; scripts/test brings it up (scripts/services up --cluster) and runs it"]
 async fn each_principal_gets_only_what_it_uses_and_data_flows() -> anyhow::Result<()> {
     let app = TestApp::new("cluster").await?;
+    tests::cluster::empty_topics(&platform::topics::SOR_TOPICS).await?;
     // Topics outlive a run on the cluster: this run's partners and members are its own.
     let run = unique("r").replace('_', "");
     let (pa, pb) = (format!("{run}a"), format!("{run}b"));

@@ -8,6 +8,7 @@
 
 mod clients;
 mod cluster;
+mod cluster_faults;
 mod composer_crash;
 mod composition;
 mod foundation;
