@@ -588,7 +588,7 @@ async fn nothing_is_lost_or_repeated_through_broker_component_and_database_fault
     let mut arrivals = std::mem::take(&mut *arrivals.lock().unwrap_or_else(|p| p.into_inner()));
     let p99s = per_second_p99(&arrivals);
     let before: Vec<f64> = {
-        let mut b: Vec<f64> = arrivals.iter().filter(|(at, _)| *at >= 5.0 && *at < WARMUP.as_secs_f64()).map(|(_, l)| *l).collect();
+        let mut b: Vec<f64> = arrivals.iter().filter(|(at, _)| *at >= 5.0 && *at < WARMUP.as_secs_f64() - 3.0).map(|(_, l)| *l).collect();
         b.sort_by(f64::total_cmp);
         b
     };
@@ -602,7 +602,8 @@ async fn nothing_is_lost_or_repeated_through_broker_component_and_database_fault
     println!("p99 (ms) of each second's events: {}", p99s.iter().map(|p| format!("{p:.0}")).collect::<Vec<_>>().join(" "));
     let end = load.as_secs_f64();
     // Where the machine cannot keep p99 under 100 ms even before the faults, recovery is also
-    // measured against twice the p99 before them.
+    // measured against twice the p99 before them (events sent in the 3 s before the first fault
+    // apart: the broker's kill delays them).
     let baseline = (2.0 * pct(&before, 0.99)).max(LIMIT_MS);
     for (n, (_, at, what)) in struck.iter().enumerate() {
         let until = struck.get(n + 1).map_or(end, |s| s.1);
