@@ -75,6 +75,11 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
     Ok(bin)
 }
 
+/// A free loopback address (bound, then released for a child process to take).
+pub fn free_address() -> anyhow::Result<String> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
+}
+
 /// The binary of the component `name` a test runs as a child process: from
 /// `PLATFORM_TEST_COMPONENTS` (a directory, e.g. a release build's, for the fault test, which
 /// measures freshness) when set, else this workspace's build the tests run from.

@@ -24,7 +24,8 @@ pub use components::{
     Children, Composer, FHIR_BASE_URL, Task, api_topic_prefix, spawn_child, start_api, start_api_lazily, start_composer, start_notifier, start_relay,
 };
 pub use env::{
-    admin_client, create_topic, database_url, fresh_database, kafka_bootstrap, kafka_config, repo_path, state_dir, unique, workspace_binary,
+    admin_client, create_topic, database_url, free_address, fresh_database, kafka_bootstrap, kafka_config, repo_path, state_dir, unique,
+    workspace_binary,
 };
 pub use events::{attribution, deletion, demographics, medication, native_event, upsert};
 pub use http::{Reply, get, post_fhir, send};

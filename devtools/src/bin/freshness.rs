@@ -21,6 +21,7 @@
 
 use clap::Parser;
 use devtools::cpu;
+use devtools::stats::percentile as pct;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureRecord;
@@ -120,10 +121,6 @@ impl Track {
         latencies.sort_by(f64::total_cmp);
         latencies
     }
-}
-
-fn pct(l: &[f64], p: f64) -> f64 {
-    l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).copied().unwrap_or(f64::NAN)
 }
 
 fn summary(l: &[f64]) -> String {

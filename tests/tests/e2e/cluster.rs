@@ -48,8 +48,7 @@ async fn each_principal_gets_only_what_it_uses_and_data_flows() -> anyhow::Resul
     let mut children = Children(Vec::new());
     children.0.push(spawn_as("composer", "composer", &app.url, &group, &[])?);
     children.0.push(spawn_as("relay", "relay", &app.url, &group, &[])?);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let bind = format!("127.0.0.1:{port}");
+    let bind = free_address()?;
     children.0.push(spawn_as("api", "api", &app.url, &group, &[("HTTP_BIND", bind.as_str())])?);
 
     // Systems of record, each with its own principal.

@@ -23,6 +23,7 @@
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
+use devtools::stats::percentile as pct;
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
@@ -80,7 +81,7 @@ struct Fleet {
 
 impl Fleet {
     fn start(&mut self, name: &'static str, principal: &'static str, env: &[(&str, String)]) -> anyhow::Result<usize> {
-        let ops = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
+        let ops = free_address()?;
         let mut env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
         env.push(("OPS_ADDR".into(), ops.clone()));
         self.specs.push(Spec { name, principal, ops, env });
@@ -258,10 +259,6 @@ impl Notifications {
 async fn hook(State(received): State<Arc<Notifications>>, body: Bytes) -> StatusCode {
     received.receive(&body);
     StatusCode::OK
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    sorted.get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1))).copied().unwrap_or(f64::NAN)
 }
 
 /// Each second's p99 of freshness (by when events were sent).
@@ -655,8 +652,4 @@ async fn nothing_is_lost_or_repeated_through_broker_component_and_database_fault
     assert!(exited.is_empty(), "components exited: {exited:?}");
     assert!(unanswered.is_empty(), "requests a retrying client got no answer to: {unanswered:?}");
     Ok(())
-}
-
-fn free_address() -> anyhow::Result<String> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
 }
