@@ -34,11 +34,11 @@ pub async fn spawn(mut config: ComposerConfig) -> anyhow::Result<Running> {
     config.common.check_limits().map_err(anyhow::Error::msg)?;
     let pool = db::connect_configured(&config.common, config.common.database_max_connections).await?;
     db::migrate(&pool).await?;
-    platform::kafka::ensure(&config.common.kafka).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    platform::kafka::patiently("composer: checking its topics", &stop, || platform::kafka::ensure(&config.common.kafka)).await?;
     config.batch_size = fit_batch_size(config.batch_size, config.appliers, db::components::lock_capacity(&pool).await?);
     let composer = consumer::Composer::new(config.clone(), pool.clone(), fhir::composites(&config.common)?)?;
     let metrics = composer.metrics.clone();
-    let stop = Arc::new(AtomicBool::new(false));
     let ops_addr = serve_ops(&config, &pool, &metrics, stop.clone()).await?;
     let every = std::time::Duration::from_secs(config.common.insights.recheck_secs.max(1));
     insights::schedule(pool.clone(), fhir::composites(&config.common)?, every, metrics.clone(), stop.clone());

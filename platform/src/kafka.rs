@@ -8,6 +8,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// The variables that add librdkafka properties: `KAFKA_CLIENT_SASL_MECHANISMS=SCRAM-SHA-512`
@@ -173,7 +174,9 @@ pub async fn create_with(admin: &AdminClient<DefaultClientContext>, kafka: &Kafk
             }
         })
         .collect();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(15)));
+    // librdkafka's default request timeout is a minute; a broker that does not answer sooner
+    // fails the attempt, and a caller's retry (see [`patiently`]) goes to the metadata again.
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))).request_timeout(Some(Duration::from_secs(15)));
     for result in admin.create_topics(new_topics.iter(), &options).await? {
         match result {
             Ok(name) => tracing::info!(topic = %name, "created topic"),
@@ -193,6 +196,29 @@ pub async fn ensure(kafka: &KafkaConfig) -> anyhow::Result<()> {
     wanted.push((kafka.topic(topics::INSIGHTS), Retention::Compact));
     wanted.push((kafka.topic(topics::PARTNER_INBOUND), Retention::Delete(None)));
     create(kafka, &wanted).await
+}
+
+/// Runs `attempt` until it succeeds, waiting 1 s, 2 s, 4 s … (at most 10 s) between tries,
+/// or until `stop` is set (then the last error). For what a component must do before it
+/// works, such as checking its topics: a component that starts while a broker is down or
+/// rejoining waits for the cluster instead of exiting.
+pub async fn patiently<T, F, Fut>(what: &str, stop: &AtomicBool, mut attempt: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match attempt().await {
+            Ok(done) => return Ok(done),
+            Err(e) if stop.load(Ordering::Relaxed) => return Err(e.context(format!("{what} (stopping)"))),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_s = wait.as_secs(), "{what} failed; trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
 }
 
 /// Deletes every topic of `kafka`'s namespace (its non-empty topic prefix): benchmarks remove

@@ -168,7 +168,14 @@ impl Running<tokio::task::JoinHandle<anyhow::Result<()>>> {
                 tracing::info!("stopping {name}");
                 self.stop().await
             }
-            ended = &mut self.handle => ended?,
+            ended = &mut self.handle => {
+                let ended = ended?;
+                // In the log too (a deployment's log file, not only stderr): why it exited.
+                if let Err(e) = &ended {
+                    tracing::error!(error = %e, "{name} stopped");
+                }
+                ended
+            }
         }
     }
 }

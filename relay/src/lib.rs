@@ -265,9 +265,12 @@ impl Relay {
 
     /// Publishes until `stop` is set; failures are retried (nothing is marked until acknowledged).
     pub async fn run(mut self, stop: &AtomicBool) -> anyhow::Result<()> {
-        platform::kafka::ensure(self.kafka()).await?;
         let own = [(self.kafka().topic(topics::RELAY_TRANSACTIONS), Retention::Delete(Some(24 * 3600 * 1000)))];
-        platform::kafka::create_with(&self.admin, self.kafka(), &own).await?;
+        platform::kafka::patiently("relay: checking its topics", stop, || async {
+            platform::kafka::ensure(self.kafka()).await?;
+            platform::kafka::create_with(&self.admin, self.kafka(), &own).await
+        })
+        .await?;
         let mut wakeup = db::Wakeup::new(&self.pool, &[db::channels::OUTBOX]).await;
         let mut waiting_since = None;
         while !stop.load(Ordering::Relaxed) {

@@ -146,6 +146,50 @@ async fn a_relay_killed_after_kafka_committed_publishes_nothing_twice() -> anyho
     Ok(())
 }
 
+/// A composer and a relay that start while no broker answers (a cluster rejoining after a
+/// failure, say) wait for one and then compose and publish; both used to exit at their first
+/// topic check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_composer_and_relay_started_while_kafka_does_not_answer_wait_for_it() -> anyhow::Result<()> {
+    const N: usize = 20;
+    let app = TestApp::new("relaywait").await?;
+    let events: Vec<SorMessage> = (0..N).map(|i| demographics(&format!("RK{i:02}"), json!({ "given_name": "Kim" }))).collect();
+    // Their bootstrap address is a loopback port where nothing listens yet; later a forwarder to
+    // the broker opens there (the broker's metadata then names its own address).
+    let gate = free_address()?;
+    let flags = ["--kafka-bootstrap-servers", gate.as_str()];
+    let config = tests::components::composer_config(&app.url, &app.prefix, &app.group, &flags)?;
+    let starting = composer::spawn(config);
+    tokio::pin!(starting);
+    let relay = app.relay(&flags).await?;
+    // Longer than one topic check can take (its request times out after 15 s).
+    tokio::select! {
+        started = &mut starting => anyhow::bail!("the composer's start ended while Kafka did not answer: {:?}", started.err()),
+        _ = tokio::time::sleep(Duration::from_secs(20)) => {}
+    }
+    anyhow::ensure!(!relay.handle.is_finished(), "the relay exited while Kafka did not answer: {:?}", relay.stop().await);
+    let listener = tokio::net::TcpListener::bind(&gate).await?;
+    let forwarder = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut broker) = tokio::net::TcpStream::connect(kafka_bootstrap()).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut broker).await;
+                }
+            });
+        }
+    });
+    let composer = starting.await?;
+    app.publish(&events).await?;
+    app.wait_applied(Duration::from_secs(60)).await?;
+    wait_relayed(&app.pool, Duration::from_secs(60)).await?;
+    let read = read_versions(&app.topic(platform::topics::MEDICATION_PROFILE), N).await?;
+    relay.stop().await?;
+    composer::stop(&composer.stop, composer.thread).await?;
+    forwarder.abort();
+    assert_eq!((read.versions, read.duplicates), (N, 0));
+    Ok(())
+}
+
 /// What a read-committed consumer of a topic saw: per member its first and last version (with
 /// the event id), how many versions in all, and how many records repeated a version.
 struct Versions {
