@@ -201,11 +201,16 @@ pub async fn fan_out(pool: &PgPool, day: Date, limit: i64, topics: Topics<'_>) -
 /// A partner gets at most `per_partner` deliveries in flight: `busy` says how many each partner
 /// has in flight already (on this notifier), so one partner's slow or dead endpoints hold only
 /// its own share of the slots. Subscriptions of a disabled partner are not delivered.
+///
+/// A subscription another transaction holds (the fan-out bumping its counter, another
+/// notifier's claim) is skipped until the next claim: a claim that waited for the fan-out while
+/// holding rows the fan-out wants next would deadlock with it.
 pub async fn claim_due(pool: &PgPool, lease_secs: i32, limit: i64, per_partner: i64, busy: &[(String, i64)]) -> crate::Result<Vec<Subscription>> {
     let (partners, counts): (Vec<&str>, Vec<i64>) = busy.iter().map(|(p, n)| (p.as_str(), *n)).unzip();
     let sql = format!(
         "UPDATE subscriptions s SET leased_until = now() + make_interval(secs => $1 + s.timeout_secs)
          FROM (
+          SELECT l.id FROM subscriptions l WHERE l.id IN (
            SELECT r.id FROM (
              SELECT t.id, t.partner_id, t.next_attempt_at, row_number() OVER (PARTITION BY t.partner_id ORDER BY t.next_attempt_at) AS n
              FROM subscriptions t
@@ -217,7 +222,8 @@ pub async fn claim_due(pool: &PgPool, lease_secs: i32, limit: i64, per_partner: 
                AND NOT EXISTS (SELECT 1 FROM partners p WHERE p.partner_id = t.partner_id AND p.disabled_at IS NOT NULL)
            ) r LEFT JOIN unnest($3::text[], $4::int8[]) AS busy(partner_id, n) ON busy.partner_id = r.partner_id
            WHERE r.n <= $5 - coalesce(busy.n, 0)
-           ORDER BY r.next_attempt_at LIMIT $2
+           ORDER BY r.next_attempt_at LIMIT $2)
+          FOR UPDATE OF l SKIP LOCKED
          ) chosen
          WHERE s.id = chosen.id AND (s.leased_until IS NULL OR s.leased_until < now())
          RETURNING {}",

@@ -692,3 +692,81 @@ fn rows_read_from(node: &Value, relation: &str) -> f64 {
     };
     own + node["Plans"].as_array().into_iter().flatten().map(|child| rows_read_from(child, relation)).sum::<f64>()
 }
+
+/// The fan-out (which bumps the counters of every subscription an event matches) and the claims
+/// of two notifiers (which lease several subscriptions at once) lock the same rows: they must
+/// never wait for each other in a cycle. PostgreSQL resolves a deadlock by failing one side after
+/// a second (`deadlock_timeout`), so each one is a stall of every delivery; the fault test's two
+/// notifiers met 5–8 per run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fan_out_and_two_notifiers_claims_never_deadlock() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    const SUBSCRIPTIONS: usize = 8;
+    let app = TestApp::new("claimrace").await?;
+    let composer = app.composer(&[]).await?;
+    for i in 0..SUBSCRIPTIONS {
+        sqlx::query(
+            "INSERT INTO subscriptions (id, partner_id, topic, channel, content, timeout_secs, max_count, status, body)
+             VALUES ($1, 'race', $2, 'rest-hook', 'id-only', 10, 100, 'active', '{}')",
+        )
+        .bind(format!("S{i}"))
+        .bind(fhir::subscriptions::TOPIC_URL)
+        .execute(&app.pool)
+        .await?;
+    }
+    let members: Vec<String> = (0..300).map(|i| format!("DL{i:03}")).collect();
+    app.apply(&members.iter().map(|m| attribution(m, "race")).collect::<Vec<_>>()).await?;
+    // A wave at a time: a member's changes in one composer batch would make one version.
+    for n in 1..=3 {
+        let wave = members.iter().map(|m| upsert(platform::topics::DEMOGRAPHICS, "enrollment", n, m, m, json!({ "given_name": format!("V{n}") })));
+        app.apply(&wave.collect::<Vec<_>>()).await?;
+    }
+    composer.stop().await?;
+    let versions: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE payload IS NULL").fetch_one(&app.pool).await?;
+
+    // Two claimants claim and release again and again while the fan-out queues the events in
+    // small batches (many transactions, each bumping every subscription).
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let claims = Arc::new(AtomicUsize::new(0));
+    let claimants: Vec<_> = (0..2)
+        .map(|_| {
+            let (pool, stop, failures, claims) = (app.pool.clone(), stop.clone(), failures.clone(), claims.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match db::subscriptions::claim_due(&pool, 5, SUBSCRIPTIONS as i64, SUBSCRIPTIONS as i64, &[]).await {
+                        Ok(claimed) => {
+                            claims.fetch_add(claimed.len(), Ordering::Relaxed);
+                            for s in claimed {
+                                if let Err(e) = db::subscriptions::release(&pool, &s.id).await {
+                                    failures.lock().unwrap().push(format!("release: {e}"));
+                                }
+                            }
+                        }
+                        Err(e) => failures.lock().unwrap().push(format!("claim: {e}")),
+                    }
+                }
+            })
+        })
+        .collect();
+    let today = time::OffsetDateTime::now_utc().date();
+    let (mut rows, mut queued) = (0, 0);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(120) {
+        match db::subscriptions::fan_out(&app.pool, today, 4, fhir::subscriptions::TOPICS).await {
+            Ok((0, _)) => break,
+            Ok((r, q)) => (rows, queued) = (rows + r, queued + q),
+            Err(e) => failures.lock().unwrap().push(format!("fan-out: {e}")),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in claimants {
+        c.await?;
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(failures.is_empty(), "{} statements failed, e.g. {:?}", failures.len(), &failures[..failures.len().min(3)]);
+    assert!(claims.load(Ordering::Relaxed) > 0, "the claimants never claimed: the race did not happen");
+    assert!(versions as usize >= 3 * members.len(), "{versions} composite versions");
+    assert_eq!((rows, queued), (versions as usize, versions as u64 * SUBSCRIPTIONS as u64), "every version queued for every subscription");
+    Ok(())
+}
