@@ -256,11 +256,13 @@ async fn ten_thousand_malformed_messages_are_dead_letters_and_the_events_around_
             messages.push((topic, key, value));
             // A valid event every 40 messages, on the topics the malformed ones use.
             if messages.len() % 40 == 0 {
-                let m = format!("V{valid}");
+                // Not `V{n}`: member ids are logged, and other tests' given names are `V{n}` (the
+                // log scan would take one for the other).
+                let m = format!("HV{valid}");
                 let event = if valid % 2 == 0 {
                     demographics(&m, json!({ "given_name": "Val", "sex": "female" }))
                 } else {
-                    medication(&m, &format!("RX-V{valid}"), 1, "860975", "active")
+                    medication(&m, &format!("RX-HV{valid}"), 1, "860975", "active")
                 };
                 messages.push((t(event.topic), Some(event.key.into_bytes()), event.value.unwrap_or_default()));
                 valid += 1;
@@ -293,12 +295,12 @@ async fn ten_thousand_malformed_messages_are_dead_letters_and_the_events_around_
         assert!(!letter.header("dlq.source.offset").is_empty() && !letter.header("dlq.error").is_empty());
     }
     assert_eq!(p.metrics().dead_letters(), malformed as u64);
-    // Every valid event was applied: V0, V2, … have composites (demographics); V1, V3, …
+    // Every valid event was applied: HV0, HV2, … have composites (demographics); HV1, HV3, …
     // medications waiting for theirs.
     let composites = db::composites::all_composites(&p.pool).await?.len();
     assert_eq!(composites, valid.div_ceil(2), "a composite per valid demographics");
     let components: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM components WHERE record_id LIKE 'V%' OR record_id LIKE 'RX-V%'").fetch_one(&p.pool).await?;
+        sqlx::query_scalar("SELECT count(*) FROM components WHERE record_id LIKE 'HV%' OR record_id LIKE 'RX-HV%'").fetch_one(&p.pool).await?;
     assert_eq!(components, valid as i64);
     println!("sentinel after 10,000 malformed messages: {:?}", p.sentinel().await?);
     p.stop().await
