@@ -313,10 +313,18 @@ impl Composer {
         let kinds: HashMap<String, RecordKind> = RecordKind::ALL.iter().map(|k| (kafka.topic(k.topic()), *k)).collect();
         let wait = Duration::from_millis(self.config.batch_wait_ms);
         let mut hands: Vec<Hand> = lanes.iter().map(|_| Hand::default()).collect();
+        // Positions PostgreSQL committed, hinted to Kafka (PostgreSQL holds the truth) at most
+        // once per HINT_EVERY: a commit per batch was an offset commit per event at low rates,
+        // each replicated, which a cluster's brokers paid for in CPU.
+        let mut unhinted: HashMap<(String, i32), i64> = HashMap::new();
+        let mut hinted_at = Instant::now();
         while !stop.load(Ordering::Relaxed) {
-            // Positions PostgreSQL committed, hinted to Kafka (PostgreSQL holds the truth).
             while let Ok(offsets) = positions.try_recv() {
-                hint(consumer, &offsets);
+                unhinted.extend(offsets.into_iter().map(|o| ((o.topic, o.partition), o.next_offset)));
+            }
+            if !unhinted.is_empty() && hinted_at.elapsed() >= HINT_EVERY {
+                hint(consumer, unhinted.drain());
+                hinted_at = Instant::now();
             }
             // Until the next chunk is due; a chunk already due waits for a busy applier, so
             // look again within a millisecond.
@@ -740,14 +748,17 @@ impl DeadLetter {
     }
 }
 
+/// How often the composer hints its positions to Kafka (for lag monitoring only).
+const HINT_EVERY: Duration = Duration::from_secs(1);
+
 /// Hints positions PostgreSQL committed to Kafka (for lag monitoring; PostgreSQL holds the
 /// truth, and positions are sought from it on every assignment).
-fn hint(consumer: &BaseConsumer<ComposerContext>, offsets: &[StoredOffset]) {
+fn hint(consumer: &BaseConsumer<ComposerContext>, offsets: impl Iterator<Item = ((String, i32), i64)>) {
     let assigned = consumer.assignment().unwrap_or_default();
     let mut tpl = TopicPartitionList::new();
-    for o in offsets {
-        if assigned.find_partition(&o.topic, o.partition).is_some() {
-            let _ = tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
+    for ((topic, partition), next) in offsets {
+        if assigned.find_partition(&topic, partition).is_some() {
+            let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
         }
     }
     if tpl.count() > 0 {

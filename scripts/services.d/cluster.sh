@@ -110,6 +110,9 @@ offsets.topic.replication.factor=3
 offsets.topic.num.partitions=6
 transaction.state.log.replication.factor=3
 transaction.state.log.min.isr=2
+# Kafka's 50 spread coordinators over many brokers; on three, each one's replica fetches walked
+# all 50 partitions on every fetch (the offsets topic's 6 above, likewise).
+transaction.state.log.num.partitions=6
 share.coordinator.state.topic.replication.factor=3
 share.coordinator.state.topic.min.isr=2
 auto.create.topics.enable=false

@@ -332,10 +332,11 @@ async fn main() -> anyhow::Result<()> {
         platform::kafka::client(&kafka)?.set("group.id", &run).set("auto.offset.reset", "earliest").set("fetch.wait.max.ms", "100").create()?,
     );
     consumer.subscribe(&[&kafka.topic(platform::topics::MEDICATION_PROFILE)])?;
-    // The main phase's two legs: produced → the composer's change time (`meta.lastUpdated`, taken
-    // as its transaction starts), and from there → read from the topic; and its latencies inside
-    // and outside retention's windows.
-    type Legs = (Vec<f64>, Vec<f64>, [Vec<f64>; 2]);
+    // The main phase's legs: produced → the composer's change time (`meta.lastUpdated`, taken
+    // as its transaction starts), from there → read from the topic, and the part of that from the
+    // relay's send (the record's timestamp) → read (its Kafka transaction and the consumer's
+    // fetch); and its latencies inside and outside retention's windows.
+    type Legs = (Vec<f64>, Vec<f64>, Vec<f64>, [Vec<f64>; 2]);
     let legs: Arc<Mutex<Legs>> = Arc::default();
     {
         let (consumer, profile, sent_wall, legs) = (consumer.clone(), profile.clone(), sent_wall.clone(), legs.clone());
@@ -350,8 +351,13 @@ async fn main() -> anyhow::Result<()> {
                         .as_str()
                         .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
                 });
+                let sent_by_relay =
+                    m.timestamp().to_millis().and_then(|ms| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok());
                 let mut legs = legs.lock().unwrap_or_else(|p| p.into_inner());
-                legs.2[usize::from(retaining)].push(latency);
+                legs.3[usize::from(retaining)].push(latency);
+                if let Some(sent) = sent_by_relay {
+                    legs.2.push((now - sent).as_seconds_f64() * 1000.0);
+                }
                 if let Some(changed) = changed {
                     legs.0.push((changed - wall).as_seconds_f64() * 1000.0);
                     legs.1.push((now - changed).as_seconds_f64() * 1000.0);
@@ -465,8 +471,9 @@ async fn main() -> anyhow::Result<()> {
         main.hooks.len()
     );
     println!("event produced → composite on fhir.medication-profile.v1: {}", summary(&main.profile));
-    let (mut to_composer, mut to_topic, [mut without, mut with]) = std::mem::take(&mut *legs.lock().unwrap_or_else(|p| p.into_inner()));
-    for l in [&mut to_composer, &mut to_topic, &mut without, &mut with] {
+    let (mut to_composer, mut to_topic, mut from_relay, [mut without, mut with]) =
+        std::mem::take(&mut *legs.lock().unwrap_or_else(|p| p.into_inner()));
+    for l in [&mut to_composer, &mut to_topic, &mut from_relay, &mut without, &mut with] {
         l.sort_by(f64::total_cmp);
     }
     println!(
@@ -475,6 +482,11 @@ async fn main() -> anyhow::Result<()> {
         pct(&to_composer, 0.99),
         pct(&to_topic, 0.50),
         pct(&to_topic, 0.99)
+    );
+    println!(
+        "  and of the latter: the relay's send (record timestamp) → read from the topic p50 {:.1} ms, p99 {:.1} ms",
+        pct(&from_relay, 0.50),
+        pct(&from_relay, 0.99)
     );
     println!("event produced → notification at a rest-hook endpoint: {}", summary(&main.hooks));
     if cli.measure_insights {

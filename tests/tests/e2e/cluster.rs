@@ -40,6 +40,7 @@ fn register(database_url: &str, id: &str) -> anyhow::Result<()> {
 async fn each_principal_gets_only_what_it_uses_and_data_flows() -> anyhow::Result<()> {
     let app = TestApp::new("cluster").await?;
     tests::cluster::empty_topics(&platform::topics::SOR_TOPICS).await?;
+    tests::cluster::remove_partner_topics_of('r').await?;
     // Topics outlive a run on the cluster: this run's partners and members are its own.
     let run = unique("r").replace('_', "");
     let (pa, pb) = (format!("{run}a"), format!("{run}b"));
@@ -140,5 +141,6 @@ async fn each_principal_gets_only_what_it_uses_and_data_flows() -> anyhow::Resul
     })
     .await?;
     drop(children);
+    tests::cluster::remove_partner_topics_of('r').await?;
     Ok(())
 }

@@ -289,6 +289,7 @@ fn recovery(p99: &[f64], at: f64, until: f64, limit: f64) -> Option<f64> {
 async fn nothing_is_lost_or_repeated_through_broker_component_and_database_faults() -> anyhow::Result<()> {
     let app = TestApp::new("faults").await?;
     cluster::empty_topics(&platform::topics::SOR_TOPICS).await?;
+    cluster::remove_partner_topics_of('f').await?;
     let run = unique("f").replace('_', "");
     let (p, q) = (format!("{run}p"), format!("{run}q"));
     let members: Vec<String> = (0..MEMBERS).map(|i| format!("{run}-{i:03}")).collect();
