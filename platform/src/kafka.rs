@@ -106,6 +106,26 @@ pub fn prompt_producer(kafka: &KafkaConfig) -> anyhow::Result<FutureProducer> {
     Ok(producer(kafka)?.set("linger.ms", "1").set("log_level", "4").create()?)
 }
 
+/// Commits `producer`'s open transaction once the caller has awaited the delivery of every record
+/// in it. Blocking: call it from `spawn_blocking`.
+///
+/// rust-rdkafka flushes before it commits, and a flush that finds a record still counted polls
+/// for a whole 100 ms. A record is counted until librdkafka frees its delivery report, a moment
+/// after the report resolved the caller's future: about one commit in a hundred waited 100 ms.
+/// So this waits for that moment first (microseconds; at most `RELEASE_WAIT`).
+pub fn commit_transaction(producer: &FutureProducer, timeout: Duration) -> rdkafka::error::KafkaResult<()> {
+    use rdkafka::producer::Producer;
+    let until = std::time::Instant::now() + RELEASE_WAIT;
+    while producer.in_flight_count() > 0 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    producer.commit_transaction(timeout)
+}
+
+/// How long [`commit_transaction`] waits for librdkafka to release acknowledged records before
+/// it commits anyway (and the flush polls).
+const RELEASE_WAIT: Duration = Duration::from_millis(50);
+
 /// A client without a group, for metadata and watermarks (readiness, consumer lag).
 pub fn observer(kafka: &KafkaConfig) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
     Ok(client(kafka)?.set("log_level", "4").create()?)

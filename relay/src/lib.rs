@@ -370,7 +370,7 @@ impl Relay {
         }
         if kafka.transactions {
             let producer = kafka.producer.clone();
-            tokio::task::spawn_blocking(move || producer.commit_transaction(TRANSACTION_TIMEOUT)).await??;
+            tokio::task::spawn_blocking(move || platform::kafka::commit_transaction(&producer, TRANSACTION_TIMEOUT)).await??;
         }
         kafka.open = false;
         let cfg = &self.config.common.kafka;

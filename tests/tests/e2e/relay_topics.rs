@@ -139,3 +139,46 @@ async fn composites_reach_the_topics_and_partner_topics_follow_attribution() -> 
     println!("{} records for {} versions ({duplicates} duplicates), {deleted} deletions", records.len(), history.len());
     Ok(())
 }
+
+/// Issue 31: about one relay step in a hundred waited 100 ms to commit. rust-rdkafka flushes
+/// before it commits, and a flush that finds a record librdkafka has reported but not yet
+/// released (the relay had already awaited its delivery) polls for a whole 100 ms. Transactions
+/// of three records each, sent and awaited as a relay step does: none may wait that long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_commits_as_soon_as_its_records_are_acknowledged() -> anyhow::Result<()> {
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    init_logs();
+    let topic = unique("txn-commit");
+    create_topic(&topic, 3).await?;
+    let producer: FutureProducer =
+        platform::kafka::producer(&kafka_config(""))?.set("transactional.id", unique("txn-commit")).set("linger.ms", "1").create()?;
+    let init = producer.clone();
+    tokio::task::spawn_blocking(move || init.init_transactions(Duration::from_secs(30))).await??;
+    let (transactions, mut took) = (300, Vec::new());
+    for i in 0..transactions {
+        producer.begin_transaction()?;
+        let mut deliveries = Vec::new();
+        for key in ["a", "b", "c"] {
+            let payload = format!("{i}");
+            deliveries.push(producer.send_result(FutureRecord::to(&topic).key(key).payload(&payload)).map_err(|(e, _)| e)?);
+        }
+        for delivery in deliveries {
+            delivery.await?.map_err(|(e, _)| e)?;
+        }
+        let commit = producer.clone();
+        let began = std::time::Instant::now();
+        tokio::task::spawn_blocking(move || platform::kafka::commit_transaction(&commit, Duration::from_secs(30))).await??;
+        took.push(began.elapsed());
+    }
+    took.sort();
+    let slow: Vec<_> = took.iter().filter(|t| **t >= Duration::from_millis(100)).collect();
+    println!(
+        "commits: median {:?}, slowest {:?}, {} of {transactions} took 100 ms or more",
+        took[transactions / 2],
+        took[transactions - 1],
+        slow.len()
+    );
+    // A stall of the host may hold one commit that long; the flush's poll held several each run.
+    assert!(slow.len() <= 1, "{} of {transactions} commits took 100 ms or more: {slow:?}", slow.len());
+    Ok(())
+}
