@@ -249,6 +249,15 @@ pub async fn delete_namespace(kafka: &KafkaConfig) -> anyhow::Result<usize> {
     let admin = admin(kafka)?;
     let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
     let names: Vec<String> = metadata.topics().iter().map(|t| t.name().to_owned()).filter(|n| n.starts_with(&kafka.topic_prefix)).collect();
+    delete_topics(&admin, &names).await
+}
+
+/// Deletes the topics `names` (none is no request); the first the broker refuses is the error.
+/// Returns how many were deleted.
+pub async fn delete_topics(admin: &AdminClient<DefaultClientContext>, names: &[String]) -> anyhow::Result<usize> {
+    if names.is_empty() {
+        return Ok(0);
+    }
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for result in admin.delete_topics(&refs, &options).await? {

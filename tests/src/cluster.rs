@@ -148,7 +148,7 @@ pub async fn empty_topics(topics: &[&str]) -> anyhow::Result<()> {
 /// makes partners of its own, and their topics outlive it: a few hundred left partitions made
 /// every replica fetch check them, a fifth of the brokers' CPU.
 pub async fn remove_partner_topics_of(kind: char) -> anyhow::Result<usize> {
-    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::admin::AdminClient;
     use rdkafka::client::DefaultClientContext;
     let admin: AdminClient<DefaultClientContext> = client("admin")?.create()?;
     let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(20))?;
@@ -162,14 +162,5 @@ pub async fn remove_partner_topics_of(kind: char) -> anyhow::Result<usize> {
         .map(|t| t.name().to_owned())
         .filter(|n| n.strip_prefix("fhir.partner.").and_then(|rest| rest.split_once('.')).is_some_and(|(partner, _)| ours(partner)))
         .collect();
-    if names.is_empty() {
-        return Ok(0);
-    }
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    for result in admin.delete_topics(&refs, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))).await? {
-        if let Err((name, e)) = result {
-            anyhow::bail!("deleting {name}: {e}");
-        }
-    }
-    Ok(names.len())
+    platform::kafka::delete_topics(&admin, &names).await
 }
