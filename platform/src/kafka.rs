@@ -111,8 +111,9 @@ pub fn prompt_producer(kafka: &KafkaConfig) -> anyhow::Result<FutureProducer> {
 ///
 /// rust-rdkafka flushes before it commits, and a flush that finds a record still counted polls
 /// for a whole 100 ms. A record is counted until librdkafka frees its delivery report, a moment
-/// after the report resolved the caller's future: about one commit in a hundred waited 100 ms.
-/// So this waits for that moment first (microseconds; at most `RELEASE_WAIT`).
+/// after the report resolved the caller's future, so a commit right after the last acknowledgement
+/// sometimes waited 100 ms (docs/benchmarks.md). This waits for that moment first (microseconds;
+/// at most `RELEASE_WAIT`).
 pub fn commit_transaction(producer: &FutureProducer, timeout: Duration) -> rdkafka::error::KafkaResult<()> {
     use rdkafka::producer::Producer;
     let until = std::time::Instant::now() + RELEASE_WAIT;
