@@ -35,6 +35,11 @@ pub struct Subscription {
     /// Insights topic filters (`None`: any severity, any code).
     pub severities: Option<Vec<String>>,
     pub codes: Option<Vec<String>>,
+    /// Set by [`claim_due`] only: the end of the lease the claim found still held, when the last
+    /// claimant neither recorded its delivery nor released the lease (it stopped, or lost
+    /// PostgreSQL, mid-delivery). Its notification may have gone out.
+    #[sqlx(default)]
+    pub interrupted_lease: Option<OffsetDateTime>,
 }
 
 const COLUMNS: &str = "id, partner_id, topic, member_id, channel, endpoint, secret, headers, content, heartbeat_secs, timeout_secs, \
@@ -196,21 +201,31 @@ pub async fn fan_out(pool: &PgPool, day: Date, limit: i64, topics: Topics<'_>) -
 
 /// Claims up to `limit` subscriptions that have something to send now (a handshake, events, or
 /// a heartbeat), for `lease` seconds: the claimant delivers, then calls [`delivered`] or
-/// [`failed`]. A crashed claimant's lease runs out and another notifier takes over.
+/// [`failed`]. A crashed claimant's lease runs out and another notifier takes over (and learns
+/// the lease was interrupted: [`Subscription::interrupted_lease`]).
 ///
 /// A partner gets at most `per_partner` deliveries in flight: `busy` says how many each partner
 /// has in flight already (on this notifier), so one partner's slow or dead endpoints hold only
 /// its own share of the slots. Subscriptions of a disabled partner are not delivered.
 ///
+/// A Kafka-channel subscription's lease lasts at least `lease + kafka_delivery_secs`: a claimant's
+/// record that outlived its lease must have failed, not be still on its way.
+///
 /// A subscription another transaction holds (the fan-out bumping its counter, another
 /// notifier's claim) is skipped until the next claim: a claim that waited for the fan-out while
 /// holding rows the fan-out wants next would deadlock with it.
-pub async fn claim_due(pool: &PgPool, lease_secs: i32, limit: i64, per_partner: i64, busy: &[(String, i64)]) -> crate::Result<Vec<Subscription>> {
+pub async fn claim_due(
+    pool: &PgPool,
+    (lease_secs, kafka_delivery_secs): (i32, i32),
+    limit: i64,
+    per_partner: i64,
+    busy: &[(String, i64)],
+) -> crate::Result<Vec<Subscription>> {
     let (partners, counts): (Vec<&str>, Vec<i64>) = busy.iter().map(|(p, n)| (p.as_str(), *n)).unzip();
     let sql = format!(
-        "UPDATE subscriptions s SET leased_until = now() + make_interval(secs => $1 + s.timeout_secs)
+        "UPDATE subscriptions s SET leased_until = now() + make_interval(secs => $1 + CASE WHEN s.channel = 'kafka' THEN greatest(s.timeout_secs, $6) ELSE s.timeout_secs END)
          FROM (
-          SELECT l.id FROM subscriptions l WHERE l.id IN (
+          SELECT l.id, l.leased_until AS previous_lease FROM subscriptions l WHERE l.id IN (
            SELECT r.id FROM (
              SELECT t.id, t.partner_id, t.next_attempt_at, row_number() OVER (PARTITION BY t.partner_id ORDER BY t.next_attempt_at) AS n
              FROM subscriptions t
@@ -226,10 +241,18 @@ pub async fn claim_due(pool: &PgPool, lease_secs: i32, limit: i64, per_partner: 
           FOR UPDATE OF l SKIP LOCKED
          ) chosen
          WHERE s.id = chosen.id AND (s.leased_until IS NULL OR s.leased_until < now())
-         RETURNING {}",
+         RETURNING {}, chosen.previous_lease AS interrupted_lease",
         COLUMNS.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ")
     );
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(lease_secs).bind(limit).bind(&partners).bind(&counts).bind(per_partner).fetch_all(pool).await?)
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(lease_secs)
+        .bind(limit)
+        .bind(&partners)
+        .bind(&counts)
+        .bind(per_partner)
+        .bind(kafka_delivery_secs)
+        .fetch_all(pool)
+        .await?)
 }
 
 /// One event of a subscription's queue, with the composite version it is about.

@@ -315,6 +315,7 @@ pub fn accept(value: Value, partner_id: &str, limits: Limits, now: OffsetDateTim
         delivery_failures: 0,
         severities,
         codes,
+        interrupted_lease: None,
     })
 }
 

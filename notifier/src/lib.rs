@@ -11,7 +11,11 @@
 //!   them. A failure is retried with exponential backoff and jitter, the same events first, so
 //!   order holds and nothing is skipped; after `SUBSCRIPTION_RETRY_FOR_SECS` of failing, the
 //!   subscription goes to `error` and keeps its queue (`$events` replays it).
+//! - **The Kafka channel, once**: a notifier that takes over a subscription whose last delivery
+//!   may have reached Kafka unrecorded (its notifier stopped, or the producer gave up) reads the
+//!   subscription's last notification back from the topic first ([`kafka_channel`]).
 
+pub mod kafka_channel;
 pub mod metrics;
 
 use clap::Parser;
@@ -81,6 +85,21 @@ pub struct NotifierConfig {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
+/// How long a claim holds a subscription beyond the subscription's own timeout, in seconds.
+const LEASE_SECS: i32 = 5;
+
+/// How long the Kafka channel's producer tries to deliver a notification (a request, half of it):
+/// within a Kafka-channel subscription's lease, so that a record still on its way when the lease
+/// runs out is not possible, and the next claimant's read-back sees what was sent.
+const KAFKA_DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a claim holds `s` (as [`q::claim_due`] computes it).
+fn lease_of(s: &Subscription) -> Duration {
+    let timeout = Duration::from_secs(u64::try_from(s.timeout_secs).unwrap_or(0));
+    let timeout = if s.channel == "kafka" { timeout.max(KAFKA_DELIVERY_TIMEOUT) } else { timeout };
+    Duration::from_secs(LEASE_SECS as u64) + timeout
+}
+
 pub struct Notifier {
     config: NotifierConfig,
     pool: db::Pool,
@@ -98,8 +117,12 @@ pub struct Notifier {
 impl Notifier {
     pub fn new(config: NotifierConfig, pool: db::Pool) -> anyhow::Result<Arc<Self>> {
         let kafka = &config.common.kafka;
-        let producer: FutureProducer =
-            platform::kafka::producer(kafka)?.set("linger.ms", "0").set("message.timeout.ms", "30000").set("log_level", "4").create()?;
+        let producer: FutureProducer = platform::kafka::producer(kafka)?
+            .set("linger.ms", "0")
+            .set("message.timeout.ms", KAFKA_DELIVERY_TIMEOUT.as_millis().to_string())
+            .set("request.timeout.ms", (KAFKA_DELIVERY_TIMEOUT / 2).as_millis().to_string())
+            .set("log_level", "4")
+            .create()?;
         let admin = platform::kafka::admin(kafka)?;
         let egress = EgressPolicy::new(&config.allowed_networks).map_err(anyhow::Error::msg)?;
         // Redirects are not followed: a notification goes to the registered endpoint only. No
@@ -148,11 +171,21 @@ impl Notifier {
         while !stop.load(Ordering::Relaxed) {
             while deliveries.try_join_next().is_some() {}
             let free = self.config.concurrency.saturating_sub(deliveries.len());
+            // Before the claim: the leases it takes end no sooner than this plus their length.
+            let claimed_at = std::time::Instant::now();
             let claimed = if free == 0 {
                 Vec::new()
             } else {
                 let busy = self.busy_partners();
-                q::claim_due(&self.pool, 5, free as i64, self.config.partner_concurrency.max(1) as i64, &busy).await.unwrap_or_else(|e| {
+                q::claim_due(
+                    &self.pool,
+                    (LEASE_SECS, KAFKA_DELIVERY_TIMEOUT.as_secs() as i32),
+                    free as i64,
+                    self.config.partner_concurrency.max(1) as i64,
+                    &busy,
+                )
+                .await
+                .unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "notifier: could not claim subscriptions");
                     Vec::new()
                 })
@@ -171,8 +204,8 @@ impl Notifier {
                 deliveries.spawn(async move {
                     let id = s.id.clone();
                     // `deliver` leaves the in-flight set itself, just before releasing the lease.
-                    this.deliver(s).await.unwrap_or_else(|e| {
-                        tracing::warn!(subscription = %id, error = %e, "notifier: delivery bookkeeping failed; the lease will expire and it is sent again");
+                    this.deliver(s, claimed_at).await.unwrap_or_else(|e| {
+                        tracing::warn!(subscription = %id, error = %e, "notifier: a delivery did not finish; its lease runs out and the next claim takes it over");
                         this.done(&id);
                         false
                     })
@@ -237,7 +270,7 @@ impl Notifier {
 
     /// Sends what is due for one leased subscription and records the outcome. True when its
     /// queue may hold more now (a full notification went out, or the handshake).
-    async fn deliver(&self, s: Subscription) -> anyhow::Result<bool> {
+    async fn deliver(&self, s: Subscription, claimed_at: std::time::Instant) -> anyhow::Result<bool> {
         let (kind, events) = if s.status == "requested" {
             (Kind::Handshake, Vec::new())
         } else {
@@ -256,13 +289,31 @@ impl Notifier {
                 }
             }
         };
+        if let (Some(first), "kafka") = (events.first(), s.channel.as_str())
+            && let Some(last) = self.sent_before(&s).await?
+            && last >= first.event_number
+        {
+            tracing::warn!(subscription = %s.id, through = last,
+                "notifier: the last notifier to hold this subscription sent its notification and stopped before recording it; recorded it instead of sending it again");
+            self.done(&s.id);
+            q::delivered(&self.pool, &s.id, Some(last)).await?;
+            return Ok(true);
+        }
         let body = subs::notification(&self.base_url, &s, kind, &events).to_string();
         // The notifier's span of the latest change the notification carries.
         let trace = events.iter().rev().find_map(|e| e.traceparent.as_deref().and_then(platform::trace::TraceParent::parse)).map(|t| t.child());
         let started = std::time::Instant::now();
         let (channel, sent) = match s.channel.as_str() {
             "rest-hook" => ("rest-hook", self.post(&s, body, trace).await),
-            _ => ("kafka", self.produce(&s, body, &events, trace).await),
+            _ => {
+                // A record sent now is delivered or given up on before the lease runs out, so the
+                // next claimant's read-back sees it; with less time left, the lease is left to run out.
+                anyhow::ensure!(
+                    claimed_at.elapsed() + KAFKA_DELIVERY_TIMEOUT + Duration::from_secs(1) < lease_of(&s),
+                    "the lease ran short before the notification was sent"
+                );
+                ("kafka", self.produce(&s, body, &events, trace).await)
+            }
         };
         let outcome = if sent.is_ok() { "delivered" } else { "failed" };
         let more = sent.is_ok() && (kind == Kind::Handshake || events.len() >= s.max_count as usize);
@@ -295,6 +346,24 @@ impl Notifier {
             }
         }
         Ok(more)
+    }
+
+    /// When the last attempt to deliver to `s` may have reached Kafka without being recorded (its
+    /// notifier stopped mid-delivery, or the producer gave up on a record the broker may still
+    /// have taken): the last event number a Kafka-channel notification of `s` carried since
+    /// those attempts began. `None` when the last attempt ended as recorded.
+    async fn sent_before(&self, s: &Subscription) -> anyhow::Result<Option<i64>> {
+        // An interrupted lease began its length before it ended; a failed attempt
+        // began up to the producer's delivery timeout before it was recorded; and a minute more
+        // for clocks.
+        let margin = time::Duration::seconds(60);
+        let lease = s.interrupted_lease.map(|until| until - lease_of(s) - margin);
+        let failing = s.failing_since.map(|since| since - KAFKA_DELIVERY_TIMEOUT - margin);
+        let Some(since) = lease.into_iter().chain(failing).min() else { return Ok(None) };
+        let topic = self.kafka().topic(&subs::kafka_topic(&s.partner_id));
+        let consumer = kafka_channel::reader(self.kafka())?;
+        let id = s.id.clone();
+        tokio::task::spawn_blocking(move || kafka_channel::last_sent(&consumer, &topic, &id, since)).await?
     }
 
     /// Deliveries in flight per partner.
@@ -377,7 +446,7 @@ impl Notifier {
             headers = headers.insert(Header { key: platform::trace::HEADER, value: Some(t.as_str()) });
         }
         let record = FutureRecord::to(&topic).key(&s.id).payload(&body).headers(headers);
-        match self.producer.send(record, Duration::from_secs(30)).await {
+        match self.producer.send(record, KAFKA_DELIVERY_TIMEOUT).await {
             Ok(_) => Ok(()),
             Err((e, _)) => Err(format!("kafka: {e}")),
         }

@@ -210,9 +210,11 @@ cluster_acls() {
   acl --allow-principal User:relay --operation Write --operation Read --operation Describe --topic partner.inbound.v1 --topic relay.transactions.v1
   acl --allow-principal User:relay --operation Write --operation Describe --transactional-id fhir-relay
   acl --allow-principal User:relay --operation Read --group fhir-relay --resource-pattern-type prefixed
-  # notifier: the Kafka channel of Subscriptions.
-  acl --allow-principal User:notifier --operation Write --operation Describe --operation Create \
+  # notifier: the Kafka channel of Subscriptions; it reads a subscription's last notification
+  # back when it takes over from a notifier that stopped mid-delivery.
+  acl --allow-principal User:notifier --operation Write --operation Read --operation Describe --operation Create \
     --topic fhir.partner. --resource-pattern-type prefixed
+  acl --allow-principal User:notifier --operation Read --group fhir-notifier --resource-pattern-type prefixed
   # api: the audit trail's topic.
   acl --allow-principal User:api --operation Write --operation Describe --operation Create --topic audit.events.v1
   local u

@@ -734,7 +734,7 @@ async fn the_fan_out_and_two_notifiers_claims_never_deadlock() -> anyhow::Result
             let (pool, stop, failures, claims) = (app.pool.clone(), stop.clone(), failures.clone(), claims.clone());
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    match db::subscriptions::claim_due(&pool, 5, SUBSCRIPTIONS as i64, SUBSCRIPTIONS as i64, &[]).await {
+                    match db::subscriptions::claim_due(&pool, (5, 10), SUBSCRIPTIONS as i64, SUBSCRIPTIONS as i64, &[]).await {
                         Ok(claimed) => {
                             claims.fetch_add(claimed.len(), Ordering::Relaxed);
                             for s in claimed {
@@ -769,4 +769,110 @@ async fn the_fan_out_and_two_notifiers_claims_never_deadlock() -> anyhow::Result
     assert!(versions as usize >= 3 * members.len(), "{versions} composite versions");
     assert_eq!((rows, queued), (versions as usize, versions as u64 * SUBSCRIPTIONS as u64), "every version queued for every subscription");
     Ok(())
+}
+
+/// A notifier killed after Kafka took a Kafka-channel notification and before PostgreSQL recorded
+/// it (the test holds the rows that record it): the notifier that takes the subscription over
+/// when the lease runs out reads that notification back and records it, instead of sending its
+/// events again. Every event number is on the topic once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notifier_killed_after_kafka_took_a_notification_sends_it_once() -> anyhow::Result<()> {
+    let app = TestApp::new("subskill").await?;
+    let composer = app.composer(&[]).await?;
+    let mut stream = Vec::new();
+    for i in 0..3 {
+        stream.push(demographics(&member(i), json!({ "given_name": "Ines", "sex": "female" })));
+        stream.push(attribution(&member(i), "pa"));
+    }
+    app.apply(&stream).await?;
+    let origin = app.api(&[]).await?;
+    let pa = bearer_client(&app.partner("pa", SCOPES, KeyKind::Es384).await?.token_with(&origin, SCOPES).await?)?;
+    let mut first = Children(vec![spawn_child("notifier", &app.url, &app.prefix, &[])?]);
+    let id = kafka_subscription(&pa, &origin, "medication reconciliation").await?;
+    let topic = app.topic(&fhir::subscriptions::kafka_topic("pa"));
+    let numbers = |records: &[ReadRecord]| -> Vec<i64> {
+        records
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<Value>(r.value.as_deref().unwrap_or_default()).ok())
+            .flat_map(|v| {
+                v["entry"][0]["resource"]["notificationEvent"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e["eventNumber"].as_str().and_then(|n| n.parse::<i64>().ok()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let undelivered = || async {
+        Ok::<i64, anyhow::Error>(
+            sqlx::query_scalar("SELECT count(*) FROM subscription_events WHERE subscription_id = $1 AND delivered_at IS NULL")
+                .bind(&id)
+                .fetch_one(&app.pool)
+                .await?,
+        )
+    };
+
+    // Every version the composer applied is fanned out (whatever events it made).
+    let fanned_out = || async {
+        app.wait_applied(Duration::from_secs(60)).await?;
+        eventually(Duration::from_secs(30), "the outbox fanned out", || async {
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE notified_at IS NULL").fetch_one(&app.pool).await?;
+            Ok((left == 0).then_some(()))
+        })
+        .await
+    };
+    let queued = || async {
+        Ok::<i64, anyhow::Error>(
+            sqlx::query_scalar("SELECT count(*) FROM subscription_events WHERE subscription_id = $1").bind(&id).fetch_one(&app.pool).await?,
+        )
+    };
+
+    step("changes delivered as usual");
+    for n in 0..3 {
+        app.publish(&[change(&member(n % 3), n)]).await?;
+    }
+    // The members' first versions may have become events too, if the fan-out met them after the
+    // subscription was made.
+    fanned_out().await?;
+    let before = eventually(Duration::from_secs(30), "the first events recorded as delivered", || async {
+        let released: bool =
+            sqlx::query_scalar("SELECT leased_until IS NULL FROM subscriptions WHERE id = $1").bind(&id).fetch_one(&app.pool).await?;
+        let events = queued().await?;
+        Ok((released && events >= 3 && undelivered().await? == 0).then_some(events))
+    })
+    .await?;
+
+    step("three more events sent to Kafka by a notifier that cannot record them, and is killed");
+    sqlx::query("UPDATE subscriptions SET next_attempt_at = now() + interval '1 hour' WHERE id = $1").bind(&id).execute(&app.pool).await?;
+    for n in 3..6 {
+        app.publish(&[change(&member(n % 3), n)]).await?;
+    }
+    fanned_out().await?;
+    assert_eq!(undelivered().await?, 3, "three events queued");
+    let mut holder = app.pool.begin().await?;
+    sqlx::query("SELECT event_number FROM subscription_events WHERE subscription_id = $1 AND delivered_at IS NULL FOR UPDATE")
+        .bind(&id)
+        .fetch_all(&mut *holder)
+        .await?;
+    sqlx::query("UPDATE subscriptions SET next_attempt_at = now() WHERE id = $1").bind(&id).execute(&app.pool).await?;
+    let sent = numbers(&read_topic(&topic, 2).await?);
+    assert_eq!(sent, (1..=before + 3).collect::<Vec<_>>(), "Kafka took the three events");
+    for child in &mut first.0 {
+        child.kill()?;
+        child.wait()?;
+    }
+    holder.rollback().await?;
+    assert_eq!(undelivered().await?, 3, "PostgreSQL did not record them");
+
+    step("the next notifier takes over when the lease runs out; one more event follows");
+    let _second = Children(vec![spawn_child("notifier", &app.url, &app.prefix, &[])?]);
+    app.publish(&[change(&member(0), 6)]).await?;
+    eventually(Duration::from_secs(60), "the last event recorded as delivered", || async {
+        Ok((queued().await? == before + 4 && undelivered().await? == 0).then_some(()))
+    })
+    .await?;
+    let sent = numbers(&read_topic(&topic, 3).await?);
+    assert_eq!(sent, (1..=before + 4).collect::<Vec<_>>(), "every event once, in order");
+    composer.stop().await
 }
